@@ -1,0 +1,120 @@
+// Exact int8 x int8 -> int32 GEMM for CPUs with AVX2 (and a portable scalar path).
+//
+//   C[i, j] = sum_k A[i, k] * W[j, k]      A: [m, k] int8, W: [n, k] int8 (rows of the weight)
+//
+// AVX2 has no signed x signed byte product, only vpmaddubsw (u8 x s8 -> pairs summed in s16,
+// saturating). With q in [-127, 127] we feed |a| (u8 <= 127) and sign(w, a) (s8): each pair sum
+// is at most 2 * 127 * 127 = 32258 < 32767, so it never saturates and the result is exact.
+// vpmaddwd with ones then widens the pairs to int32. The kernel keeps 2 rows of A x 4 rows of W
+// in registers; W is walked in blocks that stay in L2 while every row of A passes over them.
+// Threads split the output columns through at::parallel_for (torch's own thread pool).
+
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+
+#include <cstdint>
+
+#if defined(__AVX2__)
+#include <immintrin.h>
+#endif
+
+namespace {
+
+constexpr int64_t kBlockN = 32;  // rows of W per block: 32 x k bytes stay in L2
+
+inline int32_t dot_scalar(const int8_t* a, const int8_t* w, int64_t from, int64_t k) {
+  int32_t s = 0;
+  for (int64_t t = from; t < k; ++t) s += int32_t(a[t]) * int32_t(w[t]);
+  return s;
+}
+
+#if defined(__AVX2__)
+inline int32_t hsum(__m256i v) {
+  __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4E));
+  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xB1));
+  return _mm_cvtsi128_si32(s);
+}
+
+// acc += sum over 32 bytes of a * w, exactly, as 8 int32 lanes.
+inline __m256i dot32(__m256i acc, __m256i abs_a, __m256i a, __m256i w, __m256i ones) {
+  const __m256i pairs = _mm256_maddubs_epi16(abs_a, _mm256_sign_epi8(w, a));
+  return _mm256_add_epi32(acc, _mm256_madd_epi16(pairs, ones));
+}
+
+// C[rows MR of A, rows NR of W] for one tile.
+template <int MR, int NR>
+inline void tile(const int8_t* a, const int8_t* w, int32_t* c, int64_t k, int64_t ldc) {
+  const __m256i ones = _mm256_set1_epi16(1);
+  __m256i acc[MR][NR];
+  for (int r = 0; r < MR; ++r)
+    for (int j = 0; j < NR; ++j) acc[r][j] = _mm256_setzero_si256();
+  const int64_t k32 = k & ~int64_t(31);
+  for (int64_t t = 0; t < k32; t += 32) {
+    __m256i av[MR], abs_av[MR];
+    for (int r = 0; r < MR; ++r) {
+      av[r] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a + r * k + t));
+      abs_av[r] = _mm256_abs_epi8(av[r]);
+    }
+    for (int j = 0; j < NR; ++j) {
+      const __m256i wv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + j * k + t));
+      for (int r = 0; r < MR; ++r) acc[r][j] = dot32(acc[r][j], abs_av[r], av[r], wv, ones);
+    }
+  }
+  for (int r = 0; r < MR; ++r)
+    for (int j = 0; j < NR; ++j)
+      c[r * ldc + j] = hsum(acc[r][j]) + dot_scalar(a + r * k, w + j * k, k32, k);
+}
+#endif
+
+void gemm_block(const int8_t* A, const int8_t* W, int32_t* C, int64_t m, int64_t k, int64_t n,
+                int64_t j0, int64_t j1) {
+#if defined(__AVX2__)
+  int64_t i = 0;
+  for (; i + 2 <= m; i += 2) {
+    int64_t j = j0;
+    for (; j + 4 <= j1; j += 4) tile<2, 4>(A + i * k, W + j * k, C + i * n + j, k, n);
+    for (; j < j1; ++j) tile<2, 1>(A + i * k, W + j * k, C + i * n + j, k, n);
+  }
+  for (; i < m; ++i) {
+    int64_t j = j0;
+    for (; j + 4 <= j1; j += 4) tile<1, 4>(A + i * k, W + j * k, C + i * n + j, k, n);
+    for (; j < j1; ++j) tile<1, 1>(A + i * k, W + j * k, C + i * n + j, k, n);
+  }
+#else
+  for (int64_t i = 0; i < m; ++i)
+    for (int64_t j = j0; j < j1; ++j) C[i * n + j] = dot_scalar(A + i * k, W + j * k, 0, k);
+#endif
+}
+
+}  // namespace
+
+// a: [m, k] int8 contiguous, w: [n, k] int8 contiguous -> [m, n] int32.
+torch::Tensor int8_gemm(torch::Tensor a, torch::Tensor w) {
+  TORCH_CHECK(a.dtype() == torch::kInt8 && w.dtype() == torch::kInt8, "int8_gemm: int8 inputs expected");
+  TORCH_CHECK(a.dim() == 2 && w.dim() == 2 && a.size(1) == w.size(1), "int8_gemm: shapes [m, k] and [n, k] expected");
+  TORCH_CHECK(a.is_contiguous() && w.is_contiguous(), "int8_gemm: contiguous inputs expected");
+  const int64_t m = a.size(0), k = a.size(1), n = w.size(0);
+  auto c = torch::empty({m, n}, a.options().dtype(torch::kInt32));
+  const int8_t* A = a.data_ptr<int8_t>();
+  const int8_t* W = w.data_ptr<int8_t>();
+  int32_t* C = c.data_ptr<int32_t>();
+  at::parallel_for(0, (n + kBlockN - 1) / kBlockN, 1, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b)
+      gemm_block(A, W, C, m, k, n, b * kBlockN, std::min(n, (b + 1) * kBlockN));
+  });
+  return c;
+}
+
+bool has_avx2() {
+#if defined(__AVX2__)
+  return true;
+#else
+  return false;
+#endif
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
+  module.def("int8_gemm", &int8_gemm, "exact int8 x int8 -> int32 GEMM, C = A W^T");
+  module.def("has_avx2", &has_avx2, "whether the kernel was built with AVX2");
+}

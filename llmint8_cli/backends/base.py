@@ -1,0 +1,38 @@
+"""The op contract every backend implements; the defaults are the reference (the spec).
+
+A backend may replace any op with a faster one, but must give the same int8 values, the same
+int32 accumulations and (within the parity tolerance) the same outputs as the reference. The
+parity suite in tests/test_backend_parity.py checks each op of every available backend.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from llmint8_cli.core import reference
+from llmint8_cli.core.methods import Method
+from llmint8_cli.core.reference import Quantized, QuantizedWeight
+
+
+class Backend:
+    """Reference implementation of the ops; subclasses override what they accelerate."""
+
+    name = "reference"
+
+    def supports(self, device: torch.device) -> bool:
+        return True
+
+    def prepare(self, qweight: QuantizedWeight) -> Any:
+        """Weight-side work done once at load (layout, packing, sums); returns the backend's state."""
+        return qweight
+
+    def quantize_activations(self, x: torch.Tensor, method: Method, threshold: float, stored_idx: torch.Tensor) -> tuple[Quantized, torch.Tensor]:
+        return reference.quantize_activations(x, method, threshold, stored_idx)
+
+    def int8_accumulate(self, qx: Quantized, prepared: Any) -> torch.Tensor:
+        return reference.int8_accumulate(qx, prepared.int8)
+
+    def linear(self, x: torch.Tensor, prepared: Any, method: Method, threshold: float, bias: torch.Tensor | None) -> torch.Tensor:
+        return reference.linear(x, prepared, method, threshold, bias)

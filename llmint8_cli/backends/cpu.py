@@ -1,0 +1,74 @@
+"""CPU backend: true int8 arithmetic (int8 x int8 -> int32), never a dequantized-weight matmul.
+
+The weight-side work (transposed int8 layout, row sums for zero points, fp32 outlier columns)
+is done once in `prepare`. The product runs through `int8_gemm`, which picks llmint8's own
+AVX2/VNNI kernel (kernels/cpu/, compiled on first use) when it builds, else `torch._int_mm`.
+The code is plain torch and also serves CUDA tensors when CuPy is missing.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from llmint8_cli.backends.base import Backend
+from llmint8_cli.backends.cpu_kernels import int8_gemm, pack_weight
+from llmint8_cli.core import reference
+from llmint8_cli.core.methods import Method
+from llmint8_cli.core.reference import Quantized, QuantizedWeight
+
+
+@dataclass
+class PreparedWeight:
+    qweight: QuantizedWeight
+    packed: object  # the int8 weight in the GEMM's layout
+    scale: torch.Tensor  # fp32 [n]
+    zero: torch.Tensor | None  # int32 [n]
+    row_sum: torch.Tensor  # int32 [n]: sum over k of qw, for zero-point corrections
+    stored_columns: torch.Tensor  # fp32 [n, j]: exact stored outlier columns of W
+
+
+class CpuBackend(Backend):
+    name = "cpu"
+
+    def supports(self, device: torch.device) -> bool:
+        return device.type == "cpu"
+
+    def prepare(self, qweight: QuantizedWeight) -> PreparedWeight:
+        q = qweight.int8
+        row_sum = q.q.sum(dim=1, dtype=torch.int32)
+        return PreparedWeight(qweight, pack_weight(q.q), q.scale, q.zero, row_sum, qweight.outlier_weight.float())
+
+    def int8_accumulate(self, qx: Quantized, prepared: PreparedWeight) -> torch.Tensor:
+        """sum_k (qx - zx)(qw - zw) = qx·qw - zw Σqx - zx Σqw + k zx zw, all in int32."""
+        acc = int8_gemm(qx.q, prepared.packed)
+        if qx.zero is None and prepared.zero is None:
+            return acc
+        k = qx.q.shape[1]
+        if prepared.zero is not None:
+            acc -= qx.q.sum(dim=1, dtype=torch.int32)[:, None] * prepared.zero[None, :]
+        if qx.zero is not None:
+            w_centered = prepared.row_sum if prepared.zero is None else prepared.row_sum - k * prepared.zero
+            acc -= qx.zero[:, None] * w_centered[None, :]
+        return acc
+
+    def linear(self, x: torch.Tensor, prepared: PreparedWeight, method: Method, threshold: float, bias: torch.Tensor | None) -> torch.Tensor:
+        k = x.shape[-1]
+        x2 = x.reshape(-1, k)
+        qx, fp_idx = self.quantize_activations(x2, method, threshold, prepared.qweight.outlier_idx)
+        out = self.int8_accumulate(qx, prepared).float()
+        out *= qx.scale[:, None] * prepared.scale[None, :]
+        if fp_idx.numel():
+            out.addmm_(x2[:, fp_idx].float(), self._fp_columns(prepared, fp_idx).T)
+        if bias is not None:
+            out += bias.float()
+        return out.to(x.dtype).reshape(*x.shape[:-1], out.shape[-1])
+
+    @staticmethod
+    def _fp_columns(prepared: PreparedWeight, fp_idx: torch.Tensor) -> torch.Tensor:
+        """W[:, fp_idx] in fp32; the common case (only stored columns) needs no work."""
+        stored = prepared.qweight.outlier_idx
+        if stored.numel() == fp_idx.numel() and torch.equal(stored, fp_idx):
+            return prepared.stored_columns
+        return reference.outlier_weight_columns(prepared.qweight, fp_idx)

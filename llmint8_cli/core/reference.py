@@ -1,0 +1,182 @@
+"""The readable torch reference of the numerics: this file is the spec every backend must match.
+
+Notation: X is [m, k] (m tokens, k input features), W is [n, k] (n output features).
+
+8-bit maps (all values land in [-127, 127]; -128 is never used):
+
+* absmax, symmetric:   s = absmax(v) / 127,            q = round(v * 127 / absmax(v)),  v ≈ q * s
+* zeropoint, affine:   lo = min(min v, 0), hi = max(max v, 0),
+                       s = (hi - lo) / 254,             z = -127 - round(lo * 254 / (hi - lo)),
+                       q = clamp(round(v * 254 / (hi - lo)) + z, -127, 127),      v ≈ (q - z) * s
+
+  The range always contains 0, so z itself lies in [-127, 127] and an exact 0 maps to q = z.
+  A row (or tensor) whose scale would be 0 gets q = 0 and s = 0: no division by zero, no NaN.
+
+"tensor" granularity uses one (s, z) for the whole matrix, "row" one per row: per token for X,
+per output feature for W ("vector-wise" = row-wise X and row-wise W).
+
+The int8 product accumulates exactly in int32 and is rescaled by the outer product of the row
+scales (the zero points are removed inside the integer sum):
+
+    C[i, j] = sx[i] * sw[j] * sum_k (qx[i, k] - zx[i]) * (qw[j, k] - zw[j])
+
+Mixed-precision decomposition (LLM.int8(), paper §3.2): the set O of outlier features is every
+column of X with some |x| >= threshold. Those columns are multiplied in 16-bit, the rest in int8:
+
+    Y = X[:, O] @ W[:, O]^T  +  C(X with columns O set to 0, W)  (+ bias)
+
+W's columns in O come from two places. Columns found by calibration at quantize time ("stored"
+outliers) are kept exactly in 16-bit, set to 0 in the int8 W and so excluded from its row scales.
+Columns that are outliers only in this call use the dequantized int8 W columns.
+Columns holding NaN or Inf always take the 16-bit path, with every method, so that non-finite
+inputs propagate as they would through the 16-bit layer instead of poisoning a scale.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from llmint8_cli.core.methods import Method
+from llmint8_cli.errors import InvalidArgumentError, InvalidWeightError
+
+INT8_MAX = 127
+
+
+@dataclass
+class Quantized:
+    """int8 values with one affine map per row: v ≈ (q - zero) * scale."""
+
+    q: torch.Tensor  # int8 [r, k]
+    scale: torch.Tensor  # fp32 [r]
+    zero: torch.Tensor | None  # int32 [r]; None for symmetric (absmax) maps
+
+
+@dataclass
+class QuantizedWeight:
+    """A linear layer's weight: the int8 part plus the stored outlier columns in 16-bit."""
+
+    int8: Quantized  # q [n, k]
+    outlier_idx: torch.Tensor  # int64 [j], sorted, unique
+    outlier_weight: torch.Tensor  # 16-bit [n, j]: exact W[:, outlier_idx]
+
+
+def quantize(v: torch.Tensor, granularity: str, zeropoint: bool) -> Quantized:
+    """Quantize a 2-D tensor to int8 with one map per row ("row") or one in all ("tensor")."""
+    v = v.float()
+    rows = v.shape[0]
+
+    def reduce(values: torch.Tensor, op) -> torch.Tensor:
+        if granularity == "row":
+            return op(values, dim=1) if values.shape[1] else values.new_zeros(rows)
+        whole = op(values) if values.numel() else values.new_zeros(())
+        return whole.expand(rows)
+
+    if not zeropoint:
+        absmax = reduce(v.abs(), torch.amax)
+        inv = torch.where(absmax > 0, INT8_MAX / absmax, torch.zeros_like(absmax))
+        q = torch.round(v * inv[:, None]).clamp_(-INT8_MAX, INT8_MAX).to(torch.int8)
+        return Quantized(q, (absmax / INT8_MAX).contiguous(), None)
+    lo = reduce(v, torch.amin).clamp(max=0)
+    hi = reduce(v, torch.amax).clamp(min=0)
+    spread = hi - lo
+    inv = torch.where(spread > 0, 2 * INT8_MAX / spread, torch.zeros_like(spread))
+    zero = (-INT8_MAX - torch.round(lo * inv)).to(torch.int32)
+    q = (torch.round(v * inv[:, None]) + zero[:, None]).clamp_(-INT8_MAX, INT8_MAX).to(torch.int8)
+    return Quantized(q, (spread / (2 * INT8_MAX)).contiguous(), zero.contiguous())
+
+
+def dequantize(qt: Quantized, columns: torch.Tensor | None = None) -> torch.Tensor:
+    """fp32 values of the int8 map, optionally only the given columns."""
+    q = qt.q if columns is None else qt.q[:, columns]
+    q = q.float()
+    if qt.zero is not None:
+        q = q - qt.zero[:, None].float()
+    return q * qt.scale[:, None]
+
+
+def find_outlier_columns(x: torch.Tensor, threshold: float) -> torch.Tensor:
+    """Sorted indices of the columns of x holding some |x| >= threshold, NaN or Inf."""
+    return torch.nonzero(~(x.abs() < threshold).all(dim=0)).flatten()
+
+
+def check_weight(weight: torch.Tensor) -> None:
+    """Only finite 2-D floating-point weights can be quantized."""
+    if not isinstance(weight, torch.Tensor) or not weight.is_floating_point():
+        raise InvalidWeightError(f"weight must be a floating-point tensor, got {getattr(weight, 'dtype', type(weight))}")
+    if weight.dim() != 2:
+        raise InvalidWeightError(f"weight must be 2-D [out_features, in_features], got shape {tuple(weight.shape)}")
+    if not torch.isfinite(weight).all():
+        raise InvalidWeightError("weight holds NaN or Inf values and cannot be quantized")
+
+
+def quantize_weight(weight: torch.Tensor, method: Method, outlier_idx: torch.Tensor | None = None) -> QuantizedWeight:
+    """Quantize W [n, k] for a method; stored outlier columns stay exact and out of the scales."""
+    check_weight(weight)
+    if not method.quantized:
+        raise InvalidArgumentError(f"method {method.name!r} does not quantize weights")
+    k = weight.shape[1]
+    if outlier_idx is None or not method.decomposition:
+        idx = torch.zeros(0, dtype=torch.long, device=weight.device)
+    else:
+        idx = torch.unique(torch.as_tensor(outlier_idx, device=weight.device).long().flatten())
+        if idx.numel() and (idx.min() < 0 or idx.max() >= k):
+            raise InvalidArgumentError(f"outlier column index out of range for in_features={k}")
+    w = weight.detach().float()
+    if idx.numel():
+        w = w.index_fill(1, idx, 0.0)
+    int8 = quantize(w, method.weight, method.zeropoint)
+    return QuantizedWeight(int8, idx, weight.detach()[:, idx].contiguous())
+
+
+def decomposed_columns(x: torch.Tensor, method: Method, threshold: float, stored_idx: torch.Tensor) -> torch.Tensor:
+    """The columns of this call that take the 16-bit path: stored outliers ∪ run-time outliers."""
+    runtime = find_outlier_columns(x, threshold if method.decomposition else math.inf)
+    if not stored_idx.numel():
+        return runtime
+    return torch.unique(torch.cat([stored_idx.to(runtime.device), runtime]))
+
+
+def quantize_activations(x: torch.Tensor, method: Method, threshold: float, stored_idx: torch.Tensor) -> tuple[Quantized, torch.Tensor]:
+    """Quantize X [m, k] for a method after taking out its 16-bit columns; returns (int8 X, fp columns)."""
+    fp_idx = decomposed_columns(x, method, threshold, stored_idx)
+    x_int = x.float().index_fill(1, fp_idx, 0.0) if fp_idx.numel() else x
+    return quantize(x_int, method.activation, method.zeropoint), fp_idx
+
+
+def int8_accumulate(qx: Quantized, qw: Quantized) -> torch.Tensor:
+    """Exact int32 sums of (qx - zx)(qw - zw) over k, computed in int64 for clarity."""
+    a = qx.q.long()
+    b = qw.q.long()
+    if qx.zero is not None:
+        a = a - qx.zero.long()[:, None]
+    if qw.zero is not None:
+        b = b - qw.zero.long()[:, None]
+    return (a @ b.T).to(torch.int32)
+
+
+def outlier_weight_columns(qweight: QuantizedWeight, fp_idx: torch.Tensor) -> torch.Tensor:
+    """W[:, fp_idx] in fp32: exact for stored outlier columns, dequantized int8 otherwise."""
+    cols = dequantize(qweight.int8, fp_idx)
+    stored = qweight.outlier_idx
+    if stored.numel():
+        is_stored = torch.isin(fp_idx, stored)
+        where = torch.searchsorted(stored, fp_idx[is_stored])
+        cols[:, is_stored] = qweight.outlier_weight[:, where].float()
+    return cols
+
+
+def linear(x: torch.Tensor, qweight: QuantizedWeight, method: Method, threshold: float, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """Y = X W^T + b with the method's quantization, computed in fp32, returned in x's dtype."""
+    k = x.shape[-1]
+    x2 = x.reshape(-1, k)
+    qx, fp_idx = quantize_activations(x2, method, threshold, qweight.outlier_idx)
+    acc = int8_accumulate(qx, qweight.int8)
+    out = acc.float() * (qx.scale[:, None] * qweight.int8.scale[None, :])
+    if fp_idx.numel():
+        out = out + x2[:, fp_idx].float() @ outlier_weight_columns(qweight, fp_idx).T
+    if bias is not None:
+        out = out + bias.float()
+    return out.to(x.dtype).reshape(*x.shape[:-1], out.shape[-1])

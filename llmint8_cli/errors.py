@@ -1,0 +1,29 @@
+"""Typed exceptions: the library raises these, the CLI turns them into one-line errors (exit 2)."""
+
+
+class LLMInt8Error(Exception):
+    """Base class for every error llmint8 reports to a user as a one-line message."""
+
+
+class InvalidArgumentError(LLMInt8Error, ValueError):
+    """A method name, threshold, shape or dtype the operation cannot accept."""
+
+
+class InvalidWeightError(LLMInt8Error, ValueError):
+    """A weight tensor that cannot be quantized (wrong dtype or shape, NaN or Inf)."""
+
+
+class ModelLoadError(LLMInt8Error):
+    """A model source that cannot be read (missing, corrupt, unsupported, offline Hub id)."""
+
+
+class CheckpointError(LLMInt8Error):
+    """An llmint8 checkpoint that is malformed or fails verification."""
+
+
+class OutputExistsError(LLMInt8Error):
+    """An output path that exists already and was not to be overwritten."""
+
+
+class DataError(LLMInt8Error):
+    """Evaluation data that is missing, empty or too short for the protocol."""

