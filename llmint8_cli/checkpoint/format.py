@@ -1,0 +1,77 @@
+"""The llmint8 checkpoint format (documented in FORMAT.md) and loading it back.
+
+OUT/
+  config.json                 the source config + "quantization_config" (quant_method "llmint8")
+  generation_config.json, tokenizer files (copied from the source)
+  model.safetensors           or model-0000i-of-0000n.safetensors + model.safetensors.index.json
+  llmint8_manifest.json       sha256 and size of every other file
+Per quantized linear <name>: <name>.weight int8 [out, in], <name>.weight_scale fp32 [out],
+<name>.weight_zero int32 [out] (zeropoint methods), <name>.outlier_idx int32 [k],
+<name>.outlier_weight 16-bit [out, k], <name>.bias 16-bit [out] where the layer has one.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from llmint8_cli.checkpoint.writer import sha256_file
+from llmint8_cli.errors import CheckpointError
+
+FORMAT_VERSION = 1
+QUANT_METHOD = "llmint8"
+MANIFEST = "llmint8_manifest.json"
+
+
+def quantization_config(method: str, threshold: float, skip: list[str], quantized: list[str], dtype: torch.dtype, calibration: dict) -> dict:
+    return {
+        "quant_method": QUANT_METHOD,
+        "format_version": FORMAT_VERSION,
+        "method": method,
+        "threshold": threshold,
+        "skip_modules": skip,
+        "quantized_modules": quantized,
+        "dtype": str(dtype).removeprefix("torch."),
+        "calibration": calibration,
+    }
+
+
+def write_manifest(folder: Path, hashes: dict[str, str]) -> None:
+    files = {}
+    for path in sorted(p for p in folder.iterdir() if p.is_file() and p.name != MANIFEST):
+        files[path.name] = {"size": path.stat().st_size, "sha256": hashes.get(path.name) or sha256_file(path)}
+    (folder / MANIFEST).write_text(json.dumps({"format_version": FORMAT_VERSION, "files": files}, indent=1) + "\n")
+
+
+def verify(folder: Path) -> None:
+    """Refuse a checkpoint whose files do not match the manifest (missing, resized or altered)."""
+    try:
+        manifest = json.loads((folder / MANIFEST).read_text())["files"]
+    except (OSError, json.JSONDecodeError, KeyError):
+        raise CheckpointError(f"{folder}: missing or unreadable {MANIFEST} (use --no-verify to skip the check)") from None
+    for name, expected in manifest.items():
+        path = folder / name
+        if not path.is_file():
+            raise CheckpointError(f"{path}: listed in the manifest but missing")
+        if path.stat().st_size != expected["size"] or sha256_file(path) != expected["sha256"]:
+            raise CheckpointError(f"{path}: sha256 does not match the manifest (corrupted or modified; --no-verify to skip)")
+
+
+def read_quantization_config(folder: Path) -> dict | None:
+    """The quantization_config block of an llmint8 folder, or None for any other folder."""
+    try:
+        config = json.loads((Path(folder) / "config.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    block = config.get("quantization_config")
+    if isinstance(block, dict) and block.get("quant_method") == QUANT_METHOD:
+        if block.get("format_version") != FORMAT_VERSION:
+            raise CheckpointError(f"{folder}: llmint8 format version {block.get('format_version')} is not supported (expected {FORMAT_VERSION})")
+        return block
+    return None
+
+
+def is_llmint8_checkpoint(folder) -> bool:
+    return Path(folder).is_dir() and read_quantization_config(folder) is not None

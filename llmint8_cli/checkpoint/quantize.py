@@ -1,0 +1,324 @@
+"""`llmint8 quantize SRC OUT`: stream a 16-bit checkpoint into the llmint8 format.
+
+Weights go tensor by tensor from the source shards to the output shards (memory ~ the largest
+tensor). Calibration runs the model once over a few windows of text to find each layer's outlier
+columns, streaming one decoder layer at a time from the source. OUT is written to a temporary
+folder beside it and renamed into place at the very end.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from llmint8_cli import activations, data, models
+from llmint8_cli.checkpoint import format as fmt
+from llmint8_cli.checkpoint.sources import ModelSource, TensorSource, open_folder
+from llmint8_cli.checkpoint.writer import Entry, Group, plan_shards, shard_names, write_shard
+from llmint8_cli.core.methods import DEFAULT_METHOD, DEFAULT_THRESHOLD, check_threshold, get_method
+from llmint8_cli.core.reference import check_weight, quantize_weight
+from llmint8_cli.errors import CheckpointError, InvalidArgumentError, InvalidWeightError, LLMInt8Error, ModelLoadError, OutputExistsError
+from llmint8_cli.evaluation.perplexity import make_windows, tokenize
+from llmint8_cli.nn.convert import Conv1D, quantizable_layers
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf", ".pt", ".pth", ".ckpt", ".h5", ".msgpack")
+DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+@dataclass
+class QuantizeOptions:
+    method: str = DEFAULT_METHOD
+    threshold: float = DEFAULT_THRESHOLD
+    dtype: str = "auto"  # fp16 | bf16 | auto (the source's 16-bit dtype, fp32 sources -> fp16)
+    skip: list[str] = field(default_factory=list)
+    calib_samples: int = 32
+    calib_seq_len: int = 512
+    calib_dataset: str = "wikitext2-train"
+    calib_batch_size: int = 4
+    max_shard_bytes: int = 2 << 30
+    data_dir: str | None = None
+
+
+def check_output(out: Path, source: models.ModelSource, force: bool) -> None:
+    if out.exists() and not force:
+        raise OutputExistsError(f"{out} exists already; pass --force to overwrite it")
+    if out.exists() and not out.is_dir():
+        raise OutputExistsError(f"{out} exists and is not a folder")
+    if source.kind != "hub":
+        src = Path(source.location).resolve()
+        src_dir = src if src.is_dir() else src.parent
+        if out == src_dir or src_dir in out.parents or (source.kind == "gguf" and out == src):
+            raise InvalidArgumentError(f"{out} is inside the source {src_dir}; choose an output outside it")
+
+
+def download(source: models.ModelSource) -> models.ModelSource:
+    """Fetch a Hub repo's weights, config and tokenizer files (the real huggingface_hub path)."""
+    from huggingface_hub import snapshot_download
+
+    try:
+        folder = snapshot_download(source.location, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.tiktoken"])
+    except Exception as exc:
+        raise models._hub_error(source, exc) from None
+    return models.resolve(folder)
+
+
+def load_config(source: models.ModelSource):
+    from transformers import AutoConfig
+
+    name, kwargs = source.from_pretrained_args()
+    try:
+        return AutoConfig.from_pretrained(name, **kwargs)
+    except Exception as exc:
+        message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelLoadError(f"{source.location}: unsupported or unreadable config ({message})") from None
+
+
+def empty_model(config, dtype: torch.dtype):
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+
+    try:
+        with init_empty_weights(include_buffers=False):
+            return AutoModelForCausalLM.from_config(config, dtype=dtype)
+    except ValueError:
+        raise ModelLoadError(f"unsupported architecture {getattr(config, 'model_type', '?')!r}: transformers has no causal LM for it") from None
+
+
+def target_dtype(option: str, source_dtype: torch.dtype) -> torch.dtype:
+    if option == "auto":
+        return source_dtype if source_dtype in (torch.float16, torch.bfloat16) else torch.float16
+    if option not in DTYPES:
+        raise InvalidArgumentError(f"--dtype must be fp16, bf16 or auto, got {option!r}")
+    return DTYPES[option]
+
+
+def match_keys(model: torch.nn.Module, tensors: TensorSource) -> dict[str, str]:
+    """model state-dict name -> source key (allowing the usual base-model prefix differences)."""
+    names = set(model.state_dict())
+    prefix = getattr(model, "base_model_prefix", "")
+    mapping = {}
+    for key in tensors.keys():
+        for candidate in (key, f"{prefix}.{key}", key.removeprefix(f"{prefix}.")):
+            if candidate in names:
+                mapping[candidate] = key
+                break
+    aliases: dict[int, list[str]] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        aliases.setdefault(id(param), []).append(name)
+    for group in aliases.values():
+        if not any(name in mapping for name in group):
+            raise ModelLoadError(f"the source has no tensor for {group[0]} (does the checkpoint match its config.json?)")
+    return mapping
+
+
+def source_dtype(tensors: TensorSource, config) -> torch.dtype:
+    stated = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    if isinstance(stated, torch.dtype):
+        return stated
+    if isinstance(stated, str) and hasattr(torch, stated):
+        return getattr(torch, stated)
+    floating = [tensors.dtype(k) for k in tensors.keys() if tensors.dtype(k).is_floating_point]
+    return floating[0] if floating else torch.float16
+
+
+def calibration_batches(tokenizer, options: QuantizeOptions) -> tuple[list[torch.Tensor], dict]:
+    text = data.calibration_text(options.calib_dataset, options.data_dir)
+    needed = options.calib_samples * options.calib_seq_len
+    chars = 16 * needed  # tokenize only what the samples need: a token is rarely 16 characters
+    ids, bos_id = tokenize(tokenizer, text.text[:chars], "window")
+    if len(ids) < needed:
+        ids, bos_id = tokenize(tokenizer, text.text, "window")
+    windows = make_windows(ids, options.calib_seq_len, bos_id=bos_id)
+    samples = windows.input_ids[: options.calib_samples]
+    batches = list(samples.split(options.calib_batch_size))
+    info = {"dataset": text.name, "source": text.source, "samples": len(samples), "seq_len": options.calib_seq_len}
+    if text.sample:
+        info["note"] = text.note
+    return batches, info
+
+
+def calibrate(model, tensors: TensorSource, mapping: dict[str, str], layer_names: list[str], tokenizer, options: QuantizeOptions, streaming: bool) -> tuple[dict, dict]:
+    """Outlier columns per layer from calibration windows; one decoder layer in memory at a time."""
+    batches, info = calibration_batches(tokenizer, options)
+    streamer = None
+    if streaming:
+        from accelerate.utils import set_module_tensor_to_device
+
+        fetch = lambda name: tensors.get(mapping[name]).float()  # noqa: E731
+        streamer = activations.LayerStreamer(model, fetch)
+        streamed = streamer.layer_parameter_names()
+        for name, _ in list(model.named_parameters()):
+            if name not in streamed and name in mapping:
+                set_module_tensor_to_device(model, name, "cpu", value=fetch(name))
+    stats = activations.collect(model, batches, layer_names, options.threshold, streamer)
+    return stats.outlier_columns(), info
+
+
+def quantized_group(name: str, key: str, module, tensors: TensorSource, method, dtype, outlier_idx) -> Group:
+    transposed = isinstance(module, Conv1D)
+    shape = tensors.shape(key)
+    out_f, in_f = shape[::-1] if transposed else shape
+    k = 0 if outlier_idx is None or not method.decomposition else int(outlier_idx.numel())
+    entries = [Entry(f"{name}.weight", torch.int8, (out_f, in_f)), Entry(f"{name}.weight_scale", torch.float32, (out_f,))]
+    if method.zeropoint:
+        entries.append(Entry(f"{name}.weight_zero", torch.int32, (out_f,)))
+    entries += [Entry(f"{name}.outlier_idx", torch.int32, (k,)), Entry(f"{name}.outlier_weight", dtype, (out_f, k))]
+
+    def produce() -> dict[str, torch.Tensor]:
+        weight = tensors.get(key)
+        weight = (weight.t() if transposed else weight).to(dtype)
+        try:
+            qw = quantize_weight(weight, method, outlier_idx)
+        except InvalidWeightError as exc:
+            raise InvalidWeightError(f"{key}: {exc}") from None
+        out = {f"{name}.weight": qw.int8.q, f"{name}.weight_scale": qw.int8.scale, f"{name}.outlier_idx": qw.outlier_idx.to(torch.int32), f"{name}.outlier_weight": qw.outlier_weight}
+        if method.zeropoint:
+            out[f"{name}.weight_zero"] = qw.int8.zero
+        return out
+
+    return Group(entries, produce)
+
+
+def plain_group(name: str, key: str, tensors: TensorSource, dtype: torch.dtype) -> Group:
+    out_dtype = dtype if tensors.dtype(key).is_floating_point else tensors.dtype(key)
+
+    def produce() -> dict[str, torch.Tensor]:
+        tensor = tensors.get(key)
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            raise InvalidWeightError(f"{key}: holds NaN or Inf values")
+        return {name: tensor.to(out_dtype)}
+
+    return Group([Entry(name, out_dtype, tensors.shape(key))], produce)
+
+
+def copy_side_files(source: models.ModelSource, tmp: Path, model_config, tokenizer) -> None:
+    if source.kind == "folder":
+        for path in Path(source.location).iterdir():
+            if path.is_file() and not path.name.endswith(WEIGHT_SUFFIXES) and not path.name.endswith(".index.json") and path.name != "config.json":
+                shutil.copyfile(path, tmp / path.name)
+    else:
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        generation = getattr(model_config, "_generation_config", None)
+        if generation is not None:
+            generation.save_pretrained(tmp)
+
+
+def quantize_checkpoint(src: str, out: str | os.PathLike, options: QuantizeOptions, force: bool = False, progress: Callable[[str, int, int], None] | None = None) -> dict:
+    """Quantize SRC into OUT; returns the JSON summary. `progress(stage, done, total)` reports bytes."""
+    started = time.time()
+    method = get_method(options.method)
+    if not method.quantized:
+        raise InvalidArgumentError("method 'fp16' quantizes nothing; choose one of the 8-bit methods")
+    check_threshold(options.threshold)
+    source = models.resolve(src)
+    out = Path(out).expanduser().absolute()
+    check_output(out, source, force)
+    if source.kind == "hub":
+        source = download(source)
+
+    tokenizer = None
+    if source.kind == "gguf":
+        model = models.load_model(source)
+        tokenizer = models.load_tokenizer(source)
+        tensors: TensorSource = ModelSource(model)
+        config, streaming = model.config, False
+        src_dtype = torch.float32
+    else:
+        config = load_config(source)
+        tensors = open_folder(Path(source.location))
+        src_dtype = source_dtype(tensors, config)
+        model = empty_model(config, torch.float32)
+        streaming = True
+    dtype = target_dtype(options.dtype, src_dtype)
+    mapping = match_keys(model, tensors)
+    layers = dict(quantizable_layers(model, options.skip))
+    if not layers:
+        raise InvalidArgumentError("no linear layer left to quantize (check --skip)")
+
+    outliers, calibration = {}, {"samples": 0}
+    if method.decomposition and options.calib_samples > 0:
+        if tokenizer is None:
+            tokenizer = models.load_tokenizer(source)
+        outliers, calibration = calibrate(model, tensors, mapping, list(layers), tokenizer, options, streaming)
+
+    groups, fp16_bytes, source_bytes = [], 0, 0
+    for name in model.state_dict():
+        if name not in mapping:
+            continue
+        key = mapping[name]
+        layer = name.removesuffix(".weight")
+        if name.endswith(".weight") and layer in layers:
+            groups.append(quantized_group(layer, key, layers[layer], tensors, method, dtype, outliers.get(layer)))
+        else:
+            groups.append(plain_group(name, key, tensors, dtype))
+        numel = torch.Size(tensors.shape(key)).numel()
+        fp16_bytes += numel * 2
+        source_bytes += numel * tensors.dtype(key).itemsize
+
+    block = fmt.quantization_config(method.name, options.threshold, options.skip, list(layers), dtype, calibration)
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp.mkdir()
+    except OSError as exc:
+        raise CheckpointError(f"cannot write to {out.parent}: {exc.strerror or exc}") from None
+    try:
+        shards = plan_shards(groups, options.max_shard_bytes)
+        names = shard_names(len(shards))
+        total, done, hashes = sum(s.nbytes for s in shards), 0, {}
+        for file, shard in zip(names, shards):
+            def advance(group: Group) -> None:
+                nonlocal done
+                done += group.nbytes
+                if progress:
+                    progress("write", done, total)
+
+            hashes[file] = write_shard(tmp / file, shard, advance)
+        if len(shards) > 1:
+            weight_map = {e.name: file for file, s in zip(names, shards) for g in s.groups for e in g.entries}
+            (tmp / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=1) + "\n")
+        config_dict = config.to_dict()
+        config_dict.update({"dtype": str(dtype).removeprefix("torch."), "quantization_config": block})
+        (tmp / "config.json").write_text(json.dumps(config_dict, indent=2, sort_keys=True) + "\n")
+        copy_side_files(source, tmp, model, tokenizer)
+        fmt.write_manifest(tmp, hashes)
+        install(tmp, out)
+    except BaseException as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(exc, OSError):
+            raise CheckpointError(f"writing {out} failed: {exc.strerror or exc}") from None
+        raise
+    seconds = time.time() - started
+    files = {p.name: p.stat().st_size for p in sorted(out.iterdir())}
+    size = sum(files.values())
+    return {
+        "source": str(src), "output": str(out), "method": method.name, "threshold": options.threshold,
+        "dtype": str(dtype).removeprefix("torch."), "files": files, "size_bytes": size,
+        "fp16_size_bytes": fp16_bytes, "ratio_vs_fp16": round(size / fp16_bytes, 4),
+        "quantized_layers": len(layers), "calibration": calibration,
+        "outlier_columns": activations.outlier_summary(outliers),
+        "outlier_columns_total": sum(int(v.numel()) for v in outliers.values()),
+        "seconds": round(seconds, 2), "source_mb_per_s": round(source_bytes / 1e6 / max(seconds, 1e-9), 1),
+    }
+
+
+def install(tmp: Path, out: Path) -> None:
+    """Move the finished folder into place; an old OUT (with --force) goes only after that."""
+    old = None
+    if out.exists():
+        old = out.parent / f".{out.name}.old-{os.getpid()}"
+        out.rename(old)
+    tmp.rename(out)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+__all__ = ["QuantizeOptions", "quantize_checkpoint", "LLMInt8Error"]

@@ -1,0 +1,164 @@
+"""Evaluation texts: local copies first (the layout of shared/data/README.md), else the Hub.
+
+Conventions (as in GPTQ and the HF perplexity guide):
+* wikitext2: WikiText-2 raw test, HF rows joined with blank lines ("\\n\\n".join(rows)).
+* ptb: Penn Treebank test (Mikolov), sentences joined with single spaces.
+* c4: C4 English validation, the first 1,100 documents of shard 0 joined with spaces. Offline,
+  a local subset stands in and every result says it is a sample.
+* PATH: a .jsonl file (its "text" fields joined with blank lines) or any text file read as is.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from llmint8_cli.errors import DataError
+
+DATA_DIR_ENV = "LLMINT8_DATA_DIR"
+C4_DOCUMENTS = 1100
+
+
+@dataclass(frozen=True)
+class Text:
+    name: str
+    text: str
+    source: str  # file path or Hub dataset id
+    sample: bool = False  # True when the text is only a stand-in for the named dataset
+    note: str = ""
+
+
+def data_dirs(explicit: str | os.PathLike | None = None) -> list[Path]:
+    """Where local data is looked for, in order: --data-dir, $LLMINT8_DATA_DIR, shared/data nearby."""
+    if explicit is not None:
+        path = Path(explicit).expanduser()
+        if not path.is_dir():
+            raise DataError(f"--data-dir {path}: no such folder")
+        return [path]
+    found = [Path(os.environ[DATA_DIR_ENV]).expanduser()] if os.environ.get(DATA_DIR_ENV) else []
+    repo = Path(__file__).resolve().parent.parent
+    for base in (Path.cwd(), Path.cwd().parent, repo, repo.parent):
+        found.append(base / "shared" / "data")
+    return [p for p in dict.fromkeys(found) if p.is_dir()]
+
+
+def _local(relative: str, data_dir) -> Path | None:
+    for base in data_dirs(data_dir):
+        if (base / relative).is_file():
+            return base / relative
+    return None
+
+
+def _read_jsonl(path: Path, limit: int | None = None) -> list[dict]:
+    rows = []
+    with path.open(encoding="utf-8") as handle:
+        for number, line in enumerate(handle, 1):
+            if not line.strip():
+                continue
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                raise DataError(f"{path}:{number}: not valid JSON") from None
+            if limit is not None and len(rows) >= limit:
+                break
+    return rows
+
+
+def _hub(path: str, name: str | None, split: str, field: str, what: str, local_hint: str, **kwargs) -> list[str]:
+    try:
+        import datasets
+
+        return list(datasets.load_dataset(path, name, split=split, **kwargs)[field])
+    except Exception as exc:
+        raise DataError(
+            f"{what} is not available locally and the Hub failed ({type(exc).__name__}); "
+            f"supply the file {local_hint} under --data-dir (or ${DATA_DIR_ENV})"
+        ) from None
+
+
+def wikitext2(data_dir=None) -> Text:
+    relative = "wikitext-2-raw/wiki.test.raw"
+    path = _local(relative, data_dir)
+    if path is not None:
+        raw = path.read_text(encoding="utf-8")
+        rows = [line + "\n" if line.strip() else "" for line in raw.split("\n")[:-1]]
+        return Text("wikitext2", "\n\n".join(rows), str(path))
+    rows = _hub("wikitext", "wikitext-2-raw-v1", "test", "text", "WikiText-2", relative)
+    return Text("wikitext2", "\n\n".join(rows), "hf:wikitext/wikitext-2-raw-v1:test")
+
+
+def ptb(data_dir=None) -> Text:
+    relative = "ptb/ptb.test.txt"
+    path = _local(relative, data_dir)
+    if path is not None:
+        sentences = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
+        return Text("ptb", " ".join(sentences), str(path))
+    sentences = _hub("ptb_text_only", "penn_treebank", "test", "sentence", "PTB", relative)
+    return Text("ptb", " ".join(sentences), "hf:ptb_text_only:test")
+
+
+def c4(data_dir=None) -> Text:
+    for relative in ("c4/c4-validation.00000-of-00008.jsonl", "c4/c4-validation-subset-2k.jsonl", "c4/c4-sample.jsonl"):
+        path = _local(relative, data_dir)
+        if path is not None:
+            docs = [row["text"] for row in _read_jsonl(path, C4_DOCUMENTS)]
+            sample = "00000-of-00008" not in relative
+            note = "local C4 sample, not the official validation shard: numbers are not comparable to published C4 perplexities" if sample else ""
+            return Text("c4", " ".join(docs), str(path), sample=sample, note=note)
+    docs = _hub(
+        "allenai/c4", None, "validation", "text", "C4", "c4/c4-validation.00000-of-00008.jsonl",
+        data_files={"validation": "en/c4-validation.00000-of-00008.json.gz"},
+    )
+    return Text("c4", " ".join(docs[:C4_DOCUMENTS]), "hf:allenai/c4:en/validation.00000")
+
+
+def from_path(path: Path) -> Text:
+    if path.suffix == ".jsonl":
+        rows = _read_jsonl(path)
+        if rows and not all(isinstance(r, dict) and isinstance(r.get("text"), str) for r in rows):
+            raise DataError(f"{path}: every JSON line needs a string field 'text'")
+        text = "\n\n".join(r["text"] for r in rows)
+    else:
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError:
+            raise DataError(f"{path}: not a UTF-8 text file") from None
+    return Text(path.name, text, str(path))
+
+
+DATASETS = {"wikitext2": wikitext2, "ptb": ptb, "c4": c4}
+
+
+def load_text(dataset: str, data_dir=None) -> Text:
+    """The evaluation text for a dataset name or a local file path; never empty."""
+    if dataset in DATASETS:
+        text = DATASETS[dataset](data_dir)
+    else:
+        path = Path(dataset).expanduser()
+        if not path.is_file():
+            raise DataError(f"unknown dataset {dataset!r}: use one of {', '.join(DATASETS)} or a path to a .txt/.jsonl file")
+        text = from_path(path)
+    if not text.text.strip():
+        raise DataError(f"{text.source}: the text is empty")
+    return text
+
+
+def calibration_text(dataset: str, data_dir=None) -> Text:
+    """Calibration text: "wikitext2-train" (the default) falls back to C4 where train is missing.
+
+    Calibration only decides which columns are stored in 16-bit; the WikiText-2 test split is
+    never used for it, so perplexity on that split stays a held-out measurement.
+    """
+    if dataset != "wikitext2-train":
+        return load_text(dataset, data_dir)
+    path = _local("wikitext-2-raw/wiki.train.raw", data_dir)
+    if path is not None:
+        return Text("wikitext2-train", path.read_text(encoding="utf-8"), str(path))
+    try:
+        rows = _hub("wikitext", "wikitext-2-raw-v1", "train", "text", "WikiText-2 train", "wikitext-2-raw/wiki.train.raw")
+        return Text("wikitext2-train", "\n\n".join(rows), "hf:wikitext/wikitext-2-raw-v1:train")
+    except DataError:
+        fallback = c4(data_dir)
+        return Text(fallback.name, fallback.text, fallback.source, True, "wikitext2-train unavailable offline; calibrated on C4 instead")
