@@ -67,13 +67,17 @@ def _read_jsonl(path: Path, limit: int | None = None) -> list[dict]:
 
 
 def _hub(path: str, name: str | None, split: str, field: str, what: str, local_hint: str, **kwargs) -> list[str]:
+    from llmint8_cli.models import hub_online
+
     try:
+        if not hub_online():
+            raise ConnectionError("the Hub is unreachable")
         import datasets
 
         return list(datasets.load_dataset(path, name, split=split, **kwargs)[field])
     except Exception as exc:
         raise DataError(
-            f"{what} is not available locally and the Hub failed ({type(exc).__name__}); "
+            f"{what} is not available locally and the Hub failed ({exc if isinstance(exc, ConnectionError) else type(exc).__name__}); "
             f"supply the file {local_hint} under --data-dir (or ${DATA_DIR_ENV})"
         ) from None
 

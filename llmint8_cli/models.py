@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import json
 import os
+import socket
+from urllib.parse import urlparse
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -97,17 +100,45 @@ def read_config(source: ModelSource) -> dict:
         raise ModelLoadError(f"{source.location}: unreadable config.json ({exc})") from None
 
 
+@functools.cache
+def hub_online() -> bool:
+    """Whether the Hugging Face Hub answers; offline, Hub paths fail at once instead of retrying.
+
+    Honours HF_HUB_OFFLINE=1 and HF_ENDPOINT (mirrors). When offline, the offline switches of
+    huggingface_hub and datasets are set so that libraries use their caches only.
+    """
+    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
+        online = False
+    else:
+        host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname or "huggingface.co"
+        try:
+            socket.create_connection((host, 443), timeout=3).close()
+            online = True
+        except OSError:
+            online = False
+    if not online:
+        os.environ["HF_HUB_OFFLINE"] = "1"
+        os.environ["HF_DATASETS_OFFLINE"] = "1"
+    return online
+
+
 def _hub_error(source: ModelSource, exc: Exception) -> ModelLoadError:
     return ModelLoadError(
-        f"cannot fetch {source.location!r} from the Hugging Face Hub ({type(exc).__name__}); "
+        f"cannot fetch {source.location!r} from the Hugging Face Hub ({exc if isinstance(exc, ConnectionError) else type(exc).__name__}); "
         f"offline? download it where the Hub is reachable and pass the local folder instead, "
         f"e.g. `huggingface-cli download {source.location} --local-dir ./model` then use ./model"
     )
 
 
+def require_hub(source: ModelSource) -> None:
+    if source.kind == "hub" and not hub_online():
+        raise _hub_error(source, ConnectionError("the Hub is unreachable"))
+
+
 def load_tokenizer(source: ModelSource):
     from transformers import AutoTokenizer
 
+    require_hub(source)
     name, kwargs = source.from_pretrained_args()
     try:
         return AutoTokenizer.from_pretrained(name, **kwargs)
@@ -121,6 +152,7 @@ def load_model(source: ModelSource, dtype: torch.dtype | None = None, device_map
     """A transformers causal LM in eval mode (dtype None: as stored, GGUF expands to fp32)."""
     from transformers import AutoModelForCausalLM
 
+    require_hub(source)
     name, kwargs = source.from_pretrained_args()
     if dtype is not None:
         kwargs["dtype"] = dtype

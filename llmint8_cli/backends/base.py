@@ -28,8 +28,8 @@ class Backend:
         """Weight-side work done once at load (layout, packing, sums); returns the backend's state."""
         return qweight
 
-    def quantize_activations(self, x: torch.Tensor, method: Method, threshold: float, stored_idx: torch.Tensor) -> tuple[Quantized, torch.Tensor]:
-        return reference.quantize_activations(x, method, threshold, stored_idx)
+    def quantize_activations(self, x: torch.Tensor, method: Method, threshold: float, stored_idx: torch.Tensor, groups: int = 1) -> tuple[Quantized, torch.Tensor]:
+        return reference.quantize_activations(x, method, threshold, stored_idx, groups)
 
     def int8_accumulate(self, qx: Quantized, prepared: Any) -> torch.Tensor:
         return reference.int8_accumulate(qx, prepared.int8)

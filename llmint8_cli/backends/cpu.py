@@ -56,7 +56,7 @@ class CpuBackend(Backend):
     def linear(self, x: torch.Tensor, prepared: PreparedWeight, method: Method, threshold: float, bias: torch.Tensor | None) -> torch.Tensor:
         k = x.shape[-1]
         x2 = x.reshape(-1, k)
-        qx, fp_idx = self.quantize_activations(x2, method, threshold, prepared.qweight.outlier_idx)
+        qx, fp_idx = self.quantize_activations(x2, method, threshold, prepared.qweight.outlier_idx, reference.sequence_count(x))
         out = self.int8_accumulate(qx, prepared).float()
         out *= qx.scale[:, None] * prepared.scale[None, :]
         if fp_idx.numel():

@@ -62,6 +62,7 @@ def download(source: models.ModelSource) -> models.ModelSource:
     """Fetch a Hub repo's weights, config and tokenizer files (the real huggingface_hub path)."""
     from huggingface_hub import snapshot_download
 
+    models.require_hub(source)
     try:
         folder = snapshot_download(source.location, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.tiktoken"])
     except Exception as exc:
@@ -264,6 +265,7 @@ def quantize_checkpoint(src: str, out: str | os.PathLike, options: QuantizeOptio
         source_bytes += numel * tensors.dtype(key).itemsize
 
     block = fmt.quantization_config(method.name, options.threshold, options.skip, list(layers), dtype, calibration)
+    block["source"] = src if source.kind == "hub" or src in models.ALIASES else str(Path(src).expanduser().absolute())
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
     try:
         out.parent.mkdir(parents=True, exist_ok=True)

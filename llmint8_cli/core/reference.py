@@ -13,7 +13,9 @@ Notation: X is [m, k] (m tokens, k input features), W is [n, k] (n output featur
   A row (or tensor) whose scale would be 0 gets q = 0 and s = 0: no division by zero, no NaN.
 
 "tensor" granularity uses one (s, z) for the whole matrix, "row" one per row: per token for X,
-per output feature for W ("vector-wise" = row-wise X and row-wise W).
+per output feature for W ("vector-wise" = row-wise X and row-wise W). For activations of shape
+[batch, seq, k] "tensor" means one map per sequence, so that results never depend on how many
+sequences are batched together.
 
 The int8 product accumulates exactly in int32 and is rescaled by the outer product of the row
 scales (the zero points are removed inside the integer sum):
@@ -63,16 +65,21 @@ class QuantizedWeight:
     outlier_weight: torch.Tensor  # 16-bit [n, j]: exact W[:, outlier_idx]
 
 
-def quantize(v: torch.Tensor, granularity: str, zeropoint: bool) -> Quantized:
-    """Quantize a 2-D tensor to int8 with one map per row ("row") or one in all ("tensor")."""
+def quantize(v: torch.Tensor, granularity: str, zeropoint: bool, groups: int = 1) -> Quantized:
+    """Quantize a 2-D tensor to int8 with one map per row ("row") or per block of rows ("tensor").
+
+    "tensor" splits the rows into `groups` equal blocks (one per sequence) with one map each.
+    """
     v = v.float()
     rows = v.shape[0]
 
     def reduce(values: torch.Tensor, op) -> torch.Tensor:
+        if not values.numel():
+            return values.new_zeros(rows)
         if granularity == "row":
-            return op(values, dim=1) if values.shape[1] else values.new_zeros(rows)
-        whole = op(values) if values.numel() else values.new_zeros(())
-        return whole.expand(rows)
+            return op(values, dim=1)
+        per_group = op(values.reshape(groups, -1), dim=1)
+        return per_group.repeat_interleave(rows // groups)
 
     if not zeropoint:
         absmax = reduce(v.abs(), torch.amax)
@@ -139,11 +146,19 @@ def decomposed_columns(x: torch.Tensor, method: Method, threshold: float, stored
     return torch.unique(torch.cat([stored_idx.to(runtime.device), runtime]))
 
 
-def quantize_activations(x: torch.Tensor, method: Method, threshold: float, stored_idx: torch.Tensor) -> tuple[Quantized, torch.Tensor]:
-    """Quantize X [m, k] for a method after taking out its 16-bit columns; returns (int8 X, fp columns)."""
+def quantize_activations(x: torch.Tensor, method: Method, threshold: float, stored_idx: torch.Tensor, groups: int = 1) -> tuple[Quantized, torch.Tensor]:
+    """Quantize X [m, k] (rows from `groups` sequences) after taking out its 16-bit columns.
+
+    Returns (int8 X, the columns that take the 16-bit path).
+    """
     fp_idx = decomposed_columns(x, method, threshold, stored_idx)
     x_int = x.float().index_fill(1, fp_idx, 0.0) if fp_idx.numel() else x
-    return quantize(x_int, method.activation, method.zeropoint), fp_idx
+    return quantize(x_int, method.activation, method.zeropoint, groups), fp_idx
+
+
+def sequence_count(x: torch.Tensor) -> int:
+    """How many sequences an activation tensor [..., seq, k] holds (1 for a 2-D [m, k])."""
+    return x.shape[:-2].numel() if x.dim() > 2 and x.shape[-2] > 0 else 1
 
 
 def int8_accumulate(qx: Quantized, qw: Quantized) -> torch.Tensor:
@@ -172,7 +187,7 @@ def linear(x: torch.Tensor, qweight: QuantizedWeight, method: Method, threshold:
     """Y = X W^T + b with the method's quantization, computed in fp32, returned in x's dtype."""
     k = x.shape[-1]
     x2 = x.reshape(-1, k)
-    qx, fp_idx = quantize_activations(x2, method, threshold, qweight.outlier_idx)
+    qx, fp_idx = quantize_activations(x2, method, threshold, qweight.outlier_idx, sequence_count(x))
     acc = int8_accumulate(qx, qweight.int8)
     out = acc.float() * (qx.scale[:, None] * qweight.int8.scale[None, :])
     if fp_idx.numel():

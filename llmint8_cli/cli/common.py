@@ -1,0 +1,94 @@
+"""What every subcommand shares: JSON on stdout, rich on stderr, one-line errors with exit codes.
+
+Exit codes: 0 success, 2 bad input or a refused operation (an LLMInt8Error), 1 an unexpected
+internal error, 130 interrupted. Set LLMINT8_DEBUG=1 to see the traceback of an internal error.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import sys
+import warnings
+from collections.abc import Callable
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+from llmint8_cli.errors import LLMInt8Error
+
+EXIT_BAD_INPUT = 2
+
+
+def stderr_console(quiet: bool = False) -> Console:
+    return Console(stderr=True, quiet=quiet)
+
+
+def emit_json(document: dict) -> None:
+    sys.stdout.write(json.dumps(document, indent=2) + "\n")
+    sys.stdout.flush()
+
+
+def progress_bar(console: Console) -> Progress:
+    return Progress(
+        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn(),
+        console=console, transient=True,
+    )
+
+
+def fail(message: str, code: int = EXIT_BAD_INPUT) -> None:
+    print(f"llmint8: error: {message}", file=sys.stderr)
+    raise typer.Exit(code)
+
+
+def quiet_libraries() -> None:
+    """Keep library chatter (transformers' progress bars and warnings) off the user's stderr."""
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    warnings.filterwarnings("ignore")
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+    except ImportError:
+        pass
+
+
+def command(function: Callable) -> Callable:
+    """Turn library errors into `llmint8: error: ...` and an exit code, never a traceback."""
+
+    @functools.wraps(function)
+    def wrapper(*args, **kwargs):
+        quiet_libraries()
+        try:
+            return function(*args, **kwargs)
+        except typer.Exit:
+            raise
+        except LLMInt8Error as exc:
+            fail(str(exc))
+        except KeyboardInterrupt:
+            fail("interrupted", 130)
+        except Exception as exc:  # an internal error: still one line unless debugging
+            if os.environ.get("LLMINT8_DEBUG"):
+                raise
+            fail(f"internal error: {type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''} (LLMINT8_DEBUG=1 shows the traceback)", 1)
+
+    return wrapper
+
+
+def parse_size(text: str) -> int:
+    """'2GB', '500MB', '1GiB' or a byte count."""
+    units = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
+    raw = text.strip().upper()
+    number = raw.rstrip("KMGIB")
+    try:
+        value = int(float(number) * units[raw[len(number):]])
+    except (ValueError, KeyError):
+        raise typer.BadParameter(f"not a size: {text!r} (e.g. 2GB, 500MB)") from None
+    if value <= 0:
+        raise typer.BadParameter("size must be positive")
+    return value

@@ -1,0 +1,104 @@
+"""llmint8 eval-ppl MODEL: perplexity of the 16-bit model and each method, side by side."""
+
+from __future__ import annotations
+
+import time
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from llmint8_cli import data
+from llmint8_cli.cli.common import command, emit_json, progress_bar, stderr_console
+from llmint8_cli.core.methods import DEFAULT_METHOD, DEFAULT_THRESHOLD, check_threshold, parse_methods
+from llmint8_cli.errors import DataError
+from llmint8_cli.evaluation import variants
+from llmint8_cli.evaluation.perplexity import make_windows, perplexity, tokenize
+
+DATASET_HELP = (
+    "wikitext2 (raw test, rows joined with blank lines), ptb (test sentences joined with spaces), "
+    "c4 (first 1,100 validation documents; offline a local sample, labelled as such), "
+    "or a path to a .txt (read as is) or .jsonl ('text' fields joined with blank lines)."
+)
+BOS_HELP = (
+    "window: every window opens with BOS when the tokenizer adds one to a fresh sequence (default); "
+    "text: the tokenizer's BOS only at the start of the text."
+)
+
+
+def context_length(config) -> int | None:
+    for attr in ("max_position_embeddings", "n_positions", "max_sequence_length"):
+        value = getattr(config, attr, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+@command
+def eval_ppl(
+    model: Annotated[str, typer.Argument(help="An llmint8 folder (evaluated as stored) or a 16-bit model: folder, .gguf, alias or Hub id.")],
+    dataset: Annotated[str, typer.Option(help=DATASET_HELP)] = "wikitext2",
+    seq_len: Annotated[int, typer.Option(help="Tokens per window.")] = 2048,
+    stride: Annotated[int | None, typer.Option(help="Start a window every N tokens (default: no overlap); overlapping tokens are scored once.")] = None,
+    max_tokens: Annotated[int | None, typer.Option(min=1, help="Use only the first N tokens of the text.")] = None,
+    methods: Annotated[str, typer.Option(help="Comma-separated methods or 'all' (the 16-bit baseline is always included).")] = DEFAULT_METHOD,
+    threshold: Annotated[float, typer.Option(help="Outlier threshold for the decomposition.")] = DEFAULT_THRESHOLD,
+    batch_size: Annotated[int, typer.Option(min=1, help="Windows per forward pass (results do not depend on it).")] = 1,
+    bos: Annotated[str, typer.Option(help=BOS_HELP)] = "window",
+    device: Annotated[str, typer.Option(help="cpu, cuda, cuda:N or auto.")] = "auto",
+    dtype: Annotated[str, typer.Option(help="Compute dtype: auto (fp32 on CPU, fp16 on GPU), fp32, fp16, bf16.")] = "auto",
+    data_dir: Annotated[str | None, typer.Option(help="Local data folder (layout of shared/data); default $LLMINT8_DATA_DIR or ./shared/data.")] = None,
+    quiet: Annotated[bool, typer.Option("-q", "--quiet", help="Nothing on stderr.")] = False,
+) -> None:
+    """Perplexity per method on WikiText-2, PTB, C4 or a file; JSON on stdout, a table on stderr."""
+    console = stderr_console(quiet)
+    chosen = parse_methods(methods)
+    check_threshold(threshold)
+    if bos not in ("window", "text"):
+        raise DataError(f"--bos must be 'window' or 'text', got {bos!r}")
+    if seq_len < 2:
+        raise DataError(f"--seq-len must be at least 2, got {seq_len}")
+    text = data.load_text(dataset, data_dir)
+    run_device = variants.resolve_device(device)
+    run_dtype = variants.resolve_dtype(dtype, run_device)
+    with console.status(f"loading {model}"):
+        subject = variants.subject(model, chosen, threshold, run_dtype, run_device)
+    limit = context_length(subject.config)
+    if limit is not None and seq_len > limit:
+        raise DataError(f"--seq-len {seq_len} is longer than the model's context ({limit} tokens)")
+    ids, bos_id = tokenize(subject.tokenizer, text.text, bos)
+    windows = make_windows(ids, seq_len, stride, bos_id, max_tokens)
+    results, baseline = {}, None
+    with progress_bar(console) as bar:
+        for name, network in subject.variants:
+            task = bar.add_task(f"{name:>14}", total=len(windows.input_ids))
+            started = time.time()
+            result = perplexity(network, windows, batch_size, lambda n, t=task: bar.advance(t, n))
+            seconds = time.time() - started
+            baseline = result.ppl if name == variants.BASELINE else baseline
+            results[name] = {
+                "ppl": round(result.ppl, 4), "nll": round(result.nll, 4),
+                "delta_pct": None if baseline is None else round(100 * (result.ppl / baseline - 1), 3),
+                "seconds": round(seconds, 2), "tokens_per_s": round(result.tokens / seconds, 1),
+            }
+            bar.remove_task(task)
+            del network
+    document = {
+        "model": subject.label,
+        "dataset": {"name": text.name, "source": text.source, "sample": text.sample, **({"note": text.note} if text.note else {})},
+        "protocol": {
+            "seq_len": seq_len, "stride": stride or windows.input_ids.shape[1] - windows.bos_per_window,
+            "bos": bos, "bos_per_window": windows.bos_per_window, "max_tokens": max_tokens,
+            "windows": len(windows.input_ids), "scored_tokens": windows.scored_tokens,
+        },
+        "threshold": threshold, "device": str(run_device), "dtype": str(run_dtype).removeprefix("torch."),
+        "results": results, "notes": subject.notes,
+    }
+    table = Table(title=f"perplexity · {subject.label} · {text.name}{' (sample)' if text.sample else ''} · {windows.scored_tokens} tokens")
+    for column in ("method", "ppl", "Δ vs 16-bit", "s", "tok/s"):
+        table.add_column(column, justify="right")
+    for name, row in results.items():
+        delta = "" if row["delta_pct"] is None else f"{row['delta_pct']:+.2f} %"
+        table.add_row(name, f"{row['ppl']:.3f}", delta, f"{row['seconds']:.1f}", f"{row['tokens_per_s']:.0f}")
+    console.print(table)
+    emit_json(document)

@@ -1,0 +1,48 @@
+"""llmint8 quantize SRC OUT"""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from llmint8_cli.checkpoint.quantize import QuantizeOptions, quantize_checkpoint
+from llmint8_cli.cli.common import command, emit_json, parse_size, progress_bar, stderr_console
+from llmint8_cli.core.methods import DEFAULT_METHOD, DEFAULT_THRESHOLD, METHODS
+
+
+@command
+def quantize(
+    src: Annotated[str, typer.Argument(help="Model folder (safetensors or .bin), .gguf file, alias (smollm2-135m, gemma3-270m) or Hub id.")],
+    out: Annotated[str, typer.Argument(help="Output folder (written atomically).")],
+    method: Annotated[str, typer.Option(help=f"One of: {', '.join(m for m in METHODS if m != 'fp16')}.")] = DEFAULT_METHOD,
+    threshold: Annotated[float, typer.Option(help="Outlier threshold |x| for the decomposition.")] = DEFAULT_THRESHOLD,
+    dtype: Annotated[str, typer.Option(help="16-bit dtype of the unquantized tensors: fp16, bf16, or auto (the source's; fp32 -> fp16).")] = "auto",
+    skip: Annotated[list[str], typer.Option(help="Glob of module names to keep 16-bit (repeatable), e.g. '*.mlp.down_proj'.")] = [],
+    calib_samples: Annotated[int, typer.Option(min=0, help="Calibration windows used to find outlier columns; 0 = run-time detection only.")] = 32,
+    calib_seq_len: Annotated[int, typer.Option(min=2, help="Tokens per calibration window.")] = 512,
+    calib_dataset: Annotated[str, typer.Option(help="wikitext2-train (falls back to C4 offline), wikitext2, ptb, c4 or a file.")] = "wikitext2-train",
+    data_dir: Annotated[str | None, typer.Option(help="Local data folder (layout of shared/data); default $LLMINT8_DATA_DIR or ./shared/data.")] = None,
+    max_shard_size: Annotated[str, typer.Option(help="Largest safetensors shard, e.g. 2GB.")] = "2GB",
+    force: Annotated[bool, typer.Option("--force", help="Overwrite OUT if it exists.")] = False,
+    quiet: Annotated[bool, typer.Option("-q", "--quiet", help="Nothing on stderr.")] = False,
+) -> None:
+    """Convert a 16-bit causal LM to the llmint8 int8 format; prints a JSON summary."""
+    options = QuantizeOptions(
+        method=method, threshold=threshold, dtype=dtype, skip=list(skip), calib_samples=calib_samples,
+        calib_seq_len=calib_seq_len, calib_dataset=calib_dataset, max_shard_bytes=parse_size(max_shard_size), data_dir=data_dir,
+    )
+    console = stderr_console(quiet)
+    with progress_bar(console) as bar:
+        task = bar.add_task("quantizing", total=None)
+        console.print(f"[bold]llmint8 quantize[/] {src} -> {out} ({method}, threshold {threshold})")
+
+        def report(stage: str, done: int, total: int) -> None:
+            bar.update(task, description="writing int8 shards", completed=done // 2**20, total=total // 2**20)
+
+        summary = quantize_checkpoint(src, out, options, force=force, progress=report)
+    console.print(
+        f"[green]done[/] {summary['size_bytes'] / 2**20:.1f} MiB, {summary['ratio_vs_fp16']:.3f}x of fp16, "
+        f"{summary['outlier_columns_total']} stored outlier columns, {summary['seconds']:.1f}s"
+    )
+    emit_json(summary)

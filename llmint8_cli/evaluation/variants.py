@@ -1,0 +1,90 @@
+"""The models an evaluation compares: a 16-bit model and its quantized variants, or a stored checkpoint.
+
+A 16-bit MODEL is loaded once and quantized on the fly with each method through the same
+quantize_model as `llmint8 quantize` (no second implementation of the math). A quantized llmint8
+folder is evaluated as stored; its 16-bit baseline is the source recorded in its config.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+
+from llmint8_cli import models
+from llmint8_cli.checkpoint.format import is_llmint8_checkpoint, read_quantization_config
+from llmint8_cli.checkpoint.load import load
+from llmint8_cli.core.methods import Method
+from llmint8_cli.errors import InvalidArgumentError, LLMInt8Error
+from llmint8_cli.nn.convert import quantize_model
+
+BASELINE = "fp16"
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def resolve_device(option: str) -> torch.device:
+    if option == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if option.startswith("cuda") and not torch.cuda.is_available():
+        raise InvalidArgumentError("--device cuda asked for, but no CUDA GPU is available")
+    try:
+        return torch.device(option)
+    except RuntimeError:
+        raise InvalidArgumentError(f"unknown device {option!r} (cpu, cuda, cuda:N or auto)") from None
+
+
+def resolve_dtype(option: str, device: torch.device) -> torch.dtype:
+    """auto: fp32 on CPU (CPUs without native 16-bit matmul run it fastest), fp16 on GPU."""
+    if option == "auto":
+        return torch.float32 if device.type == "cpu" else torch.float16
+    if option not in DTYPES:
+        raise InvalidArgumentError(f"--dtype must be one of auto, {', '.join(DTYPES)}; got {option!r}")
+    return DTYPES[option]
+
+
+@dataclass
+class Subject:
+    """What is evaluated: a label, its tokenizer, its config and the (method, model) variants."""
+
+    label: str
+    tokenizer: object
+    config: object
+    variants: Iterator[tuple[str, torch.nn.Module]]
+    notes: list[str]
+
+
+def subject(spec: str, methods: list[Method], threshold: float, dtype: torch.dtype, device: torch.device) -> Subject:
+    if is_llmint8_checkpoint(spec):
+        return _stored(spec, dtype, device)
+    source = models.resolve(spec)
+    tokenizer = models.load_tokenizer(source)
+    base = models.load_model(source, dtype=dtype).to(device)
+    ordered = [BASELINE] + [m.name for m in methods if m.name != BASELINE]
+
+    def generate() -> Iterator[tuple[str, torch.nn.Module]]:
+        for name in ordered:
+            yield name, base if name == BASELINE else quantize_model(copy.deepcopy(base), name, threshold)
+
+    return Subject(source.label, tokenizer, base.config, generate(), [])
+
+
+def _stored(folder: str, dtype: torch.dtype, device: torch.device) -> Subject:
+    from transformers import AutoTokenizer
+
+    block = read_quantization_config(folder)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    quantized = load(folder, dtype=dtype).to(device)
+    notes, baseline = [], None
+    try:
+        baseline = models.resolve(block.get("source", ""))
+    except LLMInt8Error as exc:
+        notes.append(f"16-bit baseline unavailable ({exc}); no delta reported")
+
+    def generate() -> Iterator[tuple[str, torch.nn.Module]]:
+        if baseline is not None:
+            yield BASELINE, models.load_model(baseline, dtype=dtype).to(device)
+        yield block["method"], quantized
+
+    return Subject(folder, tokenizer, quantized.config, generate(), notes)

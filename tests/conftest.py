@@ -1,0 +1,60 @@
+"""Shared fixtures: real data and models from ../shared when present, tiny random models always."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+SHARED = Path(os.environ.get("LLMINT8_SHARED", ROOT.parent / "shared"))
+STORIES = SHARED / "models" / "stories260K"
+DATA = SHARED / "data"
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+torch.set_num_threads(2)
+
+needs_stories = pytest.mark.skipif(not (STORIES / "config.json").is_file(), reason="needs ../shared/models/stories260K")
+needs_data = pytest.mark.skipif(not (DATA / "wikitext-2-raw" / "wiki.test.raw").is_file(), reason="needs ../shared/data")
+
+
+def tiny_config(arch: str):
+    """A few-thousand-parameter config of each architecture the tests cover (vocab 128)."""
+    from transformers import Gemma3TextConfig, GPT2Config, LlamaConfig, OPTConfig
+
+    common = {"vocab_size": 128, "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0}
+    if arch == "llama":
+        return LlamaConfig(hidden_size=32, intermediate_size=72, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, **common)
+    if arch == "opt":
+        return OPTConfig(hidden_size=32, ffn_dim=64, num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=256, word_embed_proj_dim=32, **common)
+    if arch == "gpt2":
+        return GPT2Config(n_embd=32, n_layer=2, n_head=4, n_positions=256, **common)
+    if arch == "gemma3":
+        return Gemma3TextConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=256, sliding_window=16, **common)
+    raise ValueError(arch)
+
+
+def tiny_model(arch: str, seed: int = 0, outlier_scale: float = 0.0):
+    """A random model; outlier_scale > 0 plants large features in the input embeddings (columns 3 and 17)."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(tiny_config(arch)).eval()
+    if outlier_scale:
+        with torch.no_grad():
+            model.get_input_embeddings().weight[:, [3, 17]] *= outlier_scale
+    return model
+
+
+def save_tiny(model, folder: Path, safe: bool = True) -> Path:
+    model.save_pretrained(folder, safe_serialization=safe)
+    return folder
+
+
+@pytest.fixture
+def tiny_llama_dir(tmp_path):
+    return save_tiny(tiny_model("llama", outlier_scale=40.0), tmp_path / "tiny-llama")
