@@ -87,9 +87,11 @@ def empty_model(config, dtype: torch.dtype):
 
     try:
         with init_empty_weights(include_buffers=False):
-            return AutoModelForCausalLM.from_config(config, dtype=dtype)
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     except ValueError:
         raise ModelLoadError(f"unsupported architecture {getattr(config, 'model_type', '?')!r}: transformers has no causal LM for it") from None
+    model.tie_weights()  # on meta, ties are only made here: tied tensors then share one source key
+    return model
 
 
 def target_dtype(option: str, source_dtype: torch.dtype) -> torch.dtype:

@@ -33,14 +33,20 @@ def quantize(
         calib_seq_len=calib_seq_len, calib_dataset=calib_dataset, max_shard_bytes=parse_size(max_shard_size), data_dir=data_dir,
     )
     console = stderr_console(quiet)
-    with progress_bar(console) as bar:
-        task = bar.add_task("quantizing", total=None)
-        console.print(f"[bold]llmint8 quantize[/] {src} -> {out} ({method}, threshold {threshold})")
+    bar = progress_bar(console)
+    task = None
 
-        def report(stage: str, done: int, total: int) -> None:
-            bar.update(task, description="writing int8 shards", completed=done // 2**20, total=total // 2**20)
+    def report(stage: str, done: int, total: int) -> None:
+        nonlocal task
+        if task is None:  # started only once the inputs are accepted: an error stays one line
+            bar.start()
+            task = bar.add_task("writing int8 shards (MiB)", total=max(total // 2**20, 1))
+        bar.update(task, completed=done // 2**20)
 
+    try:
         summary = quantize_checkpoint(src, out, options, force=force, progress=report)
+    finally:
+        bar.stop()
     console.print(
         f"[green]done[/] {summary['size_bytes'] / 2**20:.1f} MiB, {summary['ratio_vs_fp16']:.3f}x of fp16, "
         f"{summary['outlier_columns_total']} stored outlier columns, {summary['seconds']:.1f}s"

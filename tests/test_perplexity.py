@@ -1,0 +1,131 @@
+"""Perplexity protocol: windows, BOS, stride, and `eval-ppl` against a direct computation."""
+
+import json
+import math
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from conftest import DATA, STORIES, needs_data, needs_stories
+from llmint8_cli.cli import app
+from llmint8_cli.errors import DataError
+from llmint8_cli.evaluation.perplexity import IGNORE, make_windows
+
+RUNNER = CliRunner()
+
+
+def test_non_overlapping_windows_score_all_but_each_first_token():
+    w = make_windows(list(range(100)), seq_len=10)
+    assert w.input_ids.shape == (10, 10) and w.scored_tokens == 10 * 9
+    assert w.input_ids[1, 0] == 10 and (w.labels[:, 0] == IGNORE).all()
+
+
+def test_bos_per_window_scores_every_text_token_once():
+    w = make_windows(list(range(10, 100)), seq_len=10, bos_id=1)
+    assert (w.input_ids[:, 0] == 1).all() and w.input_ids[1, 1] == 19
+    assert w.scored_tokens == 10 * 9
+
+
+def test_sliding_windows_count_each_token_once():
+    ids = list(range(100))
+    w = make_windows(ids, seq_len=20, stride=5)
+    scored = [int(t) for row in w.labels for t in row[1:] if t != IGNORE]
+    assert len(scored) == len(set(scored)) == w.scored_tokens
+    assert scored == sorted(scored) and scored[0] == 1 and scored[-1] == 99
+
+
+def test_max_tokens_and_bad_protocols():
+    assert make_windows(list(range(100)), seq_len=10, max_tokens=35).input_ids.shape == (3, 10)
+    with pytest.raises(DataError, match="at least 2"):
+        make_windows(list(range(10)), seq_len=1)
+    with pytest.raises(DataError, match="shorter than one window"):
+        make_windows(list(range(5)), seq_len=10)
+    with pytest.raises(DataError, match="stride"):
+        make_windows(list(range(50)), seq_len=10, stride=11)
+
+
+@needs_stories
+def test_eval_ppl_matches_transformers_loss(tmp_path):
+    """Independent check: the sum of token NLLs from transformers' own loss, window by window."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    text = "Once upon a time there was a little girl named Lily. She liked to play in the park with her dog. " * 30
+    path = tmp_path / "story.txt"
+    path.write_text(text)
+    result = RUNNER.invoke(app, ["eval-ppl", str(STORIES), "--dataset", str(path), "--seq-len", "64", "--methods", "fp16", "--bos", "text", "-q", "--batch-size", "3"])
+    assert result.exit_code == 0, result.stderr
+    document = json.loads(result.stdout)
+    tokenizer = AutoTokenizer.from_pretrained(STORIES)
+    model = AutoModelForCausalLM.from_pretrained(STORIES).eval()
+    ids = tokenizer(text).input_ids
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for start in range(0, len(ids) - 63, 64):
+            window = torch.tensor([ids[start : start + 64]])
+            total += model(window, labels=window).loss.item() * 63
+            count += 63
+    assert document["protocol"]["scored_tokens"] == count
+    assert math.isclose(document["results"]["fp16"]["ppl"], math.exp(total / count), rel_tol=1e-4)
+
+
+@needs_stories
+@needs_data
+def test_eval_ppl_all_methods_on_ptb_slice():
+    result = RUNNER.invoke(app, ["eval-ppl", str(STORIES), "--dataset", "ptb", "--seq-len", "256", "--max-tokens", "4096", "--methods", "all", "-q", "--batch-size", "4"])
+    assert result.exit_code == 0, result.stderr
+    document = json.loads(result.stdout)
+    results = document["results"]
+    assert list(results) == ["fp16", "absmax", "zeropoint", "rowwise", "vectorwise", "zp-vectorwise", "rowwise+decomp", "llm.int8", "llm.int8-zp"]
+    assert results["fp16"]["delta_pct"] == 0.0
+    assert abs(results["llm.int8"]["delta_pct"]) < 2.0
+    assert results["absmax"]["ppl"] > results["vectorwise"]["ppl"] > 0
+    assert document["protocol"]["bos_per_window"] is True and document["dataset"]["sample"] is False
+
+
+@needs_stories
+@needs_data
+def test_batch_size_does_not_change_results():
+    def run(batch):
+        result = RUNNER.invoke(app, ["eval-ppl", str(STORIES), "--dataset", "ptb", "--seq-len", "128", "--max-tokens", "1024", "--methods", "absmax,zeropoint", "-q", "--batch-size", batch])
+        return {k: v["ppl"] for k, v in json.loads(result.stdout)["results"].items()}
+
+    one, four = run("1"), run("4")
+    for name in one:
+        assert math.isclose(one[name], four[name], rel_tol=1e-4), name
+
+
+@needs_stories
+@needs_data
+def test_c4_sample_is_labelled():
+    result = RUNNER.invoke(app, ["eval-ppl", str(STORIES), "--dataset", "c4", "--seq-len", "128", "--max-tokens", "512", "--methods", "fp16", "-q"])
+    assert result.exit_code == 0, result.stderr
+    dataset = json.loads(result.stdout)["dataset"]
+    assert dataset["sample"] is True and "not the official" in dataset["note"]
+
+
+@needs_stories
+def test_eval_ppl_bad_inputs(tmp_path):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    short = tmp_path / "short.txt"
+    short.write_text("Once upon a time.")
+    cases = [
+        (["--dataset", "wikitext103"], "unknown dataset"),
+        (["--dataset", str(empty)], "empty"),
+        (["--dataset", str(short), "--seq-len", "64"], "shorter than one window"),
+        (["--dataset", str(short), "--seq-len", "1"], "at least 2"),
+        (["--dataset", str(short), "--seq-len", "100000"], "longer than the model's context"),
+        (["--dataset", str(short), "--methods", "int4"], "unknown method"),
+    ]
+    for extra, words in cases:
+        result = RUNNER.invoke(app, ["eval-ppl", str(STORIES), *extra, "-q"])
+        assert result.exit_code == 2, (extra, result.stderr)
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1 and words in lines[0], (extra, result.stderr)
+
+
+def test_offline_dataset_error_names_the_file(tmp_path):
+    result = RUNNER.invoke(app, ["eval-ppl", "unused/model", "--dataset", "c4", "--data-dir", str(tmp_path), "-q"])
+    assert result.exit_code == 2
+    assert "c4/c4-validation.00000-of-00008.jsonl" in result.stderr and len(result.stderr.strip().splitlines()) == 1
