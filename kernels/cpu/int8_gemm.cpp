@@ -12,7 +12,10 @@
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
+#include <algorithm>
+#include <cmath>
 #include <cstdint>
+#include <vector>
 
 #if defined(__AVX2__)
 #include <immintrin.h>
@@ -106,6 +109,51 @@ torch::Tensor int8_gemm(torch::Tensor a, torch::Tensor w) {
   return c;
 }
 
+// Row-wise absmax quantization fused with outlier detection (LLM.int8()'s activation side).
+//   x: [m, k] float32, exclude: [k] bool (columns already taken out, e.g. stored outliers),
+//   threshold: |x| >= threshold (or NaN/Inf) marks a column as an outlier in this call.
+// Returns (q int8 [m, k], scale float32 [m], outlier bool [k]). Outlier and excluded columns are
+// 0 in q and do not enter the row absmax. Rounding and the scale formula are the reference's:
+//   inv = 127 / absmax (0 when absmax == 0), q = round_half_even(x * inv), scale = absmax / 127.
+std::vector<torch::Tensor> quantize_rows(torch::Tensor x, torch::Tensor exclude, double threshold) {
+  TORCH_CHECK(x.dtype() == torch::kFloat32 && x.dim() == 2 && x.is_contiguous(), "quantize_rows: contiguous float32 [m, k] expected");
+  TORCH_CHECK(exclude.dtype() == torch::kBool && exclude.numel() == x.size(1), "quantize_rows: bool [k] mask expected");
+  const int64_t m = x.size(0), k = x.size(1);
+  const float limit = static_cast<float>(threshold);
+  const float* X = x.data_ptr<float>();
+  auto mask = exclude.contiguous().clone();
+  bool* M = mask.data_ptr<bool>();
+  auto q = torch::empty({m, k}, x.options().dtype(torch::kInt8));
+  auto scale = torch::empty({m}, x.options());
+  int8_t* Q = q.data_ptr<int8_t>();
+  float* S = scale.data_ptr<float>();
+  // pass 1: columns holding some |x| >= threshold, NaN or Inf (!(|x| < limit) catches all three)
+  std::vector<uint8_t> hit(k, 0);
+  for (int64_t i = 0; i < m; ++i) {
+    const float* row = X + i * k;
+    for (int64_t t = 0; t < k; ++t) hit[t] |= !(std::fabs(row[t]) < limit);
+  }
+  for (int64_t t = 0; t < k; ++t) M[t] = M[t] || hit[t];
+  // pass 2: per row, absmax over the kept columns, then quantize (the row stays in cache)
+  at::parallel_for(0, m, 16, [&](int64_t r0, int64_t r1) {
+    std::vector<float> keep(k);
+    for (int64_t t = 0; t < k; ++t) keep[t] = M[t] ? 0.0f : 1.0f;
+    for (int64_t i = r0; i < r1; ++i) {
+      const float* row = X + i * k;
+      float absmax = 0.0f;
+      for (int64_t t = 0; t < k; ++t) absmax = std::max(absmax, std::fabs(row[t]) * keep[t]);
+      const float inv = absmax > 0.0f ? 127.0f / absmax : 0.0f;
+      int8_t* out = Q + i * k;
+      for (int64_t t = 0; t < k; ++t) {
+        const float v = M[t] ? 0.0f : std::nearbyint(row[t] * inv);
+        out[t] = static_cast<int8_t>(std::min(127.0f, std::max(-127.0f, v)));
+      }
+      S[i] = absmax / 127.0f;
+    }
+  });
+  return {q, scale, mask};
+}
+
 bool has_avx2() {
 #if defined(__AVX2__)
   return true;
@@ -116,5 +164,6 @@ bool has_avx2() {
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
   module.def("int8_gemm", &int8_gemm, "exact int8 x int8 -> int32 GEMM, C = A W^T");
+  module.def("quantize_rows", &quantize_rows, "row-wise absmax int8 quantization fused with outlier detection");
   module.def("has_avx2", &has_avx2, "whether the kernel was built with AVX2");
 }

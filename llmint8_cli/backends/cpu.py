@@ -8,12 +8,13 @@ The code is plain torch and also serves CUDA tensors when CuPy is missing.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 
 from llmint8_cli.backends.base import Backend
-from llmint8_cli.backends.cpu_kernels import int8_gemm, pack_weight
+from llmint8_cli.backends.cpu_kernels import int8_gemm, native_kernels, pack_weight
 from llmint8_cli.core import reference
 from llmint8_cli.core.methods import Method
 from llmint8_cli.core.reference import Quantized, QuantizedWeight
@@ -39,6 +40,16 @@ class CpuBackend(Backend):
         q = qweight.int8
         row_sum = q.q.sum(dim=1, dtype=torch.int32)
         return PreparedWeight(qweight, pack_weight(q.q), q.scale, q.zero, row_sum, qweight.outlier_weight.float())
+
+    def quantize_activations(self, x: torch.Tensor, method: Method, threshold: float, stored_idx: torch.Tensor, groups: int = 1) -> tuple[Quantized, torch.Tensor]:
+        """Row-wise absmax methods go through the fused native op; the others through the reference."""
+        native = native_kernels()
+        if native is None or method.zeropoint or method.activation != "row" or x.device.type != "cpu":
+            return super().quantize_activations(x, method, threshold, stored_idx, groups)
+        exclude = torch.zeros(x.shape[1], dtype=torch.bool)
+        exclude[stored_idx] = True
+        q, scale, columns = native.quantize_rows(x.float().contiguous(), exclude, threshold if method.decomposition else math.inf)
+        return Quantized(q, scale, None), torch.nonzero(columns).flatten()
 
     def int8_accumulate(self, qx: Quantized, prepared: PreparedWeight) -> torch.Tensor:
         """sum_k (qx - zx)(qw - zw) = qx·qw - zw Σqx - zx Σqw + k zx zw, all in int32."""

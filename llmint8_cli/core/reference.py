@@ -65,6 +65,17 @@ class QuantizedWeight:
     outlier_weight: torch.Tensor  # 16-bit [n, j]: exact W[:, outlier_idx]
 
 
+def divide(numerator, denominator: torch.Tensor) -> torch.Tensor:
+    """IEEE fp32 division, elementwise; 0 where the denominator is 0.
+
+    Written out because torch turns `scalar / tensor` into `reciprocal(tensor) * scalar` and
+    `tensor / scalar` into a multiply, each off by an ulp at times; backends divide for real.
+    """
+    top = torch.as_tensor(numerator, dtype=torch.float32).expand_as(denominator).contiguous() if not isinstance(numerator, torch.Tensor) else numerator
+    bottom = denominator.contiguous()
+    return torch.where(bottom != 0, top / torch.where(bottom != 0, bottom, torch.ones_like(bottom)), torch.zeros_like(bottom))
+
+
 def quantize(v: torch.Tensor, granularity: str, zeropoint: bool, groups: int = 1) -> Quantized:
     """Quantize a 2-D tensor to int8 with one map per row ("row") or per block of rows ("tensor").
 
@@ -83,16 +94,16 @@ def quantize(v: torch.Tensor, granularity: str, zeropoint: bool, groups: int = 1
 
     if not zeropoint:
         absmax = reduce(v.abs(), torch.amax)
-        inv = torch.where(absmax > 0, INT8_MAX / absmax, torch.zeros_like(absmax))
+        inv = divide(float(INT8_MAX), absmax)
         q = torch.round(v * inv[:, None]).clamp_(-INT8_MAX, INT8_MAX).to(torch.int8)
-        return Quantized(q, (absmax / INT8_MAX).contiguous(), None)
+        return Quantized(q, divide(absmax, torch.full_like(absmax, INT8_MAX)), None)
     lo = reduce(v, torch.amin).clamp(max=0)
     hi = reduce(v, torch.amax).clamp(min=0)
     spread = hi - lo
-    inv = torch.where(spread > 0, 2 * INT8_MAX / spread, torch.zeros_like(spread))
+    inv = divide(float(2 * INT8_MAX), spread)
     zero = (-INT8_MAX - torch.round(lo * inv)).to(torch.int32)
     q = (torch.round(v * inv[:, None]) + zero[:, None]).clamp_(-INT8_MAX, INT8_MAX).to(torch.int8)
-    return Quantized(q, (spread / (2 * INT8_MAX)).contiguous(), zero.contiguous())
+    return Quantized(q, divide(spread, torch.full_like(spread, 2 * INT8_MAX)), zero.contiguous())
 
 
 def dequantize(qt: Quantized, columns: torch.Tensor | None = None) -> torch.Tensor:
