@@ -113,3 +113,70 @@ def collect(model: nn.Module, batches: Iterable[torch.Tensor], layer_names: Iter
 
 def outlier_summary(outliers: Mapping[str, torch.Tensor]) -> dict[str, int]:
     return {name: int(idx.numel()) for name, idx in outliers.items()}
+
+
+ATTENTION_WORDS = ("attn", "attention", "q_proj", "k_proj", "v_proj", "o_proj", "query", "key", "value", "c_proj.attn")
+
+
+OUTPUT_PROJECTIONS = ("o_proj", "out_proj", "down_proj", "fc2", "c_proj", "dense_4h_to_h", "attention.dense")
+
+
+def reads_hidden_state(name: str, in_features: int, hidden_size: int) -> bool:
+    """Whether a layer's input is the (normalized) residual stream, not an output projection's input."""
+    return in_features == hidden_size and not any(word in name for word in OUTPUT_PROJECTIONS)
+
+
+def layer_kind(name: str) -> str:
+    """'attention' or 'ffn' from a linear layer's module name."""
+    return "attention" if any(word in name for word in ATTENTION_WORDS) else "ffn"
+
+
+def analyze(stats: ActivationStats, layer_shapes: Mapping[str, tuple[int, int]], hidden_size: int, layer_share: float = 0.25, position_share: float = 0.06) -> dict:
+    """The paper's §4 view of the collected statistics.
+
+    Per layer: outlier columns and largest magnitude. Per feature dimension of the hidden state
+    (over the layers whose input is the hidden state): the share of those layers where it is an
+    outlier and the share of their (layer, position) pairs where |x| >= threshold; it is
+    systematic when it reaches both `layer_share` (25 %) and `position_share` (6 %).
+    Also the share of activations and of linear parameters the decomposition keeps in 16-bit.
+    """
+    columns = stats.outlier_columns()
+    layers, kept_acts, all_acts, kept_params, all_params = {}, 0, 0, 0, 0
+    for name, idx in columns.items():
+        out_f, in_f = layer_shapes[name]
+        rows = stats.rows[name]
+        layers[name] = {"kind": layer_kind(name), "in_features": in_f, "outlier_columns": int(idx.numel()), "max_abs": round(float(stats.col_max[name].max()), 3)}
+        kept_acts += int(idx.numel()) * rows
+        all_acts += in_f * rows
+        kept_params += int(idx.numel()) * out_f
+        all_params += in_f * out_f
+    hidden_layers = [n for n in columns if reads_hidden_state(n, layer_shapes[n][1], hidden_size)]
+    per_dim = []
+    if hidden_layers:
+        is_outlier = torch.stack([stats.col_max[n] >= stats.threshold for n in hidden_layers]).float()
+        hits = torch.stack([stats.col_hits[n].float() for n in hidden_layers]).sum(0)
+        rows = sum(stats.rows[n] for n in hidden_layers)
+        layers_affected = is_outlier.mean(0)
+        positions_affected = hits / max(rows, 1)
+        for dim in torch.nonzero(layers_affected > 0).flatten().tolist():
+            share_l, share_p = float(layers_affected[dim]), float(positions_affected[dim])
+            per_dim.append({
+                "dim": dim, "layer_share": round(share_l, 4), "position_share": round(share_p, 5),
+                "max_abs": round(max(float(stats.col_max[n][dim]) for n in hidden_layers), 3),
+                "systematic": share_l >= layer_share and share_p >= position_share,
+            })
+        per_dim.sort(key=lambda d: (-d["layer_share"], -d["position_share"]))
+    return {
+        "threshold": stats.threshold,
+        "criteria": {"layer_share": layer_share, "position_share": position_share},
+        "hidden_size": hidden_size,
+        "hidden_state_layers": len(hidden_layers),
+        "layers": layers,
+        "features": per_dim,
+        "systematic_features": [d["dim"] for d in per_dim if d["systematic"]],
+        "activation_share_16bit": round(kept_acts / max(all_acts, 1), 6),
+        "parameter_share_16bit": round(kept_params / max(all_params, 1), 6),
+        "outlier_columns_by_kind": {
+            kind: sum(v["outlier_columns"] for v in layers.values() if v["kind"] == kind) for kind in ("attention", "ffn")
+        },
+    }

@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import typer
 
+from llmint8_cli.cli.bench import bench
 from llmint8_cli.cli.eval_ppl import eval_ppl
+from llmint8_cli.cli.outliers import outliers
 from llmint8_cli.cli.quantize import quantize
 from llmint8_cli.cli.common import fail
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, help="LLM.int8() for Hugging Face causal LMs: quantize, evaluate, benchmark.")
 app.command("quantize")(quantize)
 app.command("eval-ppl")(eval_ppl)
+app.command("bench")(bench)
+app.command("outliers")(outliers)
 
 
 def _not_built(name: str, issue: str):
@@ -23,8 +27,6 @@ def _not_built(name: str, issue: str):
 
 for _name, _issue in (
     ("eval-zeroshot", "lm-eval zero-shot tasks on int8 models"),
-    ("bench", "layer and model speed benchmarks"),
-    ("outliers", "the emergent outlier features of a model"),
 ):
     app.command(_name, context_settings={"allow_extra_args": True, "ignore_unknown_options": True})(_not_built(_name, _issue))
 

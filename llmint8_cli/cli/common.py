@@ -50,10 +50,13 @@ def quiet_libraries() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     warnings.filterwarnings("ignore")
     try:
+        from tqdm.auto import tqdm
+        from transformers import modeling_gguf_pytorch_utils as gguf_loader
         from transformers.utils import logging as hf_logging
 
         hf_logging.set_verbosity_error()
         hf_logging.disable_progress_bar()
+        gguf_loader.tqdm = functools.partial(tqdm, disable=True)  # it imports tqdm directly
     except ImportError:
         pass
 

@@ -1,0 +1,94 @@
+"""llmint8 outliers MODEL: the emergent outlier features of a model (paper §4)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import torch
+import typer
+from rich.table import Table
+
+from llmint8_cli import activations, data, models
+from llmint8_cli.cli.common import command, emit_json, stderr_console
+from llmint8_cli.core.methods import DEFAULT_THRESHOLD, check_threshold
+from llmint8_cli.errors import InvalidArgumentError
+from llmint8_cli.evaluation.perplexity import make_windows, tokenize
+from llmint8_cli.nn.convert import as_linear, quantizable_layers
+
+
+def plot(report: dict, stats: activations.ActivationStats, layer_names: list[str], path: Path, title: str) -> None:
+    """Heat map (layers x hidden dims, max |x|) and the share of layers/positions per feature."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    hidden = [n for n in layer_names if activations.reads_hidden_state(n, stats.col_max[n].numel(), report["hidden_size"])]
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(11, 8), gridspec_kw={"height_ratios": [3, 2]})
+    if hidden:
+        grid = torch.stack([stats.col_max[n] for n in hidden]).clamp(max=4 * report["threshold"]).numpy()
+        image = top.imshow(grid, aspect="auto", interpolation="nearest", cmap="magma")
+        fig.colorbar(image, ax=top, label="max |x| (clipped at 4x threshold)")
+    top.set_xlabel("hidden feature dimension")
+    top.set_ylabel("linear layer (hidden-state input), in depth order")
+    top.set_title(f"{title}: largest input magnitude per feature")
+    features = report["features"][:40]
+    xs = range(len(features))
+    bottom.bar([x - 0.2 for x in xs], [100 * f["layer_share"] for f in features], width=0.4, label="% of layers")
+    bottom.bar([x + 0.2 for x in xs], [100 * f["position_share"] for f in features], width=0.4, label="% of positions")
+    bottom.axhline(100 * report["criteria"]["layer_share"], color="C0", linestyle="--", linewidth=0.8)
+    bottom.axhline(100 * report["criteria"]["position_share"], color="C1", linestyle="--", linewidth=0.8)
+    bottom.set_xticks(list(xs), [str(f["dim"]) for f in features], rotation=90, fontsize=7)
+    bottom.set_xlabel("feature dimension (most widespread first); dashed: systematic criteria 25 % / 6 %")
+    bottom.set_ylabel("% affected")
+    bottom.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+@command
+def outliers(
+    model: Annotated[str, typer.Argument(help="A 16-bit model: folder, .gguf, alias or Hub id.")],
+    dataset: Annotated[str, typer.Option(help="wikitext2, ptb, c4 or a text/.jsonl path.")] = "wikitext2",
+    samples: Annotated[int, typer.Option(min=1, help="Sequences to run.")] = 8,
+    seq_len: Annotated[int, typer.Option(min=2, help="Tokens per sequence.")] = 512,
+    threshold: Annotated[float, typer.Option(help="Outlier magnitude (paper: 6.0).")] = DEFAULT_THRESHOLD,
+    plot_path: Annotated[Path | None, typer.Option("--plot", help="Write a PNG: heat map and share of layers/positions per feature.")] = None,
+    data_dir: Annotated[str | None, typer.Option(help="Local data folder (layout of shared/data).")] = None,
+    quiet: Annotated[bool, typer.Option("-q", "--quiet", help="Nothing on stderr.")] = False,
+) -> None:
+    """Per-layer outlier columns, systematic outlier features and what the decomposition keeps in 16-bit."""
+    console = stderr_console(quiet)
+    check_threshold(threshold)
+    if plot_path is not None and plot_path.suffix.lower() != ".png":
+        raise InvalidArgumentError(f"--plot must name a .png file, got {plot_path}")
+    text = data.load_text(dataset, data_dir)
+    source = models.resolve(model)
+    with console.status(f"loading {model}"):
+        tokenizer = models.load_tokenizer(source)
+        network = models.load_model(source, dtype=torch.float32)
+    ids, bos_id = tokenize(tokenizer, text.text[: 16 * samples * seq_len], "window")
+    windows = make_windows(ids, seq_len, bos_id=bos_id).input_ids[:samples]
+    layers = dict(quantizable_layers(network))
+    shapes = {n: tuple(as_linear(m).weight.shape) for n, m in layers.items()}
+    with console.status(f"running {len(windows)} sequences of {seq_len} tokens"):
+        stats = activations.collect(network, windows.split(1), list(layers), threshold)
+    report = activations.analyze(stats, shapes, network.config.hidden_size)
+    report.update({"model": source.label, "dataset": text.name, "samples": len(windows), "seq_len": seq_len})
+    if plot_path is not None:
+        plot(report, stats, list(layers), plot_path, source.label)
+        report["plot"] = str(plot_path)
+    table = Table(title=f"outlier features · {source.label} · |x| >= {threshold}")
+    for column in ("dim", "% layers", "% positions", "max |x|", "systematic"):
+        table.add_column(column, justify="right")
+    for feature in report["features"][:15]:
+        table.add_row(str(feature["dim"]), f"{100 * feature['layer_share']:.1f}", f"{100 * feature['position_share']:.2f}", f"{feature['max_abs']:.1f}", "yes" if feature["systematic"] else "")
+    console.print(table)
+    console.print(
+        f"systematic features: {report['systematic_features']} · 16-bit share: "
+        f"{100 * report['activation_share_16bit']:.3f} % of activations, {100 * report['parameter_share_16bit']:.3f} % of parameters · "
+        f"outlier columns: attention {report['outlier_columns_by_kind']['attention']}, FFN {report['outlier_columns_by_kind']['ffn']}"
+    )
+    emit_json(report)

@@ -1,0 +1,73 @@
+"""`llmint8 outliers` on planted outliers, and `llmint8 bench` end to end on small shapes."""
+
+import json
+
+import torch
+from typer.testing import CliRunner
+
+from conftest import STORIES, needs_data, needs_stories, tiny_model
+from llmint8_cli import activations
+from llmint8_cli.cli import app
+from llmint8_cli.nn.convert import as_linear, quantizable_layers
+
+RUNNER = CliRunner()
+
+
+def planted_model():
+    """Tiny Llama whose norms blow up features 3 and 17 (x20) before every q/k/v and gate/up layer."""
+    model = tiny_model("llama")
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.input_layernorm.weight[[3, 17]] = 20.0
+            layer.post_attention_layernorm.weight[[3, 17]] = 20.0
+    return model
+
+
+def test_planted_features_are_found_and_systematic():
+    model = planted_model()
+    layers = dict(quantizable_layers(model))
+    ids = torch.randint(3, 128, (4, 32), generator=torch.Generator().manual_seed(0))
+    stats = activations.collect(model, ids.split(2), list(layers), 6.0)
+    report = activations.analyze(stats, {n: tuple(as_linear(m).weight.shape) for n, m in layers.items()}, 32)
+    assert report["systematic_features"] == [3, 17]
+    hidden = [n for n in layers if not n.endswith(("o_proj", "down_proj"))]
+    assert report["hidden_state_layers"] == len(hidden) == 10
+    for name in hidden:
+        assert report["layers"][name]["outlier_columns"] == 2, name
+        assert stats.outlier_columns()[name].tolist() == [3, 17]
+    assert report["features"][0]["layer_share"] == 1.0 and report["features"][0]["position_share"] > 0.5
+    assert report["layers"]["model.layers.0.self_attn.q_proj"]["kind"] == "attention"
+    assert report["layers"]["model.layers.0.mlp.up_proj"]["kind"] == "ffn"
+    # 2 of 32 columns in the 10 hidden-state layers are kept in 16-bit, none elsewhere
+    assert 0 < report["activation_share_16bit"] < 2 / 32
+
+
+@needs_stories
+@needs_data
+def test_outliers_cli_writes_json_and_png(tmp_path):
+    png = tmp_path / "outliers.png"
+    result = RUNNER.invoke(app, ["outliers", str(STORIES), "--dataset", "ptb", "--samples", "2", "--seq-len", "64", "--plot", str(png), "-q"])
+    assert result.exit_code == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["samples"] == 2 and len(report["layers"]) == 35
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    bad = RUNNER.invoke(app, ["outliers", str(STORIES), "--plot", str(tmp_path / "x.jpg"), "-q"])
+    assert bad.exit_code == 2 and ".png" in bad.stderr
+
+
+def test_bench_layer_mode_reports_every_row():
+    result = RUNNER.invoke(app, ["bench", "--shapes", "64x172", "--tokens", "1,3", "--outlier-cols", "0,6", "--repeat", "2", "-q"])
+    assert result.exit_code == 0, result.stderr
+    document = json.loads(result.stdout)
+    rows = document["rows"]
+    names = {r["row"] for r in rows}
+    assert {"fp32", "bfloat16", "float16", "int8 (vectorwise)", "llm.int8 (0 outliers)", "llm.int8 (6 outliers)"} <= names
+    assert len({r["tokens"] for r in rows}) == 2
+    for row in rows:
+        assert row["median_ms"] > 0 and row["min_ms"] <= row["median_ms"] <= row["max_ms"]
+        assert row["rel_error_vs_fp32"] < 0.05, row
+    int8 = next(r for r in rows if r["row"] == "int8 (vectorwise)")
+    assert int8["weight_mib"] < next(r for r in rows if r["row"] == "bfloat16")["weight_mib"]
+    assert document["machine"]["cpu_int8_gemm"]
+    bad = RUNNER.invoke(app, ["bench", "--shapes", "4096by4096", "-q"])
+    assert bad.exit_code == 2 and "OUTxIN" in bad.stderr
