@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 import os
 import sys
 import warnings
@@ -49,6 +50,7 @@ def quiet_libraries() -> None:
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     warnings.filterwarnings("ignore")
+    logging.getLogger("lm_eval").setLevel(logging.ERROR)
     try:
         from tqdm.auto import tqdm
         from transformers import modeling_gguf_pytorch_utils as gguf_loader

@@ -1,0 +1,72 @@
+"""llmint8 eval-zeroshot MODEL --tasks ...: lm-evaluation-harness tasks, 16-bit vs int8."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import sys
+import time
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from llmint8_cli.cli.common import command, emit_json, stderr_console
+from llmint8_cli.core.methods import DEFAULT_METHOD, DEFAULT_THRESHOLD, check_threshold, parse_methods
+from llmint8_cli.evaluation import variants, zeroshot
+
+
+@command
+def eval_zeroshot(
+    model: Annotated[str, typer.Argument(help="An llmint8 folder (evaluated as stored) or a 16-bit model: folder, .gguf, alias or Hub id.")],
+    tasks: Annotated[str, typer.Option(help=f"Comma-separated: {', '.join(zeroshot.TASKS)} (lambada = LAMBADA-OpenAI).")] = "winogrande,hellaswag,piqa,lambada",
+    methods: Annotated[str, typer.Option(help="Comma-separated methods or 'all' (the 16-bit baseline is always included).")] = DEFAULT_METHOD,
+    threshold: Annotated[float, typer.Option(help="Outlier threshold for the decomposition.")] = DEFAULT_THRESHOLD,
+    limit: Annotated[int | None, typer.Option(min=1, help="Only the first N documents of each task.")] = None,
+    num_fewshot: Annotated[int, typer.Option(min=0, help="Few-shot examples per prompt.")] = 0,
+    batch_size: Annotated[int, typer.Option(min=1, help="Requests per forward pass.")] = 8,
+    data_dir: Annotated[str | None, typer.Option(help="Local data folder (layout of shared/data); using it selects the local task configs.")] = None,
+    device: Annotated[str, typer.Option(help="cpu, cuda, cuda:N or auto.")] = "auto",
+    dtype: Annotated[str, typer.Option(help="Compute dtype: auto (fp32 on CPU, fp16 on GPU), fp32, fp16, bf16.")] = "auto",
+    quiet: Annotated[bool, typer.Option("-q", "--quiet", help="Nothing on stderr.")] = False,
+) -> None:
+    """Zero-shot accuracy through lm-eval per method; JSON on stdout, a table on stderr."""
+    console = stderr_console(quiet)
+    names = zeroshot.parse_tasks(tasks)
+    chosen = parse_methods(methods)
+    check_threshold(threshold)
+    manager, task_names, source = zeroshot.task_manager(names, data_dir, zeroshot.use_local_tasks(data_dir))
+    run_device = variants.resolve_device(device)
+    run_dtype = variants.resolve_dtype(dtype, run_device)
+    with console.status(f"loading {model}"):
+        subject = variants.subject(model, chosen, threshold, run_dtype, run_device)
+    results, seconds = {}, {}
+    for name, network in subject.variants:
+        console.print(f"[bold]{name}[/]: {', '.join(names)}")
+        started = time.time()
+        chatter = io.StringIO() if quiet else sys.stderr  # lm-eval prints to stdout; stdout is for our JSON
+        with contextlib.redirect_stdout(chatter), contextlib.redirect_stderr(chatter):
+            results[name] = zeroshot.evaluate(network, subject.tokenizer, manager, task_names, limit, num_fewshot, batch_size, str(run_device))
+        seconds[name] = round(time.time() - started, 1)
+        del network
+    baseline = results.get(variants.BASELINE)
+    document = {"model": subject.label, "tasks": {}, "data": source, "limit": limit, "num_fewshot": num_fewshot,
+                "device": str(run_device), "dtype": str(run_dtype).removeprefix("torch."), "threshold": threshold,
+                "seconds": seconds, "notes": subject.notes}
+    table = Table(title=f"zero-shot · {subject.label}{f' · limit {limit}' if limit else ''}")
+    for column in ("task", "metric", *results, *(["Δ " + m for m in results if m != variants.BASELINE] if baseline else [])):
+        table.add_column(column, justify="right")
+    for task in names:
+        per_task = {}
+        for method, metrics in results.items():
+            entry = dict(metrics[task])
+            if baseline and method != variants.BASELINE:
+                entry["delta"] = {k: round(v - baseline[task][k], 6) for k, v in metrics[task].items() if not k.endswith("_stderr") and v is not None and baseline[task].get(k) is not None}
+            per_task[method] = entry
+        document["tasks"][task] = per_task
+        for metric in (k for k in results[next(iter(results))][task] if not k.endswith("_stderr")):
+            cells = [f"{results[m][task].get(metric, float('nan')):.4f} ± {results[m][task].get(metric + '_stderr') or 0:.4f}" for m in results]
+            deltas = [f"{per_task[m]['delta'].get(metric, float('nan')):+.4f}" for m in results if m != variants.BASELINE] if baseline else []
+            table.add_row(task, metric, *cells, *deltas)
+    console.print(table)
+    emit_json(document)

@@ -1,0 +1,93 @@
+"""Zero-shot tasks through lm-evaluation-harness, on model objects (HFLM + simple_evaluate).
+
+Online, lm-eval's own tasks run as they are. Offline (or with --data-dir), the task configs in
+configs/lm_eval/ are used: each includes lm-eval's built-in YAML and only points its dataset at
+a local JSON Lines file (layout of shared/data/README.md).
+"""
+
+from __future__ import annotations
+
+import math
+import tempfile
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+from llmint8_cli import data, models
+from llmint8_cli.errors import DataError, InvalidArgumentError
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    builtin: str  # lm-eval's task name
+    local_file: str  # relative to the data folder
+
+
+TASKS = {
+    "winogrande": TaskSpec("winogrande", "winogrande/validation.jsonl"),
+    "hellaswag": TaskSpec("hellaswag", "hellaswag/validation.jsonl"),
+    "piqa": TaskSpec("piqa", "piqa/validation.jsonl"),
+    "lambada": TaskSpec("lambada_openai", "lambada_openai/test.jsonl"),
+}
+
+
+def parse_tasks(text: str) -> list[str]:
+    names = list(dict.fromkeys(t.strip() for t in text.split(",") if t.strip()))
+    unknown = [n for n in names if n not in TASKS]
+    if not names or unknown:
+        raise InvalidArgumentError(f"unknown task {', '.join(unknown) or '(none given)'}; choose from {', '.join(TASKS)}")
+    return names
+
+
+def local_data_dir(names: list[str], data_dir) -> Path:
+    """The data folder holding every requested task's file, or a one-line error naming what is missing."""
+    for base in data.data_dirs(data_dir):
+        if all((base / TASKS[n].local_file).is_file() for n in names):
+            return base
+    missing = ", ".join(TASKS[n].local_file for n in names)
+    raise DataError(f"task data not found locally and the Hub is not used: supply {missing} under --data-dir (or $LLMINT8_DATA_DIR)")
+
+
+def task_manager(names: list[str], data_dir, use_local: bool):
+    """(lm-eval TaskManager, {our name: lm-eval task name}, description of the data)."""
+    from lm_eval.tasks import TaskManager
+    import lm_eval.tasks
+
+    if not use_local:
+        return TaskManager(), {n: TASKS[n].builtin for n in names}, "lm-eval built-in tasks (Hugging Face Hub)"
+    base = local_data_dir(names, data_dir).resolve()
+    builtin_dir = Path(lm_eval.tasks.__file__).parent
+    folder = Path(tempfile.mkdtemp(prefix="llmint8-tasks-"))
+    templates = resources.files("llmint8_cli.configs") / "lm_eval"
+    for name in names:
+        template = (templates / f"{TASKS[name].builtin}_local.yaml").read_text()
+        text = template.replace("{lm_eval_tasks}", str(builtin_dir)).replace("{data_dir}", str(base))
+        (folder / f"{TASKS[name].builtin}_local.yaml").write_text(text)
+    return TaskManager(include_path=str(folder)), {n: f"{TASKS[n].builtin}_local" for n in names}, f"local files under {base}"
+
+
+def use_local_tasks(data_dir) -> bool:
+    return data_dir is not None or not models.hub_online()
+
+
+def evaluate(model, tokenizer, manager, task_names: dict[str, str], limit: int | None, num_fewshot: int, batch_size: int, device: str) -> dict:
+    """{our task name: {metric: value, metric_stderr: value}} for one model."""
+    from lm_eval import simple_evaluate
+    from lm_eval.models.huggingface import HFLM
+
+    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=device)
+    output = simple_evaluate(
+        model=lm, tasks=list(task_names.values()), num_fewshot=num_fewshot, limit=limit, task_manager=manager,
+        log_samples=False, verbosity="ERROR", bootstrap_iters=1000,
+    )
+    results = {}
+    for ours, theirs in task_names.items():
+        raw = output["results"][theirs]
+        metrics = {}
+        for key, value in raw.items():
+            if "," not in key or not isinstance(value, (int, float)):
+                continue
+            metric, _ = key.split(",", 1)
+            metrics[metric] = None if isinstance(value, float) and math.isnan(value) else round(float(value), 6)
+        results[ours] = metrics
+    return results

@@ -1,0 +1,110 @@
+"""Local lm-eval tasks render the same prompts and metrics as lm-eval's built-in tasks."""
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from conftest import DATA, STORIES, needs_data, needs_stories
+from llmint8_cli.cli import app
+from llmint8_cli.evaluation import zeroshot
+
+RUNNER = CliRunner()
+
+
+def first_docs(relative: str, count: int = 5) -> list[dict]:
+    with (DATA / relative).open() as handle:
+        return [json.loads(next(handle)) for _ in range(count)]
+
+
+def local_tasks(names):
+    from lm_eval.tasks import get_task_dict
+
+    manager, task_names, _ = zeroshot.task_manager(names, str(DATA), use_local=True)
+    tasks = get_task_dict(list(task_names.values()), manager)
+    return {ours: tasks[theirs] for ours, theirs in task_names.items()}
+
+
+def builtin_yaml(relative: str) -> dict:
+    import lm_eval.tasks
+
+    class Loader(yaml.SafeLoader):
+        pass
+
+    Loader.add_constructor("!function", lambda loader, node: loader.construct_scalar(node))
+    return yaml.load((Path(lm_eval.tasks.__file__).parent / relative).read_text(), Loader=Loader)
+
+
+@needs_data
+def test_prompts_and_metrics_equal_lm_evals_own_tasks():
+    from datasets import Dataset
+    from lm_eval.tasks.hellaswag import utils as hellaswag_utils
+    from lm_eval.tasks.winogrande import preprocess_winogrande as wino
+
+    tasks = local_tasks(list(zeroshot.TASKS))
+
+    hs = tasks["hellaswag"]
+    processed = hellaswag_utils.process_docs(Dataset.from_list(first_docs("hellaswag/validation.jsonl")))
+    for ours, theirs in zip(list(hs.validation_docs())[:5], processed):
+        assert hs.doc_to_text(ours) == theirs["query"]
+        assert hs.doc_to_choice(ours) == theirs["choices"]
+        assert hs.doc_to_target(ours) == int(theirs["label"])
+
+    wg = tasks["winogrande"]
+    for ours, raw in zip(list(wg.validation_docs())[:5], first_docs("winogrande/validation.jsonl")):
+        assert wg.doc_to_text(ours) == wino.doc_to_text(raw)
+        assert wg.doc_to_target(ours) == wino.doc_to_target(raw)
+        assert wg.doc_to_choice(ours) == wino.doc_to_choice(raw)
+
+    pq = tasks["piqa"]
+    for ours, raw in zip(list(pq.validation_docs())[:5], first_docs("piqa/validation.jsonl")):
+        assert pq.doc_to_text(ours) == f"Question: {raw['goal']}\nAnswer:"
+        assert pq.doc_to_choice(ours) == [raw["sol1"], raw["sol2"]]
+        assert pq.doc_to_target(ours) == raw["label"]
+
+    lb = tasks["lambada"]
+    for ours, raw in zip(list(lb.test_docs())[:5], first_docs("lambada_openai/test.jsonl")):
+        words = raw["text"].split(" ")
+        assert lb.doc_to_text(ours) == " ".join(words[:-1])
+        assert lb.doc_to_target(ours) == " " + words[-1]
+
+    builtin = {"hellaswag": "hellaswag/hellaswag.yaml", "winogrande": "winogrande/default.yaml", "piqa": "piqa/piqa.yaml", "lambada": "lambada/lambada_openai.yaml"}
+    for name, relative in builtin.items():
+        expected = [m["metric"] for m in builtin_yaml(relative)["metric_list"]]
+        assert [m["metric"] for m in tasks[name].config.metric_list] == expected, name
+        assert tasks[name].config.output_type == builtin_yaml(relative)["output_type"]
+    assert len(list(hs.validation_docs())) == 10042 and len(list(lb.test_docs())) == 5153
+
+
+@needs_stories
+@needs_data
+def test_eval_zeroshot_cli_with_limit():
+    result = RUNNER.invoke(app, ["eval-zeroshot", str(STORIES), "--tasks", "piqa,lambada", "--limit", "6", "--methods", "llm.int8", "-q", "--data-dir", str(DATA)])
+    assert result.exit_code == 0, result.stderr
+    document = json.loads(result.stdout)
+    assert set(document["tasks"]) == {"piqa", "lambada"}
+    piqa = document["tasks"]["piqa"]
+    assert set(piqa) == {"fp16", "llm.int8"} and 0 <= piqa["llm.int8"]["acc"] <= 1
+    assert "acc" in piqa["llm.int8"]["delta"] and "perplexity" in document["tasks"]["lambada"]["fp16"]
+
+
+@needs_stories
+@needs_data
+def test_lm_eval_model_type_loads_llmint8_checkpoints(tmp_path):
+    import lm_eval
+
+    import llmint8_cli.evaluation.lm_eval_plugin  # noqa: F401  registers --model llmint8
+    from llmint8_cli.checkpoint.quantize import QuantizeOptions, quantize_checkpoint
+
+    out = tmp_path / "int8"
+    quantize_checkpoint(str(STORIES), out, QuantizeOptions(calib_samples=0))
+    manager, names, _ = zeroshot.task_manager(["piqa"], str(DATA), use_local=True)
+    output = lm_eval.simple_evaluate(model="llmint8", model_args=f"path={out},device=cpu", tasks=list(names.values()), limit=4, task_manager=manager)
+    assert 0 <= output["results"]["piqa_local"]["acc,none"] <= 1
+
+
+def test_unknown_task_is_a_one_line_error():
+    result = RUNNER.invoke(app, ["eval-zeroshot", "any/model", "--tasks", "mmlu", "-q"])
+    assert result.exit_code == 2 and result.stderr.strip().splitlines() == ["llmint8: error: unknown task mmlu; choose from winogrande, hellaswag, piqa, lambada"]
