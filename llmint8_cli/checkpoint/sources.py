@@ -74,7 +74,25 @@ class SafetensorsSource(TensorSource):
             raise ModelLoadError(f"{self._where[key]}: cannot read tensor {key} ({str(exc).splitlines()[0]})") from None
 
 
-class TorchBinSource(TensorSource):
+class DictSource(TensorSource):
+    """Tensors already indexed by name (memory-mapped or in memory)."""
+
+    _tensors: dict[str, torch.Tensor]
+
+    def keys(self) -> list[str]:
+        return list(self._tensors)
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return tuple(self._tensors[key].shape)
+
+    def dtype(self, key: str) -> torch.dtype:
+        return self._tensors[key].dtype
+
+    def get(self, key: str) -> torch.Tensor:
+        return self._tensors[key]
+
+
+class TorchBinSource(DictSource):
     """pytorch_model*.bin read with weights_only=True: plain tensors only, never pickled code."""
 
     def __init__(self, folder: Path):
@@ -91,36 +109,12 @@ class TorchBinSource(TensorSource):
                 raise ModelLoadError(f"{path}: not a state dict of tensors")
             self._tensors.update(state)
 
-    def keys(self) -> list[str]:
-        return list(self._tensors)
 
-    def shape(self, key: str) -> tuple[int, ...]:
-        return tuple(self._tensors[key].shape)
-
-    def dtype(self, key: str) -> torch.dtype:
-        return self._tensors[key].dtype
-
-    def get(self, key: str) -> torch.Tensor:
-        return self._tensors[key]
-
-
-class ModelSource(TensorSource):
+class ModelSource(DictSource):
     """An in-memory model's state dict (GGUF files are expanded by transformers on load)."""
 
     def __init__(self, model: torch.nn.Module):
         self._tensors = dict(model.state_dict())
-
-    def keys(self) -> list[str]:
-        return list(self._tensors)
-
-    def shape(self, key: str) -> tuple[int, ...]:
-        return tuple(self._tensors[key].shape)
-
-    def dtype(self, key: str) -> torch.dtype:
-        return self._tensors[key].dtype
-
-    def get(self, key: str) -> torch.Tensor:
-        return self._tensors[key]
 
 
 def open_folder(folder: Path) -> TensorSource:
