@@ -238,3 +238,21 @@ def test_gguf_source(tmp_path):
     model = load(out)
     assert model.generate(torch.tensor([[1, 5]]), max_new_tokens=3, do_sample=False).shape == (1, 5)
     assert (out / "tokenizer.json").is_file() or (out / "tokenizer_config.json").is_file()
+
+
+@pytest.mark.slow
+def test_smollm2_round_trip_is_bit_exact(tmp_path):
+    """quantize smollm2-135m (GGUF) -> load == the GGUF model loaded in fp16 and converted in memory."""
+    from llmint8_cli import models
+
+    try:
+        source = models.resolve("smollm2-135m")
+    except Exception as exc:
+        pytest.skip(str(exc))
+    out = tmp_path / "smol"
+    quantize_checkpoint("smollm2-135m", out, QuantizeOptions(calib_samples=2, calib_seq_len=128, calib_dataset="c4"))
+    loaded = load(out)
+    reference = quantize_model(models.load_model(source, dtype=torch.float16), "llm.int8", 6.0, outliers=stored_outliers(loaded))
+    ids = torch.randint(0, 49152, (1, 32), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, reference(ids).logits)
