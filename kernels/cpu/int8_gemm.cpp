@@ -115,18 +115,9 @@ torch::Tensor int8_gemm(torch::Tensor a, torch::Tensor w) {
 // Returns (q int8 [m, k], scale float32 [m], outlier bool [k]). Outlier and excluded columns are
 // 0 in q and do not enter the row absmax. Rounding and the scale formula are the reference's:
 //   inv = 127 / absmax (0 when absmax == 0), q = round_half_even(x * inv), scale = absmax / 127.
-std::vector<torch::Tensor> quantize_rows(torch::Tensor x, torch::Tensor exclude, double threshold) {
-  TORCH_CHECK(x.dtype() == torch::kFloat32 && x.dim() == 2 && x.is_contiguous(), "quantize_rows: contiguous float32 [m, k] expected");
-  TORCH_CHECK(exclude.dtype() == torch::kBool && exclude.numel() == x.size(1), "quantize_rows: bool [k] mask expected");
-  const int64_t m = x.size(0), k = x.size(1);
-  const float limit = static_cast<float>(threshold);
-  const float* X = x.data_ptr<float>();
-  auto mask = exclude.contiguous().clone();
-  bool* M = mask.data_ptr<bool>();
-  auto q = torch::empty({m, k}, x.options().dtype(torch::kInt8));
-  auto scale = torch::empty({m}, x.options());
-  int8_t* Q = q.data_ptr<int8_t>();
-  float* S = scale.data_ptr<float>();
+// Core of quantize_rows, writing into caller buffers; mask holds the excluded columns on entry
+// and every 16-bit column of this call on exit.
+void quantize_rows_into(const float* X, int64_t m, int64_t k, float limit, bool* M, int8_t* Q, float* S) {
   // pass 1: columns holding some |x| >= threshold, NaN or Inf (!(|x| < limit) catches all three)
   std::vector<uint8_t> hit(k, 0);
   for (int64_t i = 0; i < m; ++i) {
@@ -151,7 +142,79 @@ std::vector<torch::Tensor> quantize_rows(torch::Tensor x, torch::Tensor exclude,
       S[i] = absmax / 127.0f;
     }
   });
+}
+
+void check_rows(const torch::Tensor& x, const torch::Tensor& exclude) {
+  TORCH_CHECK(x.dtype() == torch::kFloat32 && x.dim() == 2 && x.is_contiguous(), "contiguous float32 [m, k] activations expected");
+  TORCH_CHECK(exclude.dtype() == torch::kBool && exclude.numel() == x.size(1), "bool [k] column mask expected");
+}
+
+// Row-wise absmax quantization fused with outlier detection (LLM.int8()'s activation side).
+//   x: [m, k] float32, exclude: [k] bool (columns already taken out, e.g. stored outliers),
+//   threshold: |x| >= threshold (or NaN/Inf) marks a column as an outlier in this call.
+// Returns (q int8 [m, k], scale float32 [m], outlier bool [k]). Outlier and excluded columns are
+// 0 in q and do not enter the row absmax. Rounding and the scale formula are the reference's:
+//   inv = 127 / absmax (0 when absmax == 0), q = round_half_even(x * inv), scale = absmax / 127.
+std::vector<torch::Tensor> quantize_rows(torch::Tensor x, torch::Tensor exclude, double threshold) {
+  check_rows(x, exclude);
+  const int64_t m = x.size(0), k = x.size(1);
+  auto mask = exclude.contiguous().clone();
+  auto q = torch::empty({m, k}, x.options().dtype(torch::kInt8));
+  auto scale = torch::empty({m}, x.options());
+  quantize_rows_into(x.data_ptr<float>(), m, k, static_cast<float>(threshold), mask.data_ptr<bool>(), q.data_ptr<int8_t>(), scale.data_ptr<float>());
   return {q, scale, mask};
+}
+
+// The whole row-wise linear in one call (llm.int8, vectorwise, rowwise, rowwise+decomp):
+//   Y = (acc * (sx ⊗ sw)) + X[:, O] W[:, O]^T + bias, in float32, for x [m, k] float32.
+// w [n, k] int8 and w_scale [n] as stored; stored_mask [k] marks the stored outlier columns,
+// stored_pos [k] their position in stored_cols [n, j] (exact float32 columns of W), -1 elsewhere.
+// Columns that are outliers only in this call use the dequantized int8 column w[:, c] * sw.
+torch::Tensor int8_linear(torch::Tensor x, torch::Tensor stored_mask, torch::Tensor stored_pos, torch::Tensor stored_cols,
+                          torch::Tensor w, torch::Tensor w_scale, c10::optional<torch::Tensor> bias, double threshold) {
+  check_rows(x, stored_mask);
+  const int64_t m = x.size(0), k = x.size(1), n = w.size(0);
+  auto q = torch::empty({m, k}, x.options().dtype(torch::kInt8));
+  auto sx = torch::empty({m}, x.options());
+  std::vector<uint8_t> mask_bytes(k);
+  bool* mask = reinterpret_cast<bool*>(mask_bytes.data());
+  std::copy(stored_mask.data_ptr<bool>(), stored_mask.data_ptr<bool>() + k, mask);
+  const float* X = x.data_ptr<float>();
+  quantize_rows_into(X, m, k, static_cast<float>(threshold), mask, q.data_ptr<int8_t>(), sx.data_ptr<float>());
+  auto acc = int8_gemm(q, w);
+  auto out = torch::empty({m, n}, x.options());
+  const int32_t* A = acc.data_ptr<int32_t>();
+  const float* SX = sx.data_ptr<float>();
+  const float* SW = w_scale.data_ptr<float>();
+  float* Y = out.data_ptr<float>();
+  at::parallel_for(0, m, 1, [&](int64_t r0, int64_t r1) {
+    for (int64_t i = r0; i < r1; ++i)
+      for (int64_t j = 0; j < n; ++j) Y[i * n + j] = static_cast<float>(A[i * n + j]) * (SX[i] * SW[j]);
+  });
+  std::vector<int64_t> columns;
+  for (int64_t t = 0; t < k; ++t)
+    if (mask[t]) columns.push_back(t);
+  if (!columns.empty()) {
+    const int64_t c = static_cast<int64_t>(columns.size());
+    auto x_out = torch::empty({m, c}, x.options());
+    auto w_out = torch::empty({c, n}, x.options());  // W[:, O]^T, float32
+    float* XO = x_out.data_ptr<float>();
+    float* WO = w_out.data_ptr<float>();
+    const int32_t* POS = stored_pos.data_ptr<int32_t>();
+    const float* SC = stored_cols.data_ptr<float>();
+    const int64_t js = stored_cols.size(1);
+    const int8_t* W = w.data_ptr<int8_t>();
+    for (int64_t i = 0; i < m; ++i)
+      for (int64_t o = 0; o < c; ++o) XO[i * c + o] = X[i * k + columns[o]];
+    for (int64_t o = 0; o < c; ++o) {
+      const int64_t col = columns[o];
+      const int32_t pos = POS[col];
+      for (int64_t j = 0; j < n; ++j) WO[o * n + j] = pos >= 0 ? SC[j * js + pos] : static_cast<float>(W[j * k + col]) * SW[j];
+    }
+    out.addmm_(x_out, w_out);
+  }
+  if (bias.has_value()) out.add_(*bias);
+  return out;
 }
 
 bool has_avx2() {
@@ -164,6 +227,7 @@ bool has_avx2() {
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
   module.def("int8_gemm", &int8_gemm, "exact int8 x int8 -> int32 GEMM, C = A W^T");
+  module.def("int8_linear", &int8_linear, "the row-wise absmax linear fused: quantize, GEMM, dequantize, outliers, bias");
   module.def("quantize_rows", &quantize_rows, "row-wise absmax int8 quantization fused with outlier detection");
   module.def("has_avx2", &has_avx2, "whether the kernel was built with AVX2");
 }

@@ -28,6 +28,8 @@ class PreparedWeight:
     zero: torch.Tensor | None  # int32 [n]
     row_sum: torch.Tensor  # int32 [n]: sum over k of qw, for zero-point corrections
     stored_columns: torch.Tensor  # fp32 [n, j]: exact stored outlier columns of W
+    stored_mask: torch.Tensor  # bool [k]: True at the stored outlier columns
+    stored_pos: torch.Tensor  # int32 [k]: position of a column in stored_columns, -1 if not stored
 
 
 class CpuBackend(Backend):
@@ -39,7 +41,12 @@ class CpuBackend(Backend):
     def prepare(self, qweight: QuantizedWeight) -> PreparedWeight:
         q = qweight.int8
         row_sum = q.q.sum(dim=1, dtype=torch.int32)
-        return PreparedWeight(qweight, pack_weight(q.q), q.scale, q.zero, row_sum, qweight.outlier_weight.float())
+        k, stored = q.q.shape[1], qweight.outlier_idx
+        stored_mask = torch.zeros(k, dtype=torch.bool, device=q.q.device)
+        stored_mask[stored] = True
+        stored_pos = torch.full((k,), -1, dtype=torch.int32, device=q.q.device)
+        stored_pos[stored] = torch.arange(stored.numel(), dtype=torch.int32, device=q.q.device)
+        return PreparedWeight(qweight, pack_weight(q.q), q.scale, q.zero, row_sum, qweight.outlier_weight.float().contiguous(), stored_mask, stored_pos)
 
     def quantize_activations(self, x: torch.Tensor, method: Method, threshold: float, stored_idx: torch.Tensor, groups: int = 1) -> tuple[Quantized, torch.Tensor]:
         """Row-wise absmax methods go through the fused native op; the others through the reference."""
@@ -67,6 +74,13 @@ class CpuBackend(Backend):
     def linear(self, x: torch.Tensor, prepared: PreparedWeight, method: Method, threshold: float, bias: torch.Tensor | None) -> torch.Tensor:
         k = x.shape[-1]
         x2 = x.reshape(-1, k)
+        native = native_kernels()
+        if native is not None and x.device.type == "cpu" and method.activation == "row" and not method.zeropoint:
+            out = native.int8_linear(
+                x2.float().contiguous(), prepared.stored_mask, prepared.stored_pos, prepared.stored_columns, prepared.packed,
+                prepared.scale, None if bias is None else bias.float(), threshold if method.decomposition else math.inf,
+            )
+            return out.to(x.dtype).reshape(*x.shape[:-1], out.shape[-1])
         qx, fp_idx = self.quantize_activations(x2, method, threshold, prepared.qweight.outlier_idx, reference.sequence_count(x))
         out = self.int8_accumulate(qx, prepared).float()
         out *= qx.scale[:, None] * prepared.scale[None, :]

@@ -12,14 +12,13 @@ from __future__ import annotations
 
 import functools
 import os
-from dataclasses import dataclass
 from importlib import resources
 
 import torch
 
 from llmint8_cli.backends.cpu import CpuBackend, PreparedWeight
 from llmint8_cli.core.methods import Method
-from llmint8_cli.core.reference import Quantized, QuantizedWeight
+from llmint8_cli.core.reference import Quantized
 
 TYPES = {torch.float16: "__half", torch.bfloat16: "__nv_bfloat16", torch.float32: "float"}
 TEMPLATED = ("detect_outlier_columns", "quantize_rows", "epilogue")
@@ -62,11 +61,6 @@ def launch(name: str, grid: int, block: int, args: tuple, dtype: torch.dtype | N
         kernel(name, dtype)((max(grid, 1),), (block,), converted)
 
 
-@dataclass
-class CudaWeight(PreparedWeight):
-    stored_pos: torch.Tensor  # int32 [k]: position in outlier_weight, -1 if not stored
-
-
 def int8_gemm(a: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """Exact int32 A[m, k] W[n, k]^T on the GPU: WMMA, cuBLASLt, or float64 for odd shapes."""
     import numpy as np
@@ -89,13 +83,6 @@ class CudaBackend(CpuBackend):
 
     def supports(self, device: torch.device) -> bool:
         return device.type == "cuda"
-
-    def prepare(self, qweight: QuantizedWeight) -> CudaWeight:
-        base = super().prepare(qweight)
-        k = qweight.int8.q.shape[1]
-        stored_pos = torch.full((k,), -1, dtype=torch.int32, device=qweight.int8.q.device)
-        stored_pos[qweight.outlier_idx] = torch.arange(qweight.outlier_idx.numel(), dtype=torch.int32, device=stored_pos.device)
-        return CudaWeight(**base.__dict__, stored_pos=stored_pos)
 
     @staticmethod
     def fused(method: Method) -> bool:
@@ -125,12 +112,12 @@ class CudaBackend(CpuBackend):
         qx, idx, count, _ = self._quantize_on_device(x, method, threshold, stored_idx)
         return qx, idx[: int(count.item())].long()
 
-    def int8_accumulate(self, qx: Quantized, prepared: CudaWeight) -> torch.Tensor:
+    def int8_accumulate(self, qx: Quantized, prepared: PreparedWeight) -> torch.Tensor:
         if qx.zero is not None or prepared.zero is not None:
             return super().int8_accumulate(qx, prepared)
         return int8_gemm(qx.q, prepared.packed)
 
-    def linear(self, x: torch.Tensor, prepared: CudaWeight, method: Method, threshold: float, bias: torch.Tensor | None) -> torch.Tensor:
+    def linear(self, x: torch.Tensor, prepared: PreparedWeight, method: Method, threshold: float, bias: torch.Tensor | None) -> torch.Tensor:
         import numpy as np
 
         if not self.fused(method):
