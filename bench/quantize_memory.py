@@ -1,6 +1,7 @@
 """Peak memory and throughput of `llmint8 quantize` on a generated random-weight model.
 
     python bench/quantize_memory.py --size 13b --workdir /tmp/q13 [--calib-samples 0]
+    python bench/quantize_memory.py --size 1b --workdir /tmp/q1 --calib-samples 8   # calibration bound
 
 Writes a Llama config of the chosen size with random fp16 weights straight to sharded
 safetensors (never the whole model in memory), then runs `llmint8 quantize` in a child process,
@@ -29,7 +30,7 @@ SIZES = {  # hidden, intermediate, layers, heads, vocab (Llama-style)
 }
 
 
-def make_source(folder: Path, size: str, shard_bytes: int = 5 << 30) -> int:
+def make_source(folder: Path, size: str, tokenizer_from: Path, shard_bytes: int = 5 << 30) -> int:
     hidden, inter, layers, heads, vocab = SIZES[size]
     config = {
         "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": hidden, "intermediate_size": inter,
@@ -64,6 +65,9 @@ def make_source(folder: Path, size: str, shard_bytes: int = 5 << 30) -> int:
     total = sum(s.nbytes for s in shards)
     (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}))
     (folder / "config.json").write_text(json.dumps(config))
+    for name in ("tokenizer.json", "tokenizer_config.json"):  # any small tokenizer: calibration needs one
+        if (tokenizer_from / name).is_file():
+            shutil.copyfile(tokenizer_from / name, folder / name)
     return total
 
 
@@ -79,11 +83,16 @@ def main() -> None:
     parser.add_argument("--calib-samples", type=int, default=0)
     parser.add_argument("--calib-seq-len", type=int, default=128)
     parser.add_argument("--keep", action="store_true", help="keep the generated source and output")
+    parser.add_argument("--tokenizer-from", type=Path, default=Path(__file__).resolve().parents[2] / "shared" / "models" / "stories260K",
+                        help="folder whose tokenizer files the generated model gets (its ids must fit the vocab)")
     args = parser.parse_args()
     source, out = args.workdir / f"src-{args.size}", args.workdir / f"out-{args.size}"
     started = time.time()
     if not (source / "config.json").is_file():
-        make_source(source, args.size)
+        make_source(source, args.size, args.tokenizer_from)
+    elif not (source / "tokenizer.json").is_file():
+        for name in ("tokenizer.json", "tokenizer_config.json"):
+            shutil.copyfile(args.tokenizer_from / name, source / name)
     generated = time.time() - started
     source_bytes = sum(p.stat().st_size for p in source.glob("*.safetensors"))
     largest = max(torch.Size(s).numel() * 2 for s in [(SIZES[args.size][4], SIZES[args.size][0])])
