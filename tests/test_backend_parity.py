@@ -82,3 +82,25 @@ def test_int8_accumulation_is_exact_at_the_int8_extremes(backend):
     qweight = R.QuantizedWeight(R.Quantized(torch.full((5, k), -127, dtype=torch.int8), torch.ones(5), None), torch.zeros(0, dtype=torch.long), torch.zeros(5, 0))
     acc = backend.int8_accumulate(q, backend.prepare(qweight))
     assert torch.all(acc == 127 * 127 * k)
+
+
+@pytest.mark.parametrize("backend", BACKENDS, ids=lambda b: b.name)
+@pytest.mark.parametrize("method_name", QUANTIZED)
+def test_quantize_weight_matches_reference(backend, method_name):
+    from llmint8_cli.errors import InvalidWeightError
+
+    method = get_method(method_name)
+    for case, (_, k, n) in enumerate(SHAPES):
+        for dtype in DTYPES:
+            for stored in (None, torch.tensor(sorted({0, k // 3}))):
+                _, w, _, _ = make_case((1,), k, n, dtype, "none", seed=case)
+                ref = R.quantize_weight(w, method, stored)
+                got = backend.quantize_weight(w, method, stored)
+                where = f"{method_name} {k}->{n} {dtype} stored={stored}"
+                assert torch.equal(got.int8.q, ref.int8.q) and torch.equal(got.int8.scale, ref.int8.scale), where
+                assert (ref.int8.zero is None) == (got.int8.zero is None), where
+                assert torch.equal(got.outlier_idx, ref.outlier_idx) and torch.equal(got.outlier_weight, ref.outlier_weight), where
+        bad = torch.randn(n, k)
+        bad[n // 2, k // 2] = float("nan")
+        with pytest.raises(InvalidWeightError, match="NaN or Inf"):
+            backend.quantize_weight(bad, method)

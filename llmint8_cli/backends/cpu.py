@@ -18,6 +18,7 @@ from llmint8_cli.backends.cpu_kernels import int8_gemm, native_kernels, pack_wei
 from llmint8_cli.core import reference
 from llmint8_cli.core.methods import Method
 from llmint8_cli.core.reference import Quantized, QuantizedWeight
+from llmint8_cli.errors import InvalidWeightError
 
 
 @dataclass
@@ -37,6 +38,20 @@ class CpuBackend(Backend):
 
     def supports(self, device: torch.device) -> bool:
         return device.type == "cpu"
+
+    def quantize_weight(self, weight: torch.Tensor, method: Method, outlier_idx: torch.Tensor | None = None) -> QuantizedWeight:
+        """Per-row absmax weights through the fused native op: one fp32 copy, two passes, NaN check included."""
+        native = native_kernels()
+        if native is None or not isinstance(weight, torch.Tensor) or weight.device.type != "cpu" or method.weight != "row" or method.zeropoint:
+            return super().quantize_weight(weight, method, outlier_idx)
+        reference.check_weight(weight, finite=False)
+        idx = reference.stored_outlier_index(weight, method, outlier_idx)
+        exclude = torch.zeros(weight.shape[1], dtype=torch.bool)
+        exclude[idx] = True
+        q, scale, columns = native.quantize_rows(weight.detach().float().contiguous(), exclude, math.inf)
+        if int(columns.sum()) != idx.numel():  # a column beyond the stored ones holds NaN or Inf
+            raise InvalidWeightError(reference.NONFINITE_WEIGHT)
+        return QuantizedWeight(Quantized(q, scale, None), idx, weight.detach()[:, idx].contiguous())
 
     def prepare(self, qweight: QuantizedWeight) -> PreparedWeight:
         q = qweight.int8

@@ -19,11 +19,11 @@ from pathlib import Path
 import torch
 
 from llmint8_cli import activations, data, models
+from llmint8_cli.backends import backend_for
 from llmint8_cli.checkpoint import format as fmt
 from llmint8_cli.checkpoint.sources import ModelSource, TensorSource, open_folder
 from llmint8_cli.checkpoint.writer import Entry, Group, plan_shards, shard_names, write_shard
 from llmint8_cli.core.methods import DEFAULT_METHOD, DEFAULT_THRESHOLD, check_threshold, get_method
-from llmint8_cli.core.reference import check_weight, quantize_weight
 from llmint8_cli.errors import CheckpointError, InvalidArgumentError, InvalidWeightError, LLMInt8Error, ModelLoadError, OutputExistsError
 from llmint8_cli.evaluation.perplexity import make_windows, tokenize
 from llmint8_cli.nn.convert import Conv1D, quantizable_layers
@@ -178,7 +178,7 @@ def quantized_group(name: str, key: str, module, tensors: TensorSource, method, 
         weight = tensors.get(key)
         weight = (weight.t() if transposed else weight).to(dtype)
         try:
-            qw = quantize_weight(weight, method, outlier_idx)
+            qw = backend_for(weight.device).quantize_weight(weight, method, outlier_idx)
         except InvalidWeightError as exc:
             raise InvalidWeightError(f"{key}: {exc}") from None
         out = {f"{name}.weight": qw.int8.q, f"{name}.weight_scale": qw.int8.scale, f"{name}.outlier_idx": qw.outlier_idx.to(torch.int32), f"{name}.outlier_weight": qw.outlier_weight}

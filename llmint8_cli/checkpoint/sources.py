@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import json
 import pickle
+import struct
 from pathlib import Path
 
 import torch
 
+from llmint8_cli.checkpoint.writer import SAFETENSORS_DTYPES
 from llmint8_cli.errors import ModelLoadError
 
 
@@ -28,11 +30,14 @@ class TensorSource:
 
 
 class SafetensorsSource(TensorSource):
-    """model.safetensors, or shards listed by model.safetensors.index.json (memory-mapped)."""
+    """model.safetensors, or shards listed by model.safetensors.index.json.
+
+    Tensors are read with positioned reads into fresh buffers rather than memory-mapped: pages of
+    a mapped multi-GB shard stay in the process's resident set, while read pages only pass through
+    the page cache, so memory stays at about one tensor whatever the model size.
+    """
 
     def __init__(self, folder: Path):
-        from safetensors import safe_open
-
         index = folder / "model.safetensors.index.json"
         if index.is_file():
             try:
@@ -42,36 +47,58 @@ class SafetensorsSource(TensorSource):
             files = sorted(set(weight_map.values()))
         else:
             files = ["model.safetensors"]
-        self._handles, self._where = {}, {}
+        self._entries: dict[str, tuple[Path, int, dict]] = {}
         for name in files:
             path = folder / name
             if not path.is_file():
                 raise ModelLoadError(f"{path}: shard listed in the index is missing")
-            try:
-                handle = safe_open(str(path), framework="pt")
-                keys = list(handle.keys())
-            except Exception as exc:
-                raise ModelLoadError(f"{path}: corrupt or truncated safetensors file ({str(exc).splitlines()[0]})") from None
-            self._handles[name] = handle
-            self._where.update({k: name for k in keys})
+            for key, (start, entry) in read_header(path).items():
+                self._entries[key] = (path, start, entry)
 
     def keys(self) -> list[str]:
-        return list(self._where)
+        return list(self._entries)
 
     def shape(self, key: str) -> tuple[int, ...]:
-        return tuple(self._handles[self._where[key]].get_slice(key).get_shape())
+        return tuple(self._entries[key][2]["shape"])
 
     def dtype(self, key: str) -> torch.dtype:
-        from llmint8_cli.checkpoint.writer import SAFETENSORS_DTYPES
-
-        name = self._handles[self._where[key]].get_slice(key).get_dtype()
-        return {v: k for k, v in SAFETENSORS_DTYPES.items()}[name]
+        return DTYPES[self._entries[key][2]["dtype"]]
 
     def get(self, key: str) -> torch.Tensor:
-        try:
-            return self._handles[self._where[key]].get_tensor(key)
-        except Exception as exc:
-            raise ModelLoadError(f"{self._where[key]}: cannot read tensor {key} ({str(exc).splitlines()[0]})") from None
+        path, start, entry = self._entries[key]
+        begin, end = entry["data_offsets"]
+        buffer = bytearray(end - begin)
+        with path.open("rb") as handle:
+            handle.seek(start + begin)
+            if handle.readinto(buffer) != len(buffer):
+                raise ModelLoadError(f"{path}: truncated while reading tensor {key}")
+        if not buffer:
+            return torch.empty(entry["shape"], dtype=self.dtype(key))
+        return torch.frombuffer(buffer, dtype=self.dtype(key)).reshape(entry["shape"])
+
+
+DTYPES = {name: dtype for dtype, name in SAFETENSORS_DTYPES.items()}
+
+
+def read_header(path: Path) -> dict[str, tuple[int, dict]]:
+    """{key: (absolute offset of the data section, header entry)}; corrupt or truncated files raise."""
+    size = path.stat().st_size
+    try:
+        with path.open("rb") as handle:
+            (length,) = struct.unpack("<Q", handle.read(8))
+            if length > size - 8 or length > 100 << 20:
+                raise ValueError("header length beyond the file")
+            header = json.loads(handle.read(length))
+        start = 8 + length
+        entries = {k: v for k, v in header.items() if k != "__metadata__"}
+        for key, entry in entries.items():
+            if entry["dtype"] not in DTYPES:
+                raise ValueError(f"unsupported dtype {entry['dtype']}")
+            if start + entry["data_offsets"][1] > size:
+                raise ValueError(f"data of {key} runs past the end of the file")
+    except (ValueError, KeyError, TypeError, struct.error, UnicodeDecodeError) as exc:
+        raise ModelLoadError(f"{path}: corrupt or truncated safetensors file ({exc})") from None
+    return {key: (start, entry) for key, entry in entries.items()}
 
 
 class DictSource(TensorSource):

@@ -120,14 +120,27 @@ def find_outlier_columns(x: torch.Tensor, threshold: float) -> torch.Tensor:
     return torch.nonzero(~(x.abs() < threshold).all(dim=0)).flatten()
 
 
-def check_weight(weight: torch.Tensor) -> None:
-    """Only finite 2-D floating-point weights can be quantized."""
+def check_weight(weight: torch.Tensor, finite: bool = True) -> None:
+    """Only finite 2-D floating-point weights can be quantized (`finite=False` skips the NaN/Inf scan)."""
     if not isinstance(weight, torch.Tensor) or not weight.is_floating_point():
         raise InvalidWeightError(f"weight must be a floating-point tensor, got {getattr(weight, 'dtype', type(weight))}")
     if weight.dim() != 2:
         raise InvalidWeightError(f"weight must be 2-D [out_features, in_features], got shape {tuple(weight.shape)}")
-    if not torch.isfinite(weight).all():
-        raise InvalidWeightError("weight holds NaN or Inf values and cannot be quantized")
+    if finite and not torch.isfinite(weight).all():
+        raise InvalidWeightError(NONFINITE_WEIGHT)
+
+
+NONFINITE_WEIGHT = "weight holds NaN or Inf values and cannot be quantized"
+
+
+def stored_outlier_index(weight: torch.Tensor, method: Method, outlier_idx: torch.Tensor | None) -> torch.Tensor:
+    """The sorted, unique, in-range columns kept in 16-bit (none for methods without decomposition)."""
+    if outlier_idx is None or not method.decomposition:
+        return torch.zeros(0, dtype=torch.long, device=weight.device)
+    idx = torch.unique(torch.as_tensor(outlier_idx, device=weight.device).long().flatten())
+    if idx.numel() and (idx.min() < 0 or idx.max() >= weight.shape[1]):
+        raise InvalidArgumentError(f"outlier column index out of range for in_features={weight.shape[1]}")
+    return idx
 
 
 def quantize_weight(weight: torch.Tensor, method: Method, outlier_idx: torch.Tensor | None = None) -> QuantizedWeight:
@@ -135,13 +148,7 @@ def quantize_weight(weight: torch.Tensor, method: Method, outlier_idx: torch.Ten
     check_weight(weight)
     if not method.quantized:
         raise InvalidArgumentError(f"method {method.name!r} does not quantize weights")
-    k = weight.shape[1]
-    if outlier_idx is None or not method.decomposition:
-        idx = torch.zeros(0, dtype=torch.long, device=weight.device)
-    else:
-        idx = torch.unique(torch.as_tensor(outlier_idx, device=weight.device).long().flatten())
-        if idx.numel() and (idx.min() < 0 or idx.max() >= k):
-            raise InvalidArgumentError(f"outlier column index out of range for in_features={k}")
+    idx = stored_outlier_index(weight, method, outlier_idx)
     w = weight.detach().float()
     if idx.numel():
         w = w.index_fill(1, idx, 0.0)

@@ -7,7 +7,7 @@ from torch import nn
 
 from llmint8_cli.backends import backend_for
 from llmint8_cli.core.methods import DEFAULT_METHOD, DEFAULT_THRESHOLD, check_threshold, get_method
-from llmint8_cli.core.reference import Quantized, QuantizedWeight, quantize_weight
+from llmint8_cli.core.reference import Quantized, QuantizedWeight
 from llmint8_cli.errors import InvalidArgumentError
 
 
@@ -57,7 +57,7 @@ class Int8Linear(nn.Module):
     ) -> "Int8Linear":
         """Quantize an nn.Linear; `outlier_idx` are calibrated columns kept exactly in 16-bit."""
         spec = get_method(method)
-        qweight = quantize_weight(linear.weight, spec, outlier_idx)
+        qweight = backend_for(linear.weight.device).quantize_weight(linear.weight, spec, outlier_idx)
         layer = cls(
             linear.in_features, linear.out_features, linear.bias is not None,
             method=method, threshold=threshold, num_outliers=qweight.outlier_idx.numel(),
