@@ -117,12 +117,13 @@ torch::Tensor int8_gemm(torch::Tensor a, torch::Tensor w) {
 //   inv = 127 / absmax (0 when absmax == 0), q = round_half_even(x * inv), scale = absmax / 127.
 // Core of quantize_rows, writing into caller buffers; mask holds the excluded columns on entry
 // and every 16-bit column of this call on exit.
-void quantize_rows_into(const float* X, int64_t m, int64_t k, float limit, bool* M, int8_t* Q, float* S) {
+template <typename T>
+void quantize_rows_into(const T* X, int64_t m, int64_t k, float limit, bool* M, int8_t* Q, float* S) {
   // pass 1: columns holding some |x| >= threshold, NaN or Inf (!(|x| < limit) catches all three)
   std::vector<uint8_t> hit(k, 0);
   for (int64_t i = 0; i < m; ++i) {
-    const float* row = X + i * k;
-    for (int64_t t = 0; t < k; ++t) hit[t] |= !(std::fabs(row[t]) < limit);
+    const T* row = X + i * k;
+    for (int64_t t = 0; t < k; ++t) hit[t] |= !(std::fabs(static_cast<float>(row[t])) < limit);
   }
   for (int64_t t = 0; t < k; ++t) M[t] = M[t] || hit[t];
   // pass 2: per row, absmax over the kept columns, then quantize (the row stays in cache)
@@ -130,13 +131,13 @@ void quantize_rows_into(const float* X, int64_t m, int64_t k, float limit, bool*
     std::vector<float> keep(k);
     for (int64_t t = 0; t < k; ++t) keep[t] = M[t] ? 0.0f : 1.0f;
     for (int64_t i = r0; i < r1; ++i) {
-      const float* row = X + i * k;
+      const T* row = X + i * k;
       float absmax = 0.0f;
-      for (int64_t t = 0; t < k; ++t) absmax = std::max(absmax, std::fabs(row[t]) * keep[t]);
+      for (int64_t t = 0; t < k; ++t) absmax = std::max(absmax, std::fabs(static_cast<float>(row[t])) * keep[t]);
       const float inv = absmax > 0.0f ? 127.0f / absmax : 0.0f;
       int8_t* out = Q + i * k;
       for (int64_t t = 0; t < k; ++t) {
-        const float v = M[t] ? 0.0f : std::nearbyint(row[t] * inv);
+        const float v = M[t] ? 0.0f : std::nearbyint(static_cast<float>(row[t]) * inv);
         out[t] = static_cast<int8_t>(std::min(127.0f, std::max(-127.0f, v)));
       }
       S[i] = absmax / 127.0f;
@@ -145,7 +146,7 @@ void quantize_rows_into(const float* X, int64_t m, int64_t k, float limit, bool*
 }
 
 void check_rows(const torch::Tensor& x, const torch::Tensor& exclude) {
-  TORCH_CHECK(x.dtype() == torch::kFloat32 && x.dim() == 2 && x.is_contiguous(), "contiguous float32 [m, k] activations expected");
+  TORCH_CHECK(x.is_floating_point() && x.dim() == 2 && x.is_contiguous(), "contiguous floating-point [m, k] input expected");
   TORCH_CHECK(exclude.dtype() == torch::kBool && exclude.numel() == x.size(1), "bool [k] column mask expected");
 }
 
@@ -160,8 +161,10 @@ std::vector<torch::Tensor> quantize_rows(torch::Tensor x, torch::Tensor exclude,
   const int64_t m = x.size(0), k = x.size(1);
   auto mask = exclude.contiguous().clone();
   auto q = torch::empty({m, k}, x.options().dtype(torch::kInt8));
-  auto scale = torch::empty({m}, x.options());
-  quantize_rows_into(x.data_ptr<float>(), m, k, static_cast<float>(threshold), mask.data_ptr<bool>(), q.data_ptr<int8_t>(), scale.data_ptr<float>());
+  auto scale = torch::empty({m}, x.options().dtype(torch::kFloat32));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "quantize_rows", [&] {
+    quantize_rows_into<scalar_t>(x.data_ptr<scalar_t>(), m, k, static_cast<float>(threshold), mask.data_ptr<bool>(), q.data_ptr<int8_t>(), scale.data_ptr<float>());
+  });
   return {q, scale, mask};
 }
 
@@ -175,14 +178,16 @@ torch::Tensor int8_linear(torch::Tensor x, torch::Tensor stored_mask, torch::Ten
   check_rows(x, stored_mask);
   const int64_t m = x.size(0), k = x.size(1), n = w.size(0);
   auto q = torch::empty({m, k}, x.options().dtype(torch::kInt8));
-  auto sx = torch::empty({m}, x.options());
+  const auto f32 = x.options().dtype(torch::kFloat32);
+  auto sx = torch::empty({m}, f32);
   std::vector<uint8_t> mask_bytes(k);
   bool* mask = reinterpret_cast<bool*>(mask_bytes.data());
   std::copy(stored_mask.data_ptr<bool>(), stored_mask.data_ptr<bool>() + k, mask);
-  const float* X = x.data_ptr<float>();
-  quantize_rows_into(X, m, k, static_cast<float>(threshold), mask, q.data_ptr<int8_t>(), sx.data_ptr<float>());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "int8_linear", [&] {
+    quantize_rows_into<scalar_t>(x.data_ptr<scalar_t>(), m, k, static_cast<float>(threshold), mask, q.data_ptr<int8_t>(), sx.data_ptr<float>());
+  });
   auto acc = int8_gemm(q, w);
-  auto out = torch::empty({m, n}, x.options());
+  auto out = torch::empty({m, n}, f32);
   const int32_t* A = acc.data_ptr<int32_t>();
   const float* SX = sx.data_ptr<float>();
   const float* SW = w_scale.data_ptr<float>();
@@ -196,16 +201,14 @@ torch::Tensor int8_linear(torch::Tensor x, torch::Tensor stored_mask, torch::Ten
     if (mask[t]) columns.push_back(t);
   if (!columns.empty()) {
     const int64_t c = static_cast<int64_t>(columns.size());
-    auto x_out = torch::empty({m, c}, x.options());
-    auto w_out = torch::empty({c, n}, x.options());  // W[:, O]^T, float32
-    float* XO = x_out.data_ptr<float>();
+    std::vector<int64_t> index(columns.begin(), columns.end());
+    auto x_out = x.index_select(1, torch::tensor(index, x.options().dtype(torch::kLong))).to(torch::kFloat32);
+    auto w_out = torch::empty({c, n}, f32);  // W[:, O]^T, float32
     float* WO = w_out.data_ptr<float>();
     const int32_t* POS = stored_pos.data_ptr<int32_t>();
     const float* SC = stored_cols.data_ptr<float>();
     const int64_t js = stored_cols.size(1);
     const int8_t* W = w.data_ptr<int8_t>();
-    for (int64_t i = 0; i < m; ++i)
-      for (int64_t o = 0; o < c; ++o) XO[i * c + o] = X[i * k + columns[o]];
     for (int64_t o = 0; o < c; ++o) {
       const int64_t col = columns[o];
       const int32_t pos = POS[col];

@@ -48,7 +48,7 @@ class CpuBackend(Backend):
         idx = reference.stored_outlier_index(weight, method, outlier_idx)
         exclude = torch.zeros(weight.shape[1], dtype=torch.bool)
         exclude[idx] = True
-        q, scale, columns = native.quantize_rows(weight.detach().float().contiguous(), exclude, math.inf)
+        q, scale, columns = native.quantize_rows(weight.detach().contiguous(), exclude, math.inf)
         if int(columns.sum()) != idx.numel():  # a column beyond the stored ones holds NaN or Inf
             raise InvalidWeightError(reference.NONFINITE_WEIGHT)
         return QuantizedWeight(Quantized(q, scale, None), idx, weight.detach()[:, idx].contiguous())
@@ -70,7 +70,7 @@ class CpuBackend(Backend):
             return super().quantize_activations(x, method, threshold, stored_idx, groups)
         exclude = torch.zeros(x.shape[1], dtype=torch.bool)
         exclude[stored_idx] = True
-        q, scale, columns = native.quantize_rows(x.float().contiguous(), exclude, threshold if method.decomposition else math.inf)
+        q, scale, columns = native.quantize_rows(x.contiguous(), exclude, threshold if method.decomposition else math.inf)
         return Quantized(q, scale, None), torch.nonzero(columns).flatten()
 
     def int8_accumulate(self, qx: Quantized, prepared: PreparedWeight) -> torch.Tensor:
@@ -92,7 +92,7 @@ class CpuBackend(Backend):
         native = native_kernels()
         if native is not None and x.device.type == "cpu" and method.activation == "row" and not method.zeropoint:
             out = native.int8_linear(
-                x2.float().contiguous(), prepared.stored_mask, prepared.stored_pos, prepared.stored_columns, prepared.packed,
+                x2.contiguous(), prepared.stored_mask, prepared.stored_pos, prepared.stored_columns, prepared.packed,
                 prepared.scale, None if bias is None else bias.float(), threshold if method.decomposition else math.inf,
             )
             return out.to(x.dtype).reshape(*x.shape[:-1], out.shape[-1])

@@ -157,8 +157,10 @@ def calibrate(model, tensors: TensorSource, mapping: dict[str, str], layer_names
         fetch = lambda name: tensors.get(mapping[name]).float()  # noqa: E731
         streamer = activations.LayerStreamer(model, fetch)
         streamed = streamer.layer_parameter_names()
-        for name, _ in list(model.named_parameters()):
-            if name not in streamed and name in mapping:
+        head = model.get_output_embeddings()
+        unused = {id(p) for p in head.parameters()} - {id(p) for p in model.get_input_embeddings().parameters()} if head is not None else set()
+        for name, param in list(model.named_parameters()):  # the base model's own weights; no LM head
+            if name not in streamed and name in mapping and id(param) not in unused:
                 set_module_tensor_to_device(model, name, "cpu", value=fetch(name))
     stats = activations.collect(model, batches, layer_names, options.threshold, streamer)
     return stats.outlier_columns(), info
