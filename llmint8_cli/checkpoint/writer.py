@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import json
 import struct
-from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -85,21 +84,14 @@ def _header(shard: Shard) -> bytes:
 
 
 def write_shard(path: Path, shard: Shard, on_group: Callable[[Group], None] | None = None) -> str:
-    """Write one shard, producing each group's tensors only when its turn comes; returns sha256.
-
-    The next group is produced on a worker thread while the current one is written and hashed
-    (torch, file writes and hashlib release the GIL), so at most two groups are in memory.
-    """
+    """Write one shard, producing each group's tensors only when its turn comes; returns sha256."""
     digest = hashlib.sha256()
-    groups = shard.groups
-    with path.open("wb") as handle, ThreadPoolExecutor(max_workers=1) as worker:
+    with path.open("wb") as handle:
         head = _header(shard)
         handle.write(head)
         digest.update(head)
-        pending = worker.submit(groups[0].produce) if groups else None
-        for position, group in enumerate(groups):
-            tensors = pending.result()
-            pending = worker.submit(groups[position + 1].produce) if position + 1 < len(groups) else None
+        for group in shard.groups:
+            tensors = group.produce()
             for entry in group.entries:
                 tensor = tensors[entry.name]
                 if tensor.dtype != entry.dtype or tuple(tensor.shape) != entry.shape:
