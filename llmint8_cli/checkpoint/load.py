@@ -61,6 +61,7 @@ def build_empty(folder: Path, block: dict, dtype: torch.dtype):
             num_outliers=counts[name], dtype=dtype, device="meta",
         )
         replace_module(model, name, shell)
+    model.tie_weights()  # ties exist before loading, so the checkpoint's single copy fills both
     return model
 
 
