@@ -256,3 +256,29 @@ def test_smollm2_round_trip_is_bit_exact(tmp_path):
     ids = torch.randint(0, 49152, (1, 32), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         assert torch.equal(loaded(ids).logits, reference(ids).logits)
+
+
+@needs_stories
+@needs_data
+def test_eval_refuses_a_modified_checkpoint_unless_no_verify(tmp_path):
+    out = tmp_path / "int8"
+    quantize_checkpoint(str(STORIES), out, NO_CALIB)
+    with (out / "model.safetensors").open("r+b") as handle:
+        handle.seek(-1, os.SEEK_END)
+        last = handle.read(1)
+        handle.seek(-1, os.SEEK_END)
+        handle.write(bytes([last[0] ^ 1]))
+    args = ["eval-ppl", str(out), "--dataset", "ptb", "--seq-len", "128", "--max-tokens", "512", "-q"]
+    refused = RUNNER.invoke(app, args)
+    assert refused.exit_code == 2 and "sha256" in refused.stderr and len(refused.stderr.strip().splitlines()) == 1
+    assert RUNNER.invoke(app, [*args, "--no-verify"]).exit_code == 0
+
+
+def test_load_with_an_accelerate_device_map(tmp_path):
+    src = save_tiny(tiny_model("llama"), tmp_path / "src")
+    quantize_checkpoint(str(src), tmp_path / "out", NO_CALIB)
+    half = {"model.embed_tokens": "cpu", "model.layers.0": "cpu", "model.layers.1": "cpu", "model.norm": "cpu", "model.rotary_emb": "cpu", "lm_head": "cpu"}
+    a, b = load(tmp_path / "out", device_map=half), load(tmp_path / "out")
+    ids = torch.tensor([[1, 2, 3, 4]])
+    with torch.no_grad():
+        assert torch.equal(a(ids).logits, b(ids).logits)

@@ -50,6 +50,7 @@ def bench(
     new_tokens: Annotated[int, typer.Option(min=1, help="Model mode: tokens decoded.")] = 32,
     repeat: Annotated[int, typer.Option(min=1, help="Timed calls per row (after one warm-up).")] = 5,
     device: Annotated[str, typer.Option(help="cpu, cuda or auto.")] = "cpu",
+    no_verify: Annotated[bool, typer.Option("--no-verify", help="Skip the sha256 check of an llmint8 folder against its manifest.")] = False,
     quiet: Annotated[bool, typer.Option("-q", "--quiet", help="Nothing on stderr.")] = False,
 ) -> None:
     """Time 16-bit versus int8 layers or models; JSON on stdout, a table on stderr."""
@@ -70,9 +71,8 @@ def bench(
         for r in rows:
             table.add_row(r["shape"], str(r["tokens"]), r["row"], f"{r['median_ms']:.3f}", f"{r['min_ms']:.2f}–{r['max_ms']:.2f}", f"{r['speedup_vs_16bit']:.2f}", f"{r['rel_error_vs_fp32']:.1e}", f"{r['weight_mib']:.1f}")
     else:
-        get_method(method)
         dtype = variants.resolve_dtype("bf16" if run_device.type == "cpu" else "fp16", run_device)
-        subject = variants.subject(model, [get_method(method)], DEFAULT_THRESHOLD, dtype, run_device)
+        subject = variants.subject(model, [get_method(method)], DEFAULT_THRESHOLD, dtype, run_device, verify=not no_verify)
         results = {}
         with console.status("timing prefill and decode"):
             for name, network in subject.variants:

@@ -48,6 +48,7 @@ def eval_ppl(
     device: Annotated[str, typer.Option(help="cpu, cuda, cuda:N or auto.")] = "auto",
     dtype: Annotated[str, typer.Option(help="Compute dtype: auto (fp32 on CPU, fp16 on GPU), fp32, fp16, bf16.")] = "auto",
     data_dir: Annotated[str | None, typer.Option(help="Local data folder (layout of shared/data); default $LLMINT8_DATA_DIR or ./shared/data.")] = None,
+    no_verify: Annotated[bool, typer.Option("--no-verify", help="Skip the sha256 check of an llmint8 folder against its manifest.")] = False,
     quiet: Annotated[bool, typer.Option("-q", "--quiet", help="Nothing on stderr.")] = False,
 ) -> None:
     """Perplexity per method on WikiText-2, PTB, C4 or a file; JSON on stdout, a table on stderr."""
@@ -62,7 +63,7 @@ def eval_ppl(
     run_device = variants.resolve_device(device)
     run_dtype = variants.resolve_dtype(dtype, run_device)
     with console.status(f"loading {model}"):
-        subject = variants.subject(model, chosen, threshold, run_dtype, run_device)
+        subject = variants.subject(model, chosen, threshold, run_dtype, run_device, verify=not no_verify)
     limit = context_length(subject.config)
     if limit is not None and seq_len > limit:
         raise DataError(f"--seq-len {seq_len} is longer than the model's context ({limit} tokens)")

@@ -28,6 +28,7 @@ def eval_zeroshot(
     data_dir: Annotated[str | None, typer.Option(help="Local data folder (layout of shared/data); using it selects the local task configs.")] = None,
     device: Annotated[str, typer.Option(help="cpu, cuda, cuda:N or auto.")] = "auto",
     dtype: Annotated[str, typer.Option(help="Compute dtype: auto (fp32 on CPU, fp16 on GPU), fp32, fp16, bf16.")] = "auto",
+    no_verify: Annotated[bool, typer.Option("--no-verify", help="Skip the sha256 check of an llmint8 folder against its manifest.")] = False,
     quiet: Annotated[bool, typer.Option("-q", "--quiet", help="Nothing on stderr.")] = False,
 ) -> None:
     """Zero-shot accuracy through lm-eval per method; JSON on stdout, a table on stderr."""
@@ -39,7 +40,7 @@ def eval_zeroshot(
     run_device = variants.resolve_device(device)
     run_dtype = variants.resolve_dtype(dtype, run_device)
     with console.status(f"loading {model}"):
-        subject = variants.subject(model, chosen, threshold, run_dtype, run_device)
+        subject = variants.subject(model, chosen, threshold, run_dtype, run_device, verify=not no_verify)
     results, seconds = {}, {}
     for name, network in subject.variants:
         console.print(f"[bold]{name}[/]: {', '.join(names)}")

@@ -55,9 +55,10 @@ class Subject:
     notes: list[str]
 
 
-def subject(spec: str, methods: list[Method], threshold: float, dtype: torch.dtype, device: torch.device) -> Subject:
+def subject(spec: str, methods: list[Method], threshold: float, dtype: torch.dtype, device: torch.device, verify: bool = True) -> Subject:
+    """What to evaluate; `verify` checks an llmint8 folder's files against its manifest."""
     if is_llmint8_checkpoint(spec):
-        return _stored(spec, dtype, device)
+        return _stored(spec, dtype, device, verify)
     source = models.resolve(spec)
     tokenizer = models.load_tokenizer(source)
     base = models.load_model(source, dtype=dtype).to(device)
@@ -70,12 +71,12 @@ def subject(spec: str, methods: list[Method], threshold: float, dtype: torch.dty
     return Subject(source.label, tokenizer, base.config, generate(), [])
 
 
-def _stored(folder: str, dtype: torch.dtype, device: torch.device) -> Subject:
+def _stored(folder: str, dtype: torch.dtype, device: torch.device, verify: bool) -> Subject:
     from transformers import AutoTokenizer
 
     block = read_quantization_config(folder)
     tokenizer = AutoTokenizer.from_pretrained(folder)
-    quantized = load(folder, dtype=dtype).to(device)
+    quantized = load(folder, dtype=dtype, verify_files=verify).to(device)
     notes, baseline = [], None
     try:
         baseline = models.resolve(block.get("source", ""))
