@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from llmint8_cli.cli.common import command, emit_json, progress_bar, stderr_console
+from llmint8_cli.cli.common import Device, NoVerify, Quiet, command, emit_json, progress_bar, stderr_console
 from llmint8_cli.core.methods import DEFAULT_METHOD, DEFAULT_THRESHOLD, get_method
 from llmint8_cli.errors import InvalidArgumentError
 from llmint8_cli.evaluation import speed, variants
@@ -49,9 +49,9 @@ def bench(
     prompt_tokens: Annotated[int, typer.Option(min=1, help="Model mode: prefill length.")] = 128,
     new_tokens: Annotated[int, typer.Option(min=1, help="Model mode: tokens decoded.")] = 32,
     repeat: Annotated[int, typer.Option(min=1, help="Timed calls per row (after one warm-up).")] = 5,
-    device: Annotated[str, typer.Option(help="cpu, cuda or auto.")] = "cpu",
-    no_verify: Annotated[bool, typer.Option("--no-verify", help="Skip the sha256 check of an llmint8 folder against its manifest.")] = False,
-    quiet: Annotated[bool, typer.Option("-q", "--quiet", help="Nothing on stderr.")] = False,
+    device: Device = "cpu",
+    no_verify: NoVerify = False,
+    quiet: Quiet = False,
 ) -> None:
     """Time 16-bit versus int8 layers or models; JSON on stdout, a table on stderr."""
     console = stderr_console(quiet)

@@ -13,6 +13,7 @@ import os
 import sys
 import warnings
 from collections.abc import Callable
+from typing import Annotated
 
 import typer
 from rich.console import Console
@@ -21,6 +22,13 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from llmint8_cli.errors import LLMInt8Error
 
 EXIT_BAD_INPUT = 2
+
+# Options several commands share, declared once.
+Quiet = Annotated[bool, typer.Option("-q", "--quiet", help="Nothing on stderr.")]
+NoVerify = Annotated[bool, typer.Option("--no-verify", help="Skip the sha256 check of an llmint8 folder against its manifest.")]
+Device = Annotated[str, typer.Option(help="cpu, cuda, cuda:N or auto.")]
+ComputeDtype = Annotated[str, typer.Option("--dtype", help="Compute dtype: auto (fp32 on CPU, fp16 on GPU), fp32, fp16, bf16.")]
+DataDir = Annotated[str | None, typer.Option(help="Local data folder (layout of shared/data); default $LLMINT8_DATA_DIR or ./shared/data.")]
 
 
 def stderr_console(quiet: bool = False) -> Console:

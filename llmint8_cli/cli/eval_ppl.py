@@ -9,7 +9,7 @@ import typer
 from rich.table import Table
 
 from llmint8_cli import data
-from llmint8_cli.cli.common import command, emit_json, progress_bar, stderr_console
+from llmint8_cli.cli.common import ComputeDtype, DataDir, Device, NoVerify, Quiet, command, emit_json, progress_bar, stderr_console
 from llmint8_cli.core.methods import DEFAULT_METHOD, DEFAULT_THRESHOLD, check_threshold, parse_methods
 from llmint8_cli.errors import DataError
 from llmint8_cli.evaluation import variants
@@ -45,11 +45,11 @@ def eval_ppl(
     threshold: Annotated[float, typer.Option(help="Outlier threshold for the decomposition.")] = DEFAULT_THRESHOLD,
     batch_size: Annotated[int, typer.Option(min=1, help="Windows per forward pass (results do not depend on it).")] = 1,
     bos: Annotated[str, typer.Option(help=BOS_HELP)] = "window",
-    device: Annotated[str, typer.Option(help="cpu, cuda, cuda:N or auto.")] = "auto",
-    dtype: Annotated[str, typer.Option(help="Compute dtype: auto (fp32 on CPU, fp16 on GPU), fp32, fp16, bf16.")] = "auto",
-    data_dir: Annotated[str | None, typer.Option(help="Local data folder (layout of shared/data); default $LLMINT8_DATA_DIR or ./shared/data.")] = None,
-    no_verify: Annotated[bool, typer.Option("--no-verify", help="Skip the sha256 check of an llmint8 folder against its manifest.")] = False,
-    quiet: Annotated[bool, typer.Option("-q", "--quiet", help="Nothing on stderr.")] = False,
+    device: Device = "auto",
+    dtype: ComputeDtype = "auto",
+    data_dir: DataDir = None,
+    no_verify: NoVerify = False,
+    quiet: Quiet = False,
 ) -> None:
     """Perplexity per method on WikiText-2, PTB, C4 or a file; JSON on stdout, a table on stderr."""
     console = stderr_console(quiet)

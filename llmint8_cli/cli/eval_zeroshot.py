@@ -11,7 +11,7 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from llmint8_cli.cli.common import command, emit_json, stderr_console
+from llmint8_cli.cli.common import ComputeDtype, Device, NoVerify, Quiet, command, emit_json, stderr_console
 from llmint8_cli.core.methods import DEFAULT_METHOD, DEFAULT_THRESHOLD, check_threshold, parse_methods
 from llmint8_cli.evaluation import variants, zeroshot
 
@@ -26,10 +26,10 @@ def eval_zeroshot(
     num_fewshot: Annotated[int, typer.Option(min=0, help="Few-shot examples per prompt.")] = 0,
     batch_size: Annotated[int, typer.Option(min=1, help="Requests per forward pass.")] = 8,
     data_dir: Annotated[str | None, typer.Option(help="Local data folder (layout of shared/data); using it selects the local task configs.")] = None,
-    device: Annotated[str, typer.Option(help="cpu, cuda, cuda:N or auto.")] = "auto",
-    dtype: Annotated[str, typer.Option(help="Compute dtype: auto (fp32 on CPU, fp16 on GPU), fp32, fp16, bf16.")] = "auto",
-    no_verify: Annotated[bool, typer.Option("--no-verify", help="Skip the sha256 check of an llmint8 folder against its manifest.")] = False,
-    quiet: Annotated[bool, typer.Option("-q", "--quiet", help="Nothing on stderr.")] = False,
+    device: Device = "auto",
+    dtype: ComputeDtype = "auto",
+    no_verify: NoVerify = False,
+    quiet: Quiet = False,
 ) -> None:
     """Zero-shot accuracy through lm-eval per method; JSON on stdout, a table on stderr."""
     console = stderr_console(quiet)

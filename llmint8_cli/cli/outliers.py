@@ -10,7 +10,7 @@ import typer
 from rich.table import Table
 
 from llmint8_cli import activations, data, models
-from llmint8_cli.cli.common import command, emit_json, stderr_console
+from llmint8_cli.cli.common import DataDir, Quiet, command, emit_json, stderr_console
 from llmint8_cli.core.methods import DEFAULT_THRESHOLD, check_threshold
 from llmint8_cli.errors import InvalidArgumentError
 from llmint8_cli.evaluation.perplexity import make_windows, tokenize
@@ -56,8 +56,8 @@ def outliers(
     seq_len: Annotated[int, typer.Option(min=2, help="Tokens per sequence.")] = 512,
     threshold: Annotated[float, typer.Option(help="Outlier magnitude (paper: 6.0).")] = DEFAULT_THRESHOLD,
     plot_path: Annotated[Path | None, typer.Option("--plot", help="Write a PNG: heat map and share of layers/positions per feature.")] = None,
-    data_dir: Annotated[str | None, typer.Option(help="Local data folder (layout of shared/data).")] = None,
-    quiet: Annotated[bool, typer.Option("-q", "--quiet", help="Nothing on stderr.")] = False,
+    data_dir: DataDir = None,
+    quiet: Quiet = False,
 ) -> None:
     """Per-layer outlier columns, systematic outlier features and what the decomposition keeps in 16-bit."""
     console = stderr_console(quiet)

@@ -7,7 +7,7 @@ from typing import Annotated
 import typer
 
 from llmint8_cli.checkpoint.quantize import QuantizeOptions, quantize_checkpoint
-from llmint8_cli.cli.common import command, emit_json, parse_size, progress_bar, stderr_console
+from llmint8_cli.cli.common import DataDir, Quiet, command, emit_json, parse_size, progress_bar, stderr_console
 from llmint8_cli.core.methods import DEFAULT_METHOD, DEFAULT_THRESHOLD, METHODS
 
 
@@ -22,10 +22,10 @@ def quantize(
     calib_samples: Annotated[int, typer.Option(min=0, help="Calibration windows used to find outlier columns; 0 = run-time detection only.")] = 32,
     calib_seq_len: Annotated[int, typer.Option(min=2, help="Tokens per calibration window.")] = 512,
     calib_dataset: Annotated[str, typer.Option(help="wikitext2-train (falls back to C4 offline), wikitext2, ptb, c4 or a file.")] = "wikitext2-train",
-    data_dir: Annotated[str | None, typer.Option(help="Local data folder (layout of shared/data); default $LLMINT8_DATA_DIR or ./shared/data.")] = None,
+    data_dir: DataDir = None,
     max_shard_size: Annotated[str, typer.Option(help="Largest safetensors shard, e.g. 2GB.")] = "2GB",
     force: Annotated[bool, typer.Option("--force", help="Overwrite OUT if it exists.")] = False,
-    quiet: Annotated[bool, typer.Option("-q", "--quiet", help="Nothing on stderr.")] = False,
+    quiet: Quiet = False,
 ) -> None:
     """Convert a 16-bit causal LM to the llmint8 int8 format; prints a JSON summary."""
     options = QuantizeOptions(
