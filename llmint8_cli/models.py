@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import functools
 import importlib.util
-import json
 import os
 import socket
 from urllib.parse import urlparse
@@ -90,14 +89,6 @@ def resolve(spec: str | os.PathLike) -> ModelSource:
     if looks_like_repo_id(text) and not text.startswith("/"):
         return ModelSource("hub", text)
     raise ModelLoadError(f"{text}: no such file or folder")
-
-
-def read_config(source: ModelSource) -> dict:
-    """The model's config.json as a dict (folder sources only)."""
-    try:
-        return json.loads((Path(source.location) / "config.json").read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise ModelLoadError(f"{source.location}: unreadable config.json ({exc})") from None
 
 
 @functools.cache
