@@ -33,22 +33,34 @@ class PreparedWeight:
     stored_pos: torch.Tensor  # int32 [k]: position of a column in stored_columns, -1 if not stored
 
 
+def column_mask(k: int, columns: torch.Tensor, device: torch.device | None = None) -> torch.Tensor:
+    """bool [k], True at `columns`."""
+    mask = torch.zeros(k, dtype=torch.bool, device=device)
+    mask[columns] = True
+    return mask
+
+
 class CpuBackend(Backend):
     name = "cpu"
 
     def supports(self, device: torch.device) -> bool:
         return device.type == "cpu"
 
-    def quantize_weight(self, weight: torch.Tensor, method: Method, outlier_idx: torch.Tensor | None = None) -> QuantizedWeight:
-        """Per-row absmax weights through the fused native op: one fp32 copy, two passes, NaN check included."""
+    @staticmethod
+    def _native_for(tensor: torch.Tensor, granularity: str | None, method: Method):
+        """The native kernels when they can take this call (CPU tensor, per-row absmax maps), else None."""
         native = native_kernels()
-        if native is None or not isinstance(weight, torch.Tensor) or weight.device.type != "cpu" or method.weight != "row" or method.zeropoint:
+        usable = native is not None and tensor.device.type == "cpu" and granularity == "row" and not method.zeropoint
+        return native if usable else None
+
+    def quantize_weight(self, weight: torch.Tensor, method: Method, outlier_idx: torch.Tensor | None = None) -> QuantizedWeight:
+        """Per-row absmax weights through the fused native op: read as stored (16-bit), NaN check in the same pass."""
+        native = self._native_for(weight, method.weight, method) if isinstance(weight, torch.Tensor) else None
+        if native is None:
             return super().quantize_weight(weight, method, outlier_idx)
         reference.check_weight(weight, finite=False)
         idx = reference.stored_outlier_index(weight, method, outlier_idx)
-        exclude = torch.zeros(weight.shape[1], dtype=torch.bool)
-        exclude[idx] = True
-        q, scale, columns = native.quantize_rows(weight.detach().contiguous(), exclude, math.inf)
+        q, scale, columns = native.quantize_rows(weight.detach().contiguous(), column_mask(weight.shape[1], idx), math.inf)
         if int(columns.sum()) != idx.numel():  # a column beyond the stored ones holds NaN or Inf
             raise InvalidWeightError(reference.NONFINITE_WEIGHT)
         return QuantizedWeight(Quantized(q, scale, None), idx, weight.detach()[:, idx].contiguous())
@@ -57,20 +69,17 @@ class CpuBackend(Backend):
         q = qweight.int8
         row_sum = q.q.sum(dim=1, dtype=torch.int32)
         k, stored = q.q.shape[1], qweight.outlier_idx
-        stored_mask = torch.zeros(k, dtype=torch.bool, device=q.q.device)
-        stored_mask[stored] = True
+        stored_mask = column_mask(k, stored, q.q.device)
         stored_pos = torch.full((k,), -1, dtype=torch.int32, device=q.q.device)
         stored_pos[stored] = torch.arange(stored.numel(), dtype=torch.int32, device=q.q.device)
         return PreparedWeight(qweight, pack_weight(q.q), q.scale, q.zero, row_sum, qweight.outlier_weight.float().contiguous(), stored_mask, stored_pos)
 
     def quantize_activations(self, x: torch.Tensor, method: Method, threshold: float, stored_idx: torch.Tensor, groups: int = 1) -> tuple[Quantized, torch.Tensor]:
         """Row-wise absmax methods go through the fused native op; the others through the reference."""
-        native = native_kernels()
-        if native is None or method.zeropoint or method.activation != "row" or x.device.type != "cpu":
+        native = self._native_for(x, method.activation, method)
+        if native is None:
             return super().quantize_activations(x, method, threshold, stored_idx, groups)
-        exclude = torch.zeros(x.shape[1], dtype=torch.bool)
-        exclude[stored_idx] = True
-        q, scale, columns = native.quantize_rows(x.contiguous(), exclude, threshold if method.decomposition else math.inf)
+        q, scale, columns = native.quantize_rows(x.contiguous(), column_mask(x.shape[1], stored_idx), threshold if method.decomposition else math.inf)
         return Quantized(q, scale, None), torch.nonzero(columns).flatten()
 
     def int8_accumulate(self, qx: Quantized, prepared: PreparedWeight) -> torch.Tensor:
@@ -89,8 +98,8 @@ class CpuBackend(Backend):
     def linear(self, x: torch.Tensor, prepared: PreparedWeight, method: Method, threshold: float, bias: torch.Tensor | None) -> torch.Tensor:
         k = x.shape[-1]
         x2 = x.reshape(-1, k)
-        native = native_kernels()
-        if native is not None and x.device.type == "cpu" and method.activation == "row" and not method.zeropoint:
+        native = self._native_for(x, method.activation, method)
+        if native is not None:
             out = native.int8_linear(
                 x2.contiguous(), prepared.stored_mask, prepared.stored_pos, prepared.stored_columns, prepared.packed,
                 prepared.scale, None if bias is None else bias.float(), threshold if method.decomposition else math.inf,
