@@ -11,7 +11,6 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 from typer.testing import CliRunner
 
 from conftest import SHARED, STORIES, needs_data, needs_stories, save_tiny, tiny_model

@@ -1,6 +1,5 @@
 """CUDA-only checks (skipped without a GPU and CuPy); the parity suite covers the ops themselves."""
 
-import os
 
 import pytest
 import torch

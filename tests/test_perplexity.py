@@ -7,7 +7,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from conftest import DATA, STORIES, needs_data, needs_stories
+from conftest import STORIES, needs_data, needs_stories
 from llmint8_cli.cli import app
 from llmint8_cli.errors import DataError
 from llmint8_cli.evaluation.perplexity import IGNORE, make_windows

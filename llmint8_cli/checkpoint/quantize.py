@@ -24,7 +24,7 @@ from llmint8_cli.checkpoint import format as fmt
 from llmint8_cli.checkpoint.sources import ModelSource, TensorSource, open_folder
 from llmint8_cli.checkpoint.writer import Entry, Group, plan_shards, shard_names, write_shard
 from llmint8_cli.core.methods import DEFAULT_METHOD, DEFAULT_THRESHOLD, check_threshold, get_method
-from llmint8_cli.errors import CheckpointError, InvalidArgumentError, InvalidWeightError, LLMInt8Error, ModelLoadError, OutputExistsError
+from llmint8_cli.errors import CheckpointError, InvalidArgumentError, InvalidWeightError, ModelLoadError, OutputExistsError
 from llmint8_cli.evaluation.perplexity import make_windows, tokenize
 from llmint8_cli.nn.convert import Conv1D, quantizable_layers
 
@@ -343,4 +343,4 @@ def install(tmp: Path, out: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-__all__ = ["QuantizeOptions", "quantize_checkpoint", "LLMInt8Error"]
+__all__ = ["QuantizeOptions", "quantize_checkpoint"]

@@ -18,7 +18,7 @@ def quantize(
     method: Annotated[str, typer.Option(help=f"One of: {', '.join(m for m in METHODS if m != 'fp16')}.")] = DEFAULT_METHOD,
     threshold: Annotated[float, typer.Option(help="Outlier threshold |x| for the decomposition.")] = DEFAULT_THRESHOLD,
     dtype: Annotated[str, typer.Option(help="16-bit dtype of the unquantized tensors: fp16, bf16, or auto (the source's; fp32 -> fp16).")] = "auto",
-    skip: Annotated[list[str], typer.Option(help="Glob of module names to keep 16-bit (repeatable), e.g. '*.mlp.down_proj'.")] = [],
+    skip: Annotated[list[str] | None, typer.Option(help="Glob of module names to keep 16-bit (repeatable), e.g. '*.mlp.down_proj'.")] = None,
     calib_samples: Annotated[int, typer.Option(min=0, help="Calibration windows used to find outlier columns; 0 = run-time detection only.")] = 32,
     calib_seq_len: Annotated[int, typer.Option(min=2, help="Tokens per calibration window.")] = 512,
     calib_dataset: Annotated[str, typer.Option(help="wikitext2-train (falls back to C4 offline), wikitext2, ptb, c4 or a file.")] = "wikitext2-train",
@@ -29,7 +29,7 @@ def quantize(
 ) -> None:
     """Convert a 16-bit causal LM to the llmint8 int8 format; prints a JSON summary."""
     options = QuantizeOptions(
-        method=method, threshold=threshold, dtype=dtype, skip=list(skip), calib_samples=calib_samples,
+        method=method, threshold=threshold, dtype=dtype, skip=list(skip or []), calib_samples=calib_samples,
         calib_seq_len=calib_seq_len, calib_dataset=calib_dataset, max_shard_bytes=parse_size(max_shard_size), data_dir=data_dir,
     )
     console = stderr_console(quiet)
