@@ -26,7 +26,7 @@ def native_kernels():
         source = resources.files("llmint8_cli.kernels") / "cpu" / "int8_gemm.cpp"
         flags = ["-O3"]
         if torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512"):
-            flags += ["-mavx2", "-mfma"]
+            flags += ["-mavx2", "-mfma", "-mf16c"]
         return cpp_extension.load(name="llmint8_cpu_gemm", sources=[str(source)], extra_cflags=flags, verbose=False)
     except Exception as exc:  # no compiler, no ninja, read-only cache...
         print(f"llmint8: native CPU int8 kernel unavailable ({type(exc).__name__}); using torch._int_mm", file=sys.stderr)
