@@ -67,14 +67,12 @@ class SafetensorsSource(TensorSource):
     def get(self, key: str) -> torch.Tensor:
         path, start, entry = self._entries[key]
         begin, end = entry["data_offsets"]
-        buffer = bytearray(end - begin)
+        buffer = torch.empty(end - begin, dtype=torch.uint8)  # not zero-filled, unlike a bytearray
         with path.open("rb") as handle:
             handle.seek(start + begin)
-            if handle.readinto(buffer) != len(buffer):
+            if handle.readinto(buffer.numpy()) != len(buffer):
                 raise ModelLoadError(f"{path}: truncated while reading tensor {key}")
-        if not buffer:
-            return torch.empty(entry["shape"], dtype=self.dtype(key))
-        return torch.frombuffer(buffer, dtype=self.dtype(key)).reshape(entry["shape"])
+        return buffer.view(self.dtype(key)).reshape(entry["shape"])
 
 
 DTYPES = {name: dtype for dtype, name in SAFETENSORS_DTYPES.items()}

@@ -1,7 +1,7 @@
 """A streaming safetensors writer: headers are planned from shapes, data is written tensor by tensor.
 
 safetensors' own save_file needs a whole shard in memory; planning the layout first lets the
-quantizer hold only the tensor it is converting (peak memory ~ the largest tensor), and the
+quantizer hold only the tensors in hand (peak memory ~ two of the largest tensor), and the
 sha256 of each file is computed while it is written.
 """
 
@@ -11,6 +11,7 @@ import hashlib
 import json
 import struct
 from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -84,14 +85,22 @@ def _header(shard: Shard) -> bytes:
 
 
 def write_shard(path: Path, shard: Shard, on_group: Callable[[Group], None] | None = None) -> str:
-    """Write one shard, producing each group's tensors only when its turn comes; returns sha256."""
+    """Write one shard, producing each group's tensors only when its turn comes; returns sha256.
+
+    The next group is produced (read from the source and quantized) in a worker thread while the
+    current one is written and hashed: reading waits on the disk and the rest on the CPU, so the
+    two overlap. At most two groups are in memory at once.
+    """
     digest = hashlib.sha256()
-    with path.open("wb") as handle:
+    groups = shard.groups
+    with path.open("wb") as handle, ThreadPoolExecutor(max_workers=1, thread_name_prefix="llmint8-produce") as worker:
         head = _header(shard)
         handle.write(head)
         digest.update(head)
-        for group in shard.groups:
-            tensors = group.produce()
+        pending = worker.submit(groups[0].produce) if groups else None
+        for index, group in enumerate(groups):
+            tensors = pending.result()
+            pending = worker.submit(groups[index + 1].produce) if index + 1 < len(groups) else None
             for entry in group.entries:
                 tensor = tensors[entry.name]
                 if tensor.dtype != entry.dtype or tuple(tensor.shape) != entry.shape:
