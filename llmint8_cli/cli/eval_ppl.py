@@ -83,6 +83,7 @@ def eval_ppl(
                 "seconds": round(seconds, 2), "tokens_per_s": round(result.tokens / seconds, 1),
             }
             bar.remove_task(task)
+            bar.console.print(f"{name:>14}: ppl {result.ppl:.3f} in {seconds:.0f} s")  # a line per method: logs of long runs show progress
             del network
     document = {
         "model": subject.label,
