@@ -87,7 +87,7 @@ def test_eval_ppl_all_methods_on_ptb_slice():
 @needs_data
 def test_batch_size_does_not_change_results():
     def run(batch):
-        result = RUNNER.invoke(app, ["eval-ppl", str(STORIES), "--dataset", "ptb", "--seq-len", "128", "--max-tokens", "1024", "--methods", "absmax,zeropoint", "-q", "--batch-size", batch])
+        result = RUNNER.invoke(app, ["eval-ppl", str(STORIES), "--dataset", "ptb", "--seq-len", "128", "--max-tokens", "1024", "--methods", "absmax,zeropoint,llm.int8", "-q", "--batch-size", batch])
         return {k: v["ppl"] for k, v in json.loads(result.stdout)["results"].items()}
 
     one, four = run("1"), run("4")

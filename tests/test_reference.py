@@ -26,6 +26,21 @@ def test_absmax_tensorwise_uses_one_scale_per_sequence():
     assert torch.allclose(per_seq.scale, torch.tensor([4, 4, 10, 10]) / 127)
 
 
+def test_outliers_are_detected_per_sequence():
+    """An outlier in one sequence must not move another sequence's columns to the 16-bit path."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 5, 16)
+    x[0, 2, 3] = 40.0  # only sequence 0 has an outlier (column 3)
+    w = torch.randn(8, 16)
+    method = get_method("llm.int8")
+    qw = R.quantize_weight(w, method)
+    batched = R.linear(x, qw, method, 6.0)
+    for i in range(2):
+        assert torch.equal(batched[i], R.linear_call(x[i], qw, method, 6.0))
+    # detecting over the whole batch would have taken column 3 out of sequence 1 too
+    assert not torch.equal(batched[1], R.linear_call(x.reshape(-1, 16), qw, method, 6.0)[5:])
+
+
 def test_zeropoint_maps_range_to_full_int8_and_zero_exactly():
     x = torch.tensor([[-1.0, 0.0, 3.0, 1.0]])
     q = R.quantize(x, "row", zeropoint=True)

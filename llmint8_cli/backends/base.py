@@ -39,4 +39,9 @@ class Backend:
         return reference.int8_accumulate(qx, prepared.int8)
 
     def linear(self, x: torch.Tensor, prepared: Any, method: Method, threshold: float, bias: torch.Tensor | None) -> torch.Tensor:
-        return reference.linear(x, prepared, method, threshold, bias)
+        """The whole linear; outliers are detected per sequence, as in the reference."""
+        return reference.each_sequence(x, method, lambda part: self.linear_call(part, prepared, method, threshold, bias))
+
+    def linear_call(self, x: torch.Tensor, prepared: Any, method: Method, threshold: float, bias: torch.Tensor | None) -> torch.Tensor:
+        """One matmul call over all of x's rows (what backends accelerate)."""
+        return reference.linear_call(x, prepared, method, threshold, bias)

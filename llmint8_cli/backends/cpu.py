@@ -95,7 +95,7 @@ class CpuBackend(Backend):
             acc -= qx.zero[:, None] * w_centered[None, :]
         return acc
 
-    def linear(self, x: torch.Tensor, prepared: PreparedWeight, method: Method, threshold: float, bias: torch.Tensor | None) -> torch.Tensor:
+    def linear_call(self, x: torch.Tensor, prepared: PreparedWeight, method: Method, threshold: float, bias: torch.Tensor | None) -> torch.Tensor:
         k = x.shape[-1]
         x2 = x.reshape(-1, k)
         native = self._native_for(x, method.activation, method)

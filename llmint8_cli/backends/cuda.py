@@ -117,11 +117,11 @@ class CudaBackend(CpuBackend):
             return super().int8_accumulate(qx, prepared)
         return int8_gemm(qx.q, prepared.packed)
 
-    def linear(self, x: torch.Tensor, prepared: PreparedWeight, method: Method, threshold: float, bias: torch.Tensor | None) -> torch.Tensor:
+    def linear_call(self, x: torch.Tensor, prepared: PreparedWeight, method: Method, threshold: float, bias: torch.Tensor | None) -> torch.Tensor:
         import numpy as np
 
         if not self.fused(method):
-            return super().linear(x, prepared, method, threshold, bias)
+            return super().linear_call(x, prepared, method, threshold, bias)
         k = x.shape[-1]
         x2 = x.reshape(-1, k)
         qx, idx, count, x_dev = self._quantize_on_device(x2, method, threshold, prepared.qweight.outlier_idx)

@@ -23,7 +23,9 @@ scales (the zero points are removed inside the integer sum):
     C[i, j] = sx[i] * sw[j] * sum_k (qx[i, k] - zx[i]) * (qw[j, k] - zw[j])
 
 Mixed-precision decomposition (LLM.int8(), paper §3.2): the set O of outlier features is every
-column of X with some |x| >= threshold. Those columns are multiplied in 16-bit, the rest in int8:
+column of X with some |x| >= threshold, found per sequence for activations [batch, seq, k] (each
+sequence is its own call, as for "tensor" maps). Those columns are multiplied in 16-bit, the rest
+in int8:
 
     Y = X[:, O] @ W[:, O]^T  +  C(X with columns O set to 0, W)  (+ bias)
 
@@ -37,6 +39,7 @@ inputs propagate as they would through the 16-bit layer instead of poisoning a s
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -201,8 +204,26 @@ def outlier_weight_columns(qweight: QuantizedWeight, fp_idx: torch.Tensor) -> to
     return cols
 
 
+def each_sequence(x: torch.Tensor, method: Method, call: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """Apply a linear call to each sequence of x [..., seq, k] when the method detects outliers.
+
+    Run-time outlier columns are found in one sequence at a time: a column with one |x| >= threshold
+    in some other sequence of the batch must not change how this one is quantized, so a sequence's
+    output (and every perplexity) does not depend on what it is batched with.
+    """
+    if not method.decomposition or sequence_count(x) <= 1:
+        return call(x)
+    outputs = [call(sequence) for sequence in x.reshape(-1, *x.shape[-2:])]
+    return torch.stack(outputs).reshape(*x.shape[:-1], outputs[0].shape[-1])
+
+
 def linear(x: torch.Tensor, qweight: QuantizedWeight, method: Method, threshold: float, bias: torch.Tensor | None = None) -> torch.Tensor:
     """Y = X W^T + b with the method's quantization, computed in fp32, returned in x's dtype."""
+    return each_sequence(x, method, lambda part: linear_call(part, qweight, method, threshold, bias))
+
+
+def linear_call(x: torch.Tensor, qweight: QuantizedWeight, method: Method, threshold: float, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """One matmul call: outliers are detected over all of x's rows."""
     k = x.shape[-1]
     x2 = x.reshape(-1, k)
     qx, fp_idx = quantize_activations(x2, method, threshold, qweight.outlier_idx, sequence_count(x))
