@@ -21,10 +21,11 @@ def test_non_overlapping_windows_score_all_but_each_first_token():
     assert w.input_ids[1, 0] == 10 and (w.labels[:, 0] == IGNORE).all()
 
 
-def test_bos_per_window_scores_every_text_token_once():
+def test_bos_per_window_is_context_only():
     w = make_windows(list(range(10, 100)), seq_len=10, bos_id=1)
     assert (w.input_ids[:, 0] == 1).all() and w.input_ids[1, 1] == 19
-    assert w.scored_tokens == 10 * 9
+    assert (w.labels[:, :2] == IGNORE).all()  # neither the BOS nor the first text token is scored
+    assert w.scored_tokens == 10 * 8
 
 
 def test_sliding_windows_count_each_token_once():

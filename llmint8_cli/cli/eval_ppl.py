@@ -22,7 +22,8 @@ DATASET_HELP = (
 )
 BOS_HELP = (
     "window: every window opens with BOS when the tokenizer adds one to a fresh sequence (default); "
-    "text: the tokenizer's BOS only at the start of the text."
+    "text: the tokenizer's BOS only at the start of the text. "
+    "Either way a window's first text token is context only (not scored)."
 )
 
 

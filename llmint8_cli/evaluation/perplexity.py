@@ -3,10 +3,10 @@
 Protocol (stated in every result):
 * The text is tokenized once. Windows hold `seq_len` tokens; only full windows are scored.
 * BOS: with bos="window" and a tokenizer that opens a fresh sequence with BOS, every window is
-  [BOS] + (seq_len - 1) text tokens and all of those text tokens are scored. With bos="text"
-  the tokenizer's own special tokens are applied once to the whole text (a BOS at its start
-  only) and each window is seq_len tokens of that stream; its first token has no context and
-  is not scored.
+  [BOS] + (seq_len - 1) text tokens. With bos="text" the tokenizer's own special tokens are
+  applied once to the whole text (a BOS at its start only) and each window is seq_len tokens of
+  that stream. Either way a window's first text token has no text before it and is not scored,
+  so the BOS is context only (this reproduces the issue's Gemma-3 reference of 22.45).
 * stride: windows start every `stride` tokens (default: no overlap). With overlap, a window
   scores only the tokens that no earlier window scored, so each token counts once.
 """
@@ -69,9 +69,8 @@ def make_windows(ids: list[int], seq_len: int, stride: int | None = None, bos_id
     starts = torch.arange(0, len(ids) - span + 1, step)
     content = stream[starts[:, None] + torch.arange(span)]
     labels = content.clone()
-    first_scorable = 0 if bos_id is not None else 1
-    labels[0, :first_scorable] = IGNORE
-    labels[1:, : max(span - step, first_scorable)] = IGNORE
+    labels[0, :1] = IGNORE  # a window's first text token has no text before it
+    labels[1:, : max(span - step, 1)] = IGNORE
     if bos_id is not None:
         bos = torch.full((len(starts), 1), bos_id, dtype=torch.long)
         content = torch.cat([bos, content], dim=1)
