@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import hashlib
 import importlib.util
 import os
 import socket
@@ -58,6 +59,19 @@ class ModelSource:
             path = Path(self.location)
             return str(path.parent), {"gguf_file": path.name}
         return self.location, {}
+
+
+def fingerprint(source: ModelSource) -> str:
+    """A short id that changes when the model's files do: their names, sizes and modification times.
+
+    Keys caches of model outputs (not a content hash: a 26 GB model would take minutes to hash).
+    """
+    identity = [source.kind, source.location]
+    path = Path(source.location)
+    if source.kind != "hub":
+        files = [path] if path.is_file() else sorted(p for p in path.iterdir() if p.is_file())
+        identity += [f"{f.name}:{f.stat().st_size}:{f.stat().st_mtime_ns}" for f in files]
+    return hashlib.sha256("\n".join(identity).encode()).hexdigest()[:12]
 
 
 def looks_like_repo_id(spec: str) -> bool:

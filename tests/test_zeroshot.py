@@ -107,3 +107,25 @@ def test_lm_eval_model_type_loads_llmint8_checkpoints(tmp_path):
 def test_unknown_task_is_a_one_line_error():
     result = RUNNER.invoke(app, ["eval-zeroshot", "any/model", "--tasks", "mmlu", "-q"])
     assert result.exit_code == 2 and result.stderr.strip().splitlines() == ["llmint8: error: unknown task mmlu; choose from winogrande, hellaswag, piqa, lambada"]
+
+
+@needs_stories
+@needs_data
+def test_cache_dir_resumes_without_running_the_model_again(tmp_path, monkeypatch):
+    from lm_eval.models.huggingface import HFLM
+
+    args = ["eval-zeroshot", str(STORIES), "--tasks", "piqa", "--limit", "3", "--methods", "llm.int8", "-q", "--data-dir", str(DATA), "--cache-dir", str(tmp_path)]
+    first = RUNNER.invoke(app, args)
+    assert first.exit_code == 0, first.stderr
+    caches = json.loads(first.stdout)["caches"]
+    assert caches["fp16"] != caches["llm.int8"] and all(Path(c + "_rank0.db").is_file() for c in caches.values())
+
+    def model_must_not_run(*_, **__):
+        raise AssertionError("the cached answers were not used")
+
+    monkeypatch.setattr(HFLM, "_loglikelihood_tokens", model_must_not_run)
+    second = RUNNER.invoke(app, args)
+    assert second.exit_code == 0, second.stderr
+    assert json.loads(second.stdout)["tasks"] == json.loads(first.stdout)["tasks"]
+    other_threshold = RUNNER.invoke(app, [*args, "--threshold", "5"])
+    assert other_threshold.exit_code == 1 and "cached answers were not used" in other_threshold.stderr

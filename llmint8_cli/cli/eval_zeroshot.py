@@ -26,6 +26,7 @@ def eval_zeroshot(
     num_fewshot: Annotated[int, typer.Option(min=0, help="Few-shot examples per prompt.")] = 0,
     batch_size: Annotated[int, typer.Option(min=1, help="Requests per forward pass.")] = 8,
     data_dir: Annotated[str | None, typer.Option(help="Local data folder (layout of shared/data); using it selects the local task configs.")] = None,
+    cache_dir: Annotated[str | None, typer.Option(help="Keep each model's answers here (lm-eval's request cache): a run stopped part-way resumes where it stopped.")] = None,
     device: Device = "auto",
     dtype: ComputeDtype = "auto",
     no_verify: NoVerify = False,
@@ -41,19 +42,22 @@ def eval_zeroshot(
     run_dtype = variants.resolve_dtype(dtype, run_device)
     with console.status(f"loading {model}"):
         subject = variants.subject(model, chosen, threshold, run_dtype, run_device, verify=not no_verify)
-    results, seconds = {}, {}
+    results, seconds, caches = {}, {}, {}
+    document_dtype = str(run_dtype).removeprefix("torch.")
     for name, network in subject.variants:
         console.print(f"[bold]{name}[/]: {', '.join(names)}")
         started = time.time()
+        cache = zeroshot.cache_path(cache_dir, subject.label, subject.fingerprint, name, threshold, document_dtype, run_device.type) if cache_dir else None
+        caches[name] = cache
         chatter = io.StringIO() if quiet else sys.stderr  # lm-eval prints to stdout; stdout is for our JSON
         with contextlib.redirect_stdout(chatter), contextlib.redirect_stderr(chatter):
-            results[name] = zeroshot.evaluate(network, subject.tokenizer, manager, task_names, limit, num_fewshot, batch_size, str(run_device))
+            results[name] = zeroshot.evaluate(network, subject.tokenizer, manager, task_names, limit, num_fewshot, batch_size, str(run_device), cache)
         seconds[name] = round(time.time() - started, 1)
         del network
     baseline = results.get(variants.BASELINE)
     document = {"model": subject.label, "tasks": {}, "data": source, "limit": limit, "num_fewshot": num_fewshot,
-                "device": str(run_device), "dtype": str(run_dtype).removeprefix("torch."), "threshold": threshold,
-                "seconds": seconds, "notes": subject.notes}
+                "device": str(run_device), "dtype": document_dtype, "threshold": threshold,
+                "seconds": seconds, "notes": subject.notes, **({"caches": caches} if cache_dir else {})}
     table = Table(title=f"zero-shot · {subject.label}{f' · limit {limit}' if limit else ''}")
     for column in ("task", "metric", *results, *(["Δ " + m for m in results if m != variants.BASELINE] if baseline else [])):
         table.add_column(column, justify="right")

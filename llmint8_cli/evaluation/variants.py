@@ -49,6 +49,7 @@ class Subject:
     """What is evaluated: a label, its tokenizer, its config and the (method, model) variants."""
 
     label: str
+    fingerprint: str  # models.fingerprint of the files evaluated
     tokenizer: object
     config: object
     variants: Iterator[tuple[str, torch.nn.Module]]
@@ -68,7 +69,7 @@ def subject(spec: str, methods: list[Method], threshold: float, dtype: torch.dty
         for name in ordered:
             yield name, base if name == BASELINE else quantize_model(copy.deepcopy(base), name, threshold)
 
-    return Subject(source.label, tokenizer, base.config, generate(), [])
+    return Subject(source.label, models.fingerprint(source), tokenizer, base.config, generate(), [])
 
 
 def _stored(folder: str, dtype: torch.dtype, device: torch.device, verify: bool) -> Subject:
@@ -88,4 +89,4 @@ def _stored(folder: str, dtype: torch.dtype, device: torch.device, verify: bool)
             yield BASELINE, models.load_model(baseline, dtype=dtype).to(device)
         yield block["method"], quantized
 
-    return Subject(folder, tokenizer, quantized.config, generate(), notes)
+    return Subject(folder, models.fingerprint(models.ModelSource("folder", str(folder))), tokenizer, quantized.config, generate(), notes)
