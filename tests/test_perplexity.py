@@ -98,6 +98,33 @@ def test_batch_size_does_not_change_results():
 
 @needs_stories
 @needs_data
+def test_cache_dir_reuses_windows_and_survives_a_killed_run(tmp_path):
+    args = ["eval-ppl", str(STORIES), "--dataset", "ptb", "--seq-len", "128", "--max-tokens", "1024", "--methods", "llm.int8", "-q", "--cache-dir", str(tmp_path)]
+
+    def run(*extra):
+        result = RUNNER.invoke(app, [*args, *extra])
+        assert result.exit_code == 0, result.stderr
+        return json.loads(result.stdout)
+
+    first = run()
+    windows = first["protocol"]["windows"]
+    first = first["results"]
+    assert [first[m]["reused_windows"] for m in ("fp16", "llm.int8")] == [0, 0]
+    again = run()["results"]
+    assert again["llm.int8"]["reused_windows"] == windows and again["llm.int8"]["tokens_per_s"] is None
+    assert again["llm.int8"]["ppl"] == first["llm.int8"]["ppl"]
+
+    (int8_file,) = [p for p in tmp_path.rglob("ppl-*.jsonl") if "llm.int8" in str(p)]
+    lines = int8_file.read_text().splitlines(keepends=True)
+    int8_file.write_text("".join(lines[:3]) + lines[3][:10])  # as a run killed while writing
+    resumed = run()["results"]
+    assert resumed["llm.int8"]["reused_windows"] == 3 and math.isclose(resumed["llm.int8"]["ppl"], first["llm.int8"]["ppl"], rel_tol=1e-6)
+    other = run("--threshold", "5")["results"]
+    assert other["fp16"]["reused_windows"] == windows and other["llm.int8"]["reused_windows"] == 0
+
+
+@needs_stories
+@needs_data
 def test_c4_sample_is_labelled():
     result = RUNNER.invoke(app, ["eval-ppl", str(STORIES), "--dataset", "c4", "--seq-len", "128", "--max-tokens", "512", "--methods", "fp16", "-q"])
     assert result.exit_code == 0, result.stderr

@@ -13,7 +13,7 @@ from llmint8_cli.cli.common import ComputeDtype, DataDir, Device, NoVerify, Quie
 from llmint8_cli.core.methods import DEFAULT_METHOD, DEFAULT_THRESHOLD, check_threshold, parse_methods
 from llmint8_cli.errors import DataError
 from llmint8_cli.evaluation import variants
-from llmint8_cli.evaluation.perplexity import make_windows, perplexity, tokenize
+from llmint8_cli.evaluation.perplexity import WindowCache, make_windows, perplexity, tokenize
 
 DATASET_HELP = (
     "wikitext2 (raw test, rows joined with blank lines), ptb (test sentences joined with spaces), "
@@ -35,6 +35,12 @@ def context_length(config) -> int | None:
     return None
 
 
+def computed_rate(result, seconds: float) -> float | None:
+    """Scored tokens per second over the windows this run computed (cached ones took no time)."""
+    computed = result.windows - result.reused
+    return round(result.tokens * computed / result.windows / seconds, 1) if computed else None
+
+
 @command
 def eval_ppl(
     model: Annotated[str, typer.Argument(help="An llmint8 folder (evaluated as stored) or a 16-bit model: folder, .gguf, alias or Hub id.")],
@@ -46,6 +52,7 @@ def eval_ppl(
     threshold: Annotated[float, typer.Option(help="Outlier threshold for the decomposition.")] = DEFAULT_THRESHOLD,
     batch_size: Annotated[int, typer.Option(min=1, help="Windows per forward pass (results do not depend on it).")] = 1,
     bos: Annotated[str, typer.Option(help=BOS_HELP)] = "window",
+    cache_dir: Annotated[str | None, typer.Option(help="Keep each window's NLL here as it is computed: a stopped run, or a later run of other methods, reuses them.")] = None,
     device: Device = "auto",
     dtype: ComputeDtype = "auto",
     data_dir: DataDir = None,
@@ -75,13 +82,15 @@ def eval_ppl(
         for name, network in subject.variants:
             task = bar.add_task(f"{name:>14}", total=len(windows.input_ids))
             started = time.time()
-            result = perplexity(network, windows, batch_size, lambda n, t=task: bar.advance(t, n))
+            cache = WindowCache(variants.cache_folder(cache_dir, subject, name, threshold, run_dtype, run_device), windows) if cache_dir else None
+            result = perplexity(network, windows, batch_size, lambda n, t=task: bar.advance(t, n), cache)
             seconds = time.time() - started
             baseline = result.ppl if name == variants.BASELINE else baseline
             results[name] = {
                 "ppl": round(result.ppl, 4), "nll": round(result.nll, 4),
                 "delta_pct": None if baseline is None else round(100 * (result.ppl / baseline - 1), 3),
-                "seconds": round(seconds, 2), "tokens_per_s": round(result.tokens / seconds, 1),
+                "seconds": round(seconds, 2), "tokens_per_s": computed_rate(result, seconds),
+                **({"reused_windows": result.reused} if cache else {}),
             }
             bar.remove_task(task)
             bar.console.print(f"{name:>14}: ppl {result.ppl:.3f} in {seconds:.0f} s")  # a line per method: logs of long runs show progress
@@ -102,6 +111,6 @@ def eval_ppl(
         table.add_column(column, justify="right")
     for name, row in results.items():
         delta = "" if row["delta_pct"] is None else f"{row['delta_pct']:+.2f} %"
-        table.add_row(name, f"{row['ppl']:.3f}", delta, f"{row['seconds']:.1f}", f"{row['tokens_per_s']:.0f}")
+        table.add_row(name, f"{row['ppl']:.3f}", delta, f"{row['seconds']:.1f}", "cached" if row["tokens_per_s"] is None else f"{row['tokens_per_s']:.0f}")
     console.print(table)
     emit_json(document)

@@ -43,11 +43,10 @@ def eval_zeroshot(
     with console.status(f"loading {model}"):
         subject = variants.subject(model, chosen, threshold, run_dtype, run_device, verify=not no_verify)
     results, seconds, caches = {}, {}, {}
-    document_dtype = str(run_dtype).removeprefix("torch.")
     for name, network in subject.variants:
         console.print(f"[bold]{name}[/]: {', '.join(names)}")
         started = time.time()
-        cache = zeroshot.cache_path(cache_dir, subject.label, subject.fingerprint, name, threshold, document_dtype, run_device.type) if cache_dir else None
+        cache = str(variants.cache_folder(cache_dir, subject, name, threshold, run_dtype, run_device) / "lm-eval") if cache_dir else None
         caches[name] = cache
         chatter = io.StringIO() if quiet else sys.stderr  # lm-eval prints to stdout; stdout is for our JSON
         with contextlib.redirect_stdout(chatter), contextlib.redirect_stderr(chatter):
@@ -56,7 +55,7 @@ def eval_zeroshot(
         del network
     baseline = results.get(variants.BASELINE)
     document = {"model": subject.label, "tasks": {}, "data": source, "limit": limit, "num_fewshot": num_fewshot,
-                "device": str(run_device), "dtype": document_dtype, "threshold": threshold,
+                "device": str(run_device), "dtype": str(run_dtype).removeprefix("torch."), "threshold": threshold,
                 "seconds": seconds, "notes": subject.notes, **({"caches": caches} if cache_dir else {})}
     table = Table(title=f"zero-shot · {subject.label}{f' · limit {limit}' if limit else ''}")
     for column in ("task", "metric", *results, *(["Δ " + m for m in results if m != variants.BASELINE] if baseline else [])):

@@ -13,9 +13,12 @@ Protocol (stated in every result):
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -35,6 +38,14 @@ class Windows:
     @property
     def scored_tokens(self) -> int:
         return int((self.labels[:, 1:] != IGNORE).sum())
+
+    def digest(self) -> str:
+        """Identifies the exact tokens and labels (dataset, tokenizer, seq-len, stride, BOS mode, cap)."""
+        h = hashlib.sha256()
+        for tensor in (self.input_ids, self.labels):
+            h.update(str(tuple(tensor.shape)).encode())
+            h.update(tensor.numpy().tobytes())
+        return h.hexdigest()[:16]
 
 
 def adds_bos(tokenizer) -> bool:
@@ -84,19 +95,61 @@ class PerplexityResult:
     nll: float  # sum of token negative log-likelihoods (nats)
     tokens: int
     windows: int
+    reused: int = 0  # windows whose NLL came from the cache
+
+
+class WindowCache:
+    """Each window's NLL appended to a JSON Lines file as it is computed, so a stopped run resumes.
+
+    One file per (variant folder, Windows.digest).
+    """
+
+    def __init__(self, folder: Path, windows: Windows):
+        self.path = Path(folder) / f"ppl-{windows.digest()}.jsonl"
+
+    def load(self) -> dict[int, float]:
+        """The windows done so far; a half-written last line is cut off so that appends stay whole."""
+        if not self.path.is_file():
+            return {}
+        text = self.path.read_text()
+        if not text.endswith("\n"):
+            text = text[: text.rfind("\n") + 1]
+            self.path.write_text(text)
+        done = {}
+        for line in text.splitlines():
+            try:
+                entry = json.loads(line)
+                done[int(entry["window"])] = float(entry["nll"])
+            except (ValueError, KeyError, TypeError):
+                continue
+        return done
+
+    def append(self, nll: dict[int, float]) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with self.path.open("a") as handle:
+            handle.writelines(json.dumps({"window": i, "nll": v}) + "\n" for i, v in nll.items())
 
 
 @torch.inference_mode()
-def perplexity(model, windows: Windows, batch_size: int = 1, progress: Callable[[int], None] | None = None) -> PerplexityResult:
-    """exp(mean NLL) of the scored tokens; batched, one forward per batch of windows."""
+def perplexity(model, windows: Windows, batch_size: int = 1, progress: Callable[[int], None] | None = None, cache: WindowCache | None = None) -> PerplexityResult:
+    """exp(mean NLL) of the scored tokens; batched, one forward per batch of windows not yet in `cache`."""
     device = next(model.parameters()).device
-    total = 0.0
-    for start in range(0, len(windows.input_ids), batch_size):
-        ids = windows.input_ids[start : start + batch_size].to(device)
-        labels = windows.labels[start : start + batch_size].to(device)
+    nll = cache.load() if cache is not None else {}
+    todo = [i for i in range(len(windows.input_ids)) if i not in nll]
+    if progress is not None and len(todo) < len(windows.input_ids):
+        progress(len(windows.input_ids) - len(todo))
+    for start in range(0, len(todo), batch_size):
+        chosen = todo[start : start + batch_size]
+        ids = windows.input_ids[chosen].to(device)
+        labels = windows.labels[chosen].to(device)
         logits = model(input_ids=ids).logits[:, :-1].float()
-        total += F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1), ignore_index=IGNORE, reduction="sum").item()
+        per_token = F.cross_entropy(logits.transpose(1, 2), labels[:, 1:], ignore_index=IGNORE, reduction="none")
+        batch = dict(zip(chosen, per_token.double().sum(dim=1).tolist()))
+        nll.update(batch)
+        if cache is not None:
+            cache.append(batch)
         if progress is not None:
-            progress(len(ids))
+            progress(len(chosen))
+    total = sum(nll[i] for i in range(len(windows.input_ids)))
     tokens = windows.scored_tokens
-    return PerplexityResult(math.exp(total / tokens), total, tokens, len(windows.input_ids))
+    return PerplexityResult(math.exp(total / tokens), total, tokens, len(windows.input_ids), len(windows.input_ids) - len(todo))

@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -90,3 +91,14 @@ def _stored(folder: str, dtype: torch.dtype, device: torch.device, verify: bool)
         yield block["method"], quantized
 
     return Subject(folder, models.fingerprint(models.ModelSource("folder", str(folder))), tokenizer, quantized.config, generate(), notes)
+
+
+def cache_folder(cache_dir: str, subject: Subject, method: str, threshold: float, dtype: torch.dtype, device: torch.device) -> Path:
+    """Where one variant's evaluation results are kept, so that a stopped run resumes.
+
+    Everything that changes the model's outputs is in the path: the model's files (fingerprint),
+    the method and threshold, the compute dtype and the device type.
+    """
+    setting = method if method == BASELINE else f"{method}-t{threshold:g}"
+    model = "".join(c if c.isalnum() or c in "._-" else "_" for c in Path(subject.label).name)
+    return Path(cache_dir) / f"{model}-{subject.fingerprint}" / f"{setting}-{str(dtype).removeprefix('torch.')}-{device.type}"

@@ -15,7 +15,6 @@ from pathlib import Path
 
 from llmint8_cli import data, models
 from llmint8_cli.errors import DataError, InvalidArgumentError
-from llmint8_cli.evaluation.variants import BASELINE
 
 
 @dataclass(frozen=True)
@@ -71,19 +70,8 @@ def use_local_tasks(data_dir) -> bool:
     return data_dir is not None or not models.hub_online()
 
 
-def cache_path(cache_dir: str, label: str, fingerprint: str, method: str, threshold: float, dtype: str, device: str) -> str:
-    """Where lm-eval caches one variant's answers: a run killed part-way resumes from there.
-
-    lm-eval keys its cache by request only, so everything else that changes the answers (the
-    model's files, the method and threshold, dtype and device type) is in the path.
-    """
-    setting = method if method == BASELINE else f"{method}-t{threshold:g}"
-    model = "".join(c if c.isalnum() or c in "._-" else "_" for c in Path(label).name)
-    return str(Path(cache_dir) / f"{model}-{fingerprint}" / f"{setting}-{dtype}-{device.split(':')[0]}")
-
-
 def evaluate(model, tokenizer, manager, task_names: dict[str, str], limit: int | None, num_fewshot: int, batch_size: int, device: str, cache: str | None = None) -> dict:
-    """{our task name: {metric: value, metric_stderr: value}} for one model; `cache` as cache_path gives."""
+    """{our task name: {metric: value, metric_stderr: value}} for one model; answers kept under `cache` (a path prefix)."""
     from lm_eval import simple_evaluate
     from lm_eval.models.huggingface import HFLM
 
