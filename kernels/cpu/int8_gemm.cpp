@@ -230,18 +230,25 @@ std::vector<torch::Tensor> quantize_rows(torch::Tensor x, torch::Tensor exclude,
 // w [n, k] int8 and w_scale [n] as stored; stored_mask [k] marks the stored outlier columns,
 // stored_pos [k] their position in stored_cols [n, j] (exact float32 columns of W), -1 elsewhere.
 // Columns that are outliers only in this call use the dequantized int8 column w[:, c] * sw.
+// The m rows are `groups` sequences of m / groups rows; each finds its own outlier columns O_g
+// (the reference calls the linear once per sequence). One GEMM serves all of them: the 16-bit part
+// runs over the union of the O_g, with x zeroed where a column is not an outlier of the row's group.
 torch::Tensor int8_linear(torch::Tensor x, torch::Tensor stored_mask, torch::Tensor stored_pos, torch::Tensor stored_cols,
-                          torch::Tensor w, torch::Tensor w_scale, c10::optional<torch::Tensor> bias, double threshold) {
+                          torch::Tensor w, torch::Tensor w_scale, c10::optional<torch::Tensor> bias, double threshold, int64_t groups) {
   check_rows(x, stored_mask);
   const int64_t m = x.size(0), k = x.size(1), n = w.size(0);
+  TORCH_CHECK(groups >= 1 && m % groups == 0, "rows must split into equal groups");
+  const int64_t rows = m / groups;
   auto q = torch::empty({m, k}, x.options().dtype(torch::kInt8));
   const auto f32 = x.options().dtype(torch::kFloat32);
   auto sx = torch::empty({m}, f32);
-  std::vector<uint8_t> mask_bytes(k);
-  bool* mask = reinterpret_cast<bool*>(mask_bytes.data());
-  std::copy(stored_mask.data_ptr<bool>(), stored_mask.data_ptr<bool>() + k, mask);
+  std::vector<uint8_t> mask_bytes(groups * k);  // row g: the outlier columns of group g
+  bool* masks = reinterpret_cast<bool*>(mask_bytes.data());
+  for (int64_t g = 0; g < groups; ++g) std::copy(stored_mask.data_ptr<bool>(), stored_mask.data_ptr<bool>() + k, masks + g * k);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "int8_linear", [&] {
-    quantize_rows_into<scalar_t>(x.data_ptr<scalar_t>(), m, k, static_cast<float>(threshold), mask, q.data_ptr<int8_t>(), sx.data_ptr<float>());
+    for (int64_t g = 0; g < groups; ++g)
+      quantize_rows_into<scalar_t>(x.data_ptr<scalar_t>() + g * rows * k, rows, k, static_cast<float>(threshold), masks + g * k,
+                                   q.data_ptr<int8_t>() + g * rows * k, sx.data_ptr<float>() + g * rows);
   });
   auto acc = int8_gemm(q, w);
   auto out = torch::empty({m, n}, f32);
@@ -253,13 +260,22 @@ torch::Tensor int8_linear(torch::Tensor x, torch::Tensor stored_mask, torch::Ten
     for (int64_t i = r0; i < r1; ++i)
       for (int64_t j = 0; j < n; ++j) Y[i * n + j] = static_cast<float>(A[i * n + j]) * (SX[i] * SW[j]);
   });
-  std::vector<int64_t> columns;
+  std::vector<int64_t> columns;  // the union of the groups' outlier columns
   for (int64_t t = 0; t < k; ++t)
-    if (mask[t]) columns.push_back(t);
+    for (int64_t g = 0; g < groups; ++g)
+      if (masks[g * k + t]) {
+        columns.push_back(t);
+        break;
+      }
   if (!columns.empty()) {
     const int64_t c = static_cast<int64_t>(columns.size());
-    std::vector<int64_t> index(columns.begin(), columns.end());
-    auto x_out = x.index_select(1, torch::tensor(index, x.options().dtype(torch::kLong))).to(torch::kFloat32);
+    auto x_out = x.index_select(1, torch::tensor(columns, x.options().dtype(torch::kLong))).to(torch::kFloat32).contiguous();
+    if (groups > 1) {  // zero a row's entries in columns that are not outliers of its group
+      float* XO = x_out.data_ptr<float>();
+      for (int64_t i = 0; i < m; ++i)
+        for (int64_t o = 0; o < c; ++o)
+          if (!masks[(i / rows) * k + columns[o]]) XO[i * c + o] = 0.0f;
+    }
     auto w_out = torch::empty({c, n}, f32);  // W[:, O]^T, float32
     float* WO = w_out.data_ptr<float>();
     const int32_t* POS = stored_pos.data_ptr<int32_t>();

@@ -95,16 +95,22 @@ class CpuBackend(Backend):
             acc -= qx.zero[:, None] * w_centered[None, :]
         return acc
 
+    def linear(self, x: torch.Tensor, prepared: PreparedWeight, method: Method, threshold: float, bias: torch.Tensor | None) -> torch.Tensor:
+        """Row-wise absmax methods: one native call for the whole batch, each sequence with its own outliers."""
+        native = self._native_for(x, method.activation, method)
+        if native is None:
+            return super().linear(x, prepared, method, threshold, bias)
+        k = x.shape[-1]
+        out = native.int8_linear(
+            x.reshape(-1, k).contiguous(), prepared.stored_mask, prepared.stored_pos, prepared.stored_columns, prepared.packed,
+            prepared.scale, None if bias is None else bias.float(), threshold if method.decomposition else math.inf,
+            reference.sequence_count(x) if method.decomposition else 1,
+        )
+        return out.to(x.dtype).reshape(*x.shape[:-1], out.shape[-1])
+
     def linear_call(self, x: torch.Tensor, prepared: PreparedWeight, method: Method, threshold: float, bias: torch.Tensor | None) -> torch.Tensor:
         k = x.shape[-1]
         x2 = x.reshape(-1, k)
-        native = self._native_for(x, method.activation, method)
-        if native is not None:
-            out = native.int8_linear(
-                x2.contiguous(), prepared.stored_mask, prepared.stored_pos, prepared.stored_columns, prepared.packed,
-                prepared.scale, None if bias is None else bias.float(), threshold if method.decomposition else math.inf,
-            )
-            return out.to(x.dtype).reshape(*x.shape[:-1], out.shape[-1])
         qx, fp_idx = self.quantize_activations(x2, method, threshold, prepared.qweight.outlier_idx, reference.sequence_count(x))
         out = self.int8_accumulate(qx, prepared).float()
         out *= qx.scale[:, None] * prepared.scale[None, :]

@@ -48,6 +48,7 @@ def bench(
     method: Annotated[str, typer.Option(help="Model mode: quantization method.")] = DEFAULT_METHOD,
     prompt_tokens: Annotated[int, typer.Option(min=1, help="Model mode: prefill length.")] = 128,
     new_tokens: Annotated[int, typer.Option(min=1, help="Model mode: tokens decoded.")] = 32,
+    batch: Annotated[int, typer.Option(min=1, help="Model mode: sequences prefilled and decoded together.")] = 1,
     repeat: Annotated[int, typer.Option(min=1, help="Timed calls per row (after one warm-up).")] = 5,
     device: Device = "cpu",
     no_verify: NoVerify = False,
@@ -76,15 +77,15 @@ def bench(
         results = {}
         with console.status("timing prefill and decode"):
             for name, network in subject.variants:
-                results[name] = speed.bench_model(network, prompt_tokens, new_tokens, repeat, run_device)
+                results[name] = speed.bench_model(network, prompt_tokens, new_tokens, repeat, run_device, batch)
         base = results.get(variants.BASELINE)
         for name, row in results.items():
             if base:
                 row["prefill_speedup"] = round(row["prefill_tokens_per_s"] / base["prefill_tokens_per_s"], 3)
                 row["decode_speedup"] = round(row["decode_tokens_per_s"] / base["decode_tokens_per_s"], 3)
                 row["weight_ratio"] = round(row["weight_mib"] / base["weight_mib"], 3)
-        document.update({"mode": "model", "model": subject.label, "dtype": str(dtype).removeprefix("torch."), "prompt_tokens": prompt_tokens, "new_tokens": new_tokens, "repeat": repeat, "results": results})
-        table = Table(title=f"llmint8 bench · {subject.label} · {run_device}")
+        document.update({"mode": "model", "model": subject.label, "dtype": str(dtype).removeprefix("torch."), "batch": batch, "prompt_tokens": prompt_tokens, "new_tokens": new_tokens, "repeat": repeat, "results": results})
+        table = Table(title=f"llmint8 bench · {subject.label} · batch {batch} · {run_device}")
         for column in ("variant", "prefill tok/s", "decode tok/s", "weights MiB", "× prefill", "× decode"):
             table.add_column(column, justify="right")
         for name, r in results.items():

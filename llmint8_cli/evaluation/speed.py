@@ -136,16 +136,16 @@ def bench_layer(out_features: int, in_features: int, tokens: list[int], outlier_
 
 
 @torch.inference_mode()
-def bench_model(model: nn.Module, prompt_tokens: int, new_tokens: int, repeat: int, device: torch.device) -> dict:
-    """Prefill tokens/s (one forward over the prompt) and decode tokens/s (greedy, KV cache)."""
+def bench_model(model: nn.Module, prompt_tokens: int, new_tokens: int, repeat: int, device: torch.device, batch: int = 1) -> dict:
+    """Prefill tokens/s (one forward over `batch` prompts) and decode tokens/s (greedy, KV cache, all sequences)."""
     vocab = model.config.vocab_size
-    ids = torch.randint(3, vocab, (1, prompt_tokens), generator=torch.Generator().manual_seed(0)).to(device)
+    ids = torch.randint(3, vocab, (batch, prompt_tokens), generator=torch.Generator().manual_seed(0)).to(device)
     prefill = time_calls(lambda: model(input_ids=ids, use_cache=False), repeat, device)
     generate = lambda: model.generate(ids[:, :8], max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)  # noqa: E731
     decode = time_calls(generate, max(1, repeat // 2), device)
     return {
-        "prefill_tokens_per_s": round(prompt_tokens / (prefill.median_ms / 1e3), 1),
+        "prefill_tokens_per_s": round(batch * prompt_tokens / (prefill.median_ms / 1e3), 1),
         "prefill_ms": round(prefill.median_ms, 2),
-        "decode_tokens_per_s": round(new_tokens / (decode.median_ms / 1e3), 2),
+        "decode_tokens_per_s": round(batch * new_tokens / (decode.median_ms / 1e3), 2),
         "weight_mib": round(weight_bytes(model) / 2**20, 1),
     }
