@@ -71,3 +71,14 @@ def test_bench_layer_mode_reports_every_row():
     assert document["machine"]["cpu_int8_gemm"]
     bad = RUNNER.invoke(app, ["bench", "--shapes", "4096by4096", "-q"])
     assert bad.exit_code == 2 and "OUTxIN" in bad.stderr
+
+
+@needs_stories
+def test_bench_model_mode_decodes_a_batch():
+    result = RUNNER.invoke(app, ["bench", str(STORIES), "--batch", "3", "--prompt-tokens", "16", "--new-tokens", "4", "--repeat", "1", "-q"])
+    assert result.exit_code == 0, result.stderr
+    document = json.loads(result.stdout)
+    assert document["batch"] == 3 and set(document["results"]) == {"fp16", "llm.int8"}
+    for row in document["results"].values():
+        assert row["prefill_tokens_per_s"] > 0 and row["decode_tokens_per_s"] > 0
+    assert document["results"]["llm.int8"]["weight_ratio"] < 1
