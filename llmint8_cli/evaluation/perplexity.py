@@ -125,7 +125,6 @@ class WindowCache:
         return done
 
     def append(self, nll: dict[int, float]) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
         with self.path.open("a") as handle:
             handle.writelines(json.dumps({"window": i, "nll": v}) + "\n" for i, v in nll.items())
 

@@ -94,11 +94,16 @@ def _stored(folder: str, dtype: torch.dtype, device: torch.device, verify: bool)
 
 
 def cache_folder(cache_dir: str, subject: Subject, method: str, threshold: float, dtype: torch.dtype, device: torch.device) -> Path:
-    """Where one variant's evaluation results are kept, so that a stopped run resumes.
+    """The folder (created) where one variant's evaluation results are kept, so that a stopped run resumes.
 
     Everything that changes the model's outputs is in the path: the model's files (fingerprint),
     the method and threshold, the compute dtype and the device type.
     """
     setting = method if method == BASELINE else f"{method}-t{threshold:g}"
     model = "".join(c if c.isalnum() or c in "._-" else "_" for c in Path(subject.label).name)
-    return Path(cache_dir) / f"{model}-{subject.fingerprint}" / f"{setting}-{str(dtype).removeprefix('torch.')}-{device.type}"
+    folder = Path(cache_dir) / f"{model}-{subject.fingerprint}" / f"{setting}-{str(dtype).removeprefix('torch.')}-{device.type}"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise InvalidArgumentError(f"--cache-dir {cache_dir}: cannot create {folder} ({exc.strerror or exc})") from None
+    return folder
