@@ -104,3 +104,15 @@ def test_quantize_weight_matches_reference(backend, method_name):
         bad[n // 2, k // 2] = float("nan")
         with pytest.raises(InvalidWeightError, match="NaN or Inf"):
             backend.quantize_weight(bad, method)
+
+
+@pytest.mark.parametrize("backend", BACKENDS, ids=lambda b: b.name)
+@pytest.mark.parametrize("method_name", ["llm.int8", "rowwise+decomp"])
+def test_a_sequence_gets_the_same_bits_alone_or_in_a_batch(backend, method_name):
+    """Sequences in a batch have different outlier columns (threshold 1.5); none may change another's output."""
+    method = get_method(method_name)
+    x, w, bias, stored = make_case((4, 9), 96, 80, torch.float32, "stored+runtime", seed=3)
+    prepared = backend.prepare(R.quantize_weight(w, method, stored))
+    batched = backend.linear(x, prepared, method, 1.5, bias)
+    for i in range(len(x)):
+        assert torch.equal(batched[i], backend.linear(x[i : i + 1], prepared, method, 1.5, bias)[0]), i

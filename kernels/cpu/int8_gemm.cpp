@@ -231,8 +231,8 @@ std::vector<torch::Tensor> quantize_rows(torch::Tensor x, torch::Tensor exclude,
 // stored_pos [k] their position in stored_cols [n, j] (exact float32 columns of W), -1 elsewhere.
 // Columns that are outliers only in this call use the dequantized int8 column w[:, c] * sw.
 // The m rows are `groups` sequences of m / groups rows; each finds its own outlier columns O_g
-// (the reference calls the linear once per sequence). One GEMM serves all of them: the 16-bit part
-// runs over the union of the O_g, with x zeroed where a column is not an outlier of the row's group.
+// (the reference calls the linear once per sequence). One int8 GEMM serves all of them; the
+// 16-bit part is done per group.
 torch::Tensor int8_linear(torch::Tensor x, torch::Tensor stored_mask, torch::Tensor stored_pos, torch::Tensor stored_cols,
                           torch::Tensor w, torch::Tensor w_scale, c10::optional<torch::Tensor> bias, double threshold, int64_t groups) {
   check_rows(x, stored_mask);
@@ -260,34 +260,27 @@ torch::Tensor int8_linear(torch::Tensor x, torch::Tensor stored_mask, torch::Ten
     for (int64_t i = r0; i < r1; ++i)
       for (int64_t j = 0; j < n; ++j) Y[i * n + j] = static_cast<float>(A[i * n + j]) * (SX[i] * SW[j]);
   });
-  std::vector<int64_t> columns;  // the union of the groups' outlier columns
-  for (int64_t t = 0; t < k; ++t)
-    for (int64_t g = 0; g < groups; ++g)
-      if (masks[g * k + t]) {
-        columns.push_back(t);
-        break;
-      }
-  if (!columns.empty()) {
+  // the 16-bit part, one group at a time over its own columns: the same float operations as a
+  // call with that sequence alone, so results do not depend on what a sequence is batched with
+  const int32_t* POS = stored_pos.data_ptr<int32_t>();
+  const float* SC = stored_cols.data_ptr<float>();
+  const int64_t js = stored_cols.size(1);
+  const int8_t* W = w.data_ptr<int8_t>();
+  for (int64_t g = 0; g < groups; ++g) {
+    std::vector<int64_t> columns;
+    for (int64_t t = 0; t < k; ++t)
+      if (masks[g * k + t]) columns.push_back(t);
+    if (columns.empty()) continue;
     const int64_t c = static_cast<int64_t>(columns.size());
-    auto x_out = x.index_select(1, torch::tensor(columns, x.options().dtype(torch::kLong))).to(torch::kFloat32).contiguous();
-    if (groups > 1) {  // zero a row's entries in columns that are not outliers of its group
-      float* XO = x_out.data_ptr<float>();
-      for (int64_t i = 0; i < m; ++i)
-        for (int64_t o = 0; o < c; ++o)
-          if (!masks[(i / rows) * k + columns[o]]) XO[i * c + o] = 0.0f;
-    }
-    auto w_out = torch::empty({c, n}, f32);  // W[:, O]^T, float32
+    auto x_out = x.narrow(0, g * rows, rows).index_select(1, torch::tensor(columns, x.options().dtype(torch::kLong))).to(torch::kFloat32);
+    auto w_out = torch::empty({c, n}, f32);  // W[:, O_g]^T, float32
     float* WO = w_out.data_ptr<float>();
-    const int32_t* POS = stored_pos.data_ptr<int32_t>();
-    const float* SC = stored_cols.data_ptr<float>();
-    const int64_t js = stored_cols.size(1);
-    const int8_t* W = w.data_ptr<int8_t>();
     for (int64_t o = 0; o < c; ++o) {
       const int64_t col = columns[o];
       const int32_t pos = POS[col];
       for (int64_t j = 0; j < n; ++j) WO[o * n + j] = pos >= 0 ? SC[j * js + pos] : static_cast<float>(W[j * k + col]) * SW[j];
     }
-    out.addmm_(x_out, w_out);
+    out.narrow(0, g * rows, rows).addmm_(x_out, w_out);
   }
   if (bias.has_value()) out.add_(*bias);
   return out;
