@@ -17,18 +17,23 @@ cache=${CACHE:-$HOME/.cache/llmint8-eval}
 llmint8=${LLMINT8:-llmint8}
 mkdir -p "$out"
 
-ppl() {  # model name-in-results, then the extra eval-ppl options
+save() {  # NAME COMMAND...: the command's JSON to OUT_DIR/NAME.json, moved into place when complete
+    local name=$1
+    shift
+    "$@" > "$out/$name.json.part" && mv "$out/$name.json.part" "$out/$name.json"
+}
+
+ppl() {  # MODEL NAME, then the extra eval-ppl options
     local model=$1 name=$2
     shift 2
-    "$llmint8" eval-ppl "$model" --dataset wikitext2 --data-dir "$data" --methods all --cache-dir "$cache" "$@" \
-        > "$out/$name.json.part" && mv "$out/$name.json.part" "$out/$name.json"
+    save "$name" "$llmint8" eval-ppl "$model" --dataset wikitext2 --data-dir "$data" --methods all --cache-dir "$cache" "$@"
 }
 
 case $job in
 zeroshot-smollm2)
     for task in piqa lambada hellaswag winogrande; do
-        "$llmint8" eval-zeroshot smollm2-135m --tasks "$task" --methods llm.int8 --data-dir "$data" --batch-size 32 \
-            --cache-dir "$cache" > "$out/$job-$task.json.part" && mv "$out/$job-$task.json.part" "$out/$job-$task.json"
+        save "$job-$task" "$llmint8" eval-zeroshot smollm2-135m --tasks "$task" --methods llm.int8 --data-dir "$data" \
+            --batch-size 32 --cache-dir "$cache"
     done ;;
 ppl-smollm2) ppl smollm2-135m "$job" --seq-len 2048 ;;
 ppl-gemma)  # both BOS protocols of the issue

@@ -133,10 +133,12 @@ class WindowCache:
 def perplexity(model, windows: Windows, batch_size: int = 1, progress: Callable[[int], None] | None = None, cache: WindowCache | None = None) -> PerplexityResult:
     """exp(mean NLL) of the scored tokens; batched, one forward per batch of windows not yet in `cache`."""
     device = next(model.parameters()).device
+    count = len(windows.input_ids)
     nll = cache.load() if cache is not None else {}
-    todo = [i for i in range(len(windows.input_ids)) if i not in nll]
-    if progress is not None and len(todo) < len(windows.input_ids):
-        progress(len(windows.input_ids) - len(todo))
+    todo = [i for i in range(count) if i not in nll]
+    reused = count - len(todo)
+    if progress is not None and reused:
+        progress(reused)
     for start in range(0, len(todo), batch_size):
         chosen = todo[start : start + batch_size]
         ids = windows.input_ids[chosen].to(device)
@@ -149,6 +151,6 @@ def perplexity(model, windows: Windows, batch_size: int = 1, progress: Callable[
             cache.append(batch)
         if progress is not None:
             progress(len(chosen))
-    total = sum(nll[i] for i in range(len(windows.input_ids)))
+    total = sum(nll[i] for i in range(count))
     tokens = windows.scored_tokens
-    return PerplexityResult(math.exp(total / tokens), total, tokens, len(windows.input_ids), len(windows.input_ids) - len(todo))
+    return PerplexityResult(math.exp(total / tokens), total, tokens, count, reused)
