@@ -144,7 +144,9 @@ def perplexity(model, windows: Windows, batch_size: int = 1, progress: Callable[
         ids = windows.input_ids[chosen].to(device)
         labels = windows.labels[chosen].to(device)
         logits = model(input_ids=ids).logits[:, :-1].float()
-        per_token = F.cross_entropy(logits.transpose(1, 2), labels[:, 1:], ignore_index=IGNORE, reduction="none")
+        targets = labels[:, 1:]
+        # Flattened to (tokens, vocab): a class dimension that is not the last one runs ~10x slower on CPU.
+        per_token = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=IGNORE, reduction="none").view_as(targets)
         batch = dict(zip(chosen, per_token.double().sum(dim=1).tolist()))
         nll.update(batch)
         if cache is not None:
