@@ -125,6 +125,17 @@ def test_cache_dir_reuses_windows_and_survives_a_killed_run(tmp_path):
 
 @needs_stories
 @needs_data
+def test_redirected_stderr_gets_progress_lines():
+    """No bar is drawn into a log file, so a long run writes a line per tenth of each method."""
+    result = RUNNER.invoke(app, ["eval-ppl", str(STORIES), "--dataset", "ptb", "--seq-len", "128", "--max-tokens", "640", "--methods", "llm.int8"])
+    assert result.exit_code == 0, result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.startswith("llm.int8: ")]
+    assert [line.split(" (")[0] for line in lines] == [f"llm.int8: {n}/5" for n in range(1, 6)]
+    assert "fp16: 5/5 (100 %)" in result.stderr
+
+
+@needs_stories
+@needs_data
 def test_c4_sample_is_labelled():
     result = RUNNER.invoke(app, ["eval-ppl", str(STORIES), "--dataset", "c4", "--seq-len", "128", "--max-tokens", "512", "--methods", "fp16", "-q"])
     assert result.exit_code == 0, result.stderr

@@ -40,8 +40,37 @@ def emit_json(document: dict) -> None:
     sys.stdout.flush()
 
 
+class LoggedProgress(Progress):
+    """A Progress for a stderr that is a file (a log of a long run), where rich draws no bar:
+    a plain line each time a task passes another tenth of its total."""
+
+    def __init__(self, *columns, **options):
+        super().__init__(*columns, **options)
+        self._logged_tenths: dict = {}
+
+    def advance(self, task_id, advance: float = 1) -> None:
+        super().advance(task_id, advance)
+        self._log(task_id)
+
+    def update(self, task_id, **changes) -> None:
+        super().update(task_id, **changes)
+        self._log(task_id)
+
+    def _log(self, task_id) -> None:
+        task = self._tasks[task_id]
+        if not task.total:
+            return
+        tenths = int(10 * min(task.completed, task.total) // task.total)
+        if tenths > self._logged_tenths.get(task_id, 0):
+            self._logged_tenths[task_id] = tenths
+            elapsed = task.elapsed or 0.0
+            self.console.print(f"{task.description.strip()}: {task.completed:g}/{task.total:g} ({10 * tenths} %) after {elapsed:.0f} s")
+
+
 def progress_bar(console: Console) -> Progress:
-    return Progress(
+    """A rich bar on a terminal; on a redirected stderr, a line per tenth of each task instead."""
+    kind = Progress if console.is_terminal else LoggedProgress
+    return kind(
         TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn(),
         console=console, transient=True,
     )
