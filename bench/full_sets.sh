@@ -6,8 +6,12 @@
 #   bench/full_sets.sh JOB [OUT_DIR]     JOB: zeroshot-smollm2 | ppl-smollm2 | ppl-gemma
 #
 # Results: OUT_DIR/<job>[-<task>].json (default out/full-sets). Environment: DATA (default
-# ../shared/data), CACHE (default ~/.cache/llmint8-eval), LLMINT8 (default: llmint8 on PATH).
-# Two jobs side by side with OMP_NUM_THREADS=1 each use a 2-core machine best.
+# ../shared/data), CACHE (default ~/.cache/llmint8-eval), LLMINT8 (default: llmint8 on PATH),
+# METHODS (ppl jobs: the --methods list, default all).
+# Two processes side by side with OMP_NUM_THREADS=1 each use a 2-core machine best: once the
+# 16-bit baseline is cached, split the methods, e.g. METHODS=llm.int8,vectorwise in one shell and
+# METHODS=llm.int8-zp,rowwise in another, then run the job once more with all of them: it reads
+# every answer back and writes the complete table in seconds.
 set -euo pipefail
 
 job=${1:?usage: bench/full_sets.sh zeroshot-smollm2|ppl-smollm2|ppl-gemma [OUT_DIR]}
@@ -15,6 +19,7 @@ out=${2:-out/full-sets}
 data=${DATA:-../shared/data}
 cache=${CACHE:-$HOME/.cache/llmint8-eval}
 llmint8=${LLMINT8:-llmint8}
+methods=${METHODS:-all}
 mkdir -p "$out"
 
 save() {  # NAME COMMAND...: the command's JSON to OUT_DIR/NAME.json, moved into place when complete
@@ -26,7 +31,8 @@ save() {  # NAME COMMAND...: the command's JSON to OUT_DIR/NAME.json, moved into
 ppl() {  # MODEL NAME, then the extra eval-ppl options
     local model=$1 name=$2
     shift 2
-    save "$name" "$llmint8" eval-ppl "$model" --dataset wikitext2 --data-dir "$data" --methods all --cache-dir "$cache" "$@"
+    [[ $methods == all ]] || name+="-${methods//,/_}"  # a partial run does not take the complete table's name
+    save "$name" "$llmint8" eval-ppl "$model" --dataset wikitext2 --data-dir "$data" --methods "$methods" --cache-dir "$cache" "$@"
 }
 
 case $job in
