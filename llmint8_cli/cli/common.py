@@ -44,27 +44,25 @@ class LoggedProgress(Progress):
     """A Progress for a stderr that is a file (a log of a long run), where rich draws no bar:
     a plain line each time a task passes another tenth of its total."""
 
-    def __init__(self, *columns, **options):
-        super().__init__(*columns, **options)
-        self._logged_tenths: dict = {}
-
     def advance(self, task_id, advance: float = 1) -> None:
+        before = self._tenths(task_id)
         super().advance(task_id, advance)
-        self._log(task_id)
+        self._log_if_passed(task_id, before)
 
     def update(self, task_id, **changes) -> None:
+        before = self._tenths(task_id)
         super().update(task_id, **changes)
-        self._log(task_id)
+        self._log_if_passed(task_id, before)
 
-    def _log(self, task_id) -> None:
+    def _tenths(self, task_id) -> int:
         task = self._tasks[task_id]
-        if not task.total:
-            return
-        tenths = int(10 * min(task.completed, task.total) // task.total)
-        if tenths > self._logged_tenths.get(task_id, 0):
-            self._logged_tenths[task_id] = tenths
-            elapsed = task.elapsed or 0.0
-            self.console.print(f"{task.description.strip()}: {task.completed:g}/{task.total:g} ({10 * tenths} %) after {elapsed:.0f} s")
+        return int(10 * min(task.completed, task.total) // task.total) if task.total else 0
+
+    def _log_if_passed(self, task_id, before: int) -> None:
+        tenths = self._tenths(task_id)
+        if tenths > before:
+            task = self._tasks[task_id]
+            self.console.print(f"{task.description.strip()}: {task.completed:g}/{task.total:g} ({10 * tenths} %) after {task.elapsed or 0.0:.0f} s")
 
 
 def progress_bar(console: Console) -> Progress:
