@@ -2,11 +2,13 @@
 # The full-set evaluations of bench/results (the acceptance runs of eval-ppl and eval-zeroshot).
 # They take hours on a CPU, so every one keeps its answers in $CACHE as it goes: run the same job
 # again after a stop (or in the next session) and it resumes; finished variants are read back.
+# The default cache, bench/full-sets-cache, is committed: a job that outlasts a session (and its
+# machine) resumes from a clone, and the per-window NLLs behind each results table stay with it.
 #
 #   bench/full_sets.sh JOB [OUT_DIR]     JOB: zeroshot-smollm2 | ppl-smollm2 | ppl-gemma
 #
 # Results: OUT_DIR/<job>[-<task>].json (default out/full-sets). Environment: DATA (default
-# ../shared/data), CACHE (default ~/.cache/llmint8-eval), LLMINT8 (default: llmint8 on PATH),
+# ../shared/data), CACHE (default bench/full-sets-cache), LLMINT8 (default: llmint8 on PATH),
 # METHODS (ppl jobs: the --methods list, default all).
 # Two processes side by side with OMP_NUM_THREADS=1 each use a 2-core machine best: once the
 # 16-bit baseline is cached, split the methods, e.g. METHODS=llm.int8,vectorwise in one shell and
@@ -17,7 +19,7 @@ set -euo pipefail
 job=${1:?usage: bench/full_sets.sh zeroshot-smollm2|ppl-smollm2|ppl-gemma [OUT_DIR]}
 out=${2:-out/full-sets}
 data=${DATA:-../shared/data}
-cache=${CACHE:-$HOME/.cache/llmint8-eval}
+cache=${CACHE:-$(dirname "$0")/full-sets-cache}
 llmint8=${LLMINT8:-llmint8}
 methods=${METHODS:-all}
 mkdir -p "$out"

@@ -62,15 +62,20 @@ class ModelSource:
 
 
 def fingerprint(source: ModelSource) -> str:
-    """A short id that changes when the model's files do: their names, sizes and modification times.
+    """A short id of the model's files: their names and contents (a Hub id: the id).
 
-    Keys caches of model outputs (not a content hash: a 26 GB model would take minutes to hash).
+    Keys caches of model outputs. Not the path or the modification times, so a cache copied to
+    another machine or clone (bench/full-sets-cache) is found again for the same files. Hashing
+    reads the files once (seconds for a 26 GB model, against hours of evaluation).
     """
-    identity = [source.kind, source.location]
+    identity = [source.kind]
     path = Path(source.location)
-    if source.kind != "hub":
-        files = [path] if path.is_file() else sorted(p for p in path.iterdir() if p.is_file())
-        identity += [f"{f.name}:{f.stat().st_size}:{f.stat().st_mtime_ns}" for f in files]
+    if source.kind == "hub":
+        identity.append(source.location)
+    else:
+        for file in [path] if path.is_file() else sorted(p for p in path.iterdir() if p.is_file()):
+            with file.open("rb") as handle:
+                identity.append(f"{file.name}:{hashlib.file_digest(handle, 'sha256').hexdigest()}")
     return hashlib.sha256("\n".join(identity).encode()).hexdigest()[:12]
 
 

@@ -2,12 +2,15 @@
 
 import json
 import math
+import os
+import shutil
 
 import pytest
 import torch
 from typer.testing import CliRunner
 
 from conftest import STORIES, needs_data, needs_stories
+from llmint8_cli import models
 from llmint8_cli.cli import app
 from llmint8_cli.errors import DataError
 from llmint8_cli.evaluation.perplexity import IGNORE, make_windows
@@ -121,6 +124,26 @@ def test_cache_dir_reuses_windows_and_survives_a_killed_run(tmp_path):
     assert resumed["llm.int8"]["reused_windows"] == 3 and math.isclose(resumed["llm.int8"]["ppl"], first["llm.int8"]["ppl"], rel_tol=1e-6)
     other = run("--threshold", "5")["results"]
     assert other["fp16"]["reused_windows"] == windows and other["llm.int8"]["reused_windows"] == 0
+
+    moved = tmp_path / "elsewhere" / STORIES.name  # as in a fresh clone: same files, another place and time
+    shutil.copytree(STORIES, moved)
+    args[1] = str(moved)
+    assert run()["results"]["llm.int8"]["reused_windows"] == windows
+
+
+def test_model_fingerprint_follows_the_files_contents(tmp_path):
+    folder = tmp_path / "model"
+    folder.mkdir()
+    (folder / "config.json").write_text("{}")
+    (folder / "model.safetensors").write_bytes(bytes(range(256)) * 4096)
+    key = lambda: models.fingerprint(models.ModelSource("folder", str(folder)))  # noqa: E731
+    before = key()
+    os.utime(folder / "model.safetensors", (0, 0))
+    assert key() == before
+    with (folder / "model.safetensors").open("r+b") as handle:
+        handle.seek(500_000)
+        handle.write(b"\x01")
+    assert key() != before
 
 
 @needs_stories

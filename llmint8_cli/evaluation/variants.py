@@ -8,6 +8,7 @@ folder is evaluated as stored; its 16-bit baseline is the source recorded in its
 from __future__ import annotations
 
 import copy
+import functools
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,11 +51,16 @@ class Subject:
     """What is evaluated: a label, its tokenizer, its config and the (method, model) variants."""
 
     label: str
-    fingerprint: str  # models.fingerprint of the files evaluated
+    source: models.ModelSource  # the files evaluated
     tokenizer: object
     config: object
     variants: Iterator[tuple[str, torch.nn.Module]]
     notes: list[str]
+
+    @functools.cached_property
+    def fingerprint(self) -> str:
+        """Hashes the model's files, so only runs that keep a cache pay for it, and once."""
+        return models.fingerprint(self.source)
 
 
 def subject(spec: str, methods: list[Method], threshold: float, dtype: torch.dtype, device: torch.device, verify: bool = True) -> Subject:
@@ -70,7 +76,7 @@ def subject(spec: str, methods: list[Method], threshold: float, dtype: torch.dty
         for name in ordered:
             yield name, base if name == BASELINE else quantize_model(copy.deepcopy(base), name, threshold)
 
-    return Subject(source.label, models.fingerprint(source), tokenizer, base.config, generate(), [])
+    return Subject(source.label, source, tokenizer, base.config, generate(), [])
 
 
 def _stored(folder: str, dtype: torch.dtype, device: torch.device, verify: bool) -> Subject:
@@ -90,7 +96,7 @@ def _stored(folder: str, dtype: torch.dtype, device: torch.device, verify: bool)
             yield BASELINE, models.load_model(baseline, dtype=dtype).to(device)
         yield block["method"], quantized
 
-    return Subject(folder, models.fingerprint(models.ModelSource("folder", str(folder))), tokenizer, quantized.config, generate(), notes)
+    return Subject(folder, models.ModelSource("folder", str(folder)), tokenizer, quantized.config, generate(), notes)
 
 
 def cache_folder(cache_dir: str, subject: Subject, method: str, threshold: float, dtype: torch.dtype, device: torch.device) -> Path:
