@@ -7,14 +7,15 @@ method in another (one thread each); then the real command, run once more, reads
 
     python bench/zeroshot_one_method.py MODEL TASKS METHOD CACHE_DIR [DATA_DIR] [BATCH_SIZE]
 
-The cache path and the lm-eval call are the command's own (variants.cache_folder, zeroshot.evaluate).
+The cache path and the lm-eval call are the command's own (variants.cache_folder,
+zeroshot.answer_cache, zeroshot.evaluate); the threshold is the default one.
 Prints the method's metrics as JSON.
 """
 import contextlib
 import json
 import sys
 
-from llmint8_cli.core.methods import parse_methods
+from llmint8_cli.core.methods import DEFAULT_THRESHOLD, parse_methods
 from llmint8_cli.evaluation import variants, zeroshot
 
 
@@ -23,11 +24,11 @@ def main(model: str, tasks: str, method: str, cache_dir: str, data_dir: str = ".
     manager, task_names, _ = zeroshot.task_manager(names, data_dir, zeroshot.use_local_tasks(data_dir))
     device = variants.resolve_device("auto")
     dtype = variants.resolve_dtype("auto", device)
-    subject = variants.subject(model, parse_methods(method), 6.0, dtype, device)
+    subject = variants.subject(model, parse_methods(method), DEFAULT_THRESHOLD, dtype, device)
     for name, network in subject.variants:
         if name == variants.BASELINE:
             continue  # the generator quantizes lazily: skipping the baseline costs nothing
-        cache = str(variants.cache_folder(cache_dir, subject, name, 6.0, dtype, device) / "lm-eval")
+        cache = zeroshot.answer_cache(variants.cache_folder(cache_dir, subject, name, DEFAULT_THRESHOLD, dtype, device))
         with contextlib.redirect_stdout(sys.stderr):  # lm-eval prints; stdout stays JSON
             result = zeroshot.evaluate(network, subject.tokenizer, manager, task_names, None, 0, int(batch_size), str(device), cache)
         print(json.dumps({name: result}))

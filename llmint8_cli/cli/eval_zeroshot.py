@@ -46,7 +46,7 @@ def eval_zeroshot(
     for name, network in subject.variants:
         console.print(f"[bold]{name}[/]: {', '.join(names)}")
         started = time.time()
-        cache = str(variants.cache_folder(cache_dir, subject, name, threshold, run_dtype, run_device) / "lm-eval") if cache_dir else None
+        cache = zeroshot.answer_cache(variants.cache_folder(cache_dir, subject, name, threshold, run_dtype, run_device)) if cache_dir else None
         caches[name] = cache
         chatter = io.StringIO() if quiet else sys.stderr  # lm-eval prints to stdout; stdout is for our JSON
         with contextlib.redirect_stdout(chatter), contextlib.redirect_stderr(chatter):

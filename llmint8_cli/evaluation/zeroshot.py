@@ -70,6 +70,11 @@ def use_local_tasks(data_dir) -> bool:
     return data_dir is not None or not models.hub_online()
 
 
+def answer_cache(folder: Path) -> str:
+    """lm-eval's request-cache prefix inside a variant's cache folder (lm-eval adds `_rank0.db`)."""
+    return str(folder / "lm-eval")
+
+
 def evaluate(model, tokenizer, manager, task_names: dict[str, str], limit: int | None, num_fewshot: int, batch_size: int, device: str, cache: str | None = None) -> dict:
     """{our task name: {metric: value, metric_stderr: value}} for one model; answers kept under `cache` (a path prefix)."""
     from lm_eval import simple_evaluate
