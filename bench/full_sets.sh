@@ -33,8 +33,11 @@ save() {  # NAME COMMAND...: the command's JSON to OUT_DIR/NAME.json, moved into
 ppl() {  # MODEL NAME METHODS, then the extra eval-ppl options
     local model=$1 name=$2 list=$3
     shift 3
-    [[ $methods == all ]] || name+="-${methods//,/_}"  # a partial run ($METHODS) does not take the complete table's name
     save "$name" "$llmint8" eval-ppl "$model" --dataset wikitext2 --data-dir "$data" --methods "$list" --cache-dir "$cache" "$@"
+}
+
+table() {  # NAME: the name of a table run over $METHODS; a partial run does not take the complete table's name
+    [[ $methods == all ]] && echo "$1" || echo "$1-${methods//,/_}"
 }
 
 case $job in
@@ -43,10 +46,10 @@ zeroshot-smollm2)
         save "$job-$task" "$llmint8" eval-zeroshot smollm2-135m --tasks "$task" --methods llm.int8 --data-dir "$data" \
             --batch-size 32 --cache-dir "$cache"
     done ;;
-ppl-smollm2) ppl smollm2-135m "$job" "$methods" --seq-len 2048 ;;
+ppl-smollm2) ppl smollm2-135m "$(table "$job")" "$methods" --seq-len 2048 ;;
 ppl-gemma)  # both BOS protocols of the issue: the table with a BOS at the text start, and
     # llm.int8 with a BOS per window (the only method the issue's reference gives for it)
-    ppl gemma3-270m "$job-bos-text" "$methods" --seq-len 2048 --bos text
+    ppl gemma3-270m "$(table "$job-bos-text")" "$methods" --seq-len 2048 --bos text
     ppl gemma3-270m "$job-bos-window" llm.int8 --seq-len 2048 --bos window ;;
 *) echo "unknown job $job" >&2; exit 2 ;;
 esac
