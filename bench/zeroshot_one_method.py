@@ -5,36 +5,38 @@ full-set job that takes hours uses one core at a time. Run the baseline with
 `llmint8 eval-zeroshot ... --methods fp16 --cache-dir C` in one process and this script for the
 method in another (one thread each); then the real command, run once more, reads both back:
 
-    python bench/zeroshot_one_method.py MODEL TASKS METHOD CACHE_DIR [DATA_DIR] [BATCH_SIZE]
+    python bench/zeroshot_one_method.py MODEL TASKS METHOD CACHE_DIR [DATA_DIR] [BATCH_SIZE] [THRESHOLD]
 
 The cache path and the lm-eval call are the command's own (variants.cache_folder,
-zeroshot.answer_cache, zeroshot.evaluate); the threshold is the default one.
+zeroshot.answer_cache, zeroshot.evaluate); THRESHOLD is the command's --threshold (default 6.0).
 Prints the method's metrics as JSON.
 """
 import contextlib
 import json
 import sys
 
-from llmint8_cli.core.methods import DEFAULT_THRESHOLD, parse_methods
+from llmint8_cli.core.methods import DEFAULT_THRESHOLD, check_threshold, parse_methods
 from llmint8_cli.evaluation import variants, zeroshot
 
 
-def main(model: str, tasks: str, method: str, cache_dir: str, data_dir: str = "../shared/data", batch_size: str = "32") -> None:
+def main(model: str, tasks: str, method: str, cache_dir: str, data_dir: str = "../shared/data", batch_size: str = "32",
+         threshold: str = str(DEFAULT_THRESHOLD)) -> None:
+    outlier_threshold = check_threshold(float(threshold))
     names = zeroshot.parse_tasks(tasks)
     manager, task_names, _ = zeroshot.task_manager(names, data_dir, zeroshot.use_local_tasks(data_dir))
     device = variants.resolve_device("auto")
     dtype = variants.resolve_dtype("auto", device)
-    subject = variants.subject(model, parse_methods(method), DEFAULT_THRESHOLD, dtype, device)
+    subject = variants.subject(model, parse_methods(method), outlier_threshold, dtype, device)
     for name, network in subject.variants:
         if name == variants.BASELINE:
             continue  # the generator quantizes lazily: skipping the baseline costs nothing
-        cache = zeroshot.answer_cache(variants.cache_folder(cache_dir, subject, name, DEFAULT_THRESHOLD, dtype, device))
+        cache = zeroshot.answer_cache(variants.cache_folder(cache_dir, subject, name, outlier_threshold, dtype, device))
         with contextlib.redirect_stdout(sys.stderr):  # lm-eval prints; stdout stays JSON
             result = zeroshot.evaluate(network, subject.tokenizer, manager, task_names, None, 0, int(batch_size), str(device), cache)
         print(json.dumps({name: result}))
 
 
 if __name__ == "__main__":
-    if not 5 <= len(sys.argv) <= 7:
-        sys.exit("usage: python bench/zeroshot_one_method.py MODEL TASKS METHOD CACHE_DIR [DATA_DIR] [BATCH_SIZE]")
+    if not 5 <= len(sys.argv) <= 8:
+        sys.exit("usage: python bench/zeroshot_one_method.py MODEL TASKS METHOD CACHE_DIR [DATA_DIR] [BATCH_SIZE] [THRESHOLD]")
     main(*sys.argv[1:])
