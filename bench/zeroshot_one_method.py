@@ -8,7 +8,7 @@ method in another (one thread each); then the real command, run once more, reads
     python bench/zeroshot_one_method.py MODEL TASKS METHOD CACHE_DIR [DATA_DIR] [BATCH_SIZE] [THRESHOLD]
 
 The cache path and the lm-eval call are the command's own (variants.cache_folder,
-zeroshot.answer_cache, zeroshot.evaluate); THRESHOLD is the command's --threshold (default 6.0).
+zeroshot.evaluate); THRESHOLD is the command's --threshold (default 6.0).
 Prints the method's metrics as JSON.
 """
 import contextlib
@@ -30,10 +30,10 @@ def main(model: str, tasks: str, method: str, cache_dir: str, data_dir: str = ".
     for name, network in subject.variants:
         if name == variants.BASELINE:
             continue  # the generator quantizes lazily: skipping the baseline costs nothing
-        cache = zeroshot.answer_cache(variants.cache_folder(cache_dir, subject, name, outlier_threshold, dtype, device))
+        folder = variants.cache_folder(cache_dir, subject, name, outlier_threshold, dtype, device)
         with contextlib.redirect_stdout(sys.stderr):  # lm-eval prints; stdout stays JSON
-            result = zeroshot.evaluate(network, subject.tokenizer, manager, task_names, None, 0, int(batch_size), str(device), cache)
-        print(json.dumps({name: result}))
+            evaluation = zeroshot.evaluate(network, subject.tokenizer, manager, task_names, None, 0, int(batch_size), str(device), folder)
+        print(json.dumps({name: evaluation.results, "batch_size": evaluation.batch_size}))
 
 
 if __name__ == "__main__":

@@ -91,10 +91,31 @@ def test_eval_zeroshot_cli_with_limit():
 
 @needs_stories
 @needs_data
+def test_int8_answers_do_not_depend_on_batch_size(monkeypatch):
+    import torch
+
+    from llmint8_cli.core.methods import parse_methods
+    from llmint8_cli.evaluation import variants
+
+    subject = variants.subject(str(STORIES), parse_methods("llm.int8"), 6.0, torch.float32, torch.device("cpu"))
+    network = dict(subject.variants)["llm.int8"]
+    manager, names, _ = zeroshot.task_manager(["lambada"], str(DATA), use_local=True)
+
+    def perplexity(batch_size):
+        return zeroshot.evaluate(network, subject.tokenizer, manager, names, 6, 0, batch_size, "cpu").results["lambada"]["perplexity"]
+
+    one = perplexity(1)
+    assert perplexity(6) == one
+    monkeypatch.setattr(zeroshot, "sequence_wide", lambda model: False)  # lm-eval's own padded batches
+    assert perplexity(6) != one  # padding rows moved outlier columns: what the guard prevents
+
+
+@needs_stories
+@needs_data
 def test_lm_eval_model_type_loads_llmint8_checkpoints(tmp_path):
     import lm_eval
 
-    import llmint8_cli.evaluation.lm_eval_plugin  # noqa: F401  registers --model llmint8
+    from llmint8_cli.evaluation.lm_eval_plugin import LLMInt8LM  # importing registers --model llmint8
     from llmint8_cli.checkpoint.quantize import QuantizeOptions, quantize_checkpoint
 
     out = tmp_path / "int8"
@@ -102,6 +123,7 @@ def test_lm_eval_model_type_loads_llmint8_checkpoints(tmp_path):
     manager, names, _ = zeroshot.task_manager(["piqa"], str(DATA), use_local=True)
     output = lm_eval.simple_evaluate(model="llmint8", model_args=f"path={out},device=cpu", tasks=list(names.values()), limit=4, task_manager=manager)
     assert 0 <= output["results"]["piqa_local"]["acc,none"] <= 1
+    assert LLMInt8LM(path=str(out), device="cpu", batch_size=4).batch_size == 1  # no padded batches (see zeroshot.sequence_wide)
 
 
 def test_unknown_task_is_a_one_line_error():
@@ -119,6 +141,11 @@ def test_cache_dir_resumes_without_running_the_model_again(tmp_path, monkeypatch
     assert first.exit_code == 0, first.stderr
     caches = json.loads(first.stdout)["caches"]
     assert caches["fp16"] != caches["llm.int8"] and all(Path(c + "_rank0.db").is_file() for c in caches.values())
+    stored = tmp_path / "stories-int8"
+    assert RUNNER.invoke(app, ["quantize", str(STORIES), str(stored), "--calib-samples", "0", "-q"]).exit_code == 0
+    from_folder = RUNNER.invoke(app, ["eval-zeroshot", str(stored), *args[2:]])
+    assert from_folder.exit_code == 0, from_folder.stderr
+    assert json.loads(from_folder.stdout)["caches"]["fp16"] == caches["fp16"]  # the 16-bit source's answers are shared
 
     def model_must_not_run(*_, **__):
         raise AssertionError("the cached answers were not used")

@@ -42,21 +42,24 @@ def eval_zeroshot(
     run_dtype = variants.resolve_dtype(dtype, run_device)
     with console.status(f"loading {model}"):
         subject = variants.subject(model, chosen, threshold, run_dtype, run_device, verify=not no_verify)
-    results, seconds, caches = {}, {}, {}
+    results, seconds, caches, notes = {}, {}, {}, list(subject.notes)
     for name, network in subject.variants:
         console.print(f"[bold]{name}[/]: {', '.join(names)}")
         started = time.time()
-        cache = zeroshot.answer_cache(variants.cache_folder(cache_dir, subject, name, threshold, run_dtype, run_device)) if cache_dir else None
-        caches[name] = cache
+        folder = variants.cache_folder(cache_dir, subject, name, threshold, run_dtype, run_device) if cache_dir else None
         chatter = io.StringIO() if quiet else sys.stderr  # lm-eval prints to stdout; stdout is for our JSON
         with contextlib.redirect_stdout(chatter), contextlib.redirect_stderr(chatter):
-            results[name] = zeroshot.evaluate(network, subject.tokenizer, manager, task_names, limit, num_fewshot, batch_size, str(run_device), cache)
+            evaluation = zeroshot.evaluate(network, subject.tokenizer, manager, task_names, limit, num_fewshot, batch_size, str(run_device), folder)
+        results[name], caches[name] = evaluation.results, evaluation.cache
+        if evaluation.batch_size != batch_size:
+            notes.append(f"{name}: one request per forward pass (its outlier columns or tensor scales span a sequence, "
+                         "and lm-eval pads batches without a mask)")
         seconds[name] = round(time.time() - started, 1)
         del network
     baseline = results.get(variants.BASELINE)
     document = {"model": subject.label, "tasks": {}, "data": source, "limit": limit, "num_fewshot": num_fewshot,
                 "device": str(run_device), "dtype": str(run_dtype).removeprefix("torch."), "threshold": threshold,
-                "seconds": seconds, "notes": subject.notes, **({"caches": caches} if cache_dir else {})}
+                "seconds": seconds, "notes": notes, **({"caches": caches} if cache_dir else {})}
     table = Table(title=f"zero-shot · {subject.label}{f' · limit {limit}' if limit else ''}")
     for column in ("task", "metric", *results, *(["Δ " + m for m in results if m != variants.BASELINE] if baseline else [])):
         table.add_column(column, justify="right")

@@ -29,6 +29,11 @@ class Method:
     def quantized(self) -> bool:
         return self.activation is not None
 
+    @property
+    def sequence_wide(self) -> bool:
+        """A row's quantization depends on the other rows of its sequence (outlier columns, one tensor scale)."""
+        return self.decomposition or self.activation == "tensor"
+
 
 METHODS: dict[str, Method] = {
     m.name: m

@@ -56,11 +56,17 @@ class Subject:
     config: object
     variants: Iterator[tuple[str, torch.nn.Module]]
     notes: list[str]
+    baseline_source: models.ModelSource | None = None  # a stored folder's recorded 16-bit source
 
-    @functools.cached_property
-    def fingerprint(self) -> str:
-        """Hashes the model's files, so only runs that keep a cache pay for it, and once."""
-        return models.fingerprint(self.source)
+    def source_of(self, variant: str) -> models.ModelSource:
+        """The files a variant is computed from: a stored folder's baseline is its 16-bit source."""
+        return self.baseline_source if variant == BASELINE and self.baseline_source else self.source
+
+
+@functools.cache
+def _fingerprint(source: models.ModelSource) -> str:
+    """Hashes a model's files, so only runs that keep a cache pay for it, and once."""
+    return models.fingerprint(source)
 
 
 def subject(spec: str, methods: list[Method], threshold: float, dtype: torch.dtype, device: torch.device, verify: bool = True) -> Subject:
@@ -96,18 +102,20 @@ def _stored(folder: str, dtype: torch.dtype, device: torch.device, verify: bool)
             yield BASELINE, models.load_model(baseline, dtype=dtype).to(device)
         yield block["method"], quantized
 
-    return Subject(folder, models.ModelSource("folder", str(folder)), tokenizer, quantized.config, generate(), notes)
+    return Subject(folder, models.ModelSource("folder", str(folder)), tokenizer, quantized.config, generate(), notes, baseline)
 
 
 def cache_folder(cache_dir: str, subject: Subject, method: str, threshold: float, dtype: torch.dtype, device: torch.device) -> Path:
     """The folder (created) where one variant's evaluation results are kept, so that a stopped run resumes.
 
     Everything that changes the model's outputs is in the path: the model's files (fingerprint),
-    the method and threshold, the compute dtype and the device type.
+    the method and threshold, the compute dtype and the device type. A stored folder's 16-bit
+    baseline is keyed by its source, so it is shared with the runs on the 16-bit model.
     """
     setting = method if method == BASELINE else f"{method}-t{threshold:g}"
-    model = "".join(c if c.isalnum() or c in "._-" else "_" for c in Path(subject.label).name)
-    folder = Path(cache_dir) / f"{model}-{subject.fingerprint}" / f"{setting}-{str(dtype).removeprefix('torch.')}-{device.type}"
+    source = subject.source_of(method)
+    model = "".join(c if c.isalnum() or c in "._-" else "_" for c in Path(source.label).name)
+    folder = Path(cache_dir) / f"{model}-{_fingerprint(source)}" / f"{setting}-{str(dtype).removeprefix('torch.')}-{device.type}"
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as exc:

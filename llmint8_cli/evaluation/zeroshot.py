@@ -70,17 +70,41 @@ def use_local_tasks(data_dir) -> bool:
     return data_dir is not None or not models.hub_online()
 
 
-def answer_cache(folder: Path) -> str:
-    """lm-eval's request-cache prefix inside a variant's cache folder (lm-eval adds `_rank0.db`)."""
-    return str(folder / "lm-eval")
+def sequence_wide(model) -> bool:
+    """Whether the model has int8 layers that look at a whole sequence, so it must not see padding.
+
+    lm-eval pads a batch's shorter requests on the right and passes no attention mask. Causal
+    attention hides the padding from the real tokens, but a layer that picks outlier columns or a
+    tensor scale over the whole sequence would count the padding rows, and the answers would depend
+    on --batch-size and on which requests share a batch (LAMBADA, SmolLM2, 300 requests, llm.int8:
+    accuracy 30.33 % one request at a time, 29.33 % in batches of 32).
+    """
+    from llmint8_cli.nn.linear import Int8Linear
+
+    return any(isinstance(m, Int8Linear) and m.method.sequence_wide for m in model.modules())
 
 
-def evaluate(model, tokenizer, manager, task_names: dict[str, str], limit: int | None, num_fewshot: int, batch_size: int, device: str, cache: str | None = None) -> dict:
-    """{our task name: {metric: value, metric_stderr: value}} for one model; answers kept under `cache` (a path prefix)."""
+@dataclass(frozen=True)
+class Evaluation:
+    results: dict  # {our task name: {metric: value, metric_stderr: value}}
+    batch_size: int  # requests per forward pass actually used
+    cache: str | None  # lm-eval's request-cache prefix (lm-eval adds `_rank0.db`)
+
+
+def evaluate(model, tokenizer, manager, task_names: dict[str, str], limit: int | None, num_fewshot: int, batch_size: int, device: str, cache_folder: Path | None = None) -> Evaluation:
+    """One model through lm-eval; its answers are kept in `cache_folder` so that a stopped run resumes.
+
+    Sequence-wide models run one request per forward pass; their answers are kept under their own
+    name ("lm-eval-unpadded"), so that answers from padded batches (written by earlier versions) are
+    never read back.
+    """
     from lm_eval import simple_evaluate
     from lm_eval.models.huggingface import HFLM
 
-    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=device)
+    unpadded = sequence_wide(model)
+    per_pass = 1 if unpadded else batch_size
+    cache = None if cache_folder is None else str(cache_folder / ("lm-eval-unpadded" if unpadded else "lm-eval"))
+    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=per_pass, device=device)
     output = simple_evaluate(
         model=lm, tasks=list(task_names.values()), num_fewshot=num_fewshot, limit=limit, task_manager=manager,
         log_samples=False, verbosity="ERROR", bootstrap_iters=1000, use_cache=cache,
@@ -95,4 +119,4 @@ def evaluate(model, tokenizer, manager, task_names: dict[str, str], limit: int |
             metric, _ = key.split(",", 1)
             metrics[metric] = None if isinstance(value, float) and math.isnan(value) else round(float(value), 6)
         results[ours] = metrics
-    return results
+    return Evaluation(results, per_pass, cache)
