@@ -8,9 +8,8 @@ folder is evaluated as stored; its 16-bit baseline is the source recorded in its
 from __future__ import annotations
 
 import copy
-import functools
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -57,16 +56,17 @@ class Subject:
     variants: Iterator[tuple[str, torch.nn.Module]]
     notes: list[str]
     baseline_source: models.ModelSource | None = None  # a stored folder's recorded 16-bit source
+    _fingerprints: dict = field(default_factory=dict, repr=False)
 
     def source_of(self, variant: str) -> models.ModelSource:
         """The files a variant is computed from: a stored folder's baseline is its 16-bit source."""
         return self.baseline_source if variant == BASELINE and self.baseline_source else self.source
 
-
-@functools.cache
-def _fingerprint(source: models.ModelSource) -> str:
-    """Hashes a model's files, so only runs that keep a cache pay for it, and once."""
-    return models.fingerprint(source)
+    def fingerprint_of(self, source: models.ModelSource) -> str:
+        """Hashes the model's files, so only runs that keep a cache pay for it, and once per run."""
+        if source not in self._fingerprints:
+            self._fingerprints[source] = models.fingerprint(source)
+        return self._fingerprints[source]
 
 
 def subject(spec: str, methods: list[Method], threshold: float, dtype: torch.dtype, device: torch.device, verify: bool = True) -> Subject:
@@ -115,7 +115,7 @@ def cache_folder(cache_dir: str, subject: Subject, method: str, threshold: float
     setting = method if method == BASELINE else f"{method}-t{threshold:g}"
     source = subject.source_of(method)
     model = "".join(c if c.isalnum() or c in "._-" else "_" for c in Path(source.label).name)
-    folder = Path(cache_dir) / f"{model}-{_fingerprint(source)}" / f"{setting}-{str(dtype).removeprefix('torch.')}-{device.type}"
+    folder = Path(cache_dir) / f"{model}-{subject.fingerprint_of(source)}" / f"{setting}-{str(dtype).removeprefix('torch.')}-{device.type}"
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
