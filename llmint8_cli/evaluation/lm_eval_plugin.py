@@ -16,17 +16,26 @@ import logging
 from lm_eval.api.registry import register_model
 from lm_eval.models.huggingface import HFLM
 
+from llmint8_cli.evaluation import zeroshot
 from llmint8_cli.evaluation.variants import resolve_device, resolve_dtype
-from llmint8_cli.evaluation.zeroshot import sequence_wide
+
+
+class UnpaddedHFLM(HFLM):
+    """HFLM that runs a sequence-wide int8 model one request per forward pass (zeroshot.sequence_wide).
+
+    `llmint8 eval-zeroshot` and the `llmint8` model type both go through it, so neither pads.
+    """
+
+    def __init__(self, pretrained, **kwargs):
+        self.unpadded = zeroshot.sequence_wide(pretrained)
+        if self.unpadded:
+            kwargs["batch_size"] = 1
+        super().__init__(pretrained=pretrained, **kwargs)
 
 
 @register_model("llmint8")
-class LLMInt8LM(HFLM):
-    """HFLM over `llmint8_cli.load(path)`; `dtype` (auto|fp32|fp16|bf16) casts the 16-bit tensors.
-
-    Sequence-wide methods (llm.int8 and the others with run-time outlier columns or tensor scales)
-    run one request per forward pass, as in `llmint8 eval-zeroshot` (see zeroshot.sequence_wide).
-    """
+class LLMInt8LM(UnpaddedHFLM):
+    """UnpaddedHFLM over `llmint8_cli.load(path)`; `dtype` (auto|fp32|fp16|bf16) casts the 16-bit tensors."""
 
     def __init__(self, path: str, device: str = "auto", dtype: str = "auto", verify: bool = True, **kwargs):
         from transformers import AutoTokenizer
@@ -35,10 +44,10 @@ class LLMInt8LM(HFLM):
 
         run_device = resolve_device(device or "auto")
         model = load(path, dtype=resolve_dtype(dtype, run_device), verify_files=str(verify).lower() not in ("false", "0")).to(run_device)
-        if sequence_wide(model) and str(kwargs.get("batch_size", 1)) != "1":
+        requested = kwargs.get("batch_size", 1)
+        super().__init__(model, tokenizer=AutoTokenizer.from_pretrained(path), device=str(run_device), **kwargs)
+        if self.unpadded and str(requested) != "1":
             logging.getLogger(__name__).warning("llmint8: batch_size 1 (outlier columns span a sequence; lm-eval pads batches without a mask)")
-            kwargs["batch_size"] = 1
-        super().__init__(pretrained=model, tokenizer=AutoTokenizer.from_pretrained(path), device=str(run_device), **kwargs)
 
 
 def main() -> None:

@@ -99,12 +99,11 @@ def evaluate(model, tokenizer, manager, task_names: dict[str, str], limit: int |
     never read back.
     """
     from lm_eval import simple_evaluate
-    from lm_eval.models.huggingface import HFLM
 
-    unpadded = sequence_wide(model)
-    per_pass = 1 if unpadded else batch_size
-    cache = None if cache_folder is None else str(cache_folder / ("lm-eval-unpadded" if unpadded else "lm-eval"))
-    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=per_pass, device=device)
+    from llmint8_cli.evaluation.lm_eval_plugin import UnpaddedHFLM
+
+    lm = UnpaddedHFLM(model, tokenizer=tokenizer, batch_size=batch_size, device=device)
+    cache = None if cache_folder is None else str(cache_folder / ("lm-eval-unpadded" if lm.unpadded else "lm-eval"))
     output = simple_evaluate(
         model=lm, tasks=list(task_names.values()), num_fewshot=num_fewshot, limit=limit, task_manager=manager,
         log_samples=False, verbosity="ERROR", bootstrap_iters=1000, use_cache=cache,
@@ -119,4 +118,4 @@ def evaluate(model, tokenizer, manager, task_names: dict[str, str], limit: int |
             metric, _ = key.split(",", 1)
             metrics[metric] = None if isinstance(value, float) and math.isnan(value) else round(float(value), 6)
         results[ours] = metrics
-    return Evaluation(results, per_pass, cache)
+    return Evaluation(results, lm.batch_size, cache)
