@@ -5,11 +5,12 @@ full-set job that takes hours uses one core at a time. Run the baseline with
 `llmint8 eval-zeroshot ... --methods fp16 --cache-dir C` in one process and this script for the
 method in another (one thread each); then the real command, run once more, reads both back:
 
-    python bench/zeroshot_one_method.py MODEL TASKS METHOD CACHE_DIR [DATA_DIR] [BATCH_SIZE] [THRESHOLD]
+    python bench/zeroshot_one_method.py MODEL TASKS METHOD CACHE_DIR [DATA_DIR] [BATCH_SIZE] [THRESHOLD] [SHARD]
 
 The cache path and the lm-eval call are the command's own (variants.cache_folder,
-zeroshot.evaluate); THRESHOLD is the command's --threshold (default 6.0).
-Prints the method's metrics as JSON.
+zeroshot.evaluate); THRESHOLD is the command's --threshold (default 6.0). SHARD "K/N" runs only
+the documents whose index is K modulo N, so N processes fill one cache side by side (SQLite
+serialises their writes). Prints the method's metrics (of the shard) as JSON.
 """
 import contextlib
 import json
@@ -20,10 +21,11 @@ from llmint8_cli.evaluation import variants, zeroshot
 
 
 def main(model: str, tasks: str, method: str, cache_dir: str, data_dir: str = "../shared/data", batch_size: str = "32",
-         threshold: str = str(DEFAULT_THRESHOLD)) -> None:
+         threshold: str = str(DEFAULT_THRESHOLD), shard: str = "0/1") -> None:
     outlier_threshold = check_threshold(float(threshold))
     names = zeroshot.parse_tasks(tasks)
     manager, task_names, _ = zeroshot.task_manager(names, data_dir, zeroshot.use_local_tasks(data_dir))
+    samples = shard_samples(shard, manager, task_names)
     device = variants.resolve_device("auto")
     dtype = variants.resolve_dtype("auto", device)
     subject = variants.subject(model, parse_methods(method), outlier_threshold, dtype, device)
@@ -32,11 +34,24 @@ def main(model: str, tasks: str, method: str, cache_dir: str, data_dir: str = ".
             continue  # the generator quantizes lazily: skipping the baseline costs nothing
         folder = variants.cache_folder(cache_dir, subject, name, outlier_threshold, dtype, device)
         with contextlib.redirect_stdout(sys.stderr):  # lm-eval prints; stdout stays JSON
-            evaluation = zeroshot.evaluate(network, subject.tokenizer, manager, task_names, None, 0, int(batch_size), str(device), folder)
+            evaluation = zeroshot.evaluate(network, subject.tokenizer, manager, task_names, None, 0, int(batch_size), str(device), folder, samples)
         print(json.dumps({name: evaluation.results, "batch_size": evaluation.batch_size}))
 
 
+def shard_samples(shard: str, manager, task_names: dict[str, str]) -> dict[str, list[int]] | None:
+    """{task: the document indices of shard K of N}, or None for the whole set."""
+    from lm_eval.tasks import get_task_dict
+
+    index, count = (int(part) for part in shard.split("/"))
+    if not 0 <= index < count:
+        sys.exit(f"SHARD must be K/N with 0 <= K < N, got {shard}")
+    if count == 1:
+        return None
+    tasks = get_task_dict(list(task_names.values()), manager)
+    return {ours: list(range(index, len(tasks[theirs].eval_docs), count)) for ours, theirs in task_names.items()}
+
+
 if __name__ == "__main__":
-    if not 5 <= len(sys.argv) <= 8:
-        sys.exit("usage: python bench/zeroshot_one_method.py MODEL TASKS METHOD CACHE_DIR [DATA_DIR] [BATCH_SIZE] [THRESHOLD]")
+    if not 5 <= len(sys.argv) <= 9:
+        sys.exit("usage: python bench/zeroshot_one_method.py MODEL TASKS METHOD CACHE_DIR [DATA_DIR] [BATCH_SIZE] [THRESHOLD] [SHARD]")
     main(*sys.argv[1:])

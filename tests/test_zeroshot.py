@@ -112,6 +112,27 @@ def test_int8_answers_do_not_depend_on_batch_size(monkeypatch):
 
 @needs_stories
 @needs_data
+def test_samples_select_documents_by_index():
+    """The document selection that lets several processes fill one cache (bench/zeroshot_one_method.py)."""
+    import torch
+
+    from llmint8_cli.core.methods import parse_methods
+    from llmint8_cli.evaluation import variants
+
+    subject = variants.subject(str(STORIES), parse_methods("llm.int8"), 6.0, torch.float32, torch.device("cpu"))
+    network = dict(subject.variants)[variants.BASELINE]
+    manager, names, _ = zeroshot.task_manager(["lambada"], str(DATA), use_local=True)
+
+    def perplexity(limit, samples=None):
+        return zeroshot.evaluate(network, subject.tokenizer, manager, names, limit, 0, 4, "cpu", samples=samples).results["lambada"]["perplexity"]
+
+    first_six = perplexity(6)
+    assert perplexity(None, {"lambada": list(range(6))}) == first_six
+    assert perplexity(None, {"lambada": [0, 2, 4]}) != first_six
+
+
+@needs_stories
+@needs_data
 def test_lm_eval_model_type_loads_llmint8_checkpoints(tmp_path):
     import lm_eval
 

@@ -91,8 +91,12 @@ class Evaluation:
     cache: str | None  # lm-eval's request-cache prefix (lm-eval adds `_rank0.db`)
 
 
-def evaluate(model, tokenizer, manager, task_names: dict[str, str], limit: int | None, num_fewshot: int, batch_size: int, device: str, cache_folder: Path | None = None) -> Evaluation:
+def evaluate(model, tokenizer, manager, task_names: dict[str, str], limit: int | None, num_fewshot: int, batch_size: int, device: str,
+             cache_folder: Path | None = None, samples: dict[str, list[int]] | None = None) -> Evaluation:
     """One model through lm-eval; its answers are kept in `cache_folder` so that a stopped run resumes.
+
+    `samples` ({our task name: document indices}) restricts the run to those documents, so that
+    several processes can fill one cache side by side.
 
     Sequence-wide models run one request per forward pass; their answers are kept under their own
     name ("lm-eval-unpadded"), so that answers from padded batches (written by earlier versions) are
@@ -107,6 +111,7 @@ def evaluate(model, tokenizer, manager, task_names: dict[str, str], limit: int |
     output = simple_evaluate(
         model=lm, tasks=list(task_names.values()), num_fewshot=num_fewshot, limit=limit, task_manager=manager,
         log_samples=False, verbosity="ERROR", bootstrap_iters=1000, use_cache=cache,
+        samples=None if samples is None else {task_names[ours]: indices for ours, indices in samples.items()},
     )
     results = {}
     for ours, theirs in task_names.items():
