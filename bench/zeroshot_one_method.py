@@ -40,14 +40,12 @@ def main(model: str, tasks: str, method: str, cache_dir: str, data_dir: str = ".
 
 def shard_samples(shard: str, manager, task_names: dict[str, str]) -> dict[str, list[int]] | None:
     """{task: the document indices of shard K of N}, or None for the whole set."""
-    from lm_eval.tasks import get_task_dict
-
     index, count = (int(part) for part in shard.split("/"))
     if not 0 <= index < count:
         sys.exit(f"SHARD must be K/N with 0 <= K < N, got {shard}")
     if count == 1:
         return None
-    tasks = get_task_dict(list(task_names.values()), manager)
+    tasks = manager.load(list(task_names.values()))["tasks"]
     return {ours: list(range(index, len(tasks[theirs].eval_docs), count)) for ours, theirs in task_names.items()}
 
 

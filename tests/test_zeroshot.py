@@ -19,10 +19,8 @@ def first_docs(relative: str, count: int = 5) -> list[dict]:
 
 
 def local_tasks(names):
-    from lm_eval.tasks import get_task_dict
-
     manager, task_names, _ = zeroshot.task_manager(names, str(DATA), use_local=True)
-    tasks = get_task_dict(list(task_names.values()), manager)
+    tasks = manager.load(list(task_names.values()))["tasks"]
     return {ours: tasks[theirs] for ours, theirs in task_names.items()}
 
 
@@ -87,6 +85,17 @@ def test_eval_zeroshot_cli_with_limit():
     piqa = document["tasks"]["piqa"]
     assert set(piqa) == {"fp16", "llm.int8"} and 0 <= piqa["llm.int8"]["acc"] <= 1
     assert "acc" in piqa["llm.int8"]["delta"] and "perplexity" in document["tasks"]["lambada"]["fp16"]
+    lambada = document["tasks"]["lambada"]["llm.int8"]
+    assert set(lambada["delta_stderr"]) == {"acc"}  # a paired stderr exists for per-document means, not for perplexity
+    assert set(piqa["llm.int8"]["delta_stderr"]) == {"acc", "acc_norm"}
+
+
+def test_paired_delta_stderr_counts_only_changed_answers():
+    baseline = {0: 1.0, 1: 1.0, 2: 0.0, 3: 0.0}
+    assert zeroshot.paired_delta_stderr(baseline, dict(baseline)) == 0.0  # same answers: no doubt about the delta
+    changed = {0: 1.0, 1: 0.0, 2: 1.0, 3: 0.0}  # differences 0, -1, +1, 0
+    assert abs(zeroshot.paired_delta_stderr(baseline, changed) - (2 / 3) ** 0.5 / 2) < 1e-12
+    assert zeroshot.paired_delta_stderr(baseline, {0: 1.0, 1: 1.0}) is None  # not the same documents
 
 
 @needs_stories

@@ -42,7 +42,7 @@ def eval_zeroshot(
     run_dtype = variants.resolve_dtype(dtype, run_device)
     with console.status(f"loading {model}"):
         subject = variants.subject(model, chosen, threshold, run_dtype, run_device, verify=not no_verify)
-    results, seconds, caches, notes = {}, {}, {}, list(subject.notes)
+    results, per_document, seconds, caches, notes = {}, {}, {}, {}, list(subject.notes)
     for name, network in subject.variants:
         console.print(f"[bold]{name}[/]: {', '.join(names)}")
         started = time.time()
@@ -50,7 +50,7 @@ def eval_zeroshot(
         chatter = io.StringIO() if quiet else sys.stderr  # lm-eval prints to stdout; stdout is for our JSON
         with contextlib.redirect_stdout(chatter), contextlib.redirect_stderr(chatter):
             evaluation = zeroshot.evaluate(network, subject.tokenizer, manager, task_names, limit, num_fewshot, batch_size, str(run_device), folder)
-        results[name], caches[name] = evaluation.results, evaluation.cache
+        results[name], per_document[name], caches[name] = evaluation.results, evaluation.per_document, evaluation.cache
         if evaluation.batch_size != batch_size:
             notes.append(f"{name}: one request per forward pass (its outlier columns or tensor scales span a sequence, "
                          "and lm-eval pads batches without a mask)")
@@ -69,11 +69,20 @@ def eval_zeroshot(
             entry = dict(metrics[task])
             if baseline and method != variants.BASELINE:
                 entry["delta"] = {k: round(v - baseline[task][k], 6) for k, v in metrics[task].items() if not k.endswith("_stderr") and v is not None and baseline[task].get(k) is not None}
+                base_documents = per_document[variants.BASELINE][task]
+                paired = {k: zeroshot.paired_delta_stderr(base_documents[k], values) for k, values in per_document[method][task].items() if k in base_documents}
+                entry["delta_stderr"] = {k: round(v, 6) for k, v in paired.items() if v is not None}
             per_task[method] = entry
         document["tasks"][task] = per_task
         for metric in (k for k in results[next(iter(results))][task] if not k.endswith("_stderr")):
             cells = [f"{results[m][task].get(metric, float('nan')):.4f} ± {results[m][task].get(metric + '_stderr') or 0:.4f}" for m in results]
-            deltas = [f"{per_task[m]['delta'].get(metric, float('nan')):+.4f}" for m in results if m != variants.BASELINE] if baseline else []
+            deltas = [delta_cell(per_task[m], metric) for m in results if m != variants.BASELINE] if baseline else []
             table.add_row(task, metric, *cells, *deltas)
     console.print(table)
     emit_json(document)
+
+
+def delta_cell(entry: dict, metric: str) -> str:
+    """The delta, with its paired stderr where the metric is a per-document mean."""
+    paired = entry["delta_stderr"].get(metric)
+    return f"{entry['delta'].get(metric, float('nan')):+.4f}" + ("" if paired is None else f" ± {paired:.4f}")

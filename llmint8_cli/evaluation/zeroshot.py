@@ -8,6 +8,7 @@ a local JSON Lines file (layout of shared/data/README.md).
 from __future__ import annotations
 
 import math
+import statistics
 import tempfile
 from dataclasses import dataclass
 from importlib import resources
@@ -89,6 +90,19 @@ class Evaluation:
     results: dict  # {our task name: {metric: value, metric_stderr: value}}
     batch_size: int  # requests per forward pass actually used
     cache: str | None  # lm-eval's request-cache prefix (lm-eval adds `_rank0.db`)
+    per_document: dict  # {our task name: {metric: {doc_id: value}}}, metrics that lm-eval averages
+
+
+def paired_delta_stderr(baseline: dict[int, float], other: dict[int, float]) -> float | None:
+    """Standard error of mean(other) - mean(baseline) over the same documents.
+
+    Both models answer the same documents, so the error of their difference comes from the
+    documents whose answer changed; it is usually far smaller than either model's own stderr, and it is
+    the figure that says whether a delta is more than noise. None when the documents differ.
+    """
+    if baseline.keys() != other.keys() or len(baseline) < 2:
+        return None
+    return statistics.stdev(other[doc] - baseline[doc] for doc in baseline) / math.sqrt(len(baseline))
 
 
 def evaluate(model, tokenizer, manager, task_names: dict[str, str], limit: int | None, num_fewshot: int, batch_size: int, device: str,
@@ -110,11 +124,13 @@ def evaluate(model, tokenizer, manager, task_names: dict[str, str], limit: int |
     cache = None if cache_folder is None else str(cache_folder / ("lm-eval-unpadded" if lm.unpadded else "lm-eval"))
     output = simple_evaluate(
         model=lm, tasks=list(task_names.values()), num_fewshot=num_fewshot, limit=limit, task_manager=manager,
-        log_samples=False, verbosity="ERROR", bootstrap_iters=1000, use_cache=cache,
+        log_samples=True, verbosity="ERROR", bootstrap_iters=1000, use_cache=cache,
         samples=None if samples is None else {task_names[ours]: indices for ours, indices in samples.items()},
     )
-    results = {}
+    results, per_document = {}, {}
     for ours, theirs in task_names.items():
+        averaged = [m["metric"] for m in output["configs"][theirs]["metric_list"] if m.get("aggregation") == "mean"]
+        per_document[ours] = {metric: {s["doc_id"]: float(s[metric]) for s in output["samples"][theirs]} for metric in averaged}
         raw = output["results"][theirs]
         metrics = {}
         for key, value in raw.items():
@@ -123,4 +139,4 @@ def evaluate(model, tokenizer, manager, task_names: dict[str, str], limit: int |
             metric, _ = key.split(",", 1)
             metrics[metric] = None if isinstance(value, float) and math.isnan(value) else round(float(value), 6)
         results[ours] = metrics
-    return Evaluation(results, lm.batch_size, cache)
+    return Evaluation(results, lm.batch_size, cache, per_document)
