@@ -40,7 +40,10 @@ def main(model: str, tasks: str, method: str, cache_dir: str, data_dir: str = ".
 
 def shard_samples(shard: str, manager, task_names: dict[str, str]) -> dict[str, list[int]] | None:
     """{task: the document indices of shard K of N}, or None for the whole set."""
-    index, count = (int(part) for part in shard.split("/"))
+    try:
+        index, count = (int(part) for part in shard.split("/"))
+    except ValueError:
+        sys.exit(f"SHARD must be K/N with 0 <= K < N, got {shard}")
     if not 0 <= index < count:
         sys.exit(f"SHARD must be K/N with 0 <= K < N, got {shard}")
     if count == 1:
