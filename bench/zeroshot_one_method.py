@@ -42,9 +42,9 @@ def shard_samples(shard: str, manager, task_names: dict[str, str]) -> dict[str, 
     """{task: the document indices of shard K of N}, or None for the whole set."""
     try:
         index, count = (int(part) for part in shard.split("/"))
+        if not 0 <= index < count:
+            raise ValueError
     except ValueError:
-        sys.exit(f"SHARD must be K/N with 0 <= K < N, got {shard}")
-    if not 0 <= index < count:
         sys.exit(f"SHARD must be K/N with 0 <= K < N, got {shard}")
     if count == 1:
         return None

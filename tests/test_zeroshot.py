@@ -98,46 +98,43 @@ def test_paired_delta_stderr_counts_only_changed_answers():
     assert zeroshot.paired_delta_stderr(baseline, {0: 1.0, 1: 1.0}) is None  # not the same documents
 
 
-@needs_stories
-@needs_data
-def test_int8_answers_do_not_depend_on_batch_size(monkeypatch):
+def stories_lambada_perplexity(variant: str):
+    """perplexity(limit, batch_size, samples): one stories260K variant on local LAMBADA through zeroshot.evaluate."""
     import torch
 
     from llmint8_cli.core.methods import parse_methods
     from llmint8_cli.evaluation import variants
 
     subject = variants.subject(str(STORIES), parse_methods("llm.int8"), 6.0, torch.float32, torch.device("cpu"))
-    network = dict(subject.variants)["llm.int8"]
+    network = dict(subject.variants)[variant]
     manager, names, _ = zeroshot.task_manager(["lambada"], str(DATA), use_local=True)
 
-    def perplexity(batch_size):
-        return zeroshot.evaluate(network, subject.tokenizer, manager, names, 6, 0, batch_size, "cpu").results["lambada"]["perplexity"]
+    def perplexity(limit=6, batch_size=4, samples=None):
+        return zeroshot.evaluate(network, subject.tokenizer, manager, names, limit, 0, batch_size, "cpu", samples=samples).results["lambada"]["perplexity"]
 
-    one = perplexity(1)
-    assert perplexity(6) == one
+    return perplexity
+
+
+@needs_stories
+@needs_data
+def test_int8_answers_do_not_depend_on_batch_size(monkeypatch):
+    perplexity = stories_lambada_perplexity("llm.int8")
+    one = perplexity(batch_size=1)
+    assert perplexity(batch_size=6) == one
     monkeypatch.setattr(zeroshot, "sequence_wide", lambda model: False)  # lm-eval's own padded batches
-    assert perplexity(6) != one  # padding rows moved outlier columns: what the guard prevents
+    assert perplexity(batch_size=6) != one  # padding rows moved outlier columns: what the guard prevents
 
 
 @needs_stories
 @needs_data
 def test_samples_select_documents_by_index():
     """The document selection that lets several processes fill one cache (bench/zeroshot_one_method.py)."""
-    import torch
+    from llmint8_cli.evaluation.variants import BASELINE
 
-    from llmint8_cli.core.methods import parse_methods
-    from llmint8_cli.evaluation import variants
-
-    subject = variants.subject(str(STORIES), parse_methods("llm.int8"), 6.0, torch.float32, torch.device("cpu"))
-    network = dict(subject.variants)[variants.BASELINE]
-    manager, names, _ = zeroshot.task_manager(["lambada"], str(DATA), use_local=True)
-
-    def perplexity(limit, samples=None):
-        return zeroshot.evaluate(network, subject.tokenizer, manager, names, limit, 0, 4, "cpu", samples=samples).results["lambada"]["perplexity"]
-
-    first_six = perplexity(6)
-    assert perplexity(None, {"lambada": list(range(6))}) == first_six
-    assert perplexity(None, {"lambada": [0, 2, 4]}) != first_six
+    perplexity = stories_lambada_perplexity(BASELINE)
+    first_six = perplexity()
+    assert perplexity(None, samples={"lambada": list(range(6))}) == first_six
+    assert perplexity(None, samples={"lambada": [0, 2, 4]}) != first_six
 
 
 @needs_stories
