@@ -11,7 +11,7 @@ one decoder layer at a time.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 
 import torch
 from torch import nn
@@ -97,14 +97,21 @@ class LayerStreamer:
 
 
 @torch.inference_mode()
-def collect(model: nn.Module, batches: Iterable[torch.Tensor], layer_names: Iterable[str], threshold: float, streamer: LayerStreamer | None = None) -> ActivationStats:
-    """Run the model's base (no LM head) over the batches with hooks on the named layers."""
+def collect(model: nn.Module, batches: Iterable[torch.Tensor], layer_names: Iterable[str], threshold: float, streamer: LayerStreamer | None = None, on_batch: Callable[[int], None] | None = None) -> ActivationStats:
+    """Run the model's base (no LM head) over the batches with hooks on the named layers.
+
+    on_batch(rows done so far) is called after each batch (calibration's progress).
+    """
     stats = ActivationStats(threshold)
     handles = stats.attach(model, layer_names) + (streamer.attach() if streamer else [])
     base = getattr(model, "base_model", model)
     try:
+        done = 0
         for ids in batches:
             base(input_ids=ids, use_cache=False)
+            done += len(ids)
+            if on_batch is not None:
+                on_batch(done)
     finally:
         for handle in handles:
             handle.remove()

@@ -23,6 +23,7 @@ from llmint8_cli.errors import CheckpointError
 FORMAT_VERSION = 1
 QUANT_METHOD = "llmint8"
 MANIFEST = "llmint8_manifest.json"
+PARTIAL_MARKER = ".llmint8-partial"  # present while a folder is being written; never in the manifest
 
 
 def quantization_config(method: str, threshold: float, skip: list[str], quantized: list[str], dtype: torch.dtype, calibration: dict) -> dict:
@@ -40,7 +41,7 @@ def quantization_config(method: str, threshold: float, skip: list[str], quantize
 
 def write_manifest(folder: Path, hashes: dict[str, str]) -> None:
     files = {}
-    for path in sorted(p for p in folder.iterdir() if p.is_file() and p.name != MANIFEST):
+    for path in sorted(p for p in folder.iterdir() if p.is_file() and p.name not in (MANIFEST, PARTIAL_MARKER)):
         files[path.name] = {"size": path.stat().st_size, "sha256": hashes.get(path.name) or sha256_file(path)}
     (folder / MANIFEST).write_text(json.dumps({"format_version": FORMAT_VERSION, "files": files}, indent=1) + "\n")
 

@@ -21,10 +21,11 @@ import torch
 from llmint8_cli import activations, data, models
 from llmint8_cli.backends import backend_for
 from llmint8_cli.checkpoint import format as fmt
+from llmint8_cli.checkpoint.output import check_free_space, check_output, install, make_temporary, remove_stale
 from llmint8_cli.checkpoint.sources import ModelSource, TensorSource, open_folder
 from llmint8_cli.checkpoint.writer import Entry, Group, plan_shards, shard_names, write_shard
 from llmint8_cli.core.methods import DEFAULT_METHOD, DEFAULT_THRESHOLD, check_threshold, get_method
-from llmint8_cli.errors import CheckpointError, InvalidArgumentError, InvalidWeightError, ModelLoadError, OutputExistsError
+from llmint8_cli.errors import CheckpointError, InvalidArgumentError, InvalidWeightError, ModelLoadError
 from llmint8_cli.evaluation.perplexity import make_windows, tokenize
 from llmint8_cli.nn.convert import Conv1D, quantizable_layers
 
@@ -59,18 +60,6 @@ def return_freed_memory() -> None:
         ctypes.CDLL("libc.so.6").mallopt(-3, 4 << 20)  # M_MMAP_THRESHOLD
     except (OSError, AttributeError):  # not glibc: nothing to tune
         pass
-
-
-def check_output(out: Path, source: models.ModelSource, force: bool) -> None:
-    if out.exists() and not force:
-        raise OutputExistsError(f"{out} exists already; pass --force to overwrite it")
-    if out.exists() and not out.is_dir():
-        raise OutputExistsError(f"{out} exists and is not a folder")
-    if source.kind != "hub":
-        src = Path(source.location).resolve()
-        src_dir = src if src.is_dir() else src.parent
-        if out == src_dir or src_dir in out.parents or (source.kind == "gguf" and out == src):
-            raise InvalidArgumentError(f"{out} is inside the source {src_dir}; choose an output outside it")
 
 
 def download(source: models.ModelSource) -> models.ModelSource:
@@ -162,7 +151,7 @@ def calibration_batches(tokenizer, options: QuantizeOptions) -> tuple[list[torch
     return batches, info
 
 
-def calibrate(model, tensors: TensorSource, mapping: dict[str, str], layer_names: list[str], tokenizer, options: QuantizeOptions, streaming: bool) -> tuple[dict, dict]:
+def calibrate(model, tensors: TensorSource, mapping: dict[str, str], layer_names: list[str], tokenizer, options: QuantizeOptions, streaming: bool, progress=None) -> tuple[dict, dict]:
     """Outlier columns per layer from calibration windows; one decoder layer in memory at a time."""
     batches, info = calibration_batches(tokenizer, options)
     streamer = None
@@ -177,7 +166,9 @@ def calibrate(model, tensors: TensorSource, mapping: dict[str, str], layer_names
         for name, param in list(model.named_parameters()):  # the base model's own weights; no LM head
             if name not in streamed and name in mapping and id(param) not in unused:
                 set_module_tensor_to_device(model, name, "cpu", value=fetch(name))
-    stats = activations.collect(model, batches, layer_names, options.threshold, streamer)
+    windows = sum(len(batch) for batch in batches)
+    on_batch = (lambda done: progress("calibrate", done, windows)) if progress else None
+    stats = activations.collect(model, batches, layer_names, options.threshold, streamer, on_batch)
     return stats.outlier_columns(), info
 
 
@@ -231,8 +222,23 @@ def copy_side_files(source: models.ModelSource, tmp: Path, model_config, tokeniz
             generation.save_pretrained(tmp)
 
 
+def output_sizes(model, mapping: dict[str, str], layers: dict, tensors: TensorSource) -> tuple[int, int, int]:
+    """(expected output bytes, the same model in 16-bit, the source's bytes), from shapes alone."""
+    expected = fp16_bytes = source_bytes = 0
+    for name, key in mapping.items():
+        numel = torch.Size(tensors.shape(key)).numel()
+        quantized = name.endswith(".weight") and name.removesuffix(".weight") in layers
+        expected += numel if quantized else numel * 2
+        fp16_bytes += numel * 2
+        source_bytes += numel * tensors.dtype(key).itemsize
+    return expected, fp16_bytes, source_bytes
+
+
 def quantize_checkpoint(src: str, out: str | os.PathLike, options: QuantizeOptions, force: bool = False, progress: Callable[[str, int, int], None] | None = None) -> dict:
-    """Quantize SRC into OUT; returns the JSON summary. `progress(stage, done, total)` reports bytes."""
+    """Quantize SRC into OUT; returns the JSON summary.
+
+    `progress(stage, done, total)` reports "calibrate" in windows and "write" in bytes.
+    """
     started = time.time()
     return_freed_memory()
     method = get_method(options.method)
@@ -240,8 +246,7 @@ def quantize_checkpoint(src: str, out: str | os.PathLike, options: QuantizeOptio
         raise InvalidArgumentError("method 'fp16' quantizes nothing; choose one of the 8-bit methods")
     check_threshold(options.threshold)
     source = models.resolve(src)
-    out = Path(out).expanduser().absolute()
-    check_output(out, source, force)
+    out = check_output(Path(out).expanduser().absolute(), None if source.kind == "hub" else Path(source.location), force)
     if source.kind == "hub":
         source = download(source)
 
@@ -263,36 +268,29 @@ def quantize_checkpoint(src: str, out: str | os.PathLike, options: QuantizeOptio
     layers = dict(quantizable_layers(model, options.skip))
     if not layers:
         raise InvalidArgumentError("no linear layer left to quantize (check --skip)")
+    expected_bytes, fp16_bytes, source_bytes = output_sizes(model, mapping, layers, tensors)
 
-    outliers, calibration = {}, {"samples": 0}
-    if method.decomposition and options.calib_samples > 0:
-        if tokenizer is None:
-            tokenizer = models.load_tokenizer(source)
-        outliers, calibration = calibrate(model, tensors, mapping, list(layers), tokenizer, options, streaming)
-
-    groups, fp16_bytes, source_bytes = [], 0, 0
-    for name in model.state_dict():
-        if name not in mapping:
-            continue
-        key = mapping[name]
-        layer = name.removesuffix(".weight")
-        if name.endswith(".weight") and layer in layers:
-            groups.append(quantized_group(layer, key, layers[layer], tensors, method, dtype, outliers.get(layer)))
-        else:
-            groups.append(plain_group(name, key, tensors, dtype))
-        numel = torch.Size(tensors.shape(key)).numel()
-        fp16_bytes += numel * 2
-        source_bytes += numel * tensors.dtype(key).itemsize
-
-    block = fmt.quantization_config(method.name, options.threshold, options.skip, list(layers), dtype, calibration)
-    block["source"] = src if source.kind == "hub" or src in models.ALIASES else str(Path(src).expanduser().absolute())
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    remove_stale(out)
+    tmp = make_temporary(out)  # before calibration: an unwritable OUT fails now, not minutes later
     try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp.mkdir()
-    except OSError as exc:
-        raise CheckpointError(f"cannot write to {out.parent}: {exc.strerror or exc}") from None
-    try:
+        check_free_space(tmp, expected_bytes)
+        outliers, calibration = {}, {"samples": 0}
+        if method.decomposition and options.calib_samples > 0:
+            if tokenizer is None:
+                tokenizer = models.load_tokenizer(source)
+            outliers, calibration = calibrate(model, tensors, mapping, list(layers), tokenizer, options, streaming, progress)
+        groups = []
+        for name in model.state_dict():
+            if name not in mapping:
+                continue
+            key = mapping[name]
+            layer = name.removesuffix(".weight")
+            if name.endswith(".weight") and layer in layers:
+                groups.append(quantized_group(layer, key, layers[layer], tensors, method, dtype, outliers.get(layer)))
+            else:
+                groups.append(plain_group(name, key, tensors, dtype))
+        block = fmt.quantization_config(method.name, options.threshold, options.skip, list(layers), dtype, calibration)
+        block["source"] = src if source.kind == "hub" or src in models.ALIASES else str(Path(src).expanduser().absolute())
         shards = plan_shards(groups, options.max_shard_bytes)
         names = shard_names(len(shards))
         total, done, hashes = sum(s.nbytes for s in shards), 0, {}
@@ -312,7 +310,7 @@ def quantize_checkpoint(src: str, out: str | os.PathLike, options: QuantizeOptio
         (tmp / "config.json").write_text(json.dumps(config_dict, indent=2, sort_keys=True) + "\n")
         copy_side_files(source, tmp, model, tokenizer)
         fmt.write_manifest(tmp, hashes)
-        install(tmp, out)
+        install(tmp, out, force)
     except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
         if isinstance(exc, OSError):
@@ -330,17 +328,6 @@ def quantize_checkpoint(src: str, out: str | os.PathLike, options: QuantizeOptio
         "outlier_columns_total": sum(int(v.numel()) for v in outliers.values()),
         "seconds": round(seconds, 2), "source_mb_per_s": round(source_bytes / 1e6 / max(seconds, 1e-9), 1),
     }
-
-
-def install(tmp: Path, out: Path) -> None:
-    """Move the finished folder into place; an old OUT (with --force) goes only after that."""
-    old = None
-    if out.exists():
-        old = out.parent / f".{out.name}.old-{os.getpid()}"
-        out.rename(old)
-    tmp.rename(out)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 __all__ = ["QuantizeOptions", "quantize_checkpoint"]

@@ -1,15 +1,17 @@
 """What every subcommand shares: JSON on stdout, rich on stderr, one-line errors with exit codes.
 
 Exit codes: 0 success, 2 bad input or a refused operation (an LLMInt8Error), 1 an unexpected
-internal error, 130 interrupted. Set LLMINT8_DEBUG=1 to see the traceback of an internal error.
+internal error, 130 interrupted (143 SIGTERM, 129 SIGHUP). Set LLMINT8_DEBUG=1 to see the traceback of an internal error.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import logging
 import os
+import signal
 import sys
 import warnings
 from collections.abc import Callable
@@ -98,6 +100,33 @@ def quiet_libraries() -> None:
         pass
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM or SIGHUP, raised where the program is so that cleanup runs as for Ctrl-C."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _raise_terminated(signum, frame):
+    raise Terminated(signum)
+
+
+@contextlib.contextmanager
+def terminate_like_interrupt():
+    """SIGTERM (timeout, systemd, docker stop) and SIGHUP unwind like SIGINT, so temporary files go."""
+    signals = [s for s in (getattr(signal, "SIGTERM", None), getattr(signal, "SIGHUP", None)) if s is not None]
+    try:
+        previous = {s: signal.signal(s, _raise_terminated) for s in signals}
+    except ValueError:  # not the main thread: leave signals alone
+        previous = {}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
 def command(function: Callable) -> Callable:
     """Turn library errors into `llmint8: error: ...` and an exit code, never a traceback."""
 
@@ -105,11 +134,14 @@ def command(function: Callable) -> Callable:
     def wrapper(*args, **kwargs):
         quiet_libraries()
         try:
-            return function(*args, **kwargs)
+            with terminate_like_interrupt():
+                return function(*args, **kwargs)
         except typer.Exit:
             raise
         except LLMInt8Error as exc:
             fail(str(exc))
+        except Terminated as exc:
+            fail(f"terminated by {signal.Signals(exc.signum).name}", 128 + exc.signum)
         except KeyboardInterrupt:
             fail("interrupted", 130)
         except Exception as exc:  # an internal error: still one line unless debugging

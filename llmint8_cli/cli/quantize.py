@@ -24,7 +24,7 @@ def quantize(
     calib_dataset: Annotated[str, typer.Option(help="wikitext2-train (falls back to C4 offline), wikitext2, ptb, c4 or a file.")] = "wikitext2-train",
     data_dir: DataDir = None,
     max_shard_size: Annotated[str, typer.Option(help="Largest safetensors shard, e.g. 2GB.")] = "2GB",
-    force: Annotated[bool, typer.Option("--force", help="Overwrite OUT if it exists.")] = False,
+    force: Annotated[bool, typer.Option("--force", help="Replace OUT if it is an earlier llmint8 output or an empty folder.")] = False,
     quiet: Quiet = False,
 ) -> None:
     """Convert a 16-bit causal LM to the llmint8 int8 format; prints a JSON summary."""
@@ -34,14 +34,16 @@ def quantize(
     )
     console = stderr_console(quiet)
     bar = progress_bar(console)
-    task = None
+    tasks = {}
+    stages = {"calibrate": ("calibrating outlier columns (windows)", 1), "write": ("writing int8 shards (MiB)", 2**20)}
 
     def report(stage: str, done: int, total: int) -> None:
-        nonlocal task
-        if task is None:  # started only once the inputs are accepted: an error stays one line
+        description, unit = stages[stage]
+        if not tasks:  # started only once the inputs are accepted: an error stays one line
             bar.start()
-            task = bar.add_task("writing int8 shards (MiB)", total=max(total // 2**20, 1))
-        bar.update(task, completed=done // 2**20)
+        if stage not in tasks:
+            tasks[stage] = bar.add_task(description, total=max(total // unit, 1))
+        bar.update(tasks[stage], completed=done // unit)
 
     try:
         summary = quantize_checkpoint(src, out, options, force=force, progress=report)

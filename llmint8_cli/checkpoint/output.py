@@ -1,0 +1,137 @@
+"""Where `quantize` may write, and how: OUT is built in a marked temporary folder and moved into place.
+
+Rules that keep a user's data safe:
+- SRC and OUT may not overlap in either direction (real paths, symlinks followed): replacing OUT
+  must never remove the source, and writing into the source would modify it.
+- `--force` replaces only an earlier llmint8 output (it has our manifest) or an empty folder.
+- A temporary folder is named `.OUT.tmp-<pid>-<process start>-<random>` and holds a marker file
+  while it is incomplete; a run removes the temporary folders of its OUT whose writer is gone
+  (killed with SIGKILL, or a machine that went down), so nothing is left behind for good.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import secrets
+import shutil
+from pathlib import Path
+
+from llmint8_cli.checkpoint import format as fmt
+from llmint8_cli.errors import CheckpointError, InvalidArgumentError, OutputExistsError
+
+_WORKING = re.compile(r"\.(?P<name>.+)\.(?P<kind>tmp|old)-(?P<pid>\d+)-(?P<start>\d+)-[0-9a-f]{8}")
+
+
+def _process_start(pid: int) -> int:
+    """The kernel's start time of a process (clock ticks since boot), 0 where /proc does not tell.
+
+    With the pid it tells a live writer from a later process that reused the pid.
+    """
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19])
+    except (OSError, IndexError, ValueError):
+        return 0
+
+
+def _writer_alive(pid: int, start: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return start == 0 or _process_start(pid) in (0, start)
+
+
+def _overlap(a: Path, b: Path) -> bool:
+    return a == b or a in b.parents or b in a.parents
+
+
+def check_output(out: Path, source_path: Path | None, force: bool) -> Path:
+    """Refuse an OUT that would lose or modify data; returns OUT's real path (where to write).
+
+    source_path is the local model folder or file (None for a Hub id, fetched into the Hub cache).
+    """
+    real = out.resolve()
+    if source_path is not None:
+        src = source_path.resolve()
+        if _overlap(real, src):
+            where = "inside the source" if src in real.parents or real == src else "a folder that holds the source"
+            raise InvalidArgumentError(f"{out} is {where} {src}; choose an output that neither holds nor lies inside it")
+    if not os.path.lexists(out):
+        return real
+    if not force:
+        raise OutputExistsError(f"{out} exists already; pass --force to replace an earlier llmint8 output")
+    if not real.is_dir():
+        raise OutputExistsError(f"{out} exists and is not a folder; --force replaces only an earlier llmint8 output")
+    if any(real.iterdir()) and not (real / fmt.MANIFEST).is_file():
+        raise OutputExistsError(f"{out} holds files that are not an llmint8 output; --force replaces only an earlier llmint8 output or an empty folder")
+    return real
+
+
+def remove_stale(out: Path) -> list[Path]:
+    """Remove the temporary folders of OUT left by writers that are gone; returns what was removed.
+
+    Only folders of our naming scheme are touched, and only those that are ours for sure: a
+    temporary folder with its marker, or an old OUT being replaced (an llmint8 output or empty).
+    """
+    removed = []
+    try:
+        entries = list(out.parent.iterdir())
+    except OSError:
+        return removed
+    for path in entries:
+        match = _WORKING.fullmatch(path.name)
+        if not match or match["name"] != out.name or path.is_symlink() or not path.is_dir():
+            continue
+        if _writer_alive(int(match["pid"]), int(match["start"])):
+            continue
+        ours = (path / fmt.PARTIAL_MARKER).is_file() or (path / fmt.MANIFEST).is_file() or not any(path.iterdir())
+        if ours:
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+    return removed
+
+
+def _working_name(out: Path, kind: str) -> Path:
+    pid = os.getpid()
+    return out.parent / f".{out.name}.{kind}-{pid}-{_process_start(pid)}-{secrets.token_hex(4)}"
+
+
+def make_temporary(out: Path) -> Path:
+    """Create OUT's marked temporary folder: proves early (before calibration) that OUT is writable."""
+    tmp = _working_name(out, "tmp")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp.mkdir()
+        (tmp / fmt.PARTIAL_MARKER).write_text(f"llmint8 quantize, pid {os.getpid()}: an incomplete output, removed by the next run\n")
+    except OSError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise CheckpointError(f"cannot write to {out.parent}: {exc.strerror or exc}") from None
+    return tmp
+
+
+def check_free_space(tmp: Path, needed: int) -> None:
+    try:
+        free = shutil.disk_usage(tmp).free
+    except OSError:  # the OS does not tell: the write itself will say
+        return
+    if free < needed:
+        raise CheckpointError(f"not enough free space in {tmp.parent}: the output needs about {needed / 2**20:.0f} MiB, {free / 2**20:.0f} MiB free")
+
+
+def install(tmp: Path, out: Path, force: bool) -> None:
+    """Move the finished folder into place; an old OUT (with --force) is removed only after that.
+
+    OUT is checked again here: another run may have written it while this one worked.
+    """
+    (tmp / fmt.PARTIAL_MARKER).unlink()
+    old = None
+    if os.path.lexists(out):
+        check_output(out, None, force)
+        old = _working_name(out, "old")
+        out.rename(old)
+    tmp.rename(out)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
