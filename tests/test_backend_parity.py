@@ -2,13 +2,15 @@
 
 int8 values, scales, zero points, the 16-bit column set and the int32 accumulations must match
 exactly; outputs must match within TOLERANCE x (output magnitude) for the output dtype.
-A CUDA backend joins automatically when CuPy and a GPU are present.
+A CUDA backend joins automatically when CuPy and a GPU are present. The CPU backend runs once
+per int8 GEMM path this machine can run (forced in turn), so a path stays tested where the
+measured choice would not pick it.
 """
 
 import pytest
 import torch
 
-from llmint8_cli.backends import available_backends
+from llmint8_cli.backends import available_backends, cpu_kernels
 from llmint8_cli.core import METHODS, get_method
 from llmint8_cli.core import reference as R
 
@@ -19,6 +21,17 @@ SHAPES = [((1,), 1, 1), ((1,), 172, 64), ((7,), 33, 5), ((2, 8), 64, 172), ((3, 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 PATTERNS = ["none", "runtime", "stored", "stored+runtime", "nonfinite"]
 TOLERANCE = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+CPU_PATHS = [name for name, path in cpu_kernels.PATHS.items() if path.available()]
+BACKEND_PATHS = [(b, name) for b in BACKENDS for name in (CPU_PATHS if b.name == "cpu" else [None])]
+
+
+@pytest.fixture(params=BACKEND_PATHS, ids=lambda p: p[0].name + (f"-{p[1]}" if p[1] else ""))
+def backend(request, monkeypatch):
+    """A backend, with the CPU's GEMM path forced through LLMINT8_CPU_GEMM."""
+    chosen, gemm = request.param
+    if gemm:
+        monkeypatch.setenv(cpu_kernels.FORCE_ENV, gemm)
+    return chosen
 
 
 def make_case(lead, k, n, dtype, pattern, seed):
@@ -38,7 +51,6 @@ def make_case(lead, k, n, dtype, pattern, seed):
     return x.to(dtype), w.to(dtype), bias, stored
 
 
-@pytest.mark.parametrize("backend", BACKENDS, ids=lambda b: b.name)
 @pytest.mark.parametrize("method_name", QUANTIZED)
 @pytest.mark.parametrize("pattern", PATTERNS)
 def test_backend_matches_reference(backend, method_name, pattern):
@@ -48,7 +60,7 @@ def test_backend_matches_reference(backend, method_name, pattern):
             for dtype in DTYPES:
                 x, w, bias, stored = make_case(lead, k, n, dtype, pattern, seed=case)
                 qweight = R.quantize_weight(w, method, stored)
-                prepared = backend.prepare(qweight)
+                prepared = backend.prepare(qweight, method)
                 x2 = x.reshape(-1, k)
                 groups = R.sequence_count(x)
                 ref_q, ref_cols = R.quantize_activations(x2, method, threshold, qweight.outlier_idx, groups)
@@ -74,17 +86,15 @@ def test_parity_suite_covers_a_real_backend():
     assert any(b.name == "cpu" for b in BACKENDS)
 
 
-@pytest.mark.parametrize("backend", BACKENDS, ids=lambda b: b.name)
 def test_int8_accumulation_is_exact_at_the_int8_extremes(backend):
     """-127 x -127 over k = 4096 sums to 66,064,384: no saturation in any backend path."""
     k = 4096
     q = R.Quantized(torch.full((3, k), -127, dtype=torch.int8), torch.ones(3), None)
     qweight = R.QuantizedWeight(R.Quantized(torch.full((5, k), -127, dtype=torch.int8), torch.ones(5), None), torch.zeros(0, dtype=torch.long), torch.zeros(5, 0))
-    acc = backend.int8_accumulate(q, backend.prepare(qweight))
+    acc = backend.int8_accumulate(q, backend.prepare(qweight, get_method("llm.int8")))
     assert torch.all(acc == 127 * 127 * k)
 
 
-@pytest.mark.parametrize("backend", BACKENDS, ids=lambda b: b.name)
 @pytest.mark.parametrize("method_name", QUANTIZED)
 def test_quantize_weight_matches_reference(backend, method_name):
     from llmint8_cli.errors import InvalidWeightError
@@ -106,13 +116,39 @@ def test_quantize_weight_matches_reference(backend, method_name):
             backend.quantize_weight(bad, method)
 
 
-@pytest.mark.parametrize("backend", BACKENDS, ids=lambda b: b.name)
 @pytest.mark.parametrize("method_name", ["llm.int8", "rowwise+decomp"])
 def test_a_sequence_gets_the_same_bits_alone_or_in_a_batch(backend, method_name):
     """Sequences in a batch have different outlier columns (threshold 1.5); none may change another's output."""
     method = get_method(method_name)
     x, w, bias, stored = make_case((4, 9), 96, 80, torch.float32, "stored+runtime", seed=3)
-    prepared = backend.prepare(R.quantize_weight(w, method, stored))
+    prepared = backend.prepare(R.quantize_weight(w, method, stored), method)
     batched = backend.linear(x, prepared, method, 1.5, bias)
     for i in range(len(x)):
         assert torch.equal(batched[i], backend.linear(x[i : i + 1], prepared, method, 1.5, bias)[0]), i
+
+
+@pytest.mark.parametrize("name", CPU_PATHS)
+def test_every_cpu_gemm_path_gives_the_int32_sums(name):
+    """Sums beyond 2^24: an int32 path is exact, the float32 path equals float(int32) bit for bit."""
+    path = cpu_kernels.PATHS[name]
+    g = torch.Generator().manual_seed(0)
+    w = torch.randint(90, 128, (48, 8192), dtype=torch.int8, generator=g)
+    w[::2] *= -1
+    a = torch.randint(90, 128, (5, 8192), dtype=torch.int8, generator=g)
+    exact = (a.long() @ w.long().t())
+    assert exact.abs().max() > 2**24
+    got = path.run(a, path.pack(w))
+    assert got.dtype == (torch.int32 if path.int32 else torch.float32)
+    assert torch.equal(got, exact.int()) if path.int32 else torch.equal(got, exact.int().float())
+
+
+def test_forced_gemm_path_is_the_one_prepared(monkeypatch):
+    method = get_method("llm.int8")
+    qweight = R.quantize_weight(torch.randn(16, 32), method)
+    cpu = next(b for b in BACKENDS if b.name == "cpu")
+    for name in CPU_PATHS:
+        monkeypatch.setenv(cpu_kernels.FORCE_ENV, name)
+        assert cpu.prepare(qweight, method).gemm.name == name
+    monkeypatch.setenv(cpu_kernels.FORCE_ENV, "amx-magic")
+    with pytest.raises(ValueError, match="expected one of"):
+        cpu.prepare(qweight, method)

@@ -68,17 +68,22 @@ def test_bench_layer_mode_reports_every_row():
         assert row["rel_error_vs_fp32"] < 0.05, row
     int8 = next(r for r in rows if r["row"] == "int8 (vectorwise)")
     assert int8["weight_mib"] < next(r for r in rows if r["row"] == "bfloat16")["weight_mib"]
-    assert document["machine"]["cpu_int8_gemm"]
-    bad = RUNNER.invoke(app, ["bench", "--shapes", "4096by4096", "-q"])
-    assert bad.exit_code == 2 and "OUTxIN" in bad.stderr
+    assert document["machine"]["cpu"] and document["int8_gemm"]["plans"]
+    assert any(r["row"].startswith("torchao") for r in rows) or any("torchao" in note for note in document["notes"])
+    for args, words in ((["--shapes", "4096by4096"], "OUTxIN"), (["--shapes", "1000000x1000000"], "GiB"), (["--shapes", "64x32", "--outlier-cols", "100"], "exceeds"), (["--tokens", "0"], ">= 1")):
+        bad = RUNNER.invoke(app, ["bench", *args, "-q"])
+        assert bad.exit_code == 2 and words in bad.stderr and len(bad.stderr.strip().splitlines()) == 1, (args, bad.stderr)
 
 
 @needs_stories
 def test_bench_model_mode_decodes_a_batch():
-    result = RUNNER.invoke(app, ["bench", str(STORIES), "--batch", "3", "--prompt-tokens", "16", "--new-tokens", "4", "--repeat", "1", "-q"])
+    result = RUNNER.invoke(app, ["bench", str(STORIES), "--batch", "1,3", "--prompt-tokens", "16,32", "--new-tokens", "4", "--repeat", "1", "-q"])
     assert result.exit_code == 0, result.stderr
     document = json.loads(result.stdout)
-    assert document["batch"] == 3 and set(document["results"]) == {"fp16", "llm.int8"}
-    for row in document["results"].values():
-        assert row["prefill_tokens_per_s"] > 0 and row["decode_tokens_per_s"] > 0
+    assert document["batches"] == [1, 3] and {"fp16", "llm.int8"} <= set(document["results"])
+    for name, row in document["results"].items():
+        assert set(row["prefill"]) == {"16", "32"} and set(row["decode"]) == {"1", "3"}, name
+        assert all(e["tokens_per_s"] > 0 and e["speedup"] > 0 for phase in ("prefill", "decode") for e in row[phase].values()), name
     assert document["results"]["llm.int8"]["weight_ratio"] < 1
+    peer = document["results"].get("torchao W8A8")
+    assert peer is not None or any("torchao" in note for note in document["notes"])

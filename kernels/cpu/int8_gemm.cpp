@@ -225,61 +225,68 @@ std::vector<torch::Tensor> quantize_rows(torch::Tensor x, torch::Tensor exclude,
   return {q, scale, mask};
 }
 
-// The whole row-wise linear in one call (llm.int8, vectorwise, rowwise, rowwise+decomp):
-//   Y = (acc * (sx ⊗ sw)) + X[:, O] W[:, O]^T + bias, in float32, for x [m, k] float32.
-// w [n, k] int8 and w_scale [n] as stored; stored_mask [k] marks the stored outlier columns,
-// stored_pos [k] their position in stored_cols [n, j] (exact float32 columns of W), -1 elsewhere.
-// Columns that are outliers only in this call use the dequantized int8 column w[:, c] * sw.
+// The row-wise linear (llm.int8, vectorwise, rowwise, rowwise+decomp) in two calls around the
+// int8 GEMM, which the caller runs through the fastest path of the machine (cpu_kernels.py):
+//   Y = (acc * (sx ⊗ sw)) + X[:, O] W[:, O]^T + bias, in float32, for x [m, k].
 // The m rows are `groups` sequences of m / groups rows; each finds its own outlier columns O_g
-// (the reference calls the linear once per sequence). One int8 GEMM serves all of them; the
-// 16-bit part is done per group.
-torch::Tensor int8_linear(torch::Tensor x, torch::Tensor stored_mask, torch::Tensor stored_pos, torch::Tensor stored_cols,
-                          torch::Tensor w, torch::Tensor w_scale, c10::optional<torch::Tensor> bias, double threshold, int64_t groups) {
+// (the reference calls the linear once per sequence). One int8 GEMM serves all of them.
+//
+// quantize_sequences: x [m, k] and stored_mask [k] (the stored outlier columns) ->
+//   (q int8 [m, k], sx float32 [m], masks bool [groups, k]: the 16-bit columns of each group).
+std::vector<torch::Tensor> quantize_sequences(torch::Tensor x, torch::Tensor stored_mask, double threshold, int64_t groups) {
   check_rows(x, stored_mask);
-  const int64_t m = x.size(0), k = x.size(1), n = w.size(0);
+  const int64_t m = x.size(0), k = x.size(1);
   TORCH_CHECK(groups >= 1 && m % groups == 0, "rows must split into equal groups");
   const int64_t rows = m / groups;
   auto q = torch::empty({m, k}, x.options().dtype(torch::kInt8));
-  const auto f32 = x.options().dtype(torch::kFloat32);
-  auto sx = torch::empty({m}, f32);
-  std::vector<uint8_t> mask_bytes(groups * k);  // row g: the outlier columns of group g
-  bool* masks = reinterpret_cast<bool*>(mask_bytes.data());
-  for (int64_t g = 0; g < groups; ++g) std::copy(stored_mask.data_ptr<bool>(), stored_mask.data_ptr<bool>() + k, masks + g * k);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "int8_linear", [&] {
+  auto sx = torch::empty({m}, x.options().dtype(torch::kFloat32));
+  auto masks = stored_mask.contiguous().reshape({1, k}).repeat({groups, 1});
+  bool* M = masks.data_ptr<bool>();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "quantize_sequences", [&] {
     for (int64_t g = 0; g < groups; ++g)
-      quantize_rows_into<scalar_t>(x.data_ptr<scalar_t>() + g * rows * k, rows, k, static_cast<float>(threshold), masks + g * k,
+      quantize_rows_into<scalar_t>(x.data_ptr<scalar_t>() + g * rows * k, rows, k, static_cast<float>(threshold), M + g * k,
                                    q.data_ptr<int8_t>() + g * rows * k, sx.data_ptr<float>() + g * rows);
   });
-  auto acc = int8_gemm(q, w);
-  auto out = torch::empty({m, n}, f32);
-  const int32_t* A = acc.data_ptr<int32_t>();
+  return {q, sx, masks};
+}
+
+// dequantize_sequences: acc [m, n] (int32, or float32 holding float(int32) as the prepacked
+// oneDNN path returns it) -> Y float32 [m, n]. cols [n, j] holds W's 16-bit columns in float32
+// (stored ones exact, run-time ones dequantized by the caller) and pos [k] the position of
+// column t in cols, -1 for a column no group takes out. Each group's 16-bit part is added over
+// its own columns: the same float operations as a call with that sequence alone, so results do
+// not depend on what a sequence is batched with.
+torch::Tensor dequantize_sequences(torch::Tensor acc, torch::Tensor sx, torch::Tensor x, torch::Tensor masks, torch::Tensor pos,
+                                   torch::Tensor cols, torch::Tensor w_scale, c10::optional<torch::Tensor> bias) {
+  const int64_t m = acc.size(0), n = acc.size(1), groups = masks.size(0), k = masks.size(1), rows = m / groups;
+  TORCH_CHECK(acc.is_contiguous() && (acc.dtype() == torch::kInt32 || acc.dtype() == torch::kFloat32), "contiguous int32 or float32 acc expected");
+  TORCH_CHECK(x.size(0) == m && x.size(1) == k && w_scale.numel() == n && pos.numel() == k && cols.size(0) == n, "dequantize_sequences: shapes do not match");
+  auto out = torch::empty({m, n}, x.options().dtype(torch::kFloat32));
   const float* SX = sx.data_ptr<float>();
   const float* SW = w_scale.data_ptr<float>();
   float* Y = out.data_ptr<float>();
-  at::parallel_for(0, m, 1, [&](int64_t r0, int64_t r1) {
-    for (int64_t i = r0; i < r1; ++i)
-      for (int64_t j = 0; j < n; ++j) Y[i * n + j] = static_cast<float>(A[i * n + j]) * (SX[i] * SW[j]);
-  });
-  // the 16-bit part, one group at a time over its own columns: the same float operations as a
-  // call with that sequence alone, so results do not depend on what a sequence is batched with
-  const int32_t* POS = stored_pos.data_ptr<int32_t>();
-  const float* SC = stored_cols.data_ptr<float>();
-  const int64_t js = stored_cols.size(1);
-  const int8_t* W = w.data_ptr<int8_t>();
+  auto scale_rows = [&](auto* A) {
+    at::parallel_for(0, m, 1, [&](int64_t r0, int64_t r1) {
+      for (int64_t i = r0; i < r1; ++i)
+        for (int64_t j = 0; j < n; ++j) Y[i * n + j] = static_cast<float>(A[i * n + j]) * (SX[i] * SW[j]);
+    });
+  };
+  if (acc.dtype() == torch::kInt32) scale_rows(acc.data_ptr<int32_t>());
+  else scale_rows(acc.data_ptr<float>());
+  const bool* M = masks.data_ptr<bool>();
+  const int32_t* POS = pos.data_ptr<int32_t>();
+  const auto long_options = x.options().dtype(torch::kLong);
   for (int64_t g = 0; g < groups; ++g) {
-    std::vector<int64_t> columns;
+    std::vector<int64_t> columns, slots;
     for (int64_t t = 0; t < k; ++t)
-      if (masks[g * k + t]) columns.push_back(t);
+      if (M[g * k + t]) {
+        TORCH_CHECK(POS[t] >= 0, "dequantize_sequences: a 16-bit column has no weight column");
+        columns.push_back(t);
+        slots.push_back(POS[t]);
+      }
     if (columns.empty()) continue;
-    const int64_t c = static_cast<int64_t>(columns.size());
-    auto x_out = x.narrow(0, g * rows, rows).index_select(1, torch::tensor(columns, x.options().dtype(torch::kLong))).to(torch::kFloat32);
-    auto w_out = torch::empty({c, n}, f32);  // W[:, O_g]^T, float32
-    float* WO = w_out.data_ptr<float>();
-    for (int64_t o = 0; o < c; ++o) {
-      const int64_t col = columns[o];
-      const int32_t pos = POS[col];
-      for (int64_t j = 0; j < n; ++j) WO[o * n + j] = pos >= 0 ? SC[j * js + pos] : static_cast<float>(W[j * k + col]) * SW[j];
-    }
+    auto x_out = x.narrow(0, g * rows, rows).index_select(1, torch::tensor(columns, long_options)).to(torch::kFloat32);
+    auto w_out = cols.index_select(1, torch::tensor(slots, long_options)).t();  // W[:, O_g]^T, float32
     out.narrow(0, g * rows, rows).addmm_(x_out, w_out);
   }
   if (bias.has_value()) out.add_(*bias);
@@ -296,7 +303,8 @@ bool has_avx2() {
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
   module.def("int8_gemm", &int8_gemm, "exact int8 x int8 -> int32 GEMM, C = A W^T");
-  module.def("int8_linear", &int8_linear, "the row-wise absmax linear fused: quantize, GEMM, dequantize, outliers, bias");
+  module.def("quantize_sequences", &quantize_sequences, "row-wise absmax quantization with per-sequence outlier columns");
+  module.def("dequantize_sequences", &dequantize_sequences, "scales, per-sequence 16-bit outlier columns and bias on the int8 product");
   module.def("quantize_rows", &quantize_rows, "row-wise absmax int8 quantization fused with outlier detection");
   module.def("has_avx2", &has_avx2, "whether the kernel was built with AVX2");
 }

@@ -28,7 +28,7 @@ class Backend:
         """W [n, k] to int8 for a method, stored outlier columns kept exact (done once, at quantize time)."""
         return reference.quantize_weight(weight, method, outlier_idx)
 
-    def prepare(self, qweight: QuantizedWeight) -> Any:
+    def prepare(self, qweight: QuantizedWeight, method: Method) -> Any:
         """Weight-side work done once at load (layout, packing, sums); returns the backend's state."""
         return qweight
 

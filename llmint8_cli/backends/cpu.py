@@ -1,8 +1,9 @@
 """CPU backend: true int8 arithmetic (int8 x int8 -> int32), never a dequantized-weight matmul.
 
-The weight-side work (transposed int8 layout, row sums for zero points, fp32 outlier columns)
-is done once in `prepare`. The product runs through `int8_gemm`, which picks llmint8's own
-AVX2/VNNI kernel (kernels/cpu/, compiled on first use) when it builds, else `torch._int_mm`.
+The weight-side work (the GEMM path's layout, row sums for zero points, fp32 outlier columns)
+is done once in `prepare`. The product runs through the path measured fastest on this machine
+(cpu_kernels.py: oneDNN prepacked or `torch._int_mm`, or llmint8's own AVX2 kernel); the
+activation side and the epilogue of the row-wise methods run in llmint8's native kernels.
 The code is plain torch and also serves CUDA tensors when CuPy is missing.
 """
 
@@ -14,7 +15,8 @@ from dataclasses import dataclass
 import torch
 
 from llmint8_cli.backends.base import Backend
-from llmint8_cli.backends.cpu_kernels import int8_gemm, native_kernels, pack_weight
+from llmint8_cli.backends import cpu_kernels
+from llmint8_cli.backends.cpu_kernels import GemmPlan, native_kernels
 from llmint8_cli.core import reference
 from llmint8_cli.core.methods import Method
 from llmint8_cli.core.reference import Quantized, QuantizedWeight
@@ -24,7 +26,8 @@ from llmint8_cli.errors import InvalidWeightError
 @dataclass
 class PreparedWeight:
     qweight: QuantizedWeight
-    packed: object  # the int8 weight in the GEMM's layout
+    gemm: GemmPlan | None  # the int8 product chosen for this weight (None: CUDA tensors without CuPy)
+    packed: object  # the int8 weight in the layouts of the plan's paths
     scale: torch.Tensor  # fp32 [n]
     zero: torch.Tensor | None  # int32 [n]
     row_sum: torch.Tensor  # int32 [n]: sum over k of qw, for zero-point corrections
@@ -65,14 +68,18 @@ class CpuBackend(Backend):
             raise InvalidWeightError(reference.NONFINITE_WEIGHT)
         return QuantizedWeight(Quantized(q, scale, None), idx, weight.detach()[:, idx].contiguous())
 
-    def prepare(self, qweight: QuantizedWeight) -> PreparedWeight:
+    def prepare(self, qweight: QuantizedWeight, method: Method) -> PreparedWeight:
+        """The fused row-wise linear may take a float32 product; the others need int32 sums."""
         q = qweight.int8
+        on_cpu = q.q.device.type == "cpu"
+        gemm = cpu_kernels.choose(tuple(q.q.shape), int32=self._native_for(q.q, method.activation, method) is None) if on_cpu else None
         row_sum = q.q.sum(dim=1, dtype=torch.int32)
         k, stored = q.q.shape[1], qweight.outlier_idx
         stored_mask = column_mask(k, stored, q.q.device)
         stored_pos = torch.full((k,), -1, dtype=torch.int32, device=q.q.device)
         stored_pos[stored] = torch.arange(stored.numel(), dtype=torch.int32, device=q.q.device)
-        return PreparedWeight(qweight, pack_weight(q.q), q.scale, q.zero, row_sum, qweight.outlier_weight.float().contiguous(), stored_mask, stored_pos)
+        packed = gemm.pack(q.q) if on_cpu else q.q.contiguous()
+        return PreparedWeight(qweight, gemm, packed, q.scale, q.zero, row_sum, qweight.outlier_weight.float().contiguous(), stored_mask, stored_pos)
 
     def quantize_activations(self, x: torch.Tensor, method: Method, threshold: float, stored_idx: torch.Tensor, groups: int = 1) -> tuple[Quantized, torch.Tensor]:
         """Row-wise absmax methods go through the fused native op; the others through the reference."""
@@ -84,7 +91,10 @@ class CpuBackend(Backend):
 
     def int8_accumulate(self, qx: Quantized, prepared: PreparedWeight) -> torch.Tensor:
         """sum_k (qx - zx)(qw - zw) = qx·qw - zw Σqx - zx Σqw + k zx zw, all in int32."""
-        acc = int8_gemm(qx.q, prepared.packed)
+        if prepared.gemm is not None and prepared.gemm.int32:
+            acc = prepared.gemm.run(qx.q, prepared.packed)
+        else:  # a float32 product is exact only as a float; CUDA tensors without CuPy
+            acc = torch._int_mm(qx.q.contiguous(), prepared.qweight.int8.q.t())
         if qx.zero is None and prepared.zero is None:
             return acc
         k = qx.q.shape[1]
@@ -101,12 +111,29 @@ class CpuBackend(Backend):
         if native is None:
             return super().linear(x, prepared, method, threshold, bias)
         k = x.shape[-1]
-        out = native.int8_linear(
-            x.reshape(-1, k).contiguous(), prepared.stored_mask, prepared.stored_pos, prepared.stored_columns, prepared.packed,
-            prepared.scale, None if bias is None else bias.float(), threshold if method.decomposition else math.inf,
-            reference.sequence_count(x) if method.decomposition else 1,
-        )
+        x2 = x.reshape(-1, k).contiguous()
+        groups = reference.sequence_count(x) if method.decomposition else 1
+        q, sx, masks = native.quantize_sequences(x2, prepared.stored_mask, threshold if method.decomposition else math.inf, groups)
+        acc = prepared.gemm.run(q, prepared.packed)
+        columns, positions = self._sixteen_bit_columns(prepared, masks)
+        out = native.dequantize_sequences(acc, sx, x2, masks, positions, columns, prepared.scale, None if bias is None else bias.float())
         return out.to(x.dtype).reshape(*x.shape[:-1], out.shape[-1])
+
+    @staticmethod
+    def _sixteen_bit_columns(prepared: PreparedWeight, masks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """W's float32 columns for every column some sequence takes out, and each one's position.
+
+        Stored columns are exact; a column that is an outlier only in this call is W's int8
+        column times the row scales, as the reference dequantizes it.
+        """
+        run_time = masks.any(dim=0) & (prepared.stored_pos < 0)
+        if not bool(run_time.any()):
+            return prepared.stored_columns, prepared.stored_pos
+        idx = torch.nonzero(run_time).flatten()
+        extra = prepared.qweight.int8.q[:, idx].float() * prepared.scale[:, None]
+        positions = prepared.stored_pos.clone()
+        positions[idx] = torch.arange(idx.numel(), dtype=torch.int32) + prepared.stored_columns.shape[1]
+        return torch.cat([prepared.stored_columns, extra], dim=1), positions
 
     def linear_call(self, x: torch.Tensor, prepared: PreparedWeight, method: Method, threshold: float, bias: torch.Tensor | None) -> torch.Tensor:
         k = x.shape[-1]

@@ -1,25 +1,47 @@
-"""The exact int8 x int8 -> int32 GEMM of the CPU backend.
+"""The exact int8 x int8 -> int32 products of the CPU backend, and which one this machine runs.
 
-llmint8's own kernel (kernels/cpu/int8_gemm.cpp, AVX2) is compiled on first use with torch's
-cpp_extension and cached. Where it cannot be built (no compiler) or LLMINT8_CPU_GEMM=torch is
-set, torch._int_mm (oneDNN) does the product instead: also exact, but slow on CPUs without VNNI.
+Paths (each exact; they differ only in speed, which depends on the CPU far more than on flags):
+- `onednn-prepacked`: oneDNN's int8 linear (`torch.ops.onednn.qlinear_pointwise`, what
+  Inductor's x86 int8 path uses) on a weight reordered once into its blocked layout. It takes
+  uint8 activations with a zero point, so q maps exactly to q + 128 with zero point 128. It
+  returns float32 holding float(int32 sum), the one rounding the reference makes too: exact as
+  the row-wise linear's input, not as an int32 beyond 2^24, so only the fused row-wise linear
+  uses it.
+- `onednn-nk` / `onednn-kn`: `torch._int_mm` (oneDNN) on W [n, k] as a transposed view, or on a
+  copy laid out [k, n]; oneDNN prefers one or the other depending on the CPU and m.
+- `llmint8-avx2`: llmint8's own kernel (kernels/cpu/int8_gemm.cpp, compiled on first use into
+  torch's extension cache, ~30 s once); `llmint8-scalar` where it builds without AVX2.
+The choice is measured: a few tens of milliseconds of micro-benchmark the first time on a machine
+(CPU model, flags, threads, torch version), kept in a small JSON cache, and made per token count
+(one path for decoding, another for prefill where that is faster). `LLMINT8_CPU_GEMM=NAME`
+forces a path.
 """
 
 from __future__ import annotations
 
 import functools
+import hashlib
+import json
 import os
+import platform
+import statistics
 import sys
+import time
+from dataclasses import dataclass
 from importlib import resources
+from pathlib import Path
 
 import torch
+
+from llmint8_cli.errors import InvalidArgumentError
+
+FORCE_ENV = "LLMINT8_CPU_GEMM"
+LEGACY_NAMES = {"torch": "onednn-nk", "native": "llmint8-avx2"}  # earlier values of LLMINT8_CPU_GEMM
 
 
 @functools.cache
 def native_kernels():
-    """The compiled extension module, or None when it cannot be built here."""
-    if os.environ.get("LLMINT8_CPU_GEMM", "native") == "torch":
-        return None
+    """The compiled extension module (GEMM, activation quantization, epilogue), or None."""
     try:
         from torch.utils import cpp_extension
 
@@ -27,28 +49,258 @@ def native_kernels():
         flags = ["-O3"]
         if torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512"):
             flags += ["-mavx2", "-mfma", "-mf16c"]
-        return cpp_extension.load(name="llmint8_cpu_gemm", sources=[str(source)], extra_cflags=flags, verbose=False)
+        return cpp_extension.load(name="llmint8_cpu_kernels", sources=[str(source)], extra_cflags=flags, verbose=False)
     except Exception as exc:  # no compiler, no ninja, read-only cache...
-        print(f"llmint8: native CPU int8 kernel unavailable ({type(exc).__name__}); using torch._int_mm", file=sys.stderr)
+        print(f"llmint8: native CPU kernels unavailable ({type(exc).__name__}); using oneDNN and the torch reference", file=sys.stderr)
         return None
 
 
-def gemm_name() -> str:
-    """Which GEMM runs the int8 product on this machine (reported by `bench`)."""
-    native = native_kernels()
-    if native is None:
-        return "torch._int_mm"
-    return "llmint8-avx2" if native.has_avx2() else "llmint8-scalar"
+@dataclass(frozen=True)
+class GemmPath:
+    """One way to compute A[m, k] · W[n, k]^T exactly; `pack` lays W out once at load."""
+
+    name: str
+    int32: bool = True  # False: the product comes back as float32 = float(int32 sum)
+    own_layout: bool = False  # True: `pack` makes a copy of W (more memory); False: W as stored
+
+    def available(self) -> bool:
+        raise NotImplementedError
+
+    def pack(self, q: torch.Tensor):
+        return q.contiguous()
+
+    def run(self, a: torch.Tensor, packed) -> torch.Tensor:
+        raise NotImplementedError
 
 
-def pack_weight(q: torch.Tensor) -> torch.Tensor:
-    """Lay out W's int8 rows [n, k] once at load for the GEMM (row-major, contiguous)."""
-    return q.contiguous()
+class IntMmNK(GemmPath):
+    def available(self) -> bool:
+        return hasattr(torch, "_int_mm")
+
+    def run(self, a, packed):
+        return torch._int_mm(a.contiguous(), packed.t())
 
 
-def int8_gemm(a: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
-    """Exact int32 A[m, k] · W[n, k]^T."""
-    native = native_kernels()
-    if native is not None and a.device.type == "cpu":
-        return native.int8_gemm(a.contiguous(), packed)
-    return torch._int_mm(a.contiguous(), packed.t())
+class IntMmKN(IntMmNK):
+    def pack(self, q):
+        return q.t().contiguous()
+
+    def run(self, a, packed):
+        return torch._int_mm(a.contiguous(), packed)
+
+
+class OneDnnPrepacked(GemmPath):
+    def available(self) -> bool:
+        return torch.backends.mkldnn.is_available() and hasattr(torch.ops.onednn, "qlinear_prepack")
+
+    def pack(self, q):
+        n = q.shape[0]
+        return torch.ops.onednn.qlinear_prepack(q.contiguous(), None), torch.ones(n), torch.zeros(n, dtype=torch.long)
+
+    def run(self, a, packed):
+        weight, ones, zeros = packed
+        shifted = a.contiguous().view(torch.uint8) ^ 0x80  # q + 128 as uint8, exactly
+        return torch.ops.onednn.qlinear_pointwise(shifted, 1.0, 128, weight, ones, zeros, None, 1.0, 0, torch.float32, "none", [], "")
+
+
+class Native(GemmPath):
+    def available(self) -> bool:
+        native = native_kernels()
+        return native is not None and native.has_avx2() == (self.name == "llmint8-avx2")
+
+    def run(self, a, packed):
+        return native_kernels().int8_gemm(a.contiguous(), packed)
+
+
+PATHS = {
+    p.name: p for p in (
+        OneDnnPrepacked("onednn-prepacked", int32=False, own_layout=True), IntMmNK("onednn-nk"), IntMmKN("onednn-kn", own_layout=True),
+        Native("llmint8-avx2"), Native("llmint8-scalar"),
+    )
+}
+
+
+@dataclass(frozen=True)
+class GemmPlan:
+    """The path a weight runs at each token count: (largest m or None for the rest, path name)."""
+
+    steps: tuple[tuple[int | None, str], ...]
+
+    @property
+    def paths(self) -> list[GemmPath]:
+        return list(dict.fromkeys(PATHS[name] for _, name in self.steps))
+
+    @property
+    def int32(self) -> bool:
+        return all(p.int32 for p in self.paths)
+
+    @property
+    def name(self) -> str:
+        if len(self.steps) == 1:
+            return self.steps[0][1]
+        return ", ".join(f"{name} (m <= {top})" if top is not None else f"{name} (larger m)" for top, name in self.steps)
+
+    def pack(self, q: torch.Tensor) -> dict:
+        return {p.name: p.pack(q) for p in self.paths}
+
+    def run(self, a: torch.Tensor, packed: dict) -> torch.Tensor:
+        m = a.shape[0]
+        name = next(name for top, name in self.steps if top is None or m <= top)
+        return PATHS[name].run(a, packed[name])
+
+
+def machine_key() -> dict:
+    """What the choice depends on: the CPU, its flags, the threads and torch."""
+    model, flags = platform.processor() or platform.machine(), []
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name") and model in ("", platform.machine()):
+                model = line.split(":", 1)[1].strip()
+            if line.startswith("flags"):
+                flags = sorted(f for f in line.split(":", 1)[1].split() if f.startswith(("avx", "amx", "fma", "f16c")))
+                break
+    except OSError:
+        pass
+    return {"cpu": model, "cpu_flags": flags, "threads": torch.get_num_threads(), "torch": torch.__version__}
+
+
+def cache_file() -> Path:
+    root = os.environ.get("LLMINT8_CACHE_DIR") or os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "llmint8")
+    return Path(root) / "cpu_gemm.json"
+
+
+MICRO_TOKENS = (1, 16, 128)
+LARGEST_MEASURED = 4096  # weights are measured at their shape, each side clamped to this
+BUCKET_TOPS = (4, 45, None)  # a call with m rows goes by the measured token count nearest in log scale
+CACHE_VERSION = 1
+LAYOUT_GAIN = 1.1  # a path with its own copy of W must beat the stored-layout paths by 10 % somewhere
+
+
+def measure(paths: list[GemmPath], shape: tuple[int, int], repeat: int = 5) -> dict[str, dict[int, float]]:
+    """Best-of-`repeat` ms of each path on an int8 weight of `shape` at a few token counts.
+
+    The paths take turns call by call, so a burst of noise on a shared machine hits them alike.
+    """
+    n, k = shape
+    g = torch.Generator().manual_seed(0)
+    w = torch.randint(-127, 128, (n, k), dtype=torch.int8, generator=g)
+    packed = {p.name: p.pack(w) for p in paths}
+    timings = {p.name: {} for p in paths}
+    for m in MICRO_TOKENS:
+        a = torch.randint(-127, 128, (m, k), dtype=torch.int8, generator=g)
+        samples = {p.name: [] for p in paths}
+        for turn in range(repeat + 1):  # the first turn warms up
+            for p in paths:
+                started = time.perf_counter()
+                p.run(a, packed[p.name])
+                if turn:
+                    samples[p.name].append((time.perf_counter() - started) * 1e3)
+        for name, values in samples.items():
+            timings[name][m] = min(values)
+    return timings
+
+
+def plan_for(timings: dict[str, dict[int, float]], names: list[str]) -> list[list]:
+    """Per token count the fastest path, with at most one path that keeps its own copy of W.
+
+    Each such path is tried in turn (and none); it joins only where it beats the paths that use
+    W as stored by LAYOUT_GAIN, so no weight is held twice for a marginal gain. The plan with
+    the smallest mean slowdown against the fastest path at each token count wins.
+    """
+    stored = [n for n in names if not PATHS[n].own_layout]
+    fastest = {m: min(timings[n][m] for n in names) for m in MICRO_TOKENS}
+
+    def build(copy: str | None) -> list[str]:
+        chosen = []
+        for m in MICRO_TOKENS:
+            best = min(stored, key=lambda n: timings[n][m]) if stored else copy
+            if copy is not None and timings[copy][m] * LAYOUT_GAIN < timings[best][m]:
+                best = copy
+            chosen.append(best)
+        return chosen
+
+    options = ([None] if stored else []) + [n for n in names if PATHS[n].own_layout]
+    per_m = min((build(c) for c in options), key=lambda chosen: statistics.fmean(timings[n][m] / fastest[m] for n, m in zip(chosen, MICRO_TOKENS)))
+    steps: list[list] = []
+    for name, top in zip(per_m, BUCKET_TOPS):
+        if steps and steps[-1][1] == name:
+            steps[-1][0] = top
+        else:
+            steps.append([top, name])
+    return steps
+
+
+def measured_shape(n: int, k: int) -> tuple[int, int]:
+    return min(n, LARGEST_MEASURED), min(k, LARGEST_MEASURED)
+
+
+@functools.cache
+def decision(shape: tuple[int, int]) -> dict:
+    """This machine's timings and plans for a weight shape, from the cache or measured now.
+
+    Per shape, because the fastest path depends on it: on a 2-core Zen 4 the prepacked oneDNN
+    weight wins at 4096 x 4096 from 16 tokens on, while `_int_mm` wins at SmolLM2's 576-wide ones.
+    """
+    key = machine_key()
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+    label = "x".join(map(str, shape))
+    path = cache_file()
+    try:
+        machine_entry = json.loads(path.read_text()).get(digest) or {}
+    except (OSError, ValueError, AttributeError):
+        machine_entry = {}
+    available = [p for p in PATHS.values() if p.available()]
+    cached = machine_entry.get("shapes", {}).get(label) if machine_entry.get("version") == CACHE_VERSION else None
+    if cached and set(cached.get("timings_ms", {})) == {p.name for p in available}:
+        return cached
+    timings = measure(available, shape)
+    entry = {
+        "timings_ms": {n: {str(m): round(t, 4) for m, t in ms.items()} for n, ms in timings.items()},
+        "fused": plan_for(timings, [p.name for p in available]),
+        "int32": plan_for(timings, [p.name for p in available if p.int32]),
+    }
+    try:
+        everything = json.loads(path.read_text()) if path.is_file() else {}
+        machine_entry = everything.get(digest) if isinstance(everything.get(digest), dict) and everything[digest].get("version") == CACHE_VERSION else {}
+        machine_entry.update({"version": CACHE_VERSION, "machine": key})
+        machine_entry.setdefault("shapes", {})[label] = entry
+        everything[digest] = machine_entry
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".tmp-{os.getpid()}")
+        tmp.write_text(json.dumps(everything, indent=1) + "\n")
+        tmp.replace(path)
+    except (OSError, ValueError, AttributeError):  # an unwritable or foreign cache: measure again next time
+        pass
+    return entry
+
+
+def forced() -> GemmPath | None:
+    name = os.environ.get(FORCE_ENV)
+    if not name:
+        return None
+    name = LEGACY_NAMES.get(name, name)
+    if name not in PATHS:
+        raise InvalidArgumentError(f"{FORCE_ENV}={name!r}: expected one of {', '.join(PATHS)}")
+    if not PATHS[name].available():
+        raise InvalidArgumentError(f"{FORCE_ENV}={name!r}: that path cannot run on this machine")
+    return PATHS[name]
+
+
+def choose(shape: tuple[int, int], int32: bool) -> GemmPlan:
+    """The plan for a weight of shape [n, k]: `int32` when the caller needs exact int32 sums
+    (zero points, tensor-wise scales), else any path whose float32 product equals float(int32).
+    A forced path that returns float32 serves only the callers that take it."""
+    path = forced()
+    if path is not None and (path.int32 or not int32):
+        return GemmPlan(((None, path.name),))
+    plan = GemmPlan(tuple((top, name) for top, name in decision(measured_shape(*shape))["int32" if int32 else "fused"]))
+    CHOSEN["x".join(map(str, shape))] = plan.name
+    return plan
+
+
+CHOSEN: dict[str, str] = {}  # weight shape -> plan, for the JSON of the commands that computed
+
+
+def gemm_report() -> dict:
+    """What ran the int8 products in this process: the forced path, or the plan of each shape."""
+    return {"forced": forced().name if forced() else None, "plans": dict(CHOSEN)}

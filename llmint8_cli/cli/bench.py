@@ -3,15 +3,20 @@
 from __future__ import annotations
 
 import datetime
+import os
 from typing import Annotated
 
 import typer
 from rich.table import Table
 
-from llmint8_cli.cli.common import Device, NoVerify, Quiet, command, emit_json, progress_bar, stderr_console
+from llmint8_cli.backends.cpu_kernels import gemm_report
+from llmint8_cli.cli.common import ComputeDtype, Device, NoVerify, Quiet, command, emit_json, progress_bar, stderr_console
 from llmint8_cli.core.methods import DEFAULT_METHOD, DEFAULT_THRESHOLD, get_method
 from llmint8_cli.errors import InvalidArgumentError
 from llmint8_cli.evaluation import speed, variants
+
+
+TORCHAO = "torchao W8A8"
 
 
 def parse_shapes(text: str) -> list[tuple[int, int]]:
@@ -29,14 +34,32 @@ def parse_shapes(text: str) -> list[tuple[int, int]]:
     return shapes
 
 
-def parse_ints(text: str, option: str) -> list[int]:
+def parse_ints(text: str, option: str, minimum: int = 0) -> list[int]:
     try:
         values = [int(v) for v in text.split(",") if v.strip()]
     except ValueError:
         raise InvalidArgumentError(f"{option}: expected comma-separated integers, got {text!r}") from None
-    if not values or min(values) < 0:
-        raise InvalidArgumentError(f"{option}: expected non-negative integers, got {text!r}")
+    if not values or min(values) < minimum:
+        raise InvalidArgumentError(f"{option}: expected integers >= {minimum}, got {text!r}")
     return values
+
+
+LAYER_BYTES_PER_WEIGHT = 14  # fp32 + bf16 + fp16 copies, int8 rows and a peer's copy of each weight
+
+
+def check_layer_sizes(shapes: list[tuple[int, int]], outliers: list[int]) -> None:
+    """Refuse at once what cannot run: more outlier columns than inputs, weights beyond the RAM."""
+    for out_f, in_f in shapes:
+        if max(outliers) > in_f:
+            raise InvalidArgumentError(f"--outlier-cols {max(outliers)} exceeds the {in_f} input features of {out_f}x{in_f}")
+    try:
+        available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, AttributeError):  # the OS does not tell
+        return
+    largest = max(shapes, key=lambda s: s[0] * s[1])
+    needed = largest[0] * largest[1] * LAYER_BYTES_PER_WEIGHT
+    if needed > available:
+        raise InvalidArgumentError(f"--shapes {largest[0]}x{largest[1]} needs about {needed / 2**30:.1f} GiB for its layers, {available / 2**30:.1f} GiB free")
 
 
 @command
@@ -46,9 +69,10 @@ def bench(
     tokens: Annotated[str, typer.Option(help="Layer mode: token counts m per call.")] = "1,16,128,512,2048",
     outlier_cols: Annotated[str, typer.Option(help="Layer mode: outlier feature columns for the llm.int8 rows.")] = "0,6,64",
     method: Annotated[str, typer.Option(help="Model mode: quantization method.")] = DEFAULT_METHOD,
-    prompt_tokens: Annotated[int, typer.Option(min=1, help="Model mode: prefill length.")] = 128,
+    prompt_tokens: Annotated[str, typer.Option(help="Model mode: prefill lengths, comma-separated.")] = "128,512",
     new_tokens: Annotated[int, typer.Option(min=1, help="Model mode: tokens decoded.")] = 32,
-    batch: Annotated[int, typer.Option(min=1, help="Model mode: sequences prefilled and decoded together.")] = 1,
+    batch: Annotated[str, typer.Option(help="Model mode: how many sequences are decoded together, comma-separated.")] = "1,8",
+    dtype: ComputeDtype = "auto",
     repeat: Annotated[int, typer.Option(min=1, help="Timed calls per row (after one warm-up).")] = 5,
     device: Device = "cpu",
     no_verify: NoVerify = False,
@@ -59,37 +83,58 @@ def bench(
     run_device = variants.resolve_device(device)
     document = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), "device": str(run_device), "machine": speed.machine()}
     if model is None:
-        shape_list, token_list, outliers = parse_shapes(shapes), parse_ints(tokens, "--tokens"), parse_ints(outlier_cols, "--outlier-cols")
-        rows = []
+        shape_list, token_list, outliers = parse_shapes(shapes), parse_ints(tokens, "--tokens", minimum=1), parse_ints(outlier_cols, "--outlier-cols")
+        check_layer_sizes(shape_list, outliers)
+        rows, notes = [], []
         with progress_bar(console) as bar:
-            task = bar.add_task("layers", total=len(shape_list) * len(token_list) * (5 + len(outliers)))
+            task = bar.add_task("layers", total=len(shape_list) * len(token_list) * (4 + len(outliers) + len(speed.PEERS)))
             for out_f, in_f in shape_list:
-                rows += speed.bench_layer(out_f, in_f, [t for t in token_list if t > 0], outliers, repeat, run_device, progress=lambda: bar.advance(task))
-        document.update({"mode": "layer", "repeat": repeat, "rows": rows})
-        table = Table(title=f"llmint8 bench · layers · {document['machine']['cpu_int8_gemm']} · {run_device}")
-        for column in ("shape", "m", "row", "median ms", "min–max ms", "× 16-bit", "rel. err", "weight MiB"):
+                rows += speed.bench_layer(out_f, in_f, token_list, outliers, repeat, run_device, progress=lambda: bar.advance(task), notes=notes)
+        document.update({"mode": "layer", "repeat": repeat, "rows": rows, "notes": notes})
+        table = Table(title=f"llmint8 bench · layers · {document['machine']['cpu']} · {document['machine']['threads']} threads · {run_device}")
+        for column in ("shape", "m", "row", "median ms", "min–max ms", "× 16-bit", "× best float", "rel. err", "weight MiB"):
             table.add_column(column, justify="right")
         for r in rows:
-            table.add_row(r["shape"], str(r["tokens"]), r["row"], f"{r['median_ms']:.3f}", f"{r['min_ms']:.2f}–{r['max_ms']:.2f}", f"{r['speedup_vs_16bit']:.2f}", f"{r['rel_error_vs_fp32']:.1e}", f"{r['weight_mib']:.1f}")
+            table.add_row(
+                r["shape"], str(r["tokens"]), r["row"], f"{r['median_ms']:.3f}", f"{r['min_ms']:.2f}–{r['max_ms']:.2f}", f"{r['speedup_vs_16bit']:.2f}",
+                f"{r['speedup_vs_best_float']:.2f}", f"{r['rel_error_vs_fp32']:.1e}", f"{r['weight_mib']:.1f}",
+            )
+        for note in notes:
+            console.print(f"note: {note}")
     else:
-        dtype = variants.resolve_dtype("bf16" if run_device.type == "cpu" else "fp16", run_device)
-        subject = variants.subject(model, [get_method(method)], DEFAULT_THRESHOLD, dtype, run_device, verify=not no_verify)
-        results = {}
+        lengths, batches = parse_ints(prompt_tokens, "--prompt-tokens", minimum=1), parse_ints(batch, "--batch", minimum=1)
+        run_dtype = variants.resolve_dtype(dtype, run_device, inference=True)
+        subject = variants.subject(model, [get_method(method)], DEFAULT_THRESHOLD, run_dtype, run_device, verify=not no_verify)
+        results, notes = {}, list(subject.notes)
         with console.status("timing prefill and decode"):
             for name, network in subject.variants:
-                results[name] = speed.bench_model(network, prompt_tokens, new_tokens, repeat, run_device, batch)
+                results[name] = speed.bench_model(network, lengths, batches, new_tokens, repeat, run_device)
+                if name == variants.BASELINE:
+                    try:
+                        results[TORCHAO] = speed.bench_model(speed.torchao_model(network), lengths, batches, new_tokens, repeat, run_device)
+                    except ImportError as exc:
+                        notes.append(f"{TORCHAO}: not installed ({exc.name}); pip install 'llmint8[peers]'")
         base = results.get(variants.BASELINE)
-        for name, row in results.items():
+        for row in results.values():
             if base:
-                row["prefill_speedup"] = round(row["prefill_tokens_per_s"] / base["prefill_tokens_per_s"], 3)
-                row["decode_speedup"] = round(row["decode_tokens_per_s"] / base["decode_tokens_per_s"], 3)
+                for phase in ("prefill", "decode"):
+                    for size, entry in row[phase].items():
+                        entry["speedup"] = round(entry["tokens_per_s"] / base[phase][size]["tokens_per_s"], 3)
                 row["weight_ratio"] = round(row["weight_mib"] / base["weight_mib"], 3)
-        document.update({"mode": "model", "model": subject.label, "dtype": str(dtype).removeprefix("torch."), "batch": batch, "prompt_tokens": prompt_tokens, "new_tokens": new_tokens, "repeat": repeat, "results": results})
-        table = Table(title=f"llmint8 bench · {subject.label} · batch {batch} · {run_device}")
-        for column in ("variant", "prefill tok/s", "decode tok/s", "weights MiB", "× prefill", "× decode"):
+        document.update({
+            "mode": "model", "model": subject.label, "dtype": str(run_dtype).removeprefix("torch."), "prompt_tokens": lengths, "batches": batches,
+            "new_tokens": new_tokens, "repeat": repeat, "results": results, "notes": notes,
+        })
+        table = Table(title=f"llmint8 bench · {subject.label} · {str(run_dtype).removeprefix('torch.')} · {document['machine']['cpu']} · {run_device}")
+        columns = [("prefill", str(n), f"prefill {n} tok/s") for n in lengths] + [("decode", str(b), f"decode ×{b} tok/s") for b in batches]
+        for column in ("variant", *(c[2] for c in columns), "weights MiB"):
             table.add_column(column, justify="right")
         for name, r in results.items():
-            table.add_row(name, f"{r['prefill_tokens_per_s']:.0f}", f"{r['decode_tokens_per_s']:.1f}", f"{r['weight_mib']:.0f}", str(r.get("prefill_speedup", "")), str(r.get("decode_speedup", "")))
+            cells = [f"{r[phase][size]['tokens_per_s']:.0f}" + (f" ({r[phase][size]['speedup']:.2f}×)" if "speedup" in r[phase][size] else "") for phase, size, _ in columns]
+            table.add_row(name, *cells, f"{r['weight_mib']:.0f}")
+        for note in notes:
+            console.print(f"note: {note}")
+    document["int8_gemm"] = gemm_report()
     console.print(table)
     emit_json(document)
 

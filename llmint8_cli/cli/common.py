@@ -29,7 +29,7 @@ EXIT_BAD_INPUT = 2
 Quiet = Annotated[bool, typer.Option("-q", "--quiet", help="Nothing on stderr.")]
 NoVerify = Annotated[bool, typer.Option("--no-verify", help="Skip the sha256 check of an llmint8 folder against its manifest.")]
 Device = Annotated[str, typer.Option(help="cpu, cuda, cuda:N or auto.")]
-ComputeDtype = Annotated[str, typer.Option("--dtype", help="Compute dtype: auto (fp32 on CPU, fp16 on GPU), fp32, fp16, bf16.")]
+ComputeDtype = Annotated[str, typer.Option("--dtype", help="Compute dtype: fp32, fp16, bf16, or auto: fp16 on GPU; on CPU fp32 for evaluation, and for bench bf16 where the CPU has native bf16 matmul.")]
 DataDir = Annotated[str | None, typer.Option(help="Local data folder (layout of shared/data); default $LLMINT8_DATA_DIR or ./shared/data.")]
 
 
@@ -87,7 +87,8 @@ def quiet_libraries() -> None:
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     warnings.filterwarnings("ignore")
-    logging.getLogger("lm_eval").setLevel(logging.ERROR)
+    for name in ("lm_eval", "torchao", "torch.utils._pytree"):  # torchao (imported by transformers when installed) warns on import
+        logging.getLogger(name).setLevel(logging.ERROR)
     try:
         from tqdm.auto import tqdm
         from transformers import modeling_gguf_pytorch_utils as gguf_loader

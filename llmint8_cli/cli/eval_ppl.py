@@ -9,6 +9,7 @@ import typer
 from rich.table import Table
 
 from llmint8_cli import data
+from llmint8_cli.backends.cpu_kernels import gemm_report
 from llmint8_cli.cli.common import ComputeDtype, DataDir, Device, NoVerify, Quiet, command, emit_json, progress_bar, stderr_console
 from llmint8_cli.core.methods import DEFAULT_METHOD, DEFAULT_THRESHOLD, check_threshold, parse_methods
 from llmint8_cli.errors import DataError
@@ -112,5 +113,6 @@ def eval_ppl(
     for name, row in results.items():
         delta = "" if row["delta_pct"] is None else f"{row['delta_pct']:+.2f} %"
         table.add_row(name, f"{row['ppl']:.3f}", delta, f"{row['seconds']:.1f}", "cached" if row["tokens_per_s"] is None else f"{row['tokens_per_s']:.0f}")
+    document["int8_gemm"] = gemm_report()
     console.print(table)
     emit_json(document)

@@ -11,6 +11,7 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
+from llmint8_cli.backends.cpu_kernels import gemm_report
 from llmint8_cli.cli.common import ComputeDtype, Device, NoVerify, Quiet, command, emit_json, stderr_console
 from llmint8_cli.core.methods import DEFAULT_METHOD, DEFAULT_THRESHOLD, check_threshold, parse_methods
 from llmint8_cli.evaluation import variants, zeroshot
@@ -78,6 +79,7 @@ def eval_zeroshot(
             cells = [f"{results[m][task].get(metric, float('nan')):.4f} ± {results[m][task].get(metric + '_stderr') or 0:.4f}" for m in results]
             deltas = [delta_cell(per_task[m], metric) for m in results if m != variants.BASELINE] if baseline else []
             table.add_row(task, metric, *cells, *deltas)
+    document["int8_gemm"] = gemm_report()
     console.print(table)
     emit_json(document)
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import platform
 import statistics
 import time
 from collections.abc import Callable
@@ -14,6 +13,7 @@ from torch import nn
 
 from llmint8_cli.nn.linear import Int8Linear
 
+FLOAT_ROWS = ("fp32", "bfloat16", "float16")
 PAPER_HIDDEN = (768, 1024, 2048, 2560, 4096, 5140, 8192, 12288)  # Appendix D, Table 5: W is 4d x d
 
 
@@ -22,22 +22,20 @@ def paper_shapes() -> list[tuple[int, int]]:
 
 
 def machine() -> dict:
-    flags = []
-    try:
-        with open("/proc/cpuinfo") as handle:
-            for line in handle:
-                if line.startswith("flags"):
-                    flags = sorted(f for f in line.split(":", 1)[1].split() if f.startswith(("avx", "amx", "fma", "f16c")))
-                    break
-    except OSError:
-        pass
-    from llmint8_cli.backends.cpu_kernels import gemm_name
+    """The CPU (model, flags, threads), torch and the GPU: every speed figure goes beside these."""
+    from llmint8_cli.backends.cpu_kernels import machine_key
 
     return {
-        "cpu": platform.processor() or platform.machine(), "cpu_flags": flags, "threads": torch.get_num_threads(),
-        "torch": torch.__version__, "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
-        "cpu_int8_gemm": gemm_name(), "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+        **machine_key(), "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
     }
+
+
+def gemm_plan(layer: nn.Module) -> str | None:
+    """The int8 GEMM plan an Int8Linear ran with (CPU), or None."""
+    prepared = getattr(layer, "_prepared", None)
+    gemm = getattr(prepared[1], "gemm", None) if prepared else None
+    return gemm.name if gemm is not None else None
 
 
 @dataclass
@@ -65,8 +63,9 @@ def weight_bytes(module: nn.Module) -> int:
     return sum(t.numel() * t.element_size() for t in list(module.parameters()) + list(module.buffers()))
 
 
-def layer_rows(out_features: int, in_features: int, outlier_counts: list[int], device: torch.device, with_bnb: bool) -> list[tuple[str, nn.Module, torch.dtype, int]]:
-    """(row name, layer, activation dtype, outlier columns) for one weight shape."""
+def layer_rows(out_features: int, in_features: int, outlier_counts: list[int], device: torch.device, with_peers: bool, notes: list[str]) -> list[tuple[str, nn.Module, torch.dtype, int]]:
+    """(row name, layer, activation dtype, outlier columns) for one weight shape; a peer that is
+    not installed gets a line in `notes` instead of a row."""
     torch.manual_seed(0)
     base = nn.Linear(in_features, out_features, bias=False, device=device)
     sixteen = [torch.bfloat16, torch.float16]
@@ -78,21 +77,38 @@ def layer_rows(out_features: int, in_features: int, outlier_counts: list[int], d
     for count in outlier_counts:
         stored = torch.arange(count) * (in_features // max(count, 1))
         rows.append((f"llm.int8 ({count} outliers)", Int8Linear.from_linear(half, "llm.int8", outlier_idx=stored), act, count))
-    if with_bnb:
-        bnb_row = bitsandbytes_row(half, device)
-        if bnb_row is not None:
-            rows.append(("bitsandbytes Linear8bitLt", bnb_row, act, 6))
+    if with_peers:
+        for name, make, outliers in PEERS:
+            try:
+                rows.append((name, make(half, device), act, outliers))
+            except ImportError as exc:
+                note = f"{name}: not installed ({exc.name}); pip install 'llmint8[peers]'"
+                if note not in notes:
+                    notes.append(note)
     return rows
 
 
-def bitsandbytes_row(linear: nn.Linear, device: torch.device):
-    try:
-        import bitsandbytes as bnb
-    except ImportError:
-        return None
+def bitsandbytes_row(linear: nn.Linear, device: torch.device) -> nn.Module:
+    import bitsandbytes as bnb
+
     layer = bnb.nn.Linear8bitLt(linear.in_features, linear.out_features, bias=False, has_fp16_weights=False, threshold=6.0)
     layer.weight = bnb.nn.Int8Params(linear.weight.data.clone().cpu(), requires_grad=False, has_fp16_weights=False)
     return layer.to(device)
+
+
+def torchao_w8a8(module: nn.Module) -> nn.Module:
+    """torchao's int8 dynamic-activation, int8-weight quantization (W8A8, no decomposition), eager."""
+    from torchao.quantization import Int8DynamicActivationInt8WeightConfig, quantize_
+
+    quantize_(module, Int8DynamicActivationInt8WeightConfig())
+    return module
+
+
+def torchao_row(linear: nn.Linear, device: torch.device) -> nn.Module:
+    return torchao_w8a8(nn.Sequential(copy.deepcopy(linear)))[0]
+
+
+PEERS = [("bitsandbytes Linear8bitLt", bitsandbytes_row, 6), ("torchao W8A8 (eager)", torchao_row, 0)]
 
 
 def activations(tokens: int, in_features: int, outliers: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -105,8 +121,11 @@ def activations(tokens: int, in_features: int, outliers: int, dtype: torch.dtype
 
 
 @torch.inference_mode()
-def bench_layer(out_features: int, in_features: int, tokens: list[int], outlier_counts: list[int], repeat: int, device: torch.device, with_bnb: bool = True, progress=None) -> list[dict]:
-    rows = layer_rows(out_features, in_features, outlier_counts, device, with_bnb)
+def bench_layer(out_features: int, in_features: int, tokens: list[int], outlier_counts: list[int], repeat: int, device: torch.device, with_peers: bool = True, progress=None, notes: list[str] | None = None) -> list[dict]:
+    """Every row at every token count; `speedup_vs_16bit` against bf16 (CPU) or fp16 (GPU), and
+    `speedup_vs_best_float` against the fastest of fp32/bf16/fp16 at that count (a CPU without
+    native 16-bit matmul runs fp32 fastest)."""
+    rows = layer_rows(out_features, in_features, outlier_counts, device, with_peers, notes if notes is not None else [])
     fp32_layer = rows[0][1]
     sixteen_name = "bfloat16" if device.type == "cpu" else "float16"
     results = []
@@ -114,7 +133,7 @@ def bench_layer(out_features: int, in_features: int, tokens: list[int], outlier_
         baseline = None
         per_m = []
         for name, layer, dtype, outliers in rows:
-            x = activations(m, in_features, max(outliers, 6 if name.startswith("bitsandbytes") else 0), dtype, device)
+            x = activations(m, in_features, outliers, dtype, device)
             timing = time_calls(lambda: layer(x), repeat, device)
             reference = fp32_layer(x.float())
             y = layer(x).float()
@@ -123,29 +142,45 @@ def bench_layer(out_features: int, in_features: int, tokens: list[int], outlier_
                 "shape": f"{out_features}x{in_features}", "tokens": m, "row": name, "median_ms": round(timing.median_ms, 4),
                 "min_ms": round(timing.min_ms, 4), "max_ms": round(timing.max_ms, 4), "rel_error_vs_fp32": round(error, 6),
                 "weight_mib": round(weight_bytes(layer) / 2**20, 3),
+                **({"int8_gemm": gemm_plan(layer)} if gemm_plan(layer) else {}),
             }
             if name == sixteen_name:
                 baseline = timing.median_ms
             per_m.append(row)
             if progress:
                 progress()
+        best_float = min(r["median_ms"] for r in per_m if r["row"] in FLOAT_ROWS)
         for row in per_m:
             row["speedup_vs_16bit"] = round(baseline / row["median_ms"], 3) if baseline else None
+            row["speedup_vs_best_float"] = round(best_float / row["median_ms"], 3)
         results += per_m
     return results
 
 
 @torch.inference_mode()
-def bench_model(model: nn.Module, prompt_tokens: int, new_tokens: int, repeat: int, device: torch.device, batch: int = 1) -> dict:
-    """Prefill tokens/s (one forward over `batch` prompts) and decode tokens/s (greedy, KV cache, all sequences)."""
+def bench_model(model: nn.Module, prompt_lengths: list[int], batches: list[int], new_tokens: int, repeat: int, device: torch.device) -> dict:
+    """Prefill tokens/s (one forward over one prompt of each length) and decode tokens/s (greedy,
+    KV cache, `new_tokens` after an 8-token prompt, for each batch of sequences decoded together)."""
     vocab = model.config.vocab_size
-    ids = torch.randint(3, vocab, (batch, prompt_tokens), generator=torch.Generator().manual_seed(0)).to(device)
-    prefill = time_calls(lambda: model(input_ids=ids, use_cache=False), repeat, device)
-    generate = lambda: model.generate(ids[:, :8], max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)  # noqa: E731
-    decode = time_calls(generate, max(1, repeat // 2), device)
-    return {
-        "prefill_tokens_per_s": round(batch * prompt_tokens / (prefill.median_ms / 1e3), 1),
-        "prefill_ms": round(prefill.median_ms, 2),
-        "decode_tokens_per_s": round(batch * new_tokens / (decode.median_ms / 1e3), 2),
-        "weight_mib": round(weight_bytes(model) / 2**20, 1),
-    }
+    g = torch.Generator().manual_seed(0)
+    prefill, decode = {}, {}
+    for length in prompt_lengths:
+        ids = torch.randint(3, vocab, (1, length), generator=g).to(device)
+        timing = time_calls(lambda: model(input_ids=ids, use_cache=False), repeat, device)
+        prefill[str(length)] = {"tokens_per_s": round(length / (timing.median_ms / 1e3), 1), "median_ms": round(timing.median_ms, 2)}
+    for batch in batches:
+        ids = torch.randint(3, vocab, (batch, 8), generator=g).to(device)
+        generate = lambda: model.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)  # noqa: E731
+        timing = time_calls(generate, max(1, repeat // 2), device)
+        decode[str(batch)] = {"tokens_per_s": round(batch * new_tokens / (timing.median_ms / 1e3), 2), "median_ms": round(timing.median_ms, 2)}
+    return {"prefill": prefill, "decode": decode, "weight_mib": round(weight_bytes(model) / 2**20, 1)}
+
+
+def torchao_model(model: nn.Module) -> nn.Module:
+    """A copy of a 16-bit model with torchao W8A8 on every linear but the LM head (kept 16-bit, as ours)."""
+    from torchao.quantization import Int8DynamicActivationInt8WeightConfig, quantize_
+
+    copied = copy.deepcopy(model)
+    head = copied.get_output_embeddings()
+    quantize_(copied, Int8DynamicActivationInt8WeightConfig(), filter_fn=lambda module, name: isinstance(module, nn.Linear) and module is not head)
+    return copied

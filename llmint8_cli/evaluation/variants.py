@@ -36,13 +36,25 @@ def resolve_device(option: str) -> torch.device:
         raise InvalidArgumentError(f"unknown device {option!r} (cpu, cuda, cuda:N or auto)") from None
 
 
-def resolve_dtype(option: str, device: torch.device) -> torch.dtype:
-    """auto: fp32 on CPU (CPUs without native 16-bit matmul run it fastest), fp16 on GPU."""
+def resolve_dtype(option: str, device: torch.device, inference: bool = False) -> torch.dtype:
+    """auto: fp16 on GPU. On CPU, for speed (`inference`, as in bench) bf16 where the CPU has
+    native bf16 matmul (AMX-BF16, AVX512-BF16) and fp32 elsewhere, where it runs fastest; for
+    evaluation fp32, the dtype every recorded perplexity was computed in (bf16 moves the 16-bit
+    baseline itself: bench/results/2026-12-02-bench-cpu-engine.md)."""
     if option == "auto":
-        return torch.float32 if device.type == "cpu" else torch.float16
+        if device.type != "cpu":
+            return torch.float16
+        return torch.bfloat16 if inference and native_bf16() else torch.float32
     if option not in DTYPES:
         raise InvalidArgumentError(f"--dtype must be one of auto, {', '.join(DTYPES)}; got {option!r}")
     return DTYPES[option]
+
+
+def native_bf16() -> bool:
+    """Whether the CPU multiplies bf16 natively (AMX-BF16 or AVX512-BF16), from /proc/cpuinfo."""
+    from llmint8_cli.backends.cpu_kernels import machine_key
+
+    return bool({"amx_bf16", "avx512_bf16"} & set(machine_key()["cpu_flags"]))
 
 
 @dataclass

@@ -82,7 +82,7 @@ class Int8Linear(nn.Module):
         backend = backend_for(x.device)
         key = (backend.name, self.weight.device, self.weight.data_ptr(), self.weight_scale.data_ptr(), self.outlier_weight.data_ptr())
         if self._prepared is None or self._prepared[0] != key:
-            self._prepared = (key, backend.prepare(self.quantized_weight()))
+            self._prepared = (key, backend.prepare(self.quantized_weight(), self.method))
         return backend, self._prepared[1]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
