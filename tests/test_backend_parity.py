@@ -152,3 +152,22 @@ def test_forced_gemm_path_is_the_one_prepared(monkeypatch):
     monkeypatch.setenv(cpu_kernels.FORCE_ENV, "amx-magic")
     with pytest.raises(ValueError, match="expected one of"):
         cpu.prepare(qweight, method)
+
+
+@pytest.mark.skipif(cpu_kernels.native_kernels() is None, reason="no compiler for the native CPU kernels")
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_every_activation_lane_width_gives_the_reference_bits(dtype):
+    """The widest build (AVX-512 where present) runs in models; the narrower ones stay tested too."""
+    from llmint8_cli.backends.cpu import column_mask
+
+    native, method = cpu_kernels.native_kernels(), get_method("llm.int8")
+    assert native.lane_widths()[-1] == 1
+    for k in (1, 7, 33, 172, 256):
+        for pattern in PATTERNS:
+            x, _, _, stored = make_case((9,), k, 1, dtype, pattern, seed=k)
+            stored_idx = torch.empty(0, dtype=torch.long) if stored is None else stored
+            expected, columns = R.quantize_activations(x, method, 1.5, stored_idx)
+            for lanes in native.lane_widths():
+                q, scale, mask = native.quantize_rows(x, column_mask(k, stored_idx), 1.5, lanes)
+                assert torch.equal(q, expected.q) and torch.equal(scale, expected.scale), (k, pattern, lanes)
+                assert torch.equal(torch.nonzero(mask).flatten(), columns), (k, pattern, lanes)

@@ -80,7 +80,9 @@ def test_bench_model_mode_decodes_a_batch():
     result = RUNNER.invoke(app, ["bench", str(STORIES), "--batch", "1,3", "--prompt-tokens", "16,32", "--new-tokens", "4", "--repeat", "1", "-q"])
     assert result.exit_code == 0, result.stderr
     document = json.loads(result.stdout)
-    assert document["batches"] == [1, 3] and {"fp16", "llm.int8"} <= set(document["results"])
+    baseline = {"bfloat16": "bf16", "float32": "fp32"}[document["dtype"]]  # --dtype auto: bf16 where the CPU has native bf16
+    assert document["batches"] == [1, 3] and {baseline, "llm.int8"} <= set(document["results"])
+    assert document["results"][baseline]["prefill"]["16"]["speedup"] == 1.0
     for name, row in document["results"].items():
         assert set(row["prefill"]) == {"16", "32"} and set(row["decode"]) == {"1", "3"}, name
         assert all(e["tokens_per_s"] > 0 and e["speedup"] > 0 for phase in ("prefill", "decode") for e in row[phase].values()), name

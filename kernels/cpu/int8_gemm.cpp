@@ -15,6 +15,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <vector>
 
 #if defined(__AVX2__)
@@ -69,21 +70,6 @@ inline void tile(const int8_t* a, const int8_t* w, int32_t* c, int64_t k, int64_
       c[r * ldc + j] = hsum(acc[r][j]) + dot_scalar(a + r * k, w + j * k, k32, k);
 }
 
-// 8 consecutive values as float32, whatever the 16/32-bit input type.
-inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
-inline __m256 load8(const c10::Half* p) { return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
-inline __m256 load8(const c10::BFloat16* p) {
-  const __m256i wide = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
-  return _mm256_castsi256_ps(_mm256_slli_epi32(wide, 16));
-}
-template <typename T>
-inline __m256 load8(const T* p) {  // float64: narrowed one by one, as the scalar path does
-  alignas(32) float lanes[8];
-  for (int j = 0; j < 8; ++j) lanes[j] = static_cast<float>(p[j]);
-  return _mm256_load_ps(lanes);
-}
-inline __m256 abs8(__m256 v) { return _mm256_andnot_ps(_mm256_set1_ps(-0.0f), v); }
-inline __m256 keep8(const int32_t* keep) { return _mm256_castsi256_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(keep))); }
 #endif
 
 void gemm_block(const int8_t* A, const int8_t* W, int32_t* C, int64_t m, int64_t k, int64_t n,
@@ -125,24 +111,114 @@ torch::Tensor int8_gemm(torch::Tensor a, torch::Tensor w) {
   return c;
 }
 
-// Row-wise absmax quantization fused with outlier detection (LLM.int8()'s activation side).
-//   x: [m, k] float32, exclude: [k] bool (columns already taken out, e.g. stored outliers),
-//   threshold: |x| >= threshold (or NaN/Inf) marks a column as an outlier in this call.
-// Returns (q int8 [m, k], scale float32 [m], outlier bool [k]). Outlier and excluded columns are
-// 0 in q and do not enter the row absmax. Rounding and the scale formula are the reference's:
-//   inv = 127 / absmax (0 when absmax == 0), q = round_half_even(x * inv), scale = absmax / 127.
-// Core of quantize_rows, writing into caller buffers; mask holds the excluded columns on entry
-// and every 16-bit column of this call on exit. Both passes split the rows over threads and run
-// 8 columns at a time with AVX2 (fp16 through F16C, bf16 by shifting); tails go scalar.
-template <typename T>
-void quantize_rows_into(const T* X, int64_t m, int64_t k, float limit, bool* M, int8_t* Q, float* S) {
+// The activation side runs LANES columns at a time: 16 with AVX-512, 8 with AVX2, 1 without.
+// Every lane type gives the same float32 operations as the scalar code (abs, compare, max,
+// multiply, round half to even, clamp), so all three are bit-identical to the torch reference.
+struct ScalarLanes {
+  static constexpr int64_t kWidth = 1;
+  using F = float;
+  template <typename T>
+  static F load(const T* p) { return static_cast<float>(*p); }
+  static F absolute(F v) { return std::fabs(v); }
+  static void mark(int32_t* hit, F v, float limit) { *hit |= !(std::fabs(v) < limit) ? -1 : 0; }
+  static F zero() { return 0.0f; }
+  static F max_kept(F best, F v, const int32_t* keep) { return *keep ? std::max(best, std::fabs(v)) : best; }
+  static float reduce_max(F v) { return v; }
+  static void store_q(int8_t* out, F v, float inv, const int32_t* keep) {
+    const float r = *keep ? std::nearbyint(v * inv) : 0.0f;
+    *out = static_cast<int8_t>(std::min(127.0f, std::max(-127.0f, r)));
+  }
+};
+
 #if defined(__AVX2__)
-  const int64_t k8 = k & ~int64_t(7);
-#else
-  const int64_t k8 = 0;
+struct Avx2Lanes {
+  static constexpr int64_t kWidth = 8;
+  using F = __m256;
+  static F load(const float* p) { return _mm256_loadu_ps(p); }
+  static F load(const c10::Half* p) { return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
+  static F load(const c10::BFloat16* p) {
+    const __m256i wide = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(wide, 16));
+  }
+  static F load(const double* p) {  // narrowed one by one, as the scalar path does
+    alignas(32) float lanes[8];
+    for (int j = 0; j < 8; ++j) lanes[j] = static_cast<float>(p[j]);
+    return _mm256_load_ps(lanes);
+  }
+  static F absolute(F v) { return _mm256_andnot_ps(_mm256_set1_ps(-0.0f), v); }
+  static F kept(const int32_t* keep) { return _mm256_castsi256_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(keep))); }
+  static void mark(int32_t* hit, F v, float limit) {  // !(|x| < limit): NaN and Inf too
+    float* h = reinterpret_cast<float*>(hit);
+    _mm256_storeu_ps(h, _mm256_or_ps(_mm256_loadu_ps(h), _mm256_cmp_ps(absolute(v), _mm256_set1_ps(limit), _CMP_NLT_UQ)));
+  }
+  static F zero() { return _mm256_setzero_ps(); }
+  static F max_kept(F best, F v, const int32_t* keep) { return _mm256_max_ps(best, _mm256_and_ps(absolute(v), kept(keep))); }
+  static float reduce_max(F v) {
+    alignas(32) float lanes[8];
+    _mm256_store_ps(lanes, v);
+    return *std::max_element(lanes, lanes + 8);
+  }
+  static void store_q(int8_t* out, F v, float inv, const int32_t* keep) {
+    F r = _mm256_round_ps(_mm256_mul_ps(v, _mm256_set1_ps(inv)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    r = _mm256_and_ps(_mm256_min_ps(_mm256_set1_ps(127.0f), _mm256_max_ps(_mm256_set1_ps(-127.0f), r)), kept(keep));
+    const __m256i q32 = _mm256_cvtps_epi32(r);
+    const __m128i q16 = _mm_packs_epi32(_mm256_castsi256_si128(q32), _mm256_extracti128_si256(q32, 1));
+    _mm_storel_epi64(reinterpret_cast<__m128i*>(out), _mm_packs_epi16(q16, q16));
+  }
+};
 #endif
-  // pass 1: columns holding some |x| >= threshold, NaN or Inf (!(|x| < limit) catches all three);
-  // each block of rows ORs into its own int32 row of flags, merged afterwards
+
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+struct Avx512Lanes {
+  static constexpr int64_t kWidth = 16;
+  using F = __m512;
+  static F load(const float* p) { return _mm512_loadu_ps(p); }
+  static F load(const c10::Half* p) { return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))); }
+  static F load(const c10::BFloat16* p) {
+    const __m512i wide = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+    return _mm512_castsi512_ps(_mm512_slli_epi32(wide, 16));
+  }
+  static F load(const double* p) {  // narrowed one by one, as the scalar path does
+    alignas(64) float lanes[16];
+    for (int j = 0; j < 16; ++j) lanes[j] = static_cast<float>(p[j]);
+    return _mm512_load_ps(lanes);
+  }
+  static F absolute(F v) { return _mm512_castsi512_ps(_mm512_andnot_si512(_mm512_castps_si512(_mm512_set1_ps(-0.0f)), _mm512_castps_si512(v))); }
+  static __m512i kept(const int32_t* keep) { return _mm512_loadu_si512(keep); }
+  static void mark(int32_t* hit, F v, float limit) {
+    const __mmask16 flag = _mm512_cmp_ps_mask(absolute(v), _mm512_set1_ps(limit), _CMP_NLT_UQ);
+    _mm512_mask_storeu_epi32(hit, flag, _mm512_set1_epi32(-1));
+  }
+  static F zero() { return _mm512_setzero_ps(); }
+  static F max_kept(F best, F v, const int32_t* keep) {
+    return _mm512_max_ps(best, _mm512_castsi512_ps(_mm512_and_si512(_mm512_castps_si512(absolute(v)), kept(keep))));
+  }
+  static float reduce_max(F v) { return _mm512_reduce_max_ps(v); }
+  static void store_q(int8_t* out, F v, float inv, const int32_t* keep) {
+    F r = _mm512_roundscale_ps(_mm512_mul_ps(v, _mm512_set1_ps(inv)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    r = _mm512_min_ps(_mm512_set1_ps(127.0f), _mm512_max_ps(_mm512_set1_ps(-127.0f), r));
+    const __m512i q32 = _mm512_and_si512(_mm512_cvtps_epi32(r), kept(keep));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(out), _mm512_cvtepi32_epi8(q32));
+  }
+};
+using WideLanes = Avx512Lanes;
+#elif defined(__AVX2__)
+using WideLanes = Avx2Lanes;
+#else
+using WideLanes = ScalarLanes;
+#endif
+
+// Row-wise absmax quantization fused with outlier detection (LLM.int8()'s activation side), into
+// caller buffers: x [m, k] of type T; M [k] holds the excluded columns (stored outliers) on entry
+// and every 16-bit column of this call on exit: |x| >= limit, NaN or Inf anywhere in the column.
+// 16-bit columns are 0 in Q and do not enter the row absmax. Rounding and the scale are the
+// reference's: inv = 127 / absmax (0 when absmax == 0), q = round_half_even(x * inv),
+// S = absmax / 127. Both passes split the rows over threads; L lanes at a time, tails scalar.
+template <typename L, typename T>
+void quantize_rows_with(const T* X, int64_t m, int64_t k, float limit, bool* M, int8_t* Q, float* S) {
+  using Tail = ScalarLanes;
+  const int64_t wide = k - k % L::kWidth;
+  // pass 1: each block of rows ORs its flags into its own int32 row, merged afterwards
   const int64_t blocks = std::max<int64_t>(1, std::min<int64_t>(m, at::get_num_threads()));
   std::vector<int32_t> hits(blocks * k, 0);
   at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
@@ -150,15 +226,8 @@ void quantize_rows_into(const T* X, int64_t m, int64_t k, float limit, bool* M, 
       int32_t* hit = hits.data() + b * k;
       for (int64_t i = b * m / blocks; i < (b + 1) * m / blocks; ++i) {
         const T* row = X + i * k;
-#if defined(__AVX2__)
-        const __m256 lim = _mm256_set1_ps(limit);
-        for (int64_t t = 0; t < k8; t += 8) {
-          const __m256 flag = _mm256_cmp_ps(abs8(load8(row + t)), lim, _CMP_NLT_UQ);
-          float* h = reinterpret_cast<float*>(hit + t);
-          _mm256_storeu_ps(h, _mm256_or_ps(_mm256_loadu_ps(h), flag));
-        }
-#endif
-        for (int64_t t = k8; t < k; ++t) hit[t] |= !(std::fabs(static_cast<float>(row[t])) < limit) ? -1 : 0;
+        for (int64_t t = 0; t < wide; t += L::kWidth) L::mark(hit + t, L::load(row + t), limit);
+        for (int64_t t = wide; t < k; ++t) Tail::mark(hit + t, Tail::load(row + t), limit);
       }
     }
   });
@@ -170,36 +239,42 @@ void quantize_rows_into(const T* X, int64_t m, int64_t k, float limit, bool* M, 
   at::parallel_for(0, m, 16, [&](int64_t r0, int64_t r1) {
     for (int64_t i = r0; i < r1; ++i) {
       const T* row = X + i * k;
-      float absmax = 0.0f;
-#if defined(__AVX2__)
-      __m256 vmax = _mm256_setzero_ps();
-      for (int64_t t = 0; t < k8; t += 8)
-        vmax = _mm256_max_ps(vmax, _mm256_and_ps(abs8(load8(row + t)), keep8(keep.data() + t)));
-      alignas(32) float lanes[8];
-      _mm256_store_ps(lanes, vmax);
-      for (float lane : lanes) absmax = std::max(absmax, lane);
-#endif
-      for (int64_t t = k8; t < k; ++t)
-        if (keep[t]) absmax = std::max(absmax, std::fabs(static_cast<float>(row[t])));
+      typename L::F best = L::zero();
+      for (int64_t t = 0; t < wide; t += L::kWidth) best = L::max_kept(best, L::load(row + t), keep.data() + t);
+      float absmax = L::reduce_max(best);
+      for (int64_t t = wide; t < k; ++t) absmax = Tail::max_kept(absmax, Tail::load(row + t), keep.data() + t);
       const float inv = absmax > 0.0f ? 127.0f / absmax : 0.0f;
       int8_t* out = Q + i * k;
-#if defined(__AVX2__)
-      const __m256 vinv = _mm256_set1_ps(inv), hi = _mm256_set1_ps(127.0f), lo = _mm256_set1_ps(-127.0f);
-      for (int64_t t = 0; t < k8; t += 8) {
-        __m256 v = _mm256_round_ps(_mm256_mul_ps(load8(row + t), vinv), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-        v = _mm256_and_ps(_mm256_min_ps(hi, _mm256_max_ps(lo, v)), keep8(keep.data() + t));
-        const __m256i q32 = _mm256_cvtps_epi32(v);
-        const __m128i q16 = _mm_packs_epi32(_mm256_castsi256_si128(q32), _mm256_extracti128_si256(q32, 1));
-        _mm_storel_epi64(reinterpret_cast<__m128i*>(out + t), _mm_packs_epi16(q16, q16));
-      }
-#endif
-      for (int64_t t = k8; t < k; ++t) {
-        const float v = keep[t] ? std::nearbyint(static_cast<float>(row[t]) * inv) : 0.0f;
-        out[t] = static_cast<int8_t>(std::min(127.0f, std::max(-127.0f, v)));
-      }
+      for (int64_t t = 0; t < wide; t += L::kWidth) L::store_q(out + t, L::load(row + t), inv, keep.data() + t);
+      for (int64_t t = wide; t < k; ++t) Tail::store_q(out + t, Tail::load(row + t), inv, keep.data() + t);
       S[i] = absmax / 127.0f;
     }
   });
+}
+
+// The lane widths this build has, widest first; the parity tests run each against the reference.
+std::vector<int64_t> lane_widths() {
+  std::vector<int64_t> widths;
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+  widths.push_back(Avx512Lanes::kWidth);
+#endif
+#if defined(__AVX2__)
+  widths.push_back(Avx2Lanes::kWidth);
+#endif
+  widths.push_back(ScalarLanes::kWidth);
+  return widths;
+}
+
+template <typename T>
+void quantize_rows_into(const T* X, int64_t m, int64_t k, float limit, bool* M, int8_t* Q, float* S, int64_t lanes = WideLanes::kWidth) {
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+  if (lanes == Avx512Lanes::kWidth) return quantize_rows_with<Avx512Lanes, T>(X, m, k, limit, M, Q, S);
+#endif
+#if defined(__AVX2__)
+  if (lanes == Avx2Lanes::kWidth) return quantize_rows_with<Avx2Lanes, T>(X, m, k, limit, M, Q, S);
+#endif
+  TORCH_CHECK(lanes == ScalarLanes::kWidth, "this build has no ", lanes, "-lane activation kernel");
+  quantize_rows_with<ScalarLanes, T>(X, m, k, limit, M, Q, S);
 }
 
 void check_rows(const torch::Tensor& x, const torch::Tensor& exclude) {
@@ -213,14 +288,14 @@ void check_rows(const torch::Tensor& x, const torch::Tensor& exclude) {
 // Returns (q int8 [m, k], scale float32 [m], outlier bool [k]). Outlier and excluded columns are
 // 0 in q and do not enter the row absmax. Rounding and the scale formula are the reference's:
 //   inv = 127 / absmax (0 when absmax == 0), q = round_half_even(x * inv), scale = absmax / 127.
-std::vector<torch::Tensor> quantize_rows(torch::Tensor x, torch::Tensor exclude, double threshold) {
+std::vector<torch::Tensor> quantize_rows(torch::Tensor x, torch::Tensor exclude, double threshold, int64_t lanes) {
   check_rows(x, exclude);
   const int64_t m = x.size(0), k = x.size(1);
   auto mask = exclude.contiguous().clone();
   auto q = torch::empty({m, k}, x.options().dtype(torch::kInt8));
   auto scale = torch::empty({m}, x.options().dtype(torch::kFloat32));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "quantize_rows", [&] {
-    quantize_rows_into<scalar_t>(x.data_ptr<scalar_t>(), m, k, static_cast<float>(threshold), mask.data_ptr<bool>(), q.data_ptr<int8_t>(), scale.data_ptr<float>());
+    quantize_rows_into<scalar_t>(x.data_ptr<scalar_t>(), m, k, static_cast<float>(threshold), mask.data_ptr<bool>(), q.data_ptr<int8_t>(), scale.data_ptr<float>(), lanes);
   });
   return {q, scale, mask};
 }
@@ -240,56 +315,107 @@ std::vector<torch::Tensor> quantize_sequences(torch::Tensor x, torch::Tensor sto
   const int64_t rows = m / groups;
   auto q = torch::empty({m, k}, x.options().dtype(torch::kInt8));
   auto sx = torch::empty({m}, x.options().dtype(torch::kFloat32));
-  auto masks = stored_mask.contiguous().reshape({1, k}).repeat({groups, 1});
+  auto masks = torch::empty({groups, k}, x.options().dtype(torch::kBool));
+  const bool* stored = stored_mask.contiguous().data_ptr<bool>();
   bool* M = masks.data_ptr<bool>();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "quantize_sequences", [&] {
-    for (int64_t g = 0; g < groups; ++g)
+    for (int64_t g = 0; g < groups; ++g) {
+      std::copy(stored, stored + k, M + g * k);
       quantize_rows_into<scalar_t>(x.data_ptr<scalar_t>() + g * rows * k, rows, k, static_cast<float>(threshold), M + g * k,
                                    q.data_ptr<int8_t>() + g * rows * k, sx.data_ptr<float>() + g * rows);
+    }
   });
   return {q, sx, masks};
 }
 
+// A row of float32 results in the output dtype, rounded to nearest even as c10's conversions
+// round; written so that the compiler vectorizes the bf16 case, and with F16C for fp16.
+template <typename T>
+void store_row(T* y, const float* v, int64_t n) {
+  for (int64_t col = 0; col < n; ++col) y[col] = static_cast<T>(v[col]);
+}
+template <>
+void store_row<c10::BFloat16>(c10::BFloat16* y, const float* v, int64_t n) {
+  uint16_t* out = reinterpret_cast<uint16_t*>(y);
+  for (int64_t col = 0; col < n; ++col) {
+    uint32_t u;
+    std::memcpy(&u, v + col, sizeof(u));
+    const uint16_t rounded = static_cast<uint16_t>((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
+    out[col] = v[col] != v[col] ? uint16_t(0x7FC0) : rounded;  // NaN stays a quiet NaN
+  }
+}
+#if defined(__F16C__)
+template <>
+void store_row<c10::Half>(c10::Half* y, const float* v, int64_t n) {
+  const int64_t wide = n - n % 8;
+  for (int64_t col = 0; col < wide; col += 8)
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(y + col), _mm256_cvtps_ph(_mm256_loadu_ps(v + col), _MM_FROUND_TO_NEAREST_INT));
+  for (int64_t col = wide; col < n; ++col) y[col] = static_cast<c10::Half>(v[col]);
+}
+#endif
+
 // dequantize_sequences: acc [m, n] (int32, or float32 holding float(int32) as the prepacked
-// oneDNN path returns it) -> Y float32 [m, n]. cols [n, j] holds W's 16-bit columns in float32
-// (stored ones exact, run-time ones dequantized by the caller) and pos [k] the position of
-// column t in cols, -1 for a column no group takes out. Each group's 16-bit part is added over
-// its own columns: the same float operations as a call with that sequence alone, so results do
-// not depend on what a sequence is batched with.
-torch::Tensor dequantize_sequences(torch::Tensor acc, torch::Tensor sx, torch::Tensor x, torch::Tensor masks, torch::Tensor pos,
-                                   torch::Tensor cols, torch::Tensor w_scale, c10::optional<torch::Tensor> bias) {
+// oneDNN path returns it) -> Y [m, n] in x's dtype, computed in float32 in one pass per row:
+//   Y[i, :] = acc[i, :] * (sx[i] * sw) + sum over the 16-bit columns t of x[i, t] * W[:, t] + bias.
+// The 16-bit columns of each group are W's stored columns where it has them (stored [n, j]
+// float32, pos [k] the slot of column t, -1 for none: exact) and otherwise W's int8 column times
+// the row scales, as the reference dequantizes a column that is an outlier only in this call.
+// Every row sees the same float operations whatever it is batched with, so a sequence gets the
+// same bits alone or in a batch; one pass keeps a large m from streaming Y through memory thrice.
+torch::Tensor dequantize_sequences(torch::Tensor acc, torch::Tensor sx, torch::Tensor x, torch::Tensor masks, torch::Tensor w_q,
+                                   torch::Tensor w_scale, torch::Tensor stored, torch::Tensor pos, c10::optional<torch::Tensor> bias) {
   const int64_t m = acc.size(0), n = acc.size(1), groups = masks.size(0), k = masks.size(1), rows = m / groups;
   TORCH_CHECK(acc.is_contiguous() && (acc.dtype() == torch::kInt32 || acc.dtype() == torch::kFloat32), "contiguous int32 or float32 acc expected");
-  TORCH_CHECK(x.size(0) == m && x.size(1) == k && w_scale.numel() == n && pos.numel() == k && cols.size(0) == n, "dequantize_sequences: shapes do not match");
-  auto out = torch::empty({m, n}, x.options().dtype(torch::kFloat32));
+  TORCH_CHECK(x.is_contiguous() && x.size(0) == m && x.size(1) == k && w_scale.numel() == n && pos.numel() == k && stored.size(0) == n, "dequantize_sequences: shapes do not match");
+  TORCH_CHECK(w_q.dtype() == torch::kInt8 && w_q.is_contiguous() && w_q.size(0) == n && w_q.size(1) == k, "contiguous int8 [n, k] weight expected");
+  TORCH_CHECK(w_scale.dtype() == torch::kFloat32 && w_scale.is_contiguous() && pos.dtype() == torch::kInt32 && pos.is_contiguous(), "float32 scales and int32 slots expected");
+  auto out = torch::empty({m, n}, x.options());
   const float* SX = sx.data_ptr<float>();
   const float* SW = w_scale.data_ptr<float>();
-  float* Y = out.data_ptr<float>();
-  auto scale_rows = [&](auto* A) {
-    at::parallel_for(0, m, 1, [&](int64_t r0, int64_t r1) {
-      for (int64_t i = r0; i < r1; ++i)
-        for (int64_t j = 0; j < n; ++j) Y[i * n + j] = static_cast<float>(A[i * n + j]) * (SX[i] * SW[j]);
-    });
-  };
-  if (acc.dtype() == torch::kInt32) scale_rows(acc.data_ptr<int32_t>());
-  else scale_rows(acc.data_ptr<float>());
   const bool* M = masks.data_ptr<bool>();
   const int32_t* POS = pos.data_ptr<int32_t>();
-  const auto long_options = x.options().dtype(torch::kLong);
-  for (int64_t g = 0; g < groups; ++g) {
-    std::vector<int64_t> columns, slots;
-    for (int64_t t = 0; t < k; ++t)
-      if (M[g * k + t]) {
-        TORCH_CHECK(POS[t] >= 0, "dequantize_sequences: a 16-bit column has no weight column");
-        columns.push_back(t);
-        slots.push_back(POS[t]);
+  const int8_t* WQ = w_q.data_ptr<int8_t>();
+  const auto stored_f = stored.to(torch::kFloat32).contiguous();
+  const float* WS = stored_f.data_ptr<float>();
+  const int64_t slots = stored_f.size(1);
+  torch::Tensor bias_f;
+  if (bias.has_value()) bias_f = bias->to(torch::kFloat32).contiguous();
+  const float* B = bias.has_value() ? bias_f.data_ptr<float>() : nullptr;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "dequantize_sequences", [&] {
+    const scalar_t* X = x.data_ptr<scalar_t>();
+    scalar_t* Y = out.data_ptr<scalar_t>();
+    for (int64_t g = 0; g < groups; ++g) {
+      std::vector<int64_t> columns;
+      for (int64_t t = 0; t < k; ++t)
+        if (M[g * k + t]) columns.push_back(t);
+      const int64_t j = static_cast<int64_t>(columns.size());
+      std::vector<float> wo(j * n);  // W[:, O_g]^T, float32
+      for (int64_t c = 0; c < j; ++c) {
+        const int64_t t = columns[c], slot = POS[t];
+        for (int64_t r = 0; r < n; ++r) wo[c * n + r] = slot >= 0 ? WS[r * slots + slot] : static_cast<float>(WQ[r * k + t]) * SW[r];
       }
-    if (columns.empty()) continue;
-    auto x_out = x.narrow(0, g * rows, rows).index_select(1, torch::tensor(columns, long_options)).to(torch::kFloat32);
-    auto w_out = cols.index_select(1, torch::tensor(slots, long_options)).t();  // W[:, O_g]^T, float32
-    out.narrow(0, g * rows, rows).addmm_(x_out, w_out);
-  }
-  if (bias.has_value()) out.add_(*bias);
+      auto rows_of = [&](auto* A) {
+        at::parallel_for(g * rows, (g + 1) * rows, 1, [&](int64_t r0, int64_t r1) {
+          std::vector<float> line(n);
+          for (int64_t i = r0; i < r1; ++i) {
+            const auto* a = A + i * n;
+            const float s = SX[i];
+            for (int64_t col = 0; col < n; ++col) line[col] = static_cast<float>(a[col]) * (s * SW[col]);
+            for (int64_t c = 0; c < j; ++c) {
+              const float xv = static_cast<float>(X[i * k + columns[c]]);
+              const float* w = wo.data() + c * n;
+              for (int64_t col = 0; col < n; ++col) line[col] += xv * w[col];
+            }
+            if (B != nullptr)
+              for (int64_t col = 0; col < n; ++col) line[col] += B[col];
+            store_row(Y + i * n, line.data(), n);
+          }
+        });
+      };
+      if (acc.dtype() == torch::kInt32) rows_of(acc.data_ptr<int32_t>());
+      else rows_of(acc.data_ptr<float>());
+    }
+  });
   return out;
 }
 
@@ -305,6 +431,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
   module.def("int8_gemm", &int8_gemm, "exact int8 x int8 -> int32 GEMM, C = A W^T");
   module.def("quantize_sequences", &quantize_sequences, "row-wise absmax quantization with per-sequence outlier columns");
   module.def("dequantize_sequences", &dequantize_sequences, "scales, per-sequence 16-bit outlier columns and bias on the int8 product");
-  module.def("quantize_rows", &quantize_rows, "row-wise absmax int8 quantization fused with outlier detection");
+  module.def("quantize_rows", &quantize_rows, "row-wise absmax int8 quantization fused with outlier detection",
+             py::arg("x"), py::arg("exclude"), py::arg("threshold"), py::arg("lanes") = WideLanes::kWidth);
+  module.def("lane_widths", &lane_widths, "the activation kernel's lane widths in this build, widest first");
   module.def("has_avx2", &has_avx2, "whether the kernel was built with AVX2");
 }

@@ -115,25 +115,8 @@ class CpuBackend(Backend):
         groups = reference.sequence_count(x) if method.decomposition else 1
         q, sx, masks = native.quantize_sequences(x2, prepared.stored_mask, threshold if method.decomposition else math.inf, groups)
         acc = prepared.gemm.run(q, prepared.packed)
-        columns, positions = self._sixteen_bit_columns(prepared, masks)
-        out = native.dequantize_sequences(acc, sx, x2, masks, positions, columns, prepared.scale, None if bias is None else bias.float())
-        return out.to(x.dtype).reshape(*x.shape[:-1], out.shape[-1])
-
-    @staticmethod
-    def _sixteen_bit_columns(prepared: PreparedWeight, masks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """W's float32 columns for every column some sequence takes out, and each one's position.
-
-        Stored columns are exact; a column that is an outlier only in this call is W's int8
-        column times the row scales, as the reference dequantizes it.
-        """
-        run_time = masks.any(dim=0) & (prepared.stored_pos < 0)
-        if not bool(run_time.any()):
-            return prepared.stored_columns, prepared.stored_pos
-        idx = torch.nonzero(run_time).flatten()
-        extra = prepared.qweight.int8.q[:, idx].float() * prepared.scale[:, None]
-        positions = prepared.stored_pos.clone()
-        positions[idx] = torch.arange(idx.numel(), dtype=torch.int32) + prepared.stored_columns.shape[1]
-        return torch.cat([prepared.stored_columns, extra], dim=1), positions
+        out = native.dequantize_sequences(acc, sx, x2, masks, prepared.qweight.int8.q, prepared.scale, prepared.stored_columns, prepared.stored_pos, bias)
+        return out.reshape(*x.shape[:-1], out.shape[-1])
 
     def linear_call(self, x: torch.Tensor, prepared: PreparedWeight, method: Method, threshold: float, bias: torch.Tensor | None) -> torch.Tensor:
         k = x.shape[-1]

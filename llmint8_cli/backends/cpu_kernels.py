@@ -46,9 +46,11 @@ def native_kernels():
         from torch.utils import cpp_extension
 
         source = resources.files("llmint8_cli.kernels") / "cpu" / "int8_gemm.cpp"
-        flags = ["-O3"]
-        if torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512"):
+        flags, capability = ["-O3"], torch.backends.cpu.get_cpu_capability()
+        if capability in ("AVX2", "AVX512"):
             flags += ["-mavx2", "-mfma", "-mf16c"]
+        if capability == "AVX512":  # torch says so only where F, BW, VL and DQ are all present
+            flags += ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq"]
         return cpp_extension.load(name="llmint8_cpu_kernels", sources=[str(source)], extra_cflags=flags, verbose=False)
     except Exception as exc:  # no compiler, no ninja, read-only cache...
         print(f"llmint8: native CPU kernels unavailable ({type(exc).__name__}); using oneDNN and the torch reference", file=sys.stderr)

@@ -106,15 +106,16 @@ def bench(
         run_dtype = variants.resolve_dtype(dtype, run_device, inference=True)
         subject = variants.subject(model, [get_method(method)], DEFAULT_THRESHOLD, run_dtype, run_device, verify=not no_verify)
         results, notes = {}, list(subject.notes)
+        baseline = next(short for short, full in variants.DTYPES.items() if full == run_dtype)  # the 16-bit row, named by what ran
         with console.status("timing prefill and decode"):
             for name, network in subject.variants:
-                results[name] = speed.bench_model(network, lengths, batches, new_tokens, repeat, run_device)
+                results[baseline if name == variants.BASELINE else name] = speed.bench_model(network, lengths, batches, new_tokens, repeat, run_device)
                 if name == variants.BASELINE:
                     try:
                         results[TORCHAO] = speed.bench_model(speed.torchao_model(network), lengths, batches, new_tokens, repeat, run_device)
                     except ImportError as exc:
                         notes.append(f"{TORCHAO}: not installed ({exc.name}); pip install 'llmint8[peers]'")
-        base = results.get(variants.BASELINE)
+        base = results.get(baseline)
         for row in results.values():
             if base:
                 for phase in ("prefill", "decode"):

@@ -60,7 +60,17 @@ def time_calls(fn: Callable[[], object], repeat: int, device: torch.device) -> T
 
 
 def weight_bytes(module: nn.Module) -> int:
-    return sum(t.numel() * t.element_size() for t in list(module.parameters()) + list(module.buffers()))
+    return sum(tensor_bytes(t) for t in list(module.parameters()) + list(module.buffers()))
+
+
+def tensor_bytes(tensor: torch.Tensor) -> int:
+    """Bytes held, counting the inner tensors of a wrapper subclass (torchao's int8 weights)."""
+    from torch.utils._python_dispatch import is_traceable_wrapper_subclass
+
+    if is_traceable_wrapper_subclass(tensor):
+        names, _ = tensor.__tensor_flatten__()
+        return sum(tensor_bytes(getattr(tensor, name)) for name in names)
+    return tensor.numel() * tensor.element_size()
 
 
 def layer_rows(out_features: int, in_features: int, outlier_counts: list[int], device: torch.device, with_peers: bool, notes: list[str]) -> list[tuple[str, nn.Module, torch.dtype, int]]:
