@@ -51,19 +51,33 @@ def _local(relative: str, data_dir) -> Path | None:
     return None
 
 
-def _read_jsonl(path: Path, limit: int | None = None) -> list[dict]:
+def read_jsonl(path: Path, limit: int | None = None) -> list[tuple[int, object]]:
+    """(line number, parsed value) of each non-blank line; a bad line is a DataError naming it."""
     rows = []
-    with path.open(encoding="utf-8") as handle:
-        for number, line in enumerate(handle, 1):
-            if not line.strip():
-                continue
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError:
-                raise DataError(f"{path}:{number}: not valid JSON") from None
-            if limit is not None and len(rows) >= limit:
-                break
+    try:
+        with path.open(encoding="utf-8") as handle:
+            for number, line in enumerate(handle, 1):
+                if not line.strip():
+                    continue
+                try:
+                    rows.append((number, json.loads(line)))
+                except json.JSONDecodeError:
+                    raise DataError(f"{path}:{number}: not valid JSON") from None
+                if limit is not None and len(rows) >= limit:
+                    break
+    except UnicodeDecodeError:
+        raise DataError(f"{path}: not a UTF-8 text file") from None
     return rows
+
+
+def text_fields(path: Path, limit: int | None = None) -> list[str]:
+    """The string field "text" of every row, or a DataError naming the first row without one."""
+    texts = []
+    for number, row in read_jsonl(path, limit):
+        if not (isinstance(row, dict) and isinstance(row.get("text"), str)):
+            raise DataError(f"{path}:{number}: every JSON line needs a string field 'text'")
+        texts.append(row["text"])
+    return texts
 
 
 def _hub(path: str, name: str | None, split: str, field: str, what: str, local_hint: str, **kwargs) -> list[str]:
@@ -107,7 +121,7 @@ def c4(data_dir=None) -> Text:
     for relative in ("c4/c4-validation.00000-of-00008.jsonl", "c4/c4-validation-subset-2k.jsonl", "c4/c4-sample.jsonl"):
         path = _local(relative, data_dir)
         if path is not None:
-            docs = [row["text"] for row in _read_jsonl(path, C4_DOCUMENTS)]
+            docs = text_fields(path, C4_DOCUMENTS)
             sample = "00000-of-00008" not in relative
             note = "local C4 sample, not the official validation shard: numbers are not comparable to published C4 perplexities" if sample else ""
             return Text("c4", " ".join(docs), str(path), sample=sample, note=note)
@@ -120,10 +134,7 @@ def c4(data_dir=None) -> Text:
 
 def from_path(path: Path) -> Text:
     if path.suffix == ".jsonl":
-        rows = _read_jsonl(path)
-        if rows and not all(isinstance(r, dict) and isinstance(r.get("text"), str) for r in rows):
-            raise DataError(f"{path}: every JSON line needs a string field 'text'")
-        text = "\n\n".join(r["text"] for r in rows)
+        text = "\n\n".join(text_fields(path))
     else:
         try:
             text = path.read_text(encoding="utf-8")
@@ -141,7 +152,11 @@ def load_text(dataset: str, data_dir=None) -> Text:
         text = DATASETS[dataset](data_dir)
     else:
         path = Path(dataset).expanduser()
+        if path.is_dir():
+            raise DataError(f"{path}: a folder; --dataset takes a .txt/.jsonl file or one of {', '.join(DATASETS)}")
         if not path.is_file():
+            if path.suffix or len(path.parts) > 1:
+                raise DataError(f"{path}: no such file")
             raise DataError(f"unknown dataset {dataset!r}: use one of {', '.join(DATASETS)} or a path to a .txt/.jsonl file")
         text = from_path(path)
     if not text.text.strip():

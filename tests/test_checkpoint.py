@@ -4,6 +4,7 @@ import hashlib
 import json
 import os
 import signal
+import struct
 import subprocess
 import sys
 from pathlib import Path
@@ -205,7 +206,31 @@ def write_bad_sources(tmp_path: Path) -> dict[str, tuple[list[str], str]]:
     cases["out-not-writable"] = ([str(good), str(locked / "sub" / "out")], "cannot write")
     cases["unknown-method"] = ([str(good), str(tmp_path / "o9"), "--method", "int4"], "unknown method")
     cases["offline-hub-id"] = (["facebook/opt-13b", str(tmp_path / "o10")], "local folder")
+    listed = save_tiny(tiny_model("llama"), tmp_path / "header-list")
+    rewrite_header(listed / "model.safetensors", lambda header: list(header))
+    cases["header-a-json-list"] = ([str(listed), str(tmp_path / "o11")], "header is a JSON list")
+    reshaped = save_tiny(tiny_model("llama"), tmp_path / "reshaped")
+
+    def widen(header):
+        header["model.norm.weight"]["shape"] = [64]
+        return header
+
+    rewrite_header(reshaped / "model.safetensors", widen)
+    cases["shape-beyond-its-bytes"] = ([str(reshaped), str(tmp_path / "o12")], "model.norm.weight: shape [64] needs 256 bytes, its data range holds 128")
+    big = tiny_model("llama")
+    with torch.no_grad():
+        big.model.norm.weight[0] = 1e6  # finite in fp32, inf in fp16
+    big_dir = save_tiny(big, tmp_path / "big")
+    cases["fp16-overflow"] = ([str(big_dir), str(tmp_path / "o13"), "--dtype", "fp16"], "model.norm.weight: finite values up to 1e+06 overflow float16")
     return cases
+
+
+def rewrite_header(path: Path, edit) -> None:
+    """A safetensors file with its JSON header replaced by edit(header), data untouched."""
+    raw = path.read_bytes()
+    (length,) = struct.unpack("<Q", raw[:8])
+    header = json.dumps(edit(json.loads(raw[8 : 8 + length]))).encode()
+    path.write_bytes(struct.pack("<Q", len(header)) + header + raw[8 + length :])
 
 
 def test_bad_inputs_give_one_line_errors(tmp_path):
@@ -218,6 +243,21 @@ def test_bad_inputs_give_one_line_errors(tmp_path):
         assert len(lines) == 1 and lines[0].startswith("llmint8: error:"), (name, result.stderr)
         assert words.lower() in lines[0].lower(), (name, lines[0])
         assert "Traceback" not in result.stderr and "pwned" not in result.stdout
+
+
+def test_clamp_overflow_clamps_with_a_warning(tmp_path):
+    big = tiny_model("llama")
+    with torch.no_grad():
+        big.model.norm.weight[0] = -1e6
+    src = save_tiny(big, tmp_path / "big")
+    result = RUNNER.invoke(app, ["quantize", str(src), str(tmp_path / "out"), "--dtype", "fp16", "--clamp-overflow", "--calib-samples", "0", "-q"])
+    assert result.exit_code == 0, result.stderr
+    assert result.stderr.strip() == "llmint8: warning: clamped to the float16 range: model.norm.weight"
+    assert json.loads(result.stdout)["clamped_tensors"] == ["model.norm.weight"]
+    from safetensors.torch import load_file
+
+    norm = load_file(tmp_path / "out" / "model.safetensors")["model.norm.weight"]
+    assert norm[0].item() == -65504.0 and torch.equal(norm[1:], big.model.norm.weight[1:].half())
 
 
 def test_output_under_a_file_is_refused(tmp_path):
@@ -269,6 +309,22 @@ def test_eval_refuses_a_modified_checkpoint_unless_no_verify(tmp_path):
     refused = RUNNER.invoke(app, args)
     assert refused.exit_code == 2 and "sha256" in refused.stderr and len(refused.stderr.strip().splitlines()) == 1
     assert RUNNER.invoke(app, [*args, "--no-verify"]).exit_code == 0
+
+
+@pytest.mark.parametrize(("field", "value", "words"), [("method", "int4", "unknown method 'int4'"), ("method", "fp16", "method 'fp16' is not one of the 8-bit methods"), ("threshold", -1, "threshold must be a positive"), ("quantized_modules", "all", "quantized_modules is not a list")])
+def test_a_bad_quantization_config_names_its_config_json(tmp_path, field, value, words):
+    out = tmp_path / "int8"
+    quantize_checkpoint(str(save_tiny(tiny_model("llama"), tmp_path / "src")), out, NO_CALIB)
+    config = json.loads((out / "config.json").read_text())
+    config["quantization_config"][field] = value
+    (out / "config.json").write_text(json.dumps(config))
+    for args in (["eval-ppl", str(out), "--no-verify"], ["bench", str(out), "--no-verify"]):
+        result = RUNNER.invoke(app, [*args, "-q"])
+        assert result.exit_code == 2, result.stderr
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith(f"llmint8: error: {out / 'config.json'}: quantization_config: {words}"), result.stderr
+    with pytest.raises(CheckpointError, match=f"config.json: quantization_config: {words}"):
+        load(out, verify_files=False)
 
 
 def test_load_with_an_accelerate_device_map(tmp_path):

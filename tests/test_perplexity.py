@@ -172,8 +172,18 @@ def test_eval_ppl_bad_inputs(tmp_path):
     empty.write_text("")
     short = tmp_path / "short.txt"
     short.write_text("Once upon a time.")
+    bad_json = tmp_path / "bad.jsonl"
+    bad_json.write_text('{"text": "fine"}\n{"text": oops}\n')
+    no_text = tmp_path / "no-text.jsonl"
+    no_text.write_text('{"text": "fine"}\n\n{"body": "where is text"}\n')
     cases = [
         (["--dataset", "wikitext103"], "unknown dataset"),
+        (["--dataset", str(tmp_path / "missing.txt")], "missing.txt: no such file"),
+        (["--dataset", str(tmp_path)], "a folder"),
+        (["--dataset", str(bad_json)], "bad.jsonl:2: not valid JSON"),
+        (["--dataset", str(no_text)], "no-text.jsonl:3: every JSON line needs a string field 'text'"),
+        (["--dataset", str(short), "--batch-size", "0"], "Invalid value for '--batch-size'"),
+        (["--dataset", str(short), "--max-tokens", "-3"], "Invalid value for '--max-tokens'"),
         (["--dataset", str(empty)], "empty"),
         (["--dataset", str(short), "--seq-len", "64"], "shorter than one window"),
         (["--dataset", str(short), "--seq-len", "1"], "at least 2"),
@@ -184,7 +194,26 @@ def test_eval_ppl_bad_inputs(tmp_path):
         result = RUNNER.invoke(app, ["eval-ppl", str(STORIES), *extra, "-q"])
         assert result.exit_code == 2, (extra, result.stderr)
         lines = result.stderr.strip().splitlines()
-        assert len(lines) == 1 and words in lines[0], (extra, result.stderr)
+        assert len(lines) == 1 and lines[0].startswith("llmint8: error:") and words in lines[0], (extra, result.stderr)
+
+
+@needs_stories
+def test_a_perplexity_that_is_not_finite_is_null_with_a_reason_and_exit_3(tmp_path):
+    """A model whose output overflows: the JSON stays valid (null, never a bare NaN) and the exit says so."""
+    from safetensors.torch import load_file, save_file
+
+    broken = tmp_path / "broken"
+    shutil.copytree(STORIES, broken)
+    tensors = load_file(broken / "model.safetensors")
+    tensors["model.norm.weight"][0] = float("inf")
+    save_file(tensors, broken / "model.safetensors", metadata={"format": "pt"})
+    text = tmp_path / "text.txt"
+    text.write_text("Once upon a time there was a little girl who liked to play in the park with her dog. " * 8)
+    result = RUNNER.invoke(app, ["eval-ppl", str(broken), "--dataset", str(text), "--seq-len", "64", "--methods", "fp16", "-q"])
+    assert result.exit_code == 3, result.stderr
+    row = json.loads(result.stdout)["results"]["fp16"]
+    assert row["ppl"] is None and row["nll"] is None and "NaN or Inf" in row["error"]
+    assert result.stderr.strip() == f"llmint8: error: perplexity of fp16 is not finite: {row['error']}"
 
 
 def test_offline_dataset_error_names_the_file(tmp_path):

@@ -3,6 +3,7 @@
 import json
 from pathlib import Path
 
+import pytest
 import yaml
 from typer.testing import CliRunner
 
@@ -183,3 +184,31 @@ def test_cache_dir_resumes_without_running_the_model_again(tmp_path, monkeypatch
     assert json.loads(second.stdout)["tasks"] == json.loads(first.stdout)["tasks"]
     other_threshold = RUNNER.invoke(app, [*args, "--threshold", "5"])
     assert other_threshold.exit_code == 1 and "cached answers were not used" in other_threshold.stderr
+
+
+@pytest.mark.parametrize(
+    ("task", "rows", "words"),
+    [
+        ("piqa", ['{"goal": "g", "sol1": "a", "sol2": "b", "label": 0}', "garbage"], "piqa/validation.jsonl:2: not valid JSON"),
+        ("winogrande", ['{"sentence": "_ ran", "option1": "A", "answer": "1"}'], "winogrande/validation.jsonl:1: field 'option2' is missing or not a str"),
+        ("hellaswag", ["[1, 2]"], "hellaswag/validation.jsonl:1: not a JSON object"),
+        ("lambada", ['{"text": null}'], "lambada_openai/test.jsonl:1: field 'text' is missing or not a str"),
+    ],
+)
+def test_a_bad_task_row_is_a_one_line_error_naming_file_and_row(tmp_path, task, rows, words):
+    """Checked before any model loads: lm-eval would fail inside `datasets`, naming neither."""
+    path = tmp_path / zeroshot.TASKS[task].local_file
+    path.parent.mkdir(parents=True)
+    path.write_text("\n".join(rows) + "\n")
+    result = RUNNER.invoke(app, ["eval-zeroshot", "unused/model", "--tasks", task, "--data-dir", str(tmp_path), "-q"])
+    assert result.exit_code == 2, result.stderr
+    assert result.stderr.strip().splitlines() == [f"llmint8: error: {tmp_path.resolve()}/{words}"]
+
+
+@pytest.mark.parametrize("limit", ["0", "-3"])
+def test_an_out_of_range_limit_is_one_line(limit):
+    result = RUNNER.invoke(app, ["eval-zeroshot", "unused/model", "--tasks", "piqa", "--limit", limit, "-q"])
+    assert result.exit_code == 2
+    assert result.stderr.strip().splitlines() == [
+        "llmint8: error: Invalid value for '--limit': Input should be greater than or equal to 1 (see 'llmint8 eval-zeroshot --help')"
+    ]

@@ -18,7 +18,8 @@ from pathlib import Path
 import torch
 
 from llmint8_cli.checkpoint.writer import sha256_file
-from llmint8_cli.errors import CheckpointError
+from llmint8_cli.core.methods import check_threshold, get_method
+from llmint8_cli.errors import CheckpointError, InvalidArgumentError
 
 FORMAT_VERSION = 1
 QUANT_METHOD = "llmint8"
@@ -70,8 +71,23 @@ def read_quantization_config(folder: Path) -> dict | None:
     if isinstance(block, dict) and block.get("quant_method") == QUANT_METHOD:
         if block.get("format_version") != FORMAT_VERSION:
             raise CheckpointError(f"{folder}: llmint8 format version {block.get('format_version')} is not supported (expected {FORMAT_VERSION})")
+        check_block(Path(folder) / "config.json", block)
         return block
     return None
+
+
+def check_block(config_path: Path, block: dict) -> None:
+    """The fields a loader reads, checked here so that a bad one is reported with the file it came from."""
+    try:
+        method = block.get("method")
+        if not isinstance(method, str) or not get_method(method).quantized:
+            raise InvalidArgumentError(f"method {method!r} is not one of the 8-bit methods")
+        check_threshold(block.get("threshold"))
+        for key in ("quantized_modules", "skip_modules"):
+            if not (isinstance(block.get(key), list) and all(isinstance(name, str) for name in block[key])):
+                raise InvalidArgumentError(f"{key} is not a list of module names")
+    except InvalidArgumentError as exc:
+        raise CheckpointError(f"{config_path}: quantization_config: {exc}") from None
 
 
 def is_llmint8_checkpoint(folder) -> bool:

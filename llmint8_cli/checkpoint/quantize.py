@@ -45,6 +45,7 @@ class QuantizeOptions:
     calib_batch_size: int = 4
     max_shard_bytes: int = 2 << 30
     data_dir: str | None = None
+    clamp_overflow: bool = False  # clamp finite values beyond the 16-bit range instead of refusing
 
 
 def return_freed_memory() -> None:
@@ -172,7 +173,36 @@ def calibrate(model, tensors: TensorSource, mapping: dict[str, str], layer_names
     return stats.outlier_columns(), info
 
 
-def quantized_group(name: str, key: str, module, tensors: TensorSource, method, dtype, outlier_idx) -> Group:
+def all_finite(tensor: torch.Tensor) -> bool:
+    """Checked in chunks, so that no tensor-sized mask is allocated."""
+    return all(bool(torch.isfinite(part).all()) for part in tensor.reshape(-1).split(1 << 22))
+
+
+def to_sixteen_bit(key: str, tensor: torch.Tensor, dtype: torch.dtype, clamp: bool, clamped: list[str]) -> torch.Tensor:
+    """A floating tensor in the checkpoint's 16-bit dtype; a finite value beyond that range is an error.
+
+    With `clamp` such values are clamped to the largest finite value instead and `key` is added to
+    `clamped`, so that the summary can say so: a silent inf would turn every later result into NaN.
+    """
+    if not tensor.is_floating_point():
+        return tensor
+    if not all_finite(tensor):
+        raise InvalidWeightError(f"{key}: holds NaN or Inf values")
+    converted = tensor.to(dtype)
+    if converted.dtype == tensor.dtype or all_finite(converted):
+        return converted
+    limit = torch.finfo(dtype).max
+    if not clamp:
+        largest = float(tensor.abs().max())
+        raise InvalidWeightError(
+            f"{key}: finite values up to {largest:.4g} overflow {str(dtype).removeprefix('torch.')} (largest {limit:.6g}); "
+            "use --dtype bf16, or --clamp-overflow to clamp them"
+        )
+    clamped.append(key)
+    return tensor.clamp(-limit, limit).to(dtype)
+
+
+def quantized_group(name: str, key: str, module, tensors: TensorSource, method, dtype, outlier_idx, clamp: bool, clamped: list[str]) -> Group:
     transposed = isinstance(module, Conv1D)
     shape = tensors.shape(key)
     out_f, in_f = shape[::-1] if transposed else shape
@@ -183,8 +213,8 @@ def quantized_group(name: str, key: str, module, tensors: TensorSource, method, 
     entries += [Entry(f"{name}.outlier_idx", torch.int32, (k,)), Entry(f"{name}.outlier_weight", dtype, (out_f, k))]
 
     def produce() -> dict[str, torch.Tensor]:
-        weight = tensors.get(key)
-        weight = (weight.t() if transposed else weight).to(dtype)
+        weight = to_sixteen_bit(key, tensors.get(key), dtype, clamp, clamped)
+        weight = weight.t() if transposed else weight
         try:
             qw = backend_for(weight.device).quantize_weight(weight, method, outlier_idx)
         except InvalidWeightError as exc:
@@ -197,14 +227,11 @@ def quantized_group(name: str, key: str, module, tensors: TensorSource, method, 
     return Group(entries, produce)
 
 
-def plain_group(name: str, key: str, tensors: TensorSource, dtype: torch.dtype) -> Group:
+def plain_group(name: str, key: str, tensors: TensorSource, dtype: torch.dtype, clamp: bool, clamped: list[str]) -> Group:
     out_dtype = dtype if tensors.dtype(key).is_floating_point else tensors.dtype(key)
 
     def produce() -> dict[str, torch.Tensor]:
-        tensor = tensors.get(key)
-        if tensor.is_floating_point() and not all(torch.isfinite(part).all() for part in tensor.reshape(-1).split(1 << 22)):
-            raise InvalidWeightError(f"{key}: holds NaN or Inf values")  # checked in chunks: no tensor-sized mask
-        return {name: tensor.to(out_dtype)}
+        return {name: to_sixteen_bit(key, tensors.get(key), dtype, clamp, clamped)}
 
     return Group([Entry(name, out_dtype, tensors.shape(key))], produce)
 
@@ -279,16 +306,16 @@ def quantize_checkpoint(src: str, out: str | os.PathLike, options: QuantizeOptio
             if tokenizer is None:
                 tokenizer = models.load_tokenizer(source)
             outliers, calibration = calibrate(model, tensors, mapping, list(layers), tokenizer, options, streaming, progress)
-        groups = []
+        groups, clamped = [], []
         for name in model.state_dict():
             if name not in mapping:
                 continue
             key = mapping[name]
             layer = name.removesuffix(".weight")
             if name.endswith(".weight") and layer in layers:
-                groups.append(quantized_group(layer, key, layers[layer], tensors, method, dtype, outliers.get(layer)))
+                groups.append(quantized_group(layer, key, layers[layer], tensors, method, dtype, outliers.get(layer), options.clamp_overflow, clamped))
             else:
-                groups.append(plain_group(name, key, tensors, dtype))
+                groups.append(plain_group(name, key, tensors, dtype, options.clamp_overflow, clamped))
         block = fmt.quantization_config(method.name, options.threshold, options.skip, list(layers), dtype, calibration)
         block["source"] = src if source.kind == "hub" or src in models.ALIASES else str(Path(src).expanduser().absolute())
         shards = plan_shards(groups, options.max_shard_bytes)
@@ -326,6 +353,7 @@ def quantize_checkpoint(src: str, out: str | os.PathLike, options: QuantizeOptio
         "quantized_layers": len(layers), "calibration": calibration,
         "outlier_columns": activations.outlier_summary(outliers),
         "outlier_columns_total": sum(int(v.numel()) for v in outliers.values()),
+        "clamped_tensors": clamped,
         "seconds": round(seconds, 2), "source_mb_per_s": round(source_bytes / 1e6 / max(seconds, 1e-9), 1),
     }
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import pickle
 import struct
 from pathlib import Path
@@ -79,7 +80,12 @@ DTYPES = {name: dtype for dtype, name in SAFETENSORS_DTYPES.items()}
 
 
 def read_header(path: Path) -> dict[str, tuple[int, dict]]:
-    """{key: (absolute offset of the data section, header entry)}; corrupt or truncated files raise."""
+    """{key: (absolute offset of the data section, header entry)}; corrupt or truncated files raise.
+
+    Every entry is checked against the format (a dtype we read, a shape of non-negative integers,
+    a byte range inside the file and exactly as long as the shape needs), so that a bad tensor is
+    reported here, naming it, and never later as a failed reshape.
+    """
     size = path.stat().st_size
     try:
         with path.open("rb") as handle:
@@ -87,16 +93,32 @@ def read_header(path: Path) -> dict[str, tuple[int, dict]]:
             if length > size - 8 or length > 100 << 20:
                 raise ValueError("header length beyond the file")
             header = json.loads(handle.read(length))
+        if not isinstance(header, dict):
+            raise ValueError(f"the header is a JSON {type(header).__name__}, not an object")
         start = 8 + length
         entries = {k: v for k, v in header.items() if k != "__metadata__"}
         for key, entry in entries.items():
-            if entry["dtype"] not in DTYPES:
-                raise ValueError(f"unsupported dtype {entry['dtype']}")
-            if start + entry["data_offsets"][1] > size:
-                raise ValueError(f"data of {key} runs past the end of the file")
-    except (ValueError, KeyError, TypeError, struct.error, UnicodeDecodeError) as exc:
+            check_entry(key, entry, size - start)
+    except (ValueError, struct.error, UnicodeDecodeError) as exc:
         raise ModelLoadError(f"{path}: corrupt or truncated safetensors file ({exc})") from None
     return {key: (start, entry) for key, entry in entries.items()}
+
+
+def check_entry(key: str, entry, data_size: int) -> None:
+    if not isinstance(entry, dict) or not {"dtype", "shape", "data_offsets"} <= entry.keys():
+        raise ValueError(f"tensor {key}: the entry needs dtype, shape and data_offsets")
+    dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
+    if dtype not in DTYPES:
+        raise ValueError(f"tensor {key}: unsupported dtype {dtype}")
+    if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
+        raise ValueError(f"tensor {key}: shape {shape} is not a list of non-negative integers")
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) for o in offsets) and 0 <= offsets[0] <= offsets[1]):
+        raise ValueError(f"tensor {key}: data_offsets {offsets} is not a [begin, end] byte range")
+    if offsets[1] > data_size:
+        raise ValueError(f"data of {key} runs past the end of the file")
+    needed = math.prod(shape) * DTYPES[dtype].itemsize
+    if offsets[1] - offsets[0] != needed:
+        raise ValueError(f"tensor {key}: shape {shape} needs {needed} bytes, its data range holds {offsets[1] - offsets[0]}")
 
 
 class DictSource(TensorSource):

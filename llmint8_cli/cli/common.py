@@ -1,7 +1,8 @@
 """What every subcommand shares: JSON on stdout, rich on stderr, one-line errors with exit codes.
 
-Exit codes: 0 success, 2 bad input or a refused operation (an LLMInt8Error), 1 an unexpected
-internal error, 130 interrupted (143 SIGTERM, 129 SIGHUP). Set LLMINT8_DEBUG=1 to see the traceback of an internal error.
+Exit codes: 0 success, 2 bad input or a refused operation (an LLMInt8Error), 3 a requested
+result is not finite (null in the JSON, with the reason), 1 an unexpected internal error,
+130 interrupted (143 SIGTERM, 129 SIGHUP). Set LLMINT8_DEBUG=1 to see the traceback of an internal error.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ import contextlib
 import functools
 import json
 import logging
+import math
 import os
 import signal
 import sys
@@ -20,10 +22,17 @@ from typing import Annotated
 import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from typer.core import TyperGroup
 
-from llmint8_cli.errors import LLMInt8Error
+try:
+    from typer._click import exceptions as click_errors  # typer >= 0.24 carries its own click
+except ImportError:
+    from click import exceptions as click_errors
+
+from llmint8_cli.errors import InvalidArgumentError, LLMInt8Error
 
 EXIT_BAD_INPUT = 2
+EXIT_NOT_FINITE = 3
 
 # Options several commands share, declared once.
 Quiet = Annotated[bool, typer.Option("-q", "--quiet", help="Nothing on stderr.")]
@@ -37,8 +46,19 @@ def stderr_console(quiet: bool = False) -> Console:
     return Console(stderr=True, quiet=quiet)
 
 
+def json_safe(value):
+    """NaN and Inf as null: a bare NaN is not JSON, and a pipeline's parser would reject the document."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {key: json_safe(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(item) for item in value]
+    return value
+
+
 def emit_json(document: dict) -> None:
-    sys.stdout.write(json.dumps(document, indent=2) + "\n")
+    sys.stdout.write(json.dumps(json_safe(document), indent=2, allow_nan=False) + "\n")
     sys.stdout.flush()
 
 
@@ -79,6 +99,31 @@ def progress_bar(console: Console) -> Progress:
 def fail(message: str, code: int = EXIT_BAD_INPUT) -> None:
     print(f"llmint8: error: {message}", file=sys.stderr)
     raise typer.Exit(code)
+
+
+def warn(message: str) -> None:
+    """Shown even with --quiet: a warning says the result differs from what was asked."""
+    print(f"llmint8: warning: {message}", file=sys.stderr)
+
+
+class OneLineErrors(TyperGroup):
+    """Usage and value errors (`--batch-size 0`, a missing argument) as one `llmint8: error:` line, exit 2.
+
+    Typer would draw a usage box; a shell pipeline wants one line it can grep. Help on a bare
+    `llmint8` stays as it is.
+    """
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        try:
+            code = super().main(args, "llmint8", complete_var, standalone_mode=False, **extra)  # also under python -m
+        except click_errors.ClickException as exc:
+            if type(exc).__name__ == "NoArgsIsHelpError":  # a bare `llmint8`: the help, as before
+                exc.show()
+                sys.exit(exc.exit_code)
+            where = f" (see '{exc.ctx.command_path} --help')" if getattr(exc, "ctx", None) is not None else ""
+            print(f"llmint8: error: {exc.format_message()}{where}", file=sys.stderr)
+            sys.exit(EXIT_BAD_INPUT)
+        sys.exit(code if isinstance(code, int) else 0)
 
 
 def quiet_libraries() -> None:
@@ -161,7 +206,7 @@ def parse_size(text: str) -> int:
     try:
         value = int(float(number) * units[raw[len(number):]])
     except (ValueError, KeyError):
-        raise typer.BadParameter(f"not a size: {text!r} (e.g. 2GB, 500MB)") from None
+        raise InvalidArgumentError(f"not a size: {text!r} (e.g. 2GB, 500MB)") from None
     if value <= 0:
-        raise typer.BadParameter("size must be positive")
+        raise InvalidArgumentError(f"a size must be positive, got {text!r}")
     return value

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 from typing import Annotated
 
@@ -10,7 +11,7 @@ from rich.table import Table
 
 from llmint8_cli import data
 from llmint8_cli.backends.cpu_kernels import gemm_report
-from llmint8_cli.cli.common import ComputeDtype, DataDir, Device, NoVerify, Quiet, command, emit_json, progress_bar, stderr_console
+from llmint8_cli.cli.common import EXIT_NOT_FINITE, ComputeDtype, DataDir, Device, NoVerify, Quiet, command, emit_json, fail, progress_bar, stderr_console
 from llmint8_cli.core.methods import DEFAULT_METHOD, DEFAULT_THRESHOLD, check_threshold, parse_methods
 from llmint8_cli.errors import DataError
 from llmint8_cli.evaluation import variants
@@ -21,6 +22,7 @@ DATASET_HELP = (
     "c4 (first 1,100 validation documents; offline a local sample, labelled as such), "
     "or a path to a .txt (read as is) or .jsonl ('text' fields joined with blank lines)."
 )
+NOT_FINITE = "the model's output holds NaN or Inf (an overflowing weight or activation in this compute dtype)"
 BOS_HELP = (
     "window: every window opens with BOS when the tokenizer adds one to a fresh sequence (default); "
     "text: the tokenizer's BOS only at the start of the text. "
@@ -92,6 +94,7 @@ def eval_ppl(
                 "delta_pct": None if baseline is None else round(100 * (result.ppl / baseline - 1), 3),
                 "seconds": round(seconds, 2), "tokens_per_s": computed_rate(result, seconds),
                 **({"reused_windows": result.reused} if cache else {}),
+                **({} if math.isfinite(result.ppl) else {"error": NOT_FINITE}),
             }
             bar.remove_task(task)
             bar.console.print(f"{name:>14}: ppl {result.ppl:.3f} in {seconds:.0f} s")  # a line per method: logs of long runs show progress
@@ -116,3 +119,6 @@ def eval_ppl(
     document["int8_gemm"] = gemm_report()
     console.print(table)
     emit_json(document)
+    broken = [name for name, row in results.items() if "error" in row]
+    if broken:
+        fail(f"perplexity of {', '.join(broken)} is not finite: {NOT_FINITE}", EXIT_NOT_FINITE)

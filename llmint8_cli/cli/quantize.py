@@ -7,7 +7,7 @@ from typing import Annotated
 import typer
 
 from llmint8_cli.checkpoint.quantize import QuantizeOptions, quantize_checkpoint
-from llmint8_cli.cli.common import DataDir, Quiet, command, emit_json, parse_size, progress_bar, stderr_console
+from llmint8_cli.cli.common import DataDir, Quiet, command, emit_json, parse_size, progress_bar, stderr_console, warn
 from llmint8_cli.core.methods import DEFAULT_METHOD, DEFAULT_THRESHOLD, METHODS
 
 
@@ -24,6 +24,7 @@ def quantize(
     calib_dataset: Annotated[str, typer.Option(help="wikitext2-train (falls back to C4 offline), wikitext2, ptb, c4 or a file.")] = "wikitext2-train",
     data_dir: DataDir = None,
     max_shard_size: Annotated[str, typer.Option(help="Largest safetensors shard, e.g. 2GB.")] = "2GB",
+    clamp_overflow: Annotated[bool, typer.Option("--clamp-overflow", help="Clamp finite weights beyond the 16-bit range (with a warning) instead of refusing them.")] = False,
     force: Annotated[bool, typer.Option("--force", help="Replace OUT if it is an earlier llmint8 output or an empty folder.")] = False,
     quiet: Quiet = False,
 ) -> None:
@@ -31,6 +32,7 @@ def quantize(
     options = QuantizeOptions(
         method=method, threshold=threshold, dtype=dtype, skip=list(skip or []), calib_samples=calib_samples,
         calib_seq_len=calib_seq_len, calib_dataset=calib_dataset, max_shard_bytes=parse_size(max_shard_size), data_dir=data_dir,
+        clamp_overflow=clamp_overflow,
     )
     console = stderr_console(quiet)
     bar = progress_bar(console)
@@ -49,6 +51,8 @@ def quantize(
         summary = quantize_checkpoint(src, out, options, force=force, progress=report)
     finally:
         bar.stop()
+    if summary["clamped_tensors"]:
+        warn(f"clamped to the {summary['dtype']} range: {', '.join(summary['clamped_tensors'])}")
     console.print(
         f"[green]done[/] {summary['size_bytes'] / 2**20:.1f} MiB, {summary['ratio_vs_fp16']:.3f}x of fp16, "
         f"{summary['outlier_columns_total']} stored outlier columns, {summary['seconds']:.1f}s"

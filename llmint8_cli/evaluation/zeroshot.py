@@ -22,13 +22,16 @@ from llmint8_cli.errors import DataError, InvalidArgumentError
 class TaskSpec:
     builtin: str  # lm-eval's task name
     local_file: str  # relative to the data folder
+    fields: dict[str, type | tuple[type, ...]]  # what lm-eval's task reads from each row
 
 
 TASKS = {
-    "winogrande": TaskSpec("winogrande", "winogrande/validation.jsonl"),
-    "hellaswag": TaskSpec("hellaswag", "hellaswag/validation.jsonl"),
-    "piqa": TaskSpec("piqa", "piqa/validation.jsonl"),
-    "lambada": TaskSpec("lambada_openai", "lambada_openai/test.jsonl"),
+    "winogrande": TaskSpec("winogrande", "winogrande/validation.jsonl", {"sentence": str, "option1": str, "option2": str, "answer": str}),
+    "hellaswag": TaskSpec(
+        "hellaswag", "hellaswag/validation.jsonl", {"activity_label": str, "ctx_a": str, "ctx_b": str, "endings": list, "label": (str, int)}
+    ),
+    "piqa": TaskSpec("piqa", "piqa/validation.jsonl", {"goal": str, "sol1": str, "sol2": str, "label": int}),
+    "lambada": TaskSpec("lambada_openai", "lambada_openai/test.jsonl", {"text": str}),
 }
 
 
@@ -49,6 +52,20 @@ def local_data_dir(names: list[str], data_dir) -> Path:
     raise DataError(f"task data not found locally and the Hub is not used: supply {missing} under --data-dir (or $LLMINT8_DATA_DIR)")
 
 
+def check_task_file(path: Path, fields: dict[str, type | tuple[type, ...]]) -> None:
+    """Every row a JSON object with the fields the task reads, else a DataError naming file and row.
+
+    lm-eval would otherwise fail deep inside `datasets` or a task's Python, naming neither.
+    """
+    for number, row in data.read_jsonl(path):
+        if not isinstance(row, dict):
+            raise DataError(f"{path}:{number}: not a JSON object")
+        for field, kind in fields.items():
+            if not isinstance(row.get(field), kind):
+                names = " or ".join(k.__name__ for k in (kind if isinstance(kind, tuple) else (kind,)))
+                raise DataError(f"{path}:{number}: field {field!r} is missing or not a {names}")
+
+
 def task_manager(names: list[str], data_dir, use_local: bool):
     """(lm-eval TaskManager, {our name: lm-eval task name}, description of the data)."""
     from lm_eval.tasks import TaskManager
@@ -57,6 +74,8 @@ def task_manager(names: list[str], data_dir, use_local: bool):
     if not use_local:
         return TaskManager(), {n: TASKS[n].builtin for n in names}, "lm-eval built-in tasks (Hugging Face Hub)"
     base = local_data_dir(names, data_dir).resolve()
+    for name in names:
+        check_task_file(base / TASKS[name].local_file, TASKS[name].fields)
     builtin_dir = Path(lm_eval.tasks.__file__).parent
     folder = Path(tempfile.mkdtemp(prefix="llmint8-tasks-"))
     templates = resources.files("llmint8_cli.configs") / "lm_eval"
