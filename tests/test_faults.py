@@ -135,12 +135,13 @@ def debris(out: Path) -> list[str]:
     return sorted(p.name for p in out.parent.iterdir() if p.name.startswith(f".{out.name}."))
 
 
-@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP])
-def test_sigterm_and_sighup_mid_write_leave_nothing(tmp_path, src, signum):
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP])
+def test_sigint_sigterm_and_sighup_mid_write_leave_nothing(tmp_path, src, signum):
     out = tmp_path / "out"
     killed = start_and_kill(src, out, signum)
     assert killed.returncode == 128 + signum, killed.stderr
-    assert killed.stderr.strip() == f"llmint8: error: terminated by {signal.Signals(signum).name}"
+    words = "interrupted" if signum == signal.SIGINT else f"terminated by {signal.Signals(signum).name}"
+    assert killed.stderr.strip() == f"llmint8: error: {words}"
     assert not out.exists() and debris(out) == []
 
 

@@ -31,9 +31,9 @@ class PreparedWeight:
     scale: torch.Tensor  # fp32 [n]
     zero: torch.Tensor | None  # int32 [n]
     row_sum: torch.Tensor  # int32 [n]: sum over k of qw, for zero-point corrections
-    stored_columns: torch.Tensor  # fp32 [n, j]: exact stored outlier columns of W
+    stored_rows: torch.Tensor  # fp32 [j, n]: the exact stored outlier columns of W, one per row
     stored_mask: torch.Tensor  # bool [k]: True at the stored outlier columns
-    stored_pos: torch.Tensor  # int32 [k]: position of a column in stored_columns, -1 if not stored
+    stored_pos: torch.Tensor  # int32 [k]: row of a column in stored_rows, -1 if not stored
 
 
 def column_mask(k: int, columns: torch.Tensor, device: torch.device | None = None) -> torch.Tensor:
@@ -79,7 +79,7 @@ class CpuBackend(Backend):
         stored_pos = torch.full((k,), -1, dtype=torch.int32, device=q.q.device)
         stored_pos[stored] = torch.arange(stored.numel(), dtype=torch.int32, device=q.q.device)
         packed = gemm.pack(q.q) if on_cpu else q.q.contiguous()
-        return PreparedWeight(qweight, gemm, packed, q.scale, q.zero, row_sum, qweight.outlier_weight.float().contiguous(), stored_mask, stored_pos)
+        return PreparedWeight(qweight, gemm, packed, q.scale, q.zero, row_sum, qweight.outlier_weight.float().t().contiguous(), stored_mask, stored_pos)
 
     def quantize_activations(self, x: torch.Tensor, method: Method, threshold: float, stored_idx: torch.Tensor, groups: int = 1) -> tuple[Quantized, torch.Tensor]:
         """Row-wise absmax methods go through the fused native op; the others through the reference."""
@@ -115,7 +115,10 @@ class CpuBackend(Backend):
         groups = reference.sequence_count(x) if method.decomposition else 1
         q, sx, masks = native.quantize_sequences(x2, prepared.stored_mask, threshold if method.decomposition else math.inf, groups)
         acc = prepared.gemm.run(q, prepared.packed)
-        out = native.dequantize_sequences(acc, sx, x2, masks, prepared.qweight.int8.q, prepared.scale, prepared.stored_columns, prepared.stored_pos, bias)
+        out = native.dequantize_sequences(
+            acc, sx, x2, masks, prepared.qweight.int8.q, prepared.scale, prepared.stored_rows, prepared.stored_pos, bias,
+            x.dtype == torch.bfloat16 and cpu_kernels.native_bf16(),
+        )
         return out.reshape(*x.shape[:-1], out.shape[-1])
 
     def linear_call(self, x: torch.Tensor, prepared: PreparedWeight, method: Method, threshold: float, bias: torch.Tensor | None) -> torch.Tensor:
@@ -125,15 +128,15 @@ class CpuBackend(Backend):
         out = self.int8_accumulate(qx, prepared).float()
         out *= qx.scale[:, None] * prepared.scale[None, :]
         if fp_idx.numel():
-            out.addmm_(x2[:, fp_idx].float(), self._fp_columns(prepared, fp_idx).T)
+            out.addmm_(x2[:, fp_idx].float(), self._fp_rows(prepared, fp_idx))
         if bias is not None:
             out += bias.float()
         return out.to(x.dtype).reshape(*x.shape[:-1], out.shape[-1])
 
     @staticmethod
-    def _fp_columns(prepared: PreparedWeight, fp_idx: torch.Tensor) -> torch.Tensor:
-        """W[:, fp_idx] in fp32; the common case (only stored columns) needs no work."""
+    def _fp_rows(prepared: PreparedWeight, fp_idx: torch.Tensor) -> torch.Tensor:
+        """W[:, fp_idx]^T in fp32; the common case (only stored columns) needs no work."""
         stored = prepared.qweight.outlier_idx
         if stored.numel() == fp_idx.numel() and torch.equal(stored, fp_idx):
-            return prepared.stored_columns
-        return reference.outlier_weight_columns(prepared.qweight, fp_idx)
+            return prepared.stored_rows
+        return reference.outlier_weight_columns(prepared.qweight, fp_idx).T

@@ -151,6 +151,12 @@ class GemmPlan:
         return PATHS[name].run(a, packed[name])
 
 
+@functools.cache
+def native_bf16() -> bool:
+    """Whether the CPU multiplies bf16 natively (AMX-BF16 or AVX512-BF16), from /proc/cpuinfo."""
+    return bool({"amx_bf16", "avx512_bf16"} & set(machine_key()["cpu_flags"]))
+
+
 def machine_key() -> dict:
     """What the choice depends on: the CPU, its flags, the threads and torch."""
     model, flags = platform.processor() or platform.machine(), []

@@ -132,7 +132,7 @@ def quiet_libraries() -> None:
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     warnings.filterwarnings("ignore")
-    for name in ("lm_eval", "torchao", "torch.utils._pytree"):  # torchao (imported by transformers when installed) warns on import
+    for name in ("lm_eval", "torchao", "torch.utils._pytree", "bitsandbytes"):  # the peers warn on import (torchao also through transformers)
         logging.getLogger(name).setLevel(logging.ERROR)
     try:
         from tqdm.auto import tqdm

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from llmint8_cli import models
+from llmint8_cli.backends import cpu_kernels
 from llmint8_cli.checkpoint.format import is_llmint8_checkpoint, read_quantization_config
 from llmint8_cli.checkpoint.load import load
 from llmint8_cli.core.methods import Method
@@ -44,17 +45,10 @@ def resolve_dtype(option: str, device: torch.device, inference: bool = False) ->
     if option == "auto":
         if device.type != "cpu":
             return torch.float16
-        return torch.bfloat16 if inference and native_bf16() else torch.float32
+        return torch.bfloat16 if inference and cpu_kernels.native_bf16() else torch.float32
     if option not in DTYPES:
         raise InvalidArgumentError(f"--dtype must be one of auto, {', '.join(DTYPES)}; got {option!r}")
     return DTYPES[option]
-
-
-def native_bf16() -> bool:
-    """Whether the CPU multiplies bf16 natively (AMX-BF16 or AVX512-BF16), from /proc/cpuinfo."""
-    from llmint8_cli.backends.cpu_kernels import machine_key
-
-    return bool({"amx_bf16", "avx512_bf16"} & set(machine_key()["cpu_flags"]))
 
 
 @dataclass
