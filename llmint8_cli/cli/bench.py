@@ -105,16 +105,18 @@ def bench(
         lengths, batches = parse_ints(prompt_tokens, "--prompt-tokens", minimum=1), parse_ints(batch, "--batch", minimum=1)
         run_dtype = variants.resolve_dtype(dtype, run_device, inference=True)
         subject = variants.subject(model, [get_method(method)], DEFAULT_THRESHOLD, run_dtype, run_device, verify=not no_verify)
-        results, notes = {}, list(subject.notes)
+        notes = list(subject.notes)
         baseline = next(short for short, full in variants.DTYPES.items() if full == run_dtype)  # the 16-bit row, named by what ran
-        with console.status("timing prefill and decode"):
-            for name, network in subject.variants:
-                results[baseline if name == variants.BASELINE else name] = speed.bench_model(network, lengths, batches, new_tokens, repeat, run_device)
-                if name == variants.BASELINE:
-                    try:
-                        results[TORCHAO] = speed.bench_model(speed.torchao_model(network), lengths, batches, new_tokens, repeat, run_device)
-                    except ImportError as exc:
-                        notes.append(f"{TORCHAO}: not installed ({exc.name}); pip install 'llmint8[peers]'")
+        networks = {}
+        for name, network in subject.variants:
+            networks[baseline if name == variants.BASELINE else name] = network
+            if name == variants.BASELINE:
+                try:
+                    networks[TORCHAO] = speed.torchao_model(network)
+                except ImportError as exc:
+                    notes.append(f"{TORCHAO}: not installed ({exc.name}); pip install 'llmint8[peers]'")
+        with console.status("timing prefill and decode, the models in turn"):
+            results = speed.bench_models(networks, lengths, batches, new_tokens, repeat, run_device)
         base = results.get(baseline)
         for row in results.values():
             if base:

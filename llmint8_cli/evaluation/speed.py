@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import functools
 import statistics
 import time
 from collections.abc import Callable
@@ -45,18 +46,25 @@ class Timing:
     max_ms: float
 
 
-def time_calls(fn: Callable[[], object], repeat: int, device: torch.device) -> Timing:
-    """Median/min/max wall time of `repeat` calls after one warm-up call."""
+def time_interleaved(calls: dict[str, Callable[[], object]], repeat: int, device: torch.device) -> dict[str, Timing]:
+    """Median/min/max wall time of `repeat` calls of each, after one warm-up call of each.
+
+    The calls take turns (one of each, `repeat` rounds), so that a slow spell of a shared machine
+    falls on all of them alike and their ratios hold; timed one after another, a ratio moved by
+    ±25 % between runs on a busy VM.
+    """
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    fn()
-    sync()
-    samples = []
-    for _ in range(repeat):
-        started = time.perf_counter()
+    for fn in calls.values():
         fn()
         sync()
-        samples.append((time.perf_counter() - started) * 1e3)
-    return Timing(statistics.median(samples), min(samples), max(samples))
+    samples: dict[str, list[float]] = {name: [] for name in calls}
+    for _ in range(repeat):
+        for name, fn in calls.items():
+            started = time.perf_counter()
+            fn()
+            sync()
+            samples[name].append((time.perf_counter() - started) * 1e3)
+    return {name: Timing(statistics.median(t), min(t), max(t)) for name, t in samples.items()}
 
 
 def weight_bytes(module: nn.Module) -> int:
@@ -142,9 +150,10 @@ def bench_layer(out_features: int, in_features: int, tokens: list[int], outlier_
     for m in tokens:
         baseline = None
         per_m = []
-        for name, layer, dtype, outliers in rows:
-            x = activations(m, in_features, outliers, dtype, device)
-            timing = time_calls(lambda: layer(x), repeat, device)
+        inputs = {name: activations(m, in_features, outliers, dtype, device) for name, _, dtype, outliers in rows}
+        timings = time_interleaved({name: functools.partial(layer, inputs[name]) for name, layer, _, _ in rows}, repeat, device)
+        for name, layer, _, _ in rows:
+            x, timing = inputs[name], timings[name]
             reference = fp32_layer(x.float())
             y = layer(x).float()
             error = float((y - reference).norm() / reference.norm().clamp_min(1e-30))
@@ -168,22 +177,27 @@ def bench_layer(out_features: int, in_features: int, tokens: list[int], outlier_
 
 
 @torch.inference_mode()
-def bench_model(model: nn.Module, prompt_lengths: list[int], batches: list[int], new_tokens: int, repeat: int, device: torch.device) -> dict:
-    """Prefill tokens/s (one forward over one prompt of each length) and decode tokens/s (greedy,
-    KV cache, `new_tokens` after an 8-token prompt, for each batch of sequences decoded together)."""
-    vocab = model.config.vocab_size
+def bench_models(networks: dict[str, nn.Module], prompt_lengths: list[int], batches: list[int], new_tokens: int, repeat: int, device: torch.device) -> dict:
+    """Per network: prefill tokens/s (one forward over one prompt of each length) and decode
+    tokens/s (greedy, KV cache, `new_tokens` after an 8-token prompt, for each batch of sequences
+    decoded together), the networks timed in turn on the same inputs."""
+    vocab = next(iter(networks.values())).config.vocab_size
     g = torch.Generator().manual_seed(0)
-    prefill, decode = {}, {}
+    results = {name: {"prefill": {}, "decode": {}, "weight_mib": round(weight_bytes(net) / 2**20, 1)} for name, net in networks.items()}
     for length in prompt_lengths:
         ids = torch.randint(3, vocab, (1, length), generator=g).to(device)
-        timing = time_calls(lambda: model(input_ids=ids, use_cache=False), repeat, device)
-        prefill[str(length)] = {"tokens_per_s": round(length / (timing.median_ms / 1e3), 1), "median_ms": round(timing.median_ms, 2)}
+        calls = {name: functools.partial(net, input_ids=ids, use_cache=False) for name, net in networks.items()}
+        for name, timing in time_interleaved(calls, repeat, device).items():
+            results[name]["prefill"][str(length)] = {"tokens_per_s": round(length / (timing.median_ms / 1e3), 1), "median_ms": round(timing.median_ms, 2)}
     for batch in batches:
         ids = torch.randint(3, vocab, (batch, 8), generator=g).to(device)
-        generate = lambda: model.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)  # noqa: E731
-        timing = time_calls(generate, max(1, repeat // 2), device)
-        decode[str(batch)] = {"tokens_per_s": round(batch * new_tokens / (timing.median_ms / 1e3), 2), "median_ms": round(timing.median_ms, 2)}
-    return {"prefill": prefill, "decode": decode, "weight_mib": round(weight_bytes(model) / 2**20, 1)}
+        calls = {
+            name: functools.partial(net.generate, ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
+            for name, net in networks.items()
+        }
+        for name, timing in time_interleaved(calls, max(1, repeat // 2), device).items():
+            results[name]["decode"][str(batch)] = {"tokens_per_s": round(batch * new_tokens / (timing.median_ms / 1e3), 2), "median_ms": round(timing.median_ms, 2)}
+    return results
 
 
 def torchao_model(model: nn.Module) -> nn.Module:
