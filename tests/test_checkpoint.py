@@ -318,7 +318,9 @@ def test_a_bad_quantization_config_names_its_config_json(tmp_path, field, value,
     config = json.loads((out / "config.json").read_text())
     config["quantization_config"][field] = value
     (out / "config.json").write_text(json.dumps(config))
-    for args in (["eval-ppl", str(out), "--no-verify"], ["bench", str(out), "--no-verify"]):
+    text = tmp_path / "text.txt"
+    text.write_text("a few words of text " * 20)  # local data: the check must not depend on ../shared
+    for args in (["eval-ppl", str(out), "--dataset", str(text), "--no-verify"], ["bench", str(out), "--no-verify"]):
         result = RUNNER.invoke(app, [*args, "-q"])
         assert result.exit_code == 2, result.stderr
         lines = result.stderr.strip().splitlines()
