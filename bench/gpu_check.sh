@@ -39,9 +39,9 @@ json_step() {  # json_step NAME SECONDS COMMAND...: stdout to NAME.json, stderr 
 }
 
 if [ $DRY = 1 ]; then
-  DEVICE=cpu SHAPES=64x172 TOKENS=4,16 PRESET=tiny PROMPTS=16 BATCHES=1,2 NEW=4
+  DEVICE=cpu SHAPES=64x172 TOKENS=4,16 PRESET=tiny PROMPTS=16 BATCHES=1,2 NEW=4 TEST_CAP=400  # 2 cores: the CPU parity suite is slow
 else
-  DEVICE=cuda SHAPES=paper TOKENS=512,4096 PRESET=llama3-8b PROMPTS=128,2048 BATCHES=1,8 NEW=32
+  DEVICE=cuda SHAPES=paper TOKENS=512,4096 PRESET=llama3-8b PROMPTS=128,2048 BATCHES=1,8 NEW=32 TEST_CAP=120
 fi
 export LLMINT8_CACHE_DIR="$OUT/cache" PYTHONDONTWRITEBYTECODE=1 HF_HUB_OFFLINE=1
 
@@ -54,7 +54,7 @@ try:
     import cupy; print("cupy", cupy.__version__, cupy.cuda.runtime.runtimeGetVersion())
 except Exception as exc: print("cupy unavailable:", exc)
 from llmint8_cli.backends import available_backends; print("backends", [b.name for b in available_backends()])'
-step tests-cuda 120 "$PY" -m pytest -q -p no:cacheprovider -x tests/test_cuda.py tests/test_backend_parity.py
+step tests-cuda "$TEST_CAP" "$PY" -m pytest -q -p no:cacheprovider -x tests/test_cuda.py tests/test_backend_parity.py
 for gemm in cublaslt wmma; do
   json_step "bench-layer-$gemm" 70 env LLMINT8_CUDA_GEMM=$gemm "$PY" -m llmint8_cli bench --device "$DEVICE" --shapes "$SHAPES" --tokens "$TOKENS" --outlier-cols 0,6 --repeat 5
 done
