@@ -51,7 +51,10 @@ def native_kernels():
             flags += ["-mavx2", "-mfma", "-mf16c"]
         if capability == "AVX512":  # torch says so only where F, BW, VL and DQ are all present
             flags += ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq"]
-        return cpp_extension.load(name="llmint8_cpu_kernels", sources=[str(source)], extra_cflags=flags, verbose=False)
+        # named by content: checkouts with the same source share one build, and two versions (or
+        # two clones) never rebuild each other's in torch's extension folder at every first call
+        digest = hashlib.sha256(source.read_bytes() + " ".join(flags).encode()).hexdigest()[:12]
+        return cpp_extension.load(name=f"llmint8_cpu_kernels_{digest}", sources=[str(source)], extra_cflags=flags, verbose=False)
     except Exception as exc:  # no compiler, no ninja, read-only cache...
         print(f"llmint8: native CPU kernels unavailable ({type(exc).__name__}); using oneDNN and the torch reference", file=sys.stderr)
         return None
