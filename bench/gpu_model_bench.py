@@ -52,10 +52,7 @@ def main() -> None:
     lengths = [int(n) for n in args.prompt_tokens.split(",")]
     batches = [int(n) for n in args.batch.split(",")]
     results = speed.bench_models(networks, lengths, batches, args.new_tokens, args.repeat, device)
-    for row in results.values():
-        for phase in ("prefill", "decode"):
-            for size, entry in row[phase].items():
-                entry["speedup"] = round(entry["tokens_per_s"] / results[args.dtype][phase][size]["tokens_per_s"], 3)
+    speed.add_speedups(results, args.dtype)
     document = {
         "machine": speed.machine(), "preset": args.preset, "config": PRESETS[args.preset], "dtype": args.dtype,
         "prompt_tokens": lengths, "batches": batches, "new_tokens": args.new_tokens, "repeat": args.repeat, "results": results,

@@ -120,7 +120,6 @@ struct ScalarLanes {
   using F = float;
   template <typename T>
   static F load(const T* p) { return static_cast<float>(*p); }
-  static F absolute(F v) { return std::fabs(v); }
   static void mark(int32_t* hit, F v, float limit) { *hit |= !(std::fabs(v) < limit) ? -1 : 0; }
   static F zero() { return 0.0f; }
   static F max_kept(F best, F v, const int32_t* keep) { return *keep ? std::max(best, std::fabs(v)) : best; }
@@ -317,7 +316,8 @@ std::vector<torch::Tensor> quantize_sequences(torch::Tensor x, torch::Tensor sto
   auto q = torch::empty({m, k}, x.options().dtype(torch::kInt8));
   auto sx = torch::empty({m}, x.options().dtype(torch::kFloat32));
   auto masks = torch::empty({groups, k}, x.options().dtype(torch::kBool));
-  const bool* stored = stored_mask.contiguous().data_ptr<bool>();
+  const auto stored_c = stored_mask.contiguous();  // kept alive: a temporary's pointer would dangle
+  const bool* stored = stored_c.data_ptr<bool>();
   bool* M = masks.data_ptr<bool>();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "quantize_sequences", [&] {
     for (int64_t g = 0; g < groups; ++g) {

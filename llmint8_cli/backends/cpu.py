@@ -94,7 +94,7 @@ class CpuBackend(Backend):
         if prepared.gemm is not None and prepared.gemm.int32:
             acc = prepared.gemm.run(qx.q, prepared.packed)
         else:  # a float32 product is exact only as a float; CUDA tensors without CuPy
-            acc = torch._int_mm(qx.q.contiguous(), prepared.qweight.int8.q.t())
+            acc = cpu_kernels.PATHS["onednn-nk"].run(qx.q, prepared.qweight.int8.q)
         if qx.zero is None and prepared.zero is None:
             return acc
         k = qx.q.shape[1]

@@ -117,13 +117,7 @@ def bench(
                     notes.append(f"{TORCHAO}: not installed ({exc.name}); pip install 'llmint8[peers]'")
         with console.status("timing prefill and decode, the models in turn"):
             results = speed.bench_models(networks, lengths, batches, new_tokens, repeat, run_device)
-        base = results.get(baseline)
-        for row in results.values():
-            if base:
-                for phase in ("prefill", "decode"):
-                    for size, entry in row[phase].items():
-                        entry["speedup"] = round(entry["tokens_per_s"] / base[phase][size]["tokens_per_s"], 3)
-                row["weight_ratio"] = round(row["weight_mib"] / base["weight_mib"], 3)
+        speed.add_speedups(results, baseline)
         document.update({
             "mode": "model", "model": subject.label, "dtype": str(run_dtype).removeprefix("torch."), "prompt_tokens": lengths, "batches": batches,
             "new_tokens": new_tokens, "repeat": repeat, "results": results, "notes": notes,

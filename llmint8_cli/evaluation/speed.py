@@ -114,11 +114,12 @@ def bitsandbytes_row(linear: nn.Linear, device: torch.device) -> nn.Module:
     return layer.to(device)
 
 
-def torchao_w8a8(module: nn.Module) -> nn.Module:
-    """torchao's int8 dynamic-activation, int8-weight quantization (W8A8, no decomposition), eager."""
+def torchao_w8a8(module: nn.Module, filter_fn=None) -> nn.Module:
+    """torchao's int8 dynamic-activation, int8-weight quantization (W8A8, no decomposition), eager,
+    in place on the linears `filter_fn(module, name)` accepts (every one by default)."""
     from torchao.quantization import Int8DynamicActivationInt8WeightConfig, quantize_
 
-    quantize_(module, Int8DynamicActivationInt8WeightConfig())
+    quantize_(module, Int8DynamicActivationInt8WeightConfig(), **({} if filter_fn is None else {"filter_fn": filter_fn}))  # torchao's default: its linears
     return module
 
 
@@ -153,7 +154,7 @@ def bench_layer(out_features: int, in_features: int, tokens: list[int], outlier_
         inputs = {name: activations(m, in_features, outliers, dtype, device) for name, _, dtype, outliers in rows}
         timings = time_interleaved({name: functools.partial(layer, inputs[name]) for name, layer, _, _ in rows}, repeat, device)
         for name, layer, _, _ in rows:
-            x, timing = inputs[name], timings[name]
+            x, timing, plan = inputs[name], timings[name], gemm_plan(layer)
             reference = fp32_layer(x.float())
             y = layer(x).float()
             error = float((y - reference).norm() / reference.norm().clamp_min(1e-30))
@@ -161,7 +162,7 @@ def bench_layer(out_features: int, in_features: int, tokens: list[int], outlier_
                 "shape": f"{out_features}x{in_features}", "tokens": m, "row": name, "median_ms": round(timing.median_ms, 4),
                 "min_ms": round(timing.min_ms, 4), "max_ms": round(timing.max_ms, 4), "rel_error_vs_fp32": round(error, 6),
                 "weight_mib": round(weight_bytes(layer) / 2**20, 3),
-                **({"int8_gemm": gemm_plan(layer)} if gemm_plan(layer) else {}),
+                **({"int8_gemm": plan} if plan else {}),
             }
             if name == sixteen_name:
                 baseline = timing.median_ms
@@ -200,11 +201,18 @@ def bench_models(networks: dict[str, nn.Module], prompt_lengths: list[int], batc
     return results
 
 
+def add_speedups(results: dict, baseline: str) -> None:
+    """Each phase's `speedup` and the `weight_ratio` of every network against `baseline`'s."""
+    base = results[baseline]
+    for row in results.values():
+        for phase in ("prefill", "decode"):
+            for size, entry in row[phase].items():
+                entry["speedup"] = round(entry["tokens_per_s"] / base[phase][size]["tokens_per_s"], 3)
+        row["weight_ratio"] = round(row["weight_mib"] / base["weight_mib"], 3)
+
+
 def torchao_model(model: nn.Module) -> nn.Module:
     """A copy of a 16-bit model with torchao W8A8 on every linear but the LM head (kept 16-bit, as ours)."""
-    from torchao.quantization import Int8DynamicActivationInt8WeightConfig, quantize_
-
     copied = copy.deepcopy(model)
     head = copied.get_output_embeddings()
-    quantize_(copied, Int8DynamicActivationInt8WeightConfig(), filter_fn=lambda module, name: isinstance(module, nn.Linear) and module is not head)
-    return copied
+    return torchao_w8a8(copied, lambda module, name: isinstance(module, nn.Linear) and module is not head)
