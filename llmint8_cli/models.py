@@ -43,6 +43,22 @@ ALIASES = {"smollm2-135m": _smollm2_gguf, "gemma3-270m": _gemma3_gguf}
 DEFAULT_MODEL = "smollm2-135m"
 
 
+def _family(org: str, names: str) -> dict[str, str]:
+    return {name: f"{org}/{name}" for name in names.split()}
+
+
+# Short names of the paper's model families (and a few common ones) -> their Hub repositories.
+HUB_NAMES = {
+    **_family("facebook", "opt-125m opt-350m opt-1.3b opt-2.7b opt-6.7b opt-13b opt-30b opt-66b"),
+    **_family("bigscience", "bloom-560m bloom-1b1 bloom-1b7 bloom-3b bloom-7b1 bloom"),
+    **_family("EleutherAI", "pythia-70m pythia-160m pythia-410m pythia-1b pythia-1.4b pythia-2.8b pythia-6.9b pythia-12b gpt-j-6b gpt-neox-20b"),
+    **_family("openai-community", "gpt2 gpt2-medium gpt2-large gpt2-xl"),
+    **_family("HuggingFaceTB", "SmolLM2-135M SmolLM2-360M SmolLM2-1.7B"),
+    **_family("meta-llama", "Llama-2-7b-hf Llama-2-13b-hf Llama-2-70b-hf Meta-Llama-3-8B Llama-3.1-8B"),
+    **_family("google", "gemma-3-270m gemma-3-1b-pt"),
+}
+
+
 @dataclass(frozen=True)
 class ModelSource:
     """A resolved model spec: kind is "folder", "gguf" or "hub"."""
@@ -81,7 +97,21 @@ def fingerprint(source: ModelSource) -> str:
 
 def looks_like_repo_id(spec: str) -> bool:
     parts = spec.split("/")
-    return 1 <= len(parts) <= 2 and all(parts) and not spec.startswith((".", "~")) and not spec.endswith((".gguf", ".safetensors", ".bin"))
+    return len(parts) == 2 and all(parts) and not spec.startswith((".", "~")) and not spec.endswith((".gguf", ".safetensors", ".bin"))
+
+
+def known_names() -> list[str]:
+    return [*ALIASES, *HUB_NAMES]
+
+
+def unknown_name(text: str) -> ModelLoadError:
+    """A bare word that is no file, alias or known name, with the nearest names we know."""
+    import difflib
+
+    by_lower = {name.lower(): name for name in known_names()}
+    nearest = [by_lower[n] for n in difflib.get_close_matches(text.lower(), by_lower, n=3, cutoff=0.6)]
+    hint = f"; did you mean {', '.join(nearest)}?" if nearest else f"; known names: {', '.join(ALIASES)}, or a Hub id such as facebook/opt-125m"
+    return ModelLoadError(f"{text}: no such file or folder, and not a known model name{hint}")
 
 
 def resolve(spec: str | os.PathLike) -> ModelSource:
@@ -105,8 +135,12 @@ def resolve(spec: str | os.PathLike) -> ModelSource:
         if not any((path / f).is_file() for f in WEIGHT_FILES):
             raise ModelLoadError(f"{path}: no weights found (expected one of {', '.join(WEIGHT_FILES)})")
         return ModelSource("folder", str(path))
+    if text in HUB_NAMES:
+        return ModelSource("hub", HUB_NAMES[text])
     if looks_like_repo_id(text) and not text.startswith("/"):
         return ModelSource("hub", text)
+    if "/" not in text:
+        raise unknown_name(text)
     raise ModelLoadError(f"{text}: no such file or folder")
 
 
@@ -135,8 +169,8 @@ def hub_online() -> bool:
 def _hub_error(source: ModelSource, exc: Exception) -> ModelLoadError:
     return ModelLoadError(
         f"cannot fetch {source.location!r} from the Hugging Face Hub ({exc if isinstance(exc, ConnectionError) else type(exc).__name__}); "
-        f"offline? download it where the Hub is reachable and pass the local folder instead, "
-        f"e.g. `huggingface-cli download {source.location} --local-dir ./model` then use ./model"
+        f"offline? where the Hub is reachable, run `hf download {source.location} --local-dir {source.location.rpartition('/')[2]}` "
+        f"and pass that folder instead"
     )
 
 

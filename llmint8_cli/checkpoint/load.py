@@ -13,29 +13,44 @@ from llmint8_cli.nn.convert import quantizable_layers, replace_module
 from llmint8_cli.nn.linear import Int8Linear
 
 
-def _weight_map(folder: Path) -> dict[str, str]:
+def shard_files(folder: Path) -> list[Path]:
     index = folder / "model.safetensors.index.json"
     if index.is_file():
-        return json.loads(index.read_text())["weight_map"]
+        return [folder / name for name in sorted(set(json.loads(index.read_text())["weight_map"].values()))]
+    return [folder / "model.safetensors"]
+
+
+def outlier_counts(files: list[Path], names: list[str]) -> dict[str, int]:
+    """Stored outlier columns per quantized layer, from the safetensors headers alone."""
     from safetensors import safe_open
 
-    with safe_open(str(folder / "model.safetensors"), framework="pt") as handle:
-        return {key: "model.safetensors" for key in handle.keys()}
-
-
-def _outlier_counts(folder: Path, weight_map: dict[str, str], names: list[str]) -> dict[str, int]:
-    from safetensors import safe_open
-
-    counts, handles = {}, {}
-    for name in names:
-        key = f"{name}.outlier_idx"
-        if key not in weight_map:
-            raise CheckpointError(f"{folder}: tensor {key} missing from the checkpoint")
-        file = weight_map[key]
-        if file not in handles:
-            handles[file] = safe_open(str(folder / file), framework="pt")
-        counts[name] = handles[file].get_slice(key).get_shape()[0]
+    counts = {}
+    for file in files:
+        if file.suffix != ".safetensors":
+            continue
+        with safe_open(str(file), framework="pt") as handle:
+            for key in handle.keys():
+                if key.endswith(".outlier_idx"):
+                    counts[key.removesuffix(".outlier_idx")] = handle.get_slice(key).get_shape()[0]
+    missing = [name for name in names if name not in counts]
+    if missing:
+        raise CheckpointError(f"{files[0].parent if files else '?'}: tensor {missing[0]}.outlier_idx missing from the checkpoint")
     return counts
+
+
+def install_shells(model, block: dict, counts: dict[str, int], dtype: torch.dtype) -> None:
+    """Replace the checkpoint's quantized layers of a (meta) model by empty Int8Linear shells."""
+    modules = dict(quantizable_layers(model, block["skip_modules"]))
+    for name in block["quantized_modules"]:
+        if name not in modules:
+            raise CheckpointError(f"quantized module {name} does not exist in the model built from config.json")
+        module = modules[name]
+        out_features, in_features = (module.out_features, module.in_features) if isinstance(module, torch.nn.Linear) else module.weight.shape[::-1]
+        shell = Int8Linear(
+            in_features, out_features, module.bias is not None, method=block["method"], threshold=block["threshold"],
+            num_outliers=counts[name], dtype=dtype, device="meta",
+        )
+        replace_module(model, name, shell)
 
 
 def build_empty(folder: Path, block: dict, dtype: torch.dtype):
@@ -48,19 +63,7 @@ def build_empty(folder: Path, block: dict, dtype: torch.dtype):
     del config.quantization_config
     with init_empty_weights(include_buffers=False):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    quantized = block["quantized_modules"]
-    counts = _outlier_counts(folder, _weight_map(folder), quantized)
-    modules = dict(quantizable_layers(model, block["skip_modules"]))
-    for name in quantized:
-        if name not in modules:
-            raise CheckpointError(f"{folder}: quantized module {name} does not exist in the model built from config.json")
-        module = modules[name]
-        out_features, in_features = (module.out_features, module.in_features) if isinstance(module, torch.nn.Linear) else module.weight.shape[::-1]
-        shell = Int8Linear(
-            in_features, out_features, module.bias is not None, method=block["method"], threshold=block["threshold"],
-            num_outliers=counts[name], dtype=dtype, device="meta",
-        )
-        replace_module(model, name, shell)
+    install_shells(model, block, outlier_counts(shard_files(folder), block["quantized_modules"]), dtype)
     model.tie_weights()  # ties exist before loading, so the checkpoint's single copy fills both
     return model
 
@@ -71,6 +74,8 @@ def load(path, device_map=None, dtype: torch.dtype | None = None, verify_files: 
     `dtype` casts the 16-bit tensors (int8 and scales are never cast), e.g. fp32 for fast CPU runs.
     """
     from accelerate import dispatch_model, infer_auto_device_map, load_checkpoint_in_model
+
+    from llmint8_cli.checkpoint.hf_quantizer import attach
 
     folder = Path(path)
     block = read_quantization_config(folder)
@@ -98,4 +103,5 @@ def load(path, device_map=None, dtype: torch.dtype | None = None, verify_files: 
         raise CheckpointError(f"{folder}: tensors missing from the checkpoint: {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}")
     if isinstance(device_map, dict) and len(set(device_map.values())) > 1:
         model = dispatch_model(model, device_map=device_map)
+    attach(model, block)
     return model.eval()

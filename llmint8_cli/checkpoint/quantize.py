@@ -108,7 +108,7 @@ def target_dtype(option: str, source_dtype: torch.dtype) -> torch.dtype:
 
 
 def match_keys(model: torch.nn.Module, tensors: TensorSource) -> dict[str, str]:
-    """model state-dict name -> source key (allowing the usual base-model prefix differences)."""
+    """model state-dict name -> source key (allowing the usual base-model prefix differences); one name per tied tensor."""
     names = set(model.state_dict())
     prefix = getattr(model, "base_model_prefix", "")
     mapping = {}
@@ -121,8 +121,11 @@ def match_keys(model: torch.nn.Module, tensors: TensorSource) -> dict[str, str]:
     for name, param in model.named_parameters(remove_duplicate=False):
         aliases.setdefault(id(param), []).append(name)
     for group in aliases.values():
-        if not any(name in mapping for name in group):
+        present = [name for name in group if name in mapping]
+        if not present:
             raise ModelLoadError(f"the source has no tensor for {group[0]} (does the checkpoint match its config.json?)")
+        for alias in present[1:]:  # tied weights (embeddings and LM head) are written and counted once
+            del mapping[alias]
     return mapping
 
 

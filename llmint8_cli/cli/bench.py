@@ -10,7 +10,7 @@ import typer
 from rich.table import Table
 
 from llmint8_cli.backends.cpu_kernels import gemm_report
-from llmint8_cli.cli.common import ComputeDtype, Device, NoVerify, Quiet, command, emit_json, progress_bar, stderr_console
+from llmint8_cli.cli.common import PIPED_MODEL_HELP, ComputeDtype, Device, NoVerify, Quiet, choose_model, command, emit_json, progress_bar, stderr_console
 from llmint8_cli.core.methods import DEFAULT_METHOD, DEFAULT_THRESHOLD, get_method
 from llmint8_cli.errors import InvalidArgumentError
 from llmint8_cli.evaluation import speed, variants
@@ -64,7 +64,7 @@ def check_layer_sizes(shapes: list[tuple[int, int]], outliers: list[int]) -> Non
 
 @command
 def bench(
-    model: Annotated[str | None, typer.Argument(help="Model mode: a 16-bit model (quantized on the fly) or an llmint8 folder. Omit for layer mode.")] = None,
+    model: Annotated[str | None, typer.Argument(help=f"Model mode: a 16-bit model (quantized on the fly) or an llmint8 folder. {PIPED_MODEL_HELP}, else layer mode.", show_default=False)] = None,
     shapes: Annotated[str, typer.Option(help="Layer mode: OUTxIN weight shapes, comma-separated, or 'paper' (Table 5: 4d x d for eight d).")] = "4096x4096",
     tokens: Annotated[str, typer.Option(help="Layer mode: token counts m per call.")] = "1,16,128,512,2048",
     outlier_cols: Annotated[str, typer.Option(help="Layer mode: outlier feature columns for the llm.int8 rows.")] = "0,6,64",
@@ -80,6 +80,7 @@ def bench(
 ) -> None:
     """Time 16-bit versus int8 layers or models; JSON on stdout, a table on stderr."""
     console = stderr_console(quiet)
+    model = choose_model(model, console)
     run_device = variants.resolve_device(device)
     document = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), "device": str(run_device), "machine": speed.machine()}
     if model is None:
@@ -119,7 +120,7 @@ def bench(
             results = speed.bench_models(networks, lengths, batches, new_tokens, repeat, run_device)
         speed.add_speedups(results, baseline)
         document.update({
-            "mode": "model", "model": subject.label, "dtype": str(run_dtype).removeprefix("torch."), "prompt_tokens": lengths, "batches": batches,
+            "mode": "model", "dtype": str(run_dtype).removeprefix("torch."), "prompt_tokens": lengths, "batches": batches,
             "new_tokens": new_tokens, "repeat": repeat, "results": results, "notes": notes,
         })
         table = Table(title=f"llmint8 bench · {subject.label} · {str(run_dtype).removeprefix('torch.')} · {document['machine']['cpu']} · {run_device}")
@@ -133,5 +134,5 @@ def bench(
             console.print(f"note: {note}")
     document["int8_gemm"] = gemm_report()
     console.print(table)
-    emit_json(document)
+    emit_json("bench", model, document)
 

@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import io
 import json
 import logging
 import math
 import os
 import signal
+import stat
 import sys
 import warnings
 from collections.abc import Callable
@@ -40,6 +42,8 @@ NoVerify = Annotated[bool, typer.Option("--no-verify", help="Skip the sha256 che
 Device = Annotated[str, typer.Option(help="cpu, cuda, cuda:N or auto.")]
 ComputeDtype = Annotated[str, typer.Option("--dtype", help="Compute dtype: fp32, fp16, bf16, or auto: fp16 on GPU; on CPU fp32 for evaluation, and for bench bf16 where the CPU has native bf16 matmul.")]
 DataDir = Annotated[str | None, typer.Option(help="Local data folder (layout of shared/data); default $LLMINT8_DATA_DIR or ./shared/data.")]
+PIPED_MODEL_HELP = "Omitted: the model of the llmint8 JSON document on stdin (a pipe from quantize or an evaluation)"
+Model = Annotated[str | None, typer.Argument(help=f"An llmint8 folder (evaluated as stored) or a 16-bit model: folder, .gguf, alias, short name (opt-1.3b) or Hub id. {PIPED_MODEL_HELP}, else the default model.", show_default=False)]
 
 
 def stderr_console(quiet: bool = False) -> Console:
@@ -57,9 +61,50 @@ def json_safe(value):
     return value
 
 
-def emit_json(document: dict) -> None:
-    sys.stdout.write(json.dumps(json_safe(document), indent=2, allow_nan=False) + "\n")
+def emit_json(command: str, model: str | None, document: dict) -> None:
+    """One JSON document on stdout; it opens with the command and the model, for jq and for the next command in a pipe."""
+    head = {"command": command, "model": model}
+    sys.stdout.write(json.dumps(json_safe({**head, **document}), indent=2, allow_nan=False) + "\n")
     sys.stdout.flush()
+
+
+def stdin_is_piped() -> bool:
+    """A pipe or a redirected file; not a terminal, /dev/null, or a test runner's fake stream."""
+    try:
+        mode = os.fstat(sys.stdin.fileno()).st_mode
+    except (AttributeError, OSError, ValueError, io.UnsupportedOperation):
+        return False
+    return stat.S_ISFIFO(mode) or stat.S_ISREG(mode)
+
+
+def model_from_stdin(text: str) -> str:
+    """The model an earlier llmint8 command hands on: quantize's output folder, else its model."""
+    if not text.strip():
+        raise InvalidArgumentError("stdin is empty: the command before this one in the pipe wrote no JSON (did it fail?)")
+    try:
+        document = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise InvalidArgumentError(f"stdin is not an llmint8 JSON document (not JSON: {exc.msg} at line {exc.lineno})") from None
+    if not isinstance(document, dict) or not isinstance(document.get("command"), str):
+        raise InvalidArgumentError("stdin is not an llmint8 JSON document (no \"command\" field); pass MODEL instead")
+    model = document.get("output") if document["command"] == "quantize" else document.get("model")
+    if not isinstance(model, str) or not model:
+        raise InvalidArgumentError(f"the {document['command']} document on stdin names no model; pass MODEL instead")
+    return model
+
+
+def choose_model(given: str | None, console: Console, default: str | None = None) -> str | None:
+    """MODEL as typed; else the one a pipe hands on; else `default`, said on stderr."""
+    if given:
+        return given
+    if stdin_is_piped():
+        console.print("reading MODEL from the JSON document on stdin")
+        model = model_from_stdin(sys.stdin.read())
+        console.print(f"model from stdin: {model}")
+        return model
+    if default is not None:
+        console.print(f"no MODEL given: using the default model {default}")
+    return default
 
 
 class LoggedProgress(Progress):

@@ -11,7 +11,8 @@ from rich.table import Table
 
 from llmint8_cli import data
 from llmint8_cli.backends.cpu_kernels import gemm_report
-from llmint8_cli.cli.common import EXIT_NOT_FINITE, ComputeDtype, DataDir, Device, NoVerify, Quiet, command, emit_json, fail, progress_bar, stderr_console
+from llmint8_cli import models
+from llmint8_cli.cli.common import EXIT_NOT_FINITE, ComputeDtype, DataDir, Device, Model, NoVerify, Quiet, choose_model, command, emit_json, fail, progress_bar, stderr_console
 from llmint8_cli.core.methods import DEFAULT_METHOD, DEFAULT_THRESHOLD, check_threshold, parse_methods
 from llmint8_cli.errors import DataError
 from llmint8_cli.evaluation import variants
@@ -46,7 +47,7 @@ def computed_rate(result, seconds: float) -> float | None:
 
 @command
 def eval_ppl(
-    model: Annotated[str, typer.Argument(help="An llmint8 folder (evaluated as stored) or a 16-bit model: folder, .gguf, alias or Hub id.")],
+    model: Model = None,
     dataset: Annotated[str, typer.Option(help=DATASET_HELP)] = "wikitext2",
     seq_len: Annotated[int, typer.Option(help="Tokens per window.")] = 2048,
     stride: Annotated[int | None, typer.Option(help="Start a window every N tokens (default: no overlap); overlapping tokens are scored once.")] = None,
@@ -64,6 +65,7 @@ def eval_ppl(
 ) -> None:
     """Perplexity per method on WikiText-2, PTB, C4 or a file; JSON on stdout, a table on stderr."""
     console = stderr_console(quiet)
+    model = choose_model(model, console, models.DEFAULT_MODEL)
     chosen = parse_methods(methods)
     check_threshold(threshold)
     if bos not in ("window", "text"):
@@ -100,7 +102,6 @@ def eval_ppl(
             bar.console.print(f"{name:>14}: ppl {result.ppl:.3f} in {seconds:.0f} s")  # a line per method: logs of long runs show progress
             del network
     document = {
-        "model": subject.label,
         "dataset": {"name": text.name, "source": text.source, "sample": text.sample, **({"note": text.note} if text.note else {})},
         "protocol": {
             "seq_len": seq_len, "stride": stride or windows.input_ids.shape[1] - windows.bos_per_window,
@@ -118,7 +119,7 @@ def eval_ppl(
         table.add_row(name, f"{row['ppl']:.3f}", delta, f"{row['seconds']:.1f}", "cached" if row["tokens_per_s"] is None else f"{row['tokens_per_s']:.0f}")
     document["int8_gemm"] = gemm_report()
     console.print(table)
-    emit_json(document)
+    emit_json("eval-ppl", model, document)
     broken = [name for name, row in results.items() if "error" in row]
     if broken:
         fail(f"perplexity of {', '.join(broken)} is not finite: {NOT_FINITE}", EXIT_NOT_FINITE)

@@ -12,14 +12,15 @@ import typer
 from rich.table import Table
 
 from llmint8_cli.backends.cpu_kernels import gemm_report
-from llmint8_cli.cli.common import ComputeDtype, Device, NoVerify, Quiet, command, emit_json, stderr_console
+from llmint8_cli import models
+from llmint8_cli.cli.common import ComputeDtype, Device, Model, NoVerify, Quiet, choose_model, command, emit_json, stderr_console
 from llmint8_cli.core.methods import DEFAULT_METHOD, DEFAULT_THRESHOLD, check_threshold, parse_methods
 from llmint8_cli.evaluation import variants, zeroshot
 
 
 @command
 def eval_zeroshot(
-    model: Annotated[str, typer.Argument(help="An llmint8 folder (evaluated as stored) or a 16-bit model: folder, .gguf, alias or Hub id.")],
+    model: Model = None,
     tasks: Annotated[str, typer.Option(help=f"Comma-separated: {', '.join(zeroshot.TASKS)} (lambada = LAMBADA-OpenAI).")] = "winogrande,hellaswag,piqa,lambada",
     methods: Annotated[str, typer.Option(help="Comma-separated methods or 'all' (the 16-bit baseline is always included).")] = DEFAULT_METHOD,
     threshold: Annotated[float, typer.Option(help="Outlier threshold for the decomposition.")] = DEFAULT_THRESHOLD,
@@ -35,6 +36,7 @@ def eval_zeroshot(
 ) -> None:
     """Zero-shot accuracy through lm-eval per method; JSON on stdout, a table on stderr."""
     console = stderr_console(quiet)
+    model = choose_model(model, console, models.DEFAULT_MODEL)
     names = zeroshot.parse_tasks(tasks)
     chosen = parse_methods(methods)
     check_threshold(threshold)
@@ -58,7 +60,7 @@ def eval_zeroshot(
         seconds[name] = round(time.time() - started, 1)
         del network
     baseline = results.get(variants.BASELINE)
-    document = {"model": subject.label, "tasks": {}, "data": source, "limit": limit, "num_fewshot": num_fewshot,
+    document = {"tasks": {}, "data": source, "limit": limit, "num_fewshot": num_fewshot,
                 "device": str(run_device), "dtype": str(run_dtype).removeprefix("torch."), "threshold": threshold,
                 "seconds": seconds, "notes": notes, **({"caches": caches} if cache_dir else {})}
     table = Table(title=f"zero-shot · {subject.label}{f' · limit {limit}' if limit else ''}")
@@ -81,7 +83,7 @@ def eval_zeroshot(
             table.add_row(task, metric, *cells, *deltas)
     document["int8_gemm"] = gemm_report()
     console.print(table)
-    emit_json(document)
+    emit_json("eval-zeroshot", model, document)
 
 
 def delta_cell(entry: dict, metric: str) -> str:

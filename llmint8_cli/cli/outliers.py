@@ -10,7 +10,7 @@ import typer
 from rich.table import Table
 
 from llmint8_cli import activations, data, models
-from llmint8_cli.cli.common import DataDir, Quiet, command, emit_json, stderr_console
+from llmint8_cli.cli.common import PIPED_MODEL_HELP, DataDir, Quiet, choose_model, command, emit_json, stderr_console
 from llmint8_cli.core.methods import DEFAULT_THRESHOLD, check_threshold
 from llmint8_cli.errors import InvalidArgumentError
 from llmint8_cli.evaluation.perplexity import make_windows, tokenize
@@ -50,7 +50,7 @@ def plot(report: dict, stats: activations.ActivationStats, layer_names: list[str
 
 @command
 def outliers(
-    model: Annotated[str, typer.Argument(help="A 16-bit model: folder, .gguf, alias or Hub id.")],
+    model: Annotated[str | None, typer.Argument(help=f"A 16-bit model: folder, .gguf, alias, short name or Hub id. {PIPED_MODEL_HELP}, else the default model.", show_default=False)] = None,
     dataset: Annotated[str, typer.Option(help="wikitext2, ptb, c4 or a text/.jsonl path.")] = "wikitext2",
     samples: Annotated[int, typer.Option(min=1, help="Sequences to run.")] = 8,
     seq_len: Annotated[int, typer.Option(min=2, help="Tokens per sequence.")] = 512,
@@ -61,6 +61,7 @@ def outliers(
 ) -> None:
     """Per-layer outlier columns, systematic outlier features and what the decomposition keeps in 16-bit."""
     console = stderr_console(quiet)
+    model = choose_model(model, console, models.DEFAULT_MODEL)
     check_threshold(threshold)
     if plot_path is not None and plot_path.suffix.lower() != ".png":
         raise InvalidArgumentError(f"--plot must name a .png file, got {plot_path}")
@@ -76,7 +77,7 @@ def outliers(
     with console.status(f"running {len(windows)} sequences of {seq_len} tokens"):
         stats = activations.collect(network, windows.split(1), list(layers), threshold)
     report = activations.analyze(stats, shapes, network.config.hidden_size)
-    report.update({"model": source.label, "dataset": text.name, "samples": len(windows), "seq_len": seq_len})
+    report.update({"dataset": text.name, "samples": len(windows), "seq_len": seq_len})
     if plot_path is not None:
         plot(report, stats, list(layers), plot_path, source.label)
         report["plot"] = str(plot_path)
@@ -91,4 +92,4 @@ def outliers(
         f"{100 * report['activation_share_16bit']:.3f} % of activations, {100 * report['parameter_share_16bit']:.3f} % of parameters · "
         f"outlier columns: attention {report['outlier_columns_by_kind']['attention']}, FFN {report['outlier_columns_by_kind']['ffn']}"
     )
-    emit_json(report)
+    emit_json("outliers", model, report)

@@ -50,11 +50,12 @@ def quantize(
     try:
         summary = quantize_checkpoint(src, out, options, force=force, progress=report)
     finally:
-        bar.stop()
+        if tasks:  # a bar never started would still print an empty line
+            bar.stop()
     if summary["clamped_tensors"]:
         warn(f"clamped to the {summary['dtype']} range: {', '.join(summary['clamped_tensors'])}")
     console.print(
         f"[green]done[/] {summary['size_bytes'] / 2**20:.1f} MiB, {summary['ratio_vs_fp16']:.3f}x of fp16, "
         f"{summary['outlier_columns_total']} stored outlier columns, {summary['seconds']:.1f}s"
     )
-    emit_json(summary)
+    emit_json("quantize", summary["output"], summary)

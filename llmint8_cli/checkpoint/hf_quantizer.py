@@ -1,0 +1,83 @@
+"""transformers integration: `AutoModelForCausalLM.from_pretrained(OUT)` of an llmint8 folder.
+
+`import llmint8_cli` registers the quantization config and the HfQuantizer for quant_method
+"llmint8". Without them transformers skips an unknown quantization with a warning and casts the
+int8 rows into 16-bit Linear weights: a silently wrong model. The quantizer builds Int8Linear
+shells sized from the checkpoint files (the number of stored outlier columns differs per layer)
+before transformers loads the tensors into them by name, so the model equals `llmint8_cli.load`.
+"""
+
+from __future__ import annotations
+
+import types
+from pathlib import Path
+
+from transformers.quantizers.auto import AUTO_QUANTIZATION_CONFIG_MAPPING, AUTO_QUANTIZER_MAPPING
+from transformers.quantizers.base import HfQuantizer
+from transformers.utils.quantization_config import QuantizationConfigMixin
+
+from llmint8_cli.checkpoint.format import QUANT_METHOD, check_block, write_manifest
+
+
+class LLMInt8Config(QuantizationConfigMixin):
+    """The `quantization_config` block of an llmint8 folder (FORMAT.md), kept field for field."""
+
+    def __init__(self, **block):
+        self.__dict__.update(block)
+        self.quant_method = QUANT_METHOD
+        check_block(Path("quantization_config"), self.__dict__)
+
+    def to_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+class LLMInt8HfQuantizer(HfQuantizer):
+    """Loads pre-quantized llmint8 folders; quantizing at load time is `llmint8 quantize`'s job."""
+
+    requires_calibration = True  # only pre-quantized folders
+
+    def _process_model_before_weight_loading(self, model, checkpoint_files=None, dtype=None, **kwargs):
+        from llmint8_cli.checkpoint.load import install_shells, outlier_counts
+
+        block = self.quantization_config.to_dict()
+        counts = outlier_counts([Path(f) for f in checkpoint_files or []], block["quantized_modules"])
+        install_shells(model, block, counts, dtype or model.dtype)
+
+    def _process_model_after_weight_loading(self, model, **kwargs):
+        keep_saving_valid(model)
+        return model
+
+    def is_serializable(self):
+        return True
+
+    @property
+    def is_trainable(self) -> bool:
+        return False
+
+
+def keep_saving_valid(model) -> None:
+    """`save_pretrained` of this model writes an llmint8 folder `load` accepts: the block records
+    the dtype the 16-bit tensors are saved in, and the manifest is written after the files."""
+    save = type(model).save_pretrained
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        block = self.config.quantization_config
+        block.dtype = str(self.dtype).removeprefix("torch.")
+        save(self, save_directory, *args, **kwargs)
+        write_manifest(Path(save_directory), {})
+
+    model.save_pretrained = types.MethodType(save_pretrained, model)
+
+
+def attach(model, block: dict) -> None:
+    """Make a model built by `llmint8_cli.load` look like one transformers loaded with the quantizer."""
+    config = LLMInt8Config(**block)
+    model.config.quantization_config = config
+    model.hf_quantizer = LLMInt8HfQuantizer(config, pre_quantized=True)
+    model.is_quantized = True
+    model.quantization_method = QUANT_METHOD
+    keep_saving_valid(model)
+
+
+AUTO_QUANTIZATION_CONFIG_MAPPING.setdefault(QUANT_METHOD, LLMInt8Config)
+AUTO_QUANTIZER_MAPPING.setdefault(QUANT_METHOD, LLMInt8HfQuantizer)
