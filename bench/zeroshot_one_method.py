@@ -23,8 +23,8 @@ from llmint8_cli.evaluation import variants, zeroshot
 def main(model: str, tasks: str, method: str, cache_dir: str, data_dir: str = "../shared/data", batch_size: str = "32",
          threshold: str = str(DEFAULT_THRESHOLD), shard: str = "0/1") -> None:
     outlier_threshold = check_threshold(float(threshold))
-    names = zeroshot.parse_tasks(tasks)
-    manager, task_names, _ = zeroshot.task_manager(names, data_dir, zeroshot.use_local_tasks(data_dir))
+    names = zeroshot.parse_tasks(tasks, local=True)
+    manager, task_names, _ = zeroshot.task_manager(names, data_dir, use_local=True)
     samples = shard_samples(shard, manager, task_names)
     device = variants.resolve_device("auto")
     dtype = variants.resolve_dtype("auto", device)

@@ -11,6 +11,7 @@ Rules that keep a user's data safe:
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import secrets
@@ -135,3 +136,19 @@ def install(tmp: Path, out: Path, force: bool) -> None:
     tmp.rename(out)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def writing(out: Path, force: bool):
+    """A marked temporary folder beside OUT (a killed writer's debris removed first), moved into
+    place when the block ends; on any failure it is removed and OUT is left as it was."""
+    remove_stale(out)
+    tmp = make_temporary(out)
+    try:
+        yield tmp
+        install(tmp, out, force)
+    except BaseException as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(exc, OSError):
+            raise CheckpointError(f"writing {out} failed: {exc.strerror or exc}") from None
+        raise

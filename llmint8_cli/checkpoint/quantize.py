@@ -20,10 +20,11 @@ import torch
 
 from llmint8_cli import activations, data, models
 from llmint8_cli.backends import backend_for
+from llmint8_cli.checkpoint import bitsandbytes
 from llmint8_cli.checkpoint import format as fmt
-from llmint8_cli.checkpoint.output import check_free_space, check_output, install, make_temporary, remove_stale
+from llmint8_cli.checkpoint.output import check_free_space, check_output, writing
 from llmint8_cli.checkpoint.sources import ModelSource, TensorSource, open_folder
-from llmint8_cli.checkpoint.writer import Entry, Group, plan_shards, shard_names, write_shard
+from llmint8_cli.checkpoint.writer import Entry, Group, write_tensors
 from llmint8_cli.core.methods import DEFAULT_METHOD, DEFAULT_THRESHOLD, check_threshold, get_method
 from llmint8_cli.errors import CheckpointError, InvalidArgumentError, InvalidWeightError, ModelLoadError
 from llmint8_cli.evaluation.perplexity import make_windows, tokenize
@@ -276,6 +277,8 @@ def quantize_checkpoint(src: str, out: str | os.PathLike, options: QuantizeOptio
         raise InvalidArgumentError("method 'fp16' quantizes nothing; choose one of the 8-bit methods")
     check_threshold(options.threshold)
     source = models.resolve(src)
+    if source.kind == "folder" and bitsandbytes.is_bitsandbytes_8bit(source.location):
+        return bitsandbytes.import_folder(source.location, out, force, options.max_shard_bytes)
     out = check_output(Path(out).expanduser().absolute(), None if source.kind == "hub" else Path(source.location), force)
     if source.kind == "hub":
         source = download(source)
@@ -300,9 +303,7 @@ def quantize_checkpoint(src: str, out: str | os.PathLike, options: QuantizeOptio
         raise InvalidArgumentError("no linear layer left to quantize (check --skip)")
     expected_bytes, fp16_bytes, source_bytes = output_sizes(model, mapping, layers, tensors)
 
-    remove_stale(out)
-    tmp = make_temporary(out)  # before calibration: an unwritable OUT fails now, not minutes later
-    try:
+    with writing(out, force) as tmp:  # made before calibration: an unwritable OUT fails now, not minutes later
         check_free_space(tmp, expected_bytes)
         outliers, calibration = {}, {"samples": 0}
         if method.decomposition and options.calib_samples > 0:
@@ -321,31 +322,12 @@ def quantize_checkpoint(src: str, out: str | os.PathLike, options: QuantizeOptio
                 groups.append(plain_group(name, key, tensors, dtype, options.clamp_overflow, clamped))
         block = fmt.quantization_config(method.name, options.threshold, options.skip, list(layers), dtype, calibration)
         block["source"] = src if source.kind == "hub" or src in models.ALIASES else str(Path(src).expanduser().absolute())
-        shards = plan_shards(groups, options.max_shard_bytes)
-        names = shard_names(len(shards))
-        total, done, hashes = sum(s.nbytes for s in shards), 0, {}
-        for file, shard in zip(names, shards):
-            def advance(group: Group) -> None:
-                nonlocal done
-                done += group.nbytes
-                if progress:
-                    progress("write", done, total)
-
-            hashes[file] = write_shard(tmp / file, shard, advance)
-        if len(shards) > 1:
-            weight_map = {e.name: file for file, s in zip(names, shards) for g in s.groups for e in g.entries}
-            (tmp / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=1) + "\n")
+        hashes = write_tensors(tmp, groups, options.max_shard_bytes, progress and (lambda done, total: progress("write", done, total)))
         config_dict = config.to_dict()
         config_dict.update({"dtype": str(dtype).removeprefix("torch."), "quantization_config": block})
         (tmp / "config.json").write_text(json.dumps(config_dict, indent=2, sort_keys=True) + "\n")
         copy_side_files(source, tmp, model, tokenizer)
         fmt.write_manifest(tmp, hashes)
-        install(tmp, out, force)
-    except BaseException as exc:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if isinstance(exc, OSError):
-            raise CheckpointError(f"writing {out} failed: {exc.strerror or exc}") from None
-        raise
     seconds = time.time() - started
     files = {p.name: p.stat().st_size for p in sorted(out.iterdir())}
     size = sum(files.values())

@@ -120,3 +120,25 @@ def sha256_file(path: Path) -> str:
         for block in iter(lambda: handle.read(1 << 22), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def write_tensors(folder: Path, groups: list[Group], max_shard_bytes: int, progress: Callable[[int, int], None] | None = None) -> dict[str, str]:
+    """Write the groups as model.safetensors (or shards + index) into folder; {file: sha256}.
+
+    `progress(done, total)` in bytes, after each group.
+    """
+    shards = plan_shards(groups, max_shard_bytes)
+    names = shard_names(len(shards))
+    total, done, hashes = sum(s.nbytes for s in shards), 0, {}
+    for file, shard in zip(names, shards):
+        def advance(group: Group) -> None:
+            nonlocal done
+            done += group.nbytes
+            if progress:
+                progress(done, total)
+
+        hashes[file] = write_shard(folder / file, shard, advance)
+    if len(shards) > 1:
+        weight_map = {e.name: file for file, s in zip(names, shards) for g in s.groups for e in g.entries}
+        (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=1) + "\n")
+    return hashes

@@ -46,8 +46,15 @@ PIPED_MODEL_HELP = "Omitted: the model of the llmint8 JSON document on stdin (a 
 Model = Annotated[str | None, typer.Argument(help=f"An llmint8 folder (evaluated as stored) or a 16-bit model: folder, .gguf, alias, short name (opt-1.3b) or Hub id. {PIPED_MODEL_HELP}, else the default model.", show_default=False)]
 
 
+LOG_WIDTH = 160  # a stderr that is a file or a pipe has no width; rich would assume 80 and cut table cells
+
+
 def stderr_console(quiet: bool = False) -> Console:
-    return Console(stderr=True, quiet=quiet)
+    """Lines never wrapped (a path stays greppable); tables as wide as a log needs off a terminal."""
+    console = Console(stderr=True, quiet=quiet, soft_wrap=True)
+    if not console.is_terminal:
+        console.width = LOG_WIDTH
+    return console
 
 
 def json_safe(value):

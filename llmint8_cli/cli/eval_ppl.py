@@ -85,7 +85,7 @@ def eval_ppl(
     results, baseline = {}, None
     with progress_bar(console) as bar:
         for name, network in subject.variants:
-            task = bar.add_task(f"{name:>14}", total=len(windows.input_ids))
+            task = bar.add_task(f"{variants.shown_name(name, run_dtype):>14}", total=len(windows.input_ids))
             started = time.time()
             cache = WindowCache(variants.cache_folder(cache_dir, subject, name, threshold, run_dtype, run_device), windows) if cache_dir else None
             result = perplexity(network, windows, batch_size, lambda n, t=task: bar.advance(t, n), cache)
@@ -99,7 +99,7 @@ def eval_ppl(
                 **({} if math.isfinite(result.ppl) else {"error": NOT_FINITE}),
             }
             bar.remove_task(task)
-            bar.console.print(f"{name:>14}: ppl {result.ppl:.3f} in {seconds:.0f} s")  # a line per method: logs of long runs show progress
+            bar.console.print(f"{variants.shown_name(name, run_dtype):>14}: ppl {result.ppl:.3f} in {seconds:.0f} s")  # a line per method: logs of long runs show progress
             del network
     document = {
         "dataset": {"name": text.name, "source": text.source, "sample": text.sample, **({"note": text.note} if text.note else {})},
@@ -116,7 +116,7 @@ def eval_ppl(
         table.add_column(column, justify="right")
     for name, row in results.items():
         delta = "" if row["delta_pct"] is None else f"{row['delta_pct']:+.2f} %"
-        table.add_row(name, f"{row['ppl']:.3f}", delta, f"{row['seconds']:.1f}", "cached" if row["tokens_per_s"] is None else f"{row['tokens_per_s']:.0f}")
+        table.add_row(variants.shown_name(name, run_dtype), f"{row['ppl']:.3f}", delta, f"{row['seconds']:.1f}", "cached" if row["tokens_per_s"] is None else f"{row['tokens_per_s']:.0f}")
     document["int8_gemm"] = gemm_report()
     console.print(table)
     emit_json("eval-ppl", model, document)

@@ -21,7 +21,7 @@ from llmint8_cli.evaluation import variants, zeroshot
 @command
 def eval_zeroshot(
     model: Model = None,
-    tasks: Annotated[str, typer.Option(help=f"Comma-separated: {', '.join(zeroshot.TASKS)} (lambada = LAMBADA-OpenAI).")] = "winogrande,hellaswag,piqa,lambada",
+    tasks: Annotated[str, typer.Option(help=f"Comma-separated lm-eval tasks; offline or with --data-dir: {', '.join(zeroshot.TASKS)} (lambada = LAMBADA-OpenAI), from local files.")] = "winogrande,hellaswag,piqa,lambada",
     methods: Annotated[str, typer.Option(help="Comma-separated methods or 'all' (the 16-bit baseline is always included).")] = DEFAULT_METHOD,
     threshold: Annotated[float, typer.Option(help="Outlier threshold for the decomposition.")] = DEFAULT_THRESHOLD,
     limit: Annotated[int | None, typer.Option(min=1, help="Only the first N documents of each task.")] = None,
@@ -37,10 +37,11 @@ def eval_zeroshot(
     """Zero-shot accuracy through lm-eval per method; JSON on stdout, a table on stderr."""
     console = stderr_console(quiet)
     model = choose_model(model, console, models.DEFAULT_MODEL)
-    names = zeroshot.parse_tasks(tasks)
+    local = zeroshot.use_local_tasks(data_dir)
+    names = zeroshot.parse_tasks(tasks, local)
     chosen = parse_methods(methods)
     check_threshold(threshold)
-    manager, task_names, source = zeroshot.task_manager(names, data_dir, zeroshot.use_local_tasks(data_dir))
+    manager, task_names, source = zeroshot.task_manager(names, data_dir, local)
     run_device = variants.resolve_device(device)
     run_dtype = variants.resolve_dtype(dtype, run_device)
     with console.status(f"loading {model}"):
@@ -50,7 +51,7 @@ def eval_zeroshot(
         console.print(f"[bold]{name}[/]: {', '.join(names)}")
         started = time.time()
         folder = variants.cache_folder(cache_dir, subject, name, threshold, run_dtype, run_device) if cache_dir else None
-        chatter = io.StringIO() if quiet else sys.stderr  # lm-eval prints to stdout; stdout is for our JSON
+        chatter = sys.stderr if console.is_terminal else io.StringIO()  # lm-eval's bars and logs: on a terminal only; stdout is for our JSON
         with contextlib.redirect_stdout(chatter), contextlib.redirect_stderr(chatter):
             evaluation = zeroshot.evaluate(network, subject.tokenizer, manager, task_names, limit, num_fewshot, batch_size, str(run_device), folder)
         results[name], per_document[name], caches[name] = evaluation.results, evaluation.per_document, evaluation.cache
@@ -64,7 +65,7 @@ def eval_zeroshot(
                 "device": str(run_device), "dtype": str(run_dtype).removeprefix("torch."), "threshold": threshold,
                 "seconds": seconds, "notes": notes, **({"caches": caches} if cache_dir else {})}
     table = Table(title=f"zero-shot · {subject.label}{f' · limit {limit}' if limit else ''}")
-    for column in ("task", "metric", *results, *(["Δ " + m for m in results if m != variants.BASELINE] if baseline else [])):
+    for column in ("task", "metric", *(variants.shown_name(m, run_dtype) for m in results), *(["Δ " + m for m in results if m != variants.BASELINE] if baseline else [])):
         table.add_column(column, justify="right")
     for task in names:
         per_task = {}

@@ -13,7 +13,7 @@ from llmint8_cli.core.methods import DEFAULT_METHOD, DEFAULT_THRESHOLD, METHODS
 
 @command
 def quantize(
-    src: Annotated[str, typer.Argument(help="Model folder (safetensors or .bin), .gguf file, alias (smollm2-135m, gemma3-270m) or Hub id.")],
+    src: Annotated[str, typer.Argument(help="Model folder (safetensors or .bin; a bitsandbytes 8-bit folder converts without re-rounding), .gguf file, alias (smollm2-135m, gemma3-270m), short name (opt-1.3b) or Hub id.")],
     out: Annotated[str, typer.Argument(help="Output folder (written atomically).")],
     method: Annotated[str, typer.Option(help=f"One of: {', '.join(m for m in METHODS if m != 'fp16')}.")] = DEFAULT_METHOD,
     threshold: Annotated[float, typer.Option(help="Outlier threshold |x| for the decomposition.")] = DEFAULT_THRESHOLD,
@@ -54,8 +54,11 @@ def quantize(
             bar.stop()
     if summary["clamped_tensors"]:
         warn(f"clamped to the {summary['dtype']} range: {', '.join(summary['clamped_tensors'])}")
-    console.print(
-        f"[green]done[/] {summary['size_bytes'] / 2**20:.1f} MiB, {summary['ratio_vs_fp16']:.3f}x of fp16, "
-        f"{summary['outlier_columns_total']} stored outlier columns, {summary['seconds']:.1f}s"
-    )
+    if summary.get("from") == "bitsandbytes":
+        console.print(f"[green]done[/] {summary['size_bytes'] / 2**20:.1f} MiB, {summary['quantized_layers']} layers converted from bitsandbytes (int8 rows kept)")
+    else:
+        console.print(
+            f"[green]done[/] {summary['size_bytes'] / 2**20:.1f} MiB, {summary['ratio_vs_fp16']:.3f}x of fp16, "
+            f"{summary['outlier_columns_total']} stored outlier columns, {summary['seconds']:.1f}s"
+        )
     emit_json("quantize", summary["output"], summary)

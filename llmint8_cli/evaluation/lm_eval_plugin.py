@@ -1,12 +1,8 @@
-"""An lm-eval model type for llmint8 checkpoints: `--model llmint8 --model_args path=OUT`.
+"""lm-eval model types for llmint8: `llmint8` (`--model_args path=OUT`) and the unpadded HFLM.
 
-lm-eval 0.4 has no plugin discovery for model types, so this module registers the type and then
-runs lm-eval's own command line:
-
-    python -m llmint8_cli.evaluation.lm_eval_plugin --model llmint8 --model_args path=out/opt-13b-int8 \\
-        --tasks hellaswag --batch_size 8
-
-From Python, `import llmint8_cli.evaluation.lm_eval_plugin` before `lm_eval.simple_evaluate(model="llmint8", ...)`.
+lm-eval 0.4 discovers no model plugins: `llmint8 lm-eval ARGS` imports this module, which
+registers the type, and runs lm-eval's own command line. From Python, import this module before
+`lm_eval.simple_evaluate(model="llmint8", ...)`.
 """
 
 from __future__ import annotations
@@ -49,12 +45,3 @@ class LLMInt8LM(UnpaddedHFLM):
         if self.unpadded and str(requested) != "1":
             logging.getLogger(__name__).warning("llmint8: batch_size 1 (outlier columns span a sequence; lm-eval pads batches without a mask)")
 
-
-def main() -> None:
-    from lm_eval.__main__ import cli_evaluate
-
-    cli_evaluate()
-
-
-if __name__ == "__main__":
-    main()

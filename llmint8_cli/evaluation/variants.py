@@ -7,7 +7,10 @@ folder is evaluated as stored; its 16-bit baseline is the source recorded in its
 
 from __future__ import annotations
 
+import atexit
 import copy
+import shutil
+import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,6 +19,7 @@ import torch
 
 from llmint8_cli import models
 from llmint8_cli.backends import cpu_kernels
+from llmint8_cli.checkpoint import bitsandbytes
 from llmint8_cli.checkpoint.format import is_llmint8_checkpoint, read_quantization_config
 from llmint8_cli.checkpoint.load import load
 from llmint8_cli.core.methods import Method
@@ -24,6 +28,13 @@ from llmint8_cli.nn.convert import quantize_model
 
 BASELINE = "fp16"
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def shown_name(method: str, dtype: torch.dtype) -> str:
+    """A table's name for a row: the unquantized baseline by the dtype it ran in (its JSON key stays "fp16", the method)."""
+    if method != BASELINE:
+        return method
+    return f"{next(short for short, full in DTYPES.items() if full == dtype)} (16-bit)"
 
 
 def resolve_device(option: str) -> torch.device:
@@ -79,6 +90,14 @@ def subject(spec: str, methods: list[Method], threshold: float, dtype: torch.dty
     """What to evaluate; `verify` checks an llmint8 folder's files against its manifest."""
     if is_llmint8_checkpoint(spec):
         return _stored(spec, dtype, device, verify)
+    if bitsandbytes.is_bitsandbytes_8bit(spec):  # evaluated as its int8 rows, converted without re-rounding
+        folder = Path(tempfile.mkdtemp(prefix="llmint8-from-bitsandbytes-"))
+        atexit.register(shutil.rmtree, folder, True)
+        bitsandbytes.import_folder(spec, str(folder / "model"))
+        converted = _stored(str(folder / "model"), dtype, device, verify)
+        converted.label = spec
+        converted.notes.append(f"{spec}: a bitsandbytes 8-bit folder, evaluated through llmint8 with its int8 rows and scales as stored")
+        return converted
     source = models.resolve(spec)
     tokenizer = models.load_tokenizer(source)
     base = models.load_model(source, dtype=dtype).to(device)

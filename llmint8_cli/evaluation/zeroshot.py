@@ -13,6 +13,7 @@ import tempfile
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
+from unittest import mock
 
 from llmint8_cli import data, models
 from llmint8_cli.errors import DataError, InvalidArgumentError
@@ -35,12 +36,19 @@ TASKS = {
 }
 
 
-def parse_tasks(text: str) -> list[str]:
+def parse_tasks(text: str, local: bool) -> list[str]:
+    """Task names; with local data only the four whose files we know (configs/lm_eval), online any lm-eval task."""
     names = list(dict.fromkeys(t.strip() for t in text.split(",") if t.strip()))
-    unknown = [n for n in names if n not in TASKS]
+    unknown = [n for n in names if n not in TASKS] if local else []
     if not names or unknown:
-        raise InvalidArgumentError(f"unknown task {', '.join(unknown) or '(none given)'}; choose from {', '.join(TASKS)}")
+        raise InvalidArgumentError(
+            f"unknown task {', '.join(unknown) or '(none given)'}; offline (or with --data-dir) choose from {', '.join(TASKS)}, online any lm-eval task"
+        )
     return names
+
+
+def builtin_name(name: str) -> str:
+    return TASKS[name].builtin if name in TASKS else name
 
 
 def local_data_dir(names: list[str], data_dir) -> Path:
@@ -66,13 +74,11 @@ def check_task_file(path: Path, fields: dict[str, type | tuple[type, ...]]) -> N
                 raise DataError(f"{path}:{number}: field {field!r} is missing or not a {names}")
 
 
-def task_manager(names: list[str], data_dir, use_local: bool):
-    """(lm-eval TaskManager, {our name: lm-eval task name}, description of the data)."""
-    from lm_eval.tasks import TaskManager
+def write_local_configs(names: list[str], data_dir) -> tuple[Path, Path]:
+    """(a folder of ready task YAMLs `<builtin>_local`, the data folder they read): the templates of
+    configs/lm_eval filled in with lm-eval's task folder and the local data, every file checked first."""
     import lm_eval.tasks
 
-    if not use_local:
-        return TaskManager(), {n: TASKS[n].builtin for n in names}, "lm-eval built-in tasks (Hugging Face Hub)"
     base = local_data_dir(names, data_dir).resolve()
     for name in names:
         check_task_file(base / TASKS[name].local_file, TASKS[name].fields)
@@ -83,6 +89,16 @@ def task_manager(names: list[str], data_dir, use_local: bool):
         template = (templates / f"{TASKS[name].builtin}_local.yaml").read_text()
         text = template.replace("{lm_eval_tasks}", str(builtin_dir)).replace("{data_dir}", str(base))
         (folder / f"{TASKS[name].builtin}_local.yaml").write_text(text)
+    return folder, base
+
+
+def task_manager(names: list[str], data_dir, use_local: bool):
+    """(lm-eval TaskManager, {our name: lm-eval task name}, description of the data)."""
+    from lm_eval.tasks import TaskManager
+
+    if not use_local:
+        return TaskManager(), {n: builtin_name(n) for n in names}, "lm-eval built-in tasks (Hugging Face Hub)"
+    folder, base = write_local_configs(names, data_dir)
     return TaskManager(include_path=str(folder)), {n: f"{TASKS[n].builtin}_local" for n in names}, f"local files under {base}"
 
 
@@ -141,11 +157,14 @@ def evaluate(model, tokenizer, manager, task_names: dict[str, str], limit: int |
 
     lm = UnpaddedHFLM(model, tokenizer=tokenizer, batch_size=batch_size, device=device)
     cache = None if cache_folder is None else str(cache_folder / ("lm-eval-unpadded" if lm.unpadded else "lm-eval"))
-    output = simple_evaluate(
-        model=lm, tasks=list(task_names.values()), num_fewshot=num_fewshot, limit=limit, task_manager=manager,
-        log_samples=True, verbosity="ERROR", bootstrap_iters=1000, use_cache=cache,
-        samples=None if samples is None else {task_names[ours]: indices for ours, indices in samples.items()},
-    )
+    # lm-eval records the git commit of the working directory by running git, which writes
+    # "fatal: not a git repository" past any redirection outside a repository; it is not ours to record.
+    with mock.patch("lm_eval.evaluator.get_git_commit_hash", lambda: None):
+        output = simple_evaluate(
+            model=lm, tasks=list(task_names.values()), num_fewshot=num_fewshot, limit=limit, task_manager=manager,
+            log_samples=True, verbosity="ERROR", bootstrap_iters=1000, use_cache=cache,
+            samples=None if samples is None else {task_names[ours]: indices for ours, indices in samples.items()},
+        )
     results, per_document = {}, {}
     for ours, theirs in task_names.items():
         averaged = [m["metric"] for m in output["configs"][theirs]["metric_list"] if m.get("aggregation") == "mean"]

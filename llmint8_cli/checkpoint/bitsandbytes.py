@@ -1,0 +1,202 @@
+"""bitsandbytes 8-bit checkpoints, both ways: what transformers + bitsandbytes (and vLLM) load.
+
+bitsandbytes stores per linear `weight` int8 [out, in], `SCB` fp32 [out] (the row absmax, so the
+scale is SCB/127) and `weight_format` uint8 0, and no outlier columns: it dequantizes them from
+the int8 rows at run time. Export therefore puts our exact 16-bit columns into the int8 rows: a
+row keeps its int8 values and scale where its 16-bit columns fit under its absmax, and is
+re-rounded where they do not. Import keeps bitsandbytes' int8 rows and scales as they are.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import torch
+
+from llmint8_cli.checkpoint import format as fmt
+from llmint8_cli.checkpoint.output import check_output, writing
+from llmint8_cli.checkpoint.sources import open_folder
+from llmint8_cli.checkpoint.writer import Entry, Group, write_tensors
+from llmint8_cli.core.methods import get_method
+from llmint8_cli.errors import CheckpointError
+
+QUANT_METHOD = "bitsandbytes"
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json")
+
+
+def read_block(folder: Path) -> dict | None:
+    """A bitsandbytes 8-bit folder's quantization_config, else None."""
+    try:
+        block = json.loads((folder / "config.json").read_text()).get("quantization_config")
+    except (OSError, json.JSONDecodeError, AttributeError):
+        return None
+    if isinstance(block, dict) and block.get("quant_method") == QUANT_METHOD and block.get("load_in_8bit"):
+        return block
+    return None
+
+
+def is_bitsandbytes_8bit(path) -> bool:
+    return Path(path).is_dir() and read_block(Path(path)) is not None
+
+
+def merge_outlier_columns(q: torch.Tensor, scale: torch.Tensor, idx: torch.Tensor, columns: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """(int8 rows, row absmax SCB, rows re-rounded) with the exact 16-bit columns put into the rows."""
+    absmax = scale * 127
+    if idx.numel() == 0:
+        return q, absmax, 0
+    columns = columns.float()
+    wide = columns.abs().amax(dim=1) > absmax
+    merged = q.clone()
+    merged[:, idx.long()] = torch.round(columns / scale[:, None]).clamp(-127, 127).to(torch.int8)
+    if wide.any():  # a 16-bit column beyond the row's absmax: the whole row is rounded again
+        rows = q[wide].float() * scale[wide, None]
+        rows[:, idx.long()] = columns[wide]
+        new_absmax = rows.abs().amax(dim=1)
+        merged[wide] = torch.round(rows * (127 / new_absmax)[:, None]).clamp(-127, 127).to(torch.int8)
+        absmax = absmax.clone()
+        absmax[wide] = new_absmax
+    return merged, absmax, int(wide.sum())
+
+
+def skip_modules(config: dict, quantized: list[str]) -> list[str]:
+    """bitsandbytes' llm_int8_skip_modules: every linear layer we kept 16-bit, the LM head included."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from llmint8_cli.nn.convert import Conv1D
+
+    plain = dict(config)
+    plain.pop("quantization_config", None)
+    model_config = AutoConfig.for_model(**plain)
+    with init_empty_weights():
+        model = AutoModelForCausalLM.from_config(model_config)
+    kept = [name for name, module in model.named_modules() if isinstance(module, (torch.nn.Linear, Conv1D)) and name not in set(quantized)]
+    return kept
+
+
+def copy_side_files(src: Path, dest: Path) -> None:
+    """Tokenizer and generation files; not the weights, the config or a manifest."""
+    for path in src.iterdir():
+        if path.is_file() and path.name not in ("config.json", fmt.MANIFEST) and not path.name.endswith((".safetensors", ".index.json")):
+            shutil.copyfile(path, dest / path.name)
+
+
+def export(folder: str, dest: str, force: bool = False, max_shard_bytes: int = 2 << 30, verify: bool = True) -> dict:
+    """An llmint8 folder as a transformers + bitsandbytes 8-bit folder; returns the JSON summary."""
+    from transformers import BitsAndBytesConfig
+
+    src = Path(folder)
+    block = fmt.read_quantization_config(src)
+    if block is None:
+        raise CheckpointError(f"{src}: not an llmint8 checkpoint (no quantization_config with quant_method 'llmint8')")
+    method = get_method(block["method"])
+    if method.zeropoint:
+        raise CheckpointError(f"{src}: method {method.name} has zero points; bitsandbytes 8-bit stores absmax rows only (export an absmax method such as llm.int8)")
+    if verify:
+        fmt.verify(src)
+    out = check_output(Path(dest).expanduser().absolute(), src, force)
+    tensors = open_folder(src)
+    quantized = set(block["quantized_modules"])
+    groups, rewritten, columns = [], {"rows": 0, "layers": 0}, 0
+    for key in tensors.keys():
+        layer, _, leaf = key.rpartition(".")
+        if layer not in quantized:
+            groups.append(Group([Entry(key, tensors.dtype(key), tensors.shape(key))], lambda key=key: {key: tensors.get(key)}))
+        elif leaf == "weight":
+            out_f, in_f = tensors.shape(key)
+            entries = [Entry(key, torch.int8, (out_f, in_f)), Entry(f"{layer}.SCB", torch.float32, (out_f,)), Entry(f"{layer}.weight_format", torch.uint8, ())]
+            columns += tensors.shape(f"{layer}.outlier_idx")[0]
+
+            def produce(layer=layer, key=key):
+                q, scb, rows = merge_outlier_columns(
+                    tensors.get(key), tensors.get(f"{layer}.weight_scale"), tensors.get(f"{layer}.outlier_idx"), tensors.get(f"{layer}.outlier_weight"),
+                )
+                rewritten["rows"] += rows
+                rewritten["layers"] += rows > 0
+                return {key: q, f"{layer}.SCB": scb, f"{layer}.weight_format": torch.zeros((), dtype=torch.uint8)}
+
+            groups.append(Group(entries, produce))
+        elif leaf == "bias":
+            groups.append(Group([Entry(key, tensors.dtype(key), tensors.shape(key))], lambda key=key: {key: tensors.get(key)}))
+    config = json.loads((src / "config.json").read_text())
+    threshold = block["threshold"] if method.decomposition else 0.0
+    config["quantization_config"] = BitsAndBytesConfig(
+        load_in_8bit=True, llm_int8_threshold=threshold, llm_int8_skip_modules=skip_modules(config, block["quantized_modules"]),
+    ).to_dict()
+    with writing(out, force) as tmp:
+        hashes = write_tensors(tmp, groups, max_shard_bytes)
+        (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        copy_side_files(src, tmp)
+        fmt.write_manifest(tmp, hashes)
+    notes = []
+    if columns:
+        notes.append(f"{columns} stored 16-bit outlier columns were put into the int8 rows (bitsandbytes keeps none); "
+                     f"{rewritten['rows']} rows in {rewritten['layers']} layers were re-rounded because a 16-bit column exceeded the row's absmax")
+    if not method.decomposition:
+        notes.append(f"{method.name} has no decomposition: llm_int8_threshold 0.0 (bitsandbytes then runs every column in int8)")
+    if method.name not in ("vectorwise", "llm.int8"):
+        notes.append(f"bitsandbytes quantizes activations row-wise at run time, not as {method.name} does")
+    return {
+        "source": str(src), "output": str(out), "format": "bitsandbytes", "method": method.name, "llm_int8_threshold": threshold,
+        "layers": len(quantized), "outlier_columns_merged": columns, "rows_rerounded": rewritten["rows"],
+        "size_bytes": sum(p.stat().st_size for p in out.iterdir()), "notes": notes,
+    }
+
+
+def import_folder(folder: str, out: str, force: bool = False, max_shard_bytes: int = 2 << 30) -> dict:
+    """A bitsandbytes 8-bit folder as an llmint8 folder: the int8 rows kept, scale = SCB / 127."""
+    from llmint8_cli.checkpoint.quantize import to_sixteen_bit
+
+    src = Path(folder)
+    block = read_block(src)
+    tensors = open_folder(src)
+    layers = sorted(key.removesuffix(".SCB") for key in tensors.keys() if key.endswith(".SCB"))
+    if not layers:
+        raise CheckpointError(f"{src}: a bitsandbytes 8-bit config, but no <layer>.SCB tensors in its weights")
+    out_path = check_output(Path(out).expanduser().absolute(), src, force)
+    stated = json.loads((src / "config.json").read_text()).get("dtype")
+    dtype = torch.bfloat16 if stated == "bfloat16" else torch.float16
+    threshold = float(block.get("llm_int8_threshold") or 0.0)
+    method = get_method("llm.int8" if threshold > 0 else "vectorwise")
+    groups, clamped = [], []
+    for key in tensors.keys():
+        layer, _, leaf = key.rpartition(".")
+        if layer in layers and leaf in ("SCB", "weight_format"):
+            continue
+        if layer in layers and leaf == "weight":
+            out_f, in_f = tensors.shape(key)
+
+            def produce(layer=layer, key=key, out_f=out_f):
+                fmt_value = tensors.get(f"{layer}.weight_format") if f"{layer}.weight_format" in tensors.keys() else torch.zeros(())
+                if int(fmt_value) != 0:
+                    raise CheckpointError(f"{src}: {layer}.weight_format is {int(fmt_value)}; only row-major int8 weights (0) are supported")
+                return {
+                    key: tensors.get(key), f"{layer}.weight_scale": tensors.get(f"{layer}.SCB").float() / 127,
+                    f"{layer}.outlier_idx": torch.zeros(0, dtype=torch.int32), f"{layer}.outlier_weight": torch.zeros(out_f, 0, dtype=dtype),
+                }
+
+            entries = [Entry(key, torch.int8, (out_f, in_f)), Entry(f"{layer}.weight_scale", torch.float32, (out_f,)),
+                       Entry(f"{layer}.outlier_idx", torch.int32, (0,)), Entry(f"{layer}.outlier_weight", dtype, (out_f, 0))]
+            groups.append(Group(entries, produce))
+            continue
+        kind = dtype if tensors.dtype(key).is_floating_point else tensors.dtype(key)
+        groups.append(Group([Entry(key, kind, tensors.shape(key))], lambda key=key: {key: to_sixteen_bit(key, tensors.get(key), dtype, False, clamped)}))
+    config = json.loads((src / "config.json").read_text())
+    calibration = {"samples": 0, "note": "converted from a bitsandbytes 8-bit folder: int8 rows kept, no stored outlier columns (bitsandbytes keeps none)"}
+    config["quantization_config"] = {
+        **fmt.quantization_config(method.name, threshold or 6.0, [], layers, dtype, calibration), "source": "",
+    }
+    config["dtype"] = str(dtype).removeprefix("torch.")
+    with writing(out_path, force) as tmp:
+        hashes = write_tensors(tmp, groups, max_shard_bytes)
+        (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        copy_side_files(src, tmp)
+        fmt.write_manifest(tmp, hashes)
+    return {
+        "source": str(src), "output": str(out_path), "format": "llmint8", "from": "bitsandbytes", "method": method.name,
+        "threshold": threshold or 6.0, "dtype": str(dtype).removeprefix("torch."), "quantized_layers": len(layers),
+        "size_bytes": sum(p.stat().st_size for p in out_path.iterdir()), "clamped_tensors": clamped,
+        "notes": ["int8 rows and scales kept as bitsandbytes stored them (scale = SCB / 127); outlier columns are found at run time, as bitsandbytes does"],
+    }

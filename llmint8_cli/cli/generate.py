@@ -1,0 +1,74 @@
+"""llmint8 generate MODEL PROMPT: text from a 16-bit or int8 model, the quickest proof that it still talks."""
+
+from __future__ import annotations
+
+import time
+from typing import Annotated
+
+import torch
+import typer
+
+from llmint8_cli import models
+from llmint8_cli.checkpoint.format import is_llmint8_checkpoint
+from llmint8_cli.checkpoint.load import load
+from llmint8_cli.cli.common import ComputeDtype, Device, NoVerify, Quiet, command, emit_json, stderr_console
+from llmint8_cli.core.methods import DEFAULT_METHOD, DEFAULT_THRESHOLD, check_threshold, get_method
+from llmint8_cli.errors import InvalidArgumentError
+from llmint8_cli.evaluation import variants
+from llmint8_cli.nn.convert import quantize_model
+
+
+def load_for_generation(spec: str, method: str, threshold: float, dtype: torch.dtype, device: torch.device, verify: bool):
+    """(model, tokenizer, method that runs): an llmint8 folder as stored, a 16-bit model quantized on the fly."""
+    if is_llmint8_checkpoint(spec):
+        from transformers import AutoTokenizer
+
+        model = load(spec, dtype=dtype, verify_files=verify)
+        return model.to(device), AutoTokenizer.from_pretrained(spec), model.config.quantization_config.method
+    source = models.resolve(spec)
+    model = quantize_model(models.load_model(source, dtype=dtype), method, threshold)
+    return model.to(device), models.load_tokenizer(source), method
+
+
+@command
+def generate(
+    model: Annotated[str, typer.Argument(help="An llmint8 folder or a 16-bit model (folder, .gguf, alias, short name or Hub id).")],
+    prompt: Annotated[str, typer.Argument(help="The text to continue.")],
+    max_new_tokens: Annotated[int, typer.Option(min=1, help="Tokens to generate at most (fewer if the model ends the text).")] = 32,
+    temperature: Annotated[float, typer.Option(min=0.0, help="0: greedy (deterministic); above 0: sampled at this temperature.")] = 0.0,
+    seed: Annotated[int, typer.Option(help="Random seed for sampling.")] = 0,
+    method: Annotated[str, typer.Option(help="For a 16-bit model: the method it is quantized with on the fly (fp16 keeps it 16-bit).")] = DEFAULT_METHOD,
+    threshold: Annotated[float, typer.Option(help="Outlier threshold for the decomposition.")] = DEFAULT_THRESHOLD,
+    device: Device = "auto",
+    dtype: ComputeDtype = "auto",
+    no_verify: NoVerify = False,
+    quiet: Quiet = False,
+) -> None:
+    """Greedy or sampled text; the text and tokens/s on stderr, JSON on stdout."""
+    console = stderr_console(quiet)
+    get_method(method)
+    check_threshold(threshold)
+    if not prompt.strip():
+        raise InvalidArgumentError("PROMPT is empty")
+    run_device = variants.resolve_device(device)
+    run_dtype = variants.resolve_dtype(dtype, run_device, inference=True)
+    with console.status(f"loading {model}"):
+        network, tokenizer, ran = load_for_generation(model, method, threshold, run_dtype, run_device, not no_verify)
+    ids = tokenizer(prompt, return_tensors="pt").input_ids.to(run_device)
+    sampling = {"do_sample": True, "temperature": temperature} if temperature > 0 else {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
+    torch.manual_seed(seed)
+    started = time.perf_counter()
+    with torch.no_grad():
+        output = network.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id, **sampling)
+    seconds = time.perf_counter() - started
+    new = output[0, ids.shape[1]:]
+    text = tokenizer.decode(new, skip_special_tokens=True)
+    rate = new.numel() / seconds
+    console.print(f"[bold]{prompt}[/]{text}", markup=True, highlight=False)
+    console.print(f"{new.numel()} tokens in {seconds:.2f} s: {rate:.1f} tokens/s ({ran}, {str(run_dtype).removeprefix('torch.')}, {run_device})")
+    emit_json("generate", model, {
+        "method": ran, "threshold": threshold, "dtype": str(run_dtype).removeprefix("torch."), "device": str(run_device),
+        "prompt": prompt, "text": text, "prompt_tokens": ids.shape[1], "new_tokens": new.numel(),
+        "sampling": {"temperature": temperature, "seed": seed} if temperature > 0 else "greedy",
+        "seconds": round(seconds, 3), "tokens_per_s": round(rate, 1),
+    })

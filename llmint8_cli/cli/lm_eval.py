@@ -1,0 +1,73 @@
+"""llmint8 lm-eval ARGS...: lm-evaluation-harness's own command line, llmint8 folders included.
+
+lm-eval 0.4 discovers no model plugins, so this command registers them and then runs lm-eval:
+`--model hf --model_args pretrained=OUT` loads an llmint8 folder through transformers (the
+registered quantizer), `--model llmint8 --model_args path=OUT` through llmint8_cli.load. With the
+Hub unreachable, the tasks we ship local configs for (configs/lm_eval) read the local data files.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import typer
+
+from llmint8_cli import models
+from llmint8_cli.cli.common import fail
+from llmint8_cli.errors import LLMInt8Error
+from llmint8_cli.evaluation import zeroshot
+
+LOCAL_TASKS = {spec.builtin: name for name, spec in zeroshot.TASKS.items()}
+
+
+def option_value(args: list[str], option: str) -> tuple[int, str] | None:
+    """(index, value) of `--option value` or `--option=value` in lm-eval's arguments."""
+    for index, arg in enumerate(args):
+        if arg == option and index + 1 < len(args):
+            return index + 1, args[index + 1]
+        if arg.startswith(option + "="):
+            return index, arg.split("=", 1)[1]
+    return None
+
+
+def with_local_tasks(args: list[str]) -> tuple[list[str], str | None]:
+    """Offline: the known tasks renamed to their `_local` configs and `--include_path` added."""
+    found = option_value(args, "--tasks")
+    if found is None or models.hub_online() or option_value(args, "--include_path"):
+        return args, None
+    index, value = found
+    names = [n.strip() for n in value.split(",") if n.strip()]
+    ours = [LOCAL_TASKS[n] for n in names if n in LOCAL_TASKS]
+    if not ours:
+        return args, None
+    folder, base = zeroshot.write_local_configs(ours, None)
+    renamed = ",".join(f"{n}_local" if n in LOCAL_TASKS else n for n in names)
+    args = list(args)
+    args[index] = renamed if args[index] == value else f"--tasks={renamed}"
+    return [*args, "--include_path", str(folder)], f"offline: {', '.join(n for n in names if n in LOCAL_TASKS)} read local files under {base}"
+
+
+def on_this_machine(args: list[str]) -> list[str]:
+    """No --device on a machine without CUDA: cpu, where lm-eval would try cuda."""
+    import torch
+
+    if option_value(args, "--device") is None and not torch.cuda.is_available():
+        return [*args, "--device", "cpu"]
+    return args
+
+
+def lm_eval(ctx: typer.Context) -> None:
+    """lm-eval's command line (`lm_eval ARGS`) with llmint8 folders loadable; `llmint8 lm-eval -h` is lm-eval's help."""
+    try:
+        import llmint8_cli.evaluation.lm_eval_plugin  # noqa: F401  registers --model llmint8
+        from lm_eval.__main__ import cli_evaluate
+    except ImportError as exc:
+        fail(f"lm-eval is not installed ({exc.name}); pip install 'llmint8[eval]'")
+    try:
+        args, note = with_local_tasks(list(ctx.args))
+    except LLMInt8Error as exc:
+        fail(str(exc))
+    if note:
+        print(f"llmint8: {note}", file=sys.stderr)
+    sys.argv = ["lm_eval", *on_this_machine(args)]
+    cli_evaluate()
