@@ -125,7 +125,7 @@ def test_failure_mid_write_leaves_no_output(tmp_path, monkeypatch):
     def disk_full(*args, **kwargs):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr("llmint8_cli.checkpoint.quantize.write_shard", disk_full)
+    monkeypatch.setattr("llmint8_cli.checkpoint.writer.write_shard", disk_full)
     with pytest.raises(CheckpointError, match="No space left"):
         quantize_checkpoint(str(src), out, NO_CALIB)
     assert not out.exists() and not list(tmp_path.glob(".out*"))
@@ -152,8 +152,8 @@ def test_killed_run_leaves_no_output(tmp_path):
         "def die(path, shard, on_group=None):\n"
         "    path.write_bytes(b'partial')\n"
         "    os.kill(os.getpid(), signal.SIGKILL)\n"
+        "w.write_shard = die\n"
         "import llmint8_cli.checkpoint.quantize as q\n"
-        "q.write_shard = die\n"
         f"q.quantize_checkpoint({str(src)!r}, {str(out)!r}, q.QuantizeOptions(calib_samples=0))\n"
     )
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True)

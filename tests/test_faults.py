@@ -108,14 +108,14 @@ def test_not_enough_space_is_refused_before_writing(tmp_path, src, monkeypatch):
 
 KILLABLE = """
 import sys, time
-import llmint8_cli.checkpoint.quantize as q
-real = q.write_shard
+import llmint8_cli.checkpoint.writer as w
+real = w.write_shard
 def slow(path, shard, on_group=None):
     def step(group):
         print("writing", flush=True)
         time.sleep(0.2)
     return real(path, shard, step)
-q.write_shard = slow
+w.write_shard = slow
 from llmint8_cli.cli import main
 sys.argv = ["llmint8", "quantize", *sys.argv[1:], "--calib-samples", "0", "-q"]
 main()
@@ -195,6 +195,6 @@ def test_a_concurrent_writer_does_not_overwrite_without_force(tmp_path, src, mon
         (out / "theirs.txt").write_text("theirs")
         real(tmp, target, force)
 
-    monkeypatch.setattr("llmint8_cli.checkpoint.quantize.install", racing)
+    monkeypatch.setattr("llmint8_cli.checkpoint.output.install", racing)
     assert_one_line_error(quantize(src, out), "exists already")
     assert (out / "theirs.txt").read_text() == "theirs" and debris(out) == []

@@ -154,7 +154,7 @@ def test_redirected_stderr_gets_progress_lines():
     assert result.exit_code == 0, result.stderr
     lines = [line for line in result.stderr.splitlines() if line.startswith("llm.int8: ")]
     assert [line.split(" (")[0] for line in lines] == [f"llm.int8: {n}/5" for n in range(1, 6)]
-    assert "fp16: 5/5 (100 %)" in result.stderr
+    assert "fp32 (16-bit): 5/5 (100 %)" in result.stderr  # the baseline named by the dtype it ran in
 
 
 @needs_stories

@@ -156,7 +156,9 @@ def test_lm_eval_model_type_loads_llmint8_checkpoints(tmp_path):
 
 def test_unknown_task_is_a_one_line_error():
     result = RUNNER.invoke(app, ["eval-zeroshot", "any/model", "--tasks", "mmlu", "-q"])
-    assert result.exit_code == 2 and result.stderr.strip().splitlines() == ["llmint8: error: unknown task mmlu; choose from winogrande, hellaswag, piqa, lambada"]
+    assert result.exit_code == 2 and result.stderr.strip().splitlines() == [
+        "llmint8: error: unknown task mmlu; offline (or with --data-dir) choose from winogrande, hellaswag, piqa, lambada, online any lm-eval task"
+    ]
 
 
 @needs_stories

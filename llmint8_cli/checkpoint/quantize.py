@@ -26,7 +26,7 @@ from llmint8_cli.checkpoint.output import check_free_space, check_output, writin
 from llmint8_cli.checkpoint.sources import ModelSource, TensorSource, open_folder
 from llmint8_cli.checkpoint.writer import Entry, Group, write_tensors
 from llmint8_cli.core.methods import DEFAULT_METHOD, DEFAULT_THRESHOLD, check_threshold, get_method
-from llmint8_cli.errors import CheckpointError, InvalidArgumentError, InvalidWeightError, ModelLoadError
+from llmint8_cli.errors import InvalidArgumentError, InvalidWeightError, ModelLoadError
 from llmint8_cli.evaluation.perplexity import make_windows, tokenize
 from llmint8_cli.nn.convert import Conv1D, quantizable_layers
 
