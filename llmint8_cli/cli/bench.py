@@ -7,10 +7,9 @@ import os
 from typing import Annotated
 
 import typer
-from rich.table import Table
 
 from llmint8_cli.backends.cpu_kernels import gemm_report
-from llmint8_cli.cli.common import PIPED_MODEL_HELP, ComputeDtype, Device, NoVerify, Quiet, choose_model, command, emit_json, progress_bar, stderr_console
+from llmint8_cli.cli.common import PIPED_MODEL_HELP, ComputeDtype, Device, NoVerify, Quiet, choose_model, command, emit_json, print_table, progress_bar, stderr_console
 from llmint8_cli.core.methods import DEFAULT_METHOD, DEFAULT_THRESHOLD, get_method
 from llmint8_cli.errors import InvalidArgumentError
 from llmint8_cli.evaluation import speed, variants
@@ -92,14 +91,13 @@ def bench(
             for out_f, in_f in shape_list:
                 rows += speed.bench_layer(out_f, in_f, token_list, outliers, repeat, run_device, progress=lambda: bar.advance(task), notes=notes)
         document.update({"mode": "layer", "repeat": repeat, "rows": rows, "notes": notes})
-        table = Table(title=f"llmint8 bench · layers · {document['machine']['cpu']} · {document['machine']['threads']} threads · {run_device}")
-        for column in ("shape", "m", "row", "median ms", "min–max ms", "× 16-bit", "× best float", "rel. err", "weight MiB"):
-            table.add_column(column, justify="right")
-        for r in rows:
-            table.add_row(
-                r["shape"], str(r["tokens"]), r["row"], f"{r['median_ms']:.3f}", f"{r['min_ms']:.2f}–{r['max_ms']:.2f}", f"{r['speedup_vs_16bit']:.2f}",
-                f"{r['speedup_vs_best_float']:.2f}", f"{r['rel_error_vs_fp32']:.1e}", f"{r['weight_mib']:.1f}",
-            )
+        title = f"llmint8 bench · layers · {document['machine']['cpu']} · {document['machine']['threads']} threads · {run_device}"
+        cells = [[
+            r["shape"], str(r["tokens"]), r["row"], f"{r['median_ms']:.3f}", f"{r['min_ms']:.2f}–{r['max_ms']:.2f}", f"{r['speedup_vs_16bit']:.2f}",
+            f"{r['speedup_vs_best_float']:.2f}", f"{r['rel_error_vs_fp32']:.1e}", f"{r['weight_mib']:.1f}",
+        ] for r in rows]
+        table = (title, ["shape", "m", "row", "median ms", "min–max ms", "× 16-bit", "× best float", "rel. err", "weight MiB"], cells,
+                 ("min–max ms", "weight MiB", "× best float", "rel. err"))
         for note in notes:
             console.print(f"note: {note}")
     else:
@@ -123,16 +121,14 @@ def bench(
             "mode": "model", "dtype": str(run_dtype).removeprefix("torch."), "prompt_tokens": lengths, "batches": batches,
             "new_tokens": new_tokens, "repeat": repeat, "results": results, "notes": notes,
         })
-        table = Table(title=f"llmint8 bench · {subject.label} · {str(run_dtype).removeprefix('torch.')} · {document['machine']['cpu']} · {run_device}")
+        title = f"llmint8 bench · {subject.label} · {str(run_dtype).removeprefix('torch.')} · {document['machine']['cpu']} · {run_device}"
         columns = [("prefill", str(n), f"prefill {n} tok/s") for n in lengths] + [("decode", str(b), f"decode ×{b} tok/s") for b in batches]
-        for column in ("variant", *(c[2] for c in columns), "weights MiB"):
-            table.add_column(column, justify="right")
-        for name, r in results.items():
-            cells = [f"{r[phase][size]['tokens_per_s']:.0f}" + (f" ({r[phase][size]['speedup']:.2f}×)" if "speedup" in r[phase][size] else "") for phase, size, _ in columns]
-            table.add_row(name, *cells, f"{r['weight_mib']:.0f}")
+        cells = [[name, *(f"{r[phase][size]['tokens_per_s']:.0f}" + (f" ({r[phase][size]['speedup']:.2f}×)" if "speedup" in r[phase][size] else "") for phase, size, _ in columns),
+                  f"{r['weight_mib']:.0f}"] for name, r in results.items()]
+        table = (title, ["variant", *(c[2] for c in columns), "weights MiB"], cells, ("weights MiB",))
         for note in notes:
             console.print(f"note: {note}")
     document["int8_gemm"] = gemm_report()
-    console.print(table)
+    print_table(console, *table)
     emit_json("bench", model, document)
 

@@ -57,6 +57,26 @@ def stderr_console(quiet: bool = False) -> Console:
     return console
 
 
+def print_table(console: Console, title: str, columns: list[str], rows: list[list[str]], optional: tuple[str, ...] = ()) -> None:
+    """A right-aligned table whose cells never fold: where it does not fit the width (80 columns
+    on a small terminal), the `optional` columns are left out, in that order, until it fits."""
+    from rich import box
+    from rich.table import Table
+
+    shown = list(columns)
+    while True:
+        table = Table(title=title, box=box.SIMPLE_HEAD, padding=(0, 1))
+        for column in shown:
+            table.add_column(column, justify="right", no_wrap=True)
+        for row in rows:
+            table.add_row(*(cell for column, cell in zip(columns, row) if column in shown))
+        left = [column for column in optional if column in shown]
+        if not left or console.measure(table, options=console.options.update_width(10**6)).maximum <= console.width:
+            break
+        shown.remove(left[0])
+    console.print(table)
+
+
 def json_safe(value):
     """NaN and Inf as null: a bare NaN is not JSON, and a pipeline's parser would reject the document."""
     if isinstance(value, float) and not math.isfinite(value):

@@ -7,12 +7,11 @@ import time
 from typing import Annotated
 
 import typer
-from rich.table import Table
 
 from llmint8_cli import data
 from llmint8_cli.backends.cpu_kernels import gemm_report
 from llmint8_cli import models
-from llmint8_cli.cli.common import EXIT_NOT_FINITE, ComputeDtype, DataDir, Device, Model, NoVerify, Quiet, choose_model, command, emit_json, fail, progress_bar, stderr_console
+from llmint8_cli.cli.common import EXIT_NOT_FINITE, ComputeDtype, DataDir, Device, Model, NoVerify, Quiet, choose_model, command, emit_json, fail, print_table, progress_bar, stderr_console
 from llmint8_cli.core.methods import DEFAULT_METHOD, DEFAULT_THRESHOLD, check_threshold, parse_methods
 from llmint8_cli.errors import DataError
 from llmint8_cli.evaluation import variants
@@ -111,14 +110,13 @@ def eval_ppl(
         "threshold": threshold, "device": str(run_device), "dtype": str(run_dtype).removeprefix("torch."),
         "results": results, "notes": subject.notes,
     }
-    table = Table(title=f"perplexity · {subject.label} · {text.name}{' (sample)' if text.sample else ''} · {windows.scored_tokens} tokens")
-    for column in ("method", "ppl", "Δ vs 16-bit", "s", "tok/s"):
-        table.add_column(column, justify="right")
-    for name, row in results.items():
-        delta = "" if row["delta_pct"] is None else f"{row['delta_pct']:+.2f} %"
-        table.add_row(variants.shown_name(name, run_dtype), f"{row['ppl']:.3f}", delta, f"{row['seconds']:.1f}", "cached" if row["tokens_per_s"] is None else f"{row['tokens_per_s']:.0f}")
+    cells = [[
+        variants.shown_name(name, run_dtype), f"{row['ppl']:.3f}", "" if row["delta_pct"] is None else f"{row['delta_pct']:+.2f} %",
+        f"{row['seconds']:.1f}", "cached" if row["tokens_per_s"] is None else f"{row['tokens_per_s']:.0f}",
+    ] for name, row in results.items()]
     document["int8_gemm"] = gemm_report()
-    console.print(table)
+    title = f"perplexity · {subject.label} · {text.name}{' (sample)' if text.sample else ''} · {windows.scored_tokens} tokens"
+    print_table(console, title, ["method", "ppl", "Δ vs 16-bit", "s", "tok/s"], cells, ("s",))
     emit_json("eval-ppl", model, document)
     broken = [name for name, row in results.items() if "error" in row]
     if broken:

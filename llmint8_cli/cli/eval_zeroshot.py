@@ -9,11 +9,10 @@ import time
 from typing import Annotated
 
 import typer
-from rich.table import Table
 
 from llmint8_cli.backends.cpu_kernels import gemm_report
 from llmint8_cli import models
-from llmint8_cli.cli.common import ComputeDtype, Device, Model, NoVerify, Quiet, choose_model, command, emit_json, stderr_console
+from llmint8_cli.cli.common import ComputeDtype, Device, Model, NoVerify, Quiet, choose_model, command, emit_json, print_table, stderr_console
 from llmint8_cli.core.methods import DEFAULT_METHOD, DEFAULT_THRESHOLD, check_threshold, parse_methods
 from llmint8_cli.evaluation import variants, zeroshot
 
@@ -48,7 +47,7 @@ def eval_zeroshot(
         subject = variants.subject(model, chosen, threshold, run_dtype, run_device, verify=not no_verify)
     results, per_document, seconds, caches, notes = {}, {}, {}, {}, list(subject.notes)
     for name, network in subject.variants:
-        console.print(f"[bold]{name}[/]: {', '.join(names)}")
+        console.print(f"[bold]{variants.shown_name(name, run_dtype)}[/]: {', '.join(names)}")
         started = time.time()
         folder = variants.cache_folder(cache_dir, subject, name, threshold, run_dtype, run_device) if cache_dir else None
         chatter = sys.stderr if console.is_terminal else io.StringIO()  # lm-eval's bars and logs: on a terminal only; stdout is for our JSON
@@ -64,9 +63,8 @@ def eval_zeroshot(
     document = {"tasks": {}, "data": source, "limit": limit, "num_fewshot": num_fewshot,
                 "device": str(run_device), "dtype": str(run_dtype).removeprefix("torch."), "threshold": threshold,
                 "seconds": seconds, "notes": notes, **({"caches": caches} if cache_dir else {})}
-    table = Table(title=f"zero-shot · {subject.label}{f' · limit {limit}' if limit else ''}")
-    for column in ("task", "metric", *(variants.shown_name(m, run_dtype) for m in results), *(["Δ " + m for m in results if m != variants.BASELINE] if baseline else [])):
-        table.add_column(column, justify="right")
+    columns = ["task", "metric", *(variants.shown_name(m, run_dtype) for m in results), *(["Δ " + m for m in results if m != variants.BASELINE] if baseline else [])]
+    rows = []
     for task in names:
         per_task = {}
         for method, metrics in results.items():
@@ -81,9 +79,9 @@ def eval_zeroshot(
         for metric in (k for k in results[next(iter(results))][task] if not k.endswith("_stderr")):
             cells = [f"{results[m][task].get(metric, float('nan')):.4f} ± {results[m][task].get(metric + '_stderr') or 0:.4f}" for m in results]
             deltas = [delta_cell(per_task[m], metric) for m in results if m != variants.BASELINE] if baseline else []
-            table.add_row(task, metric, *cells, *deltas)
+            rows.append([task, metric, *cells, *deltas])
     document["int8_gemm"] = gemm_report()
-    console.print(table)
+    print_table(console, f"zero-shot · {subject.label}{f' · limit {limit}' if limit else ''}", columns, rows)
     emit_json("eval-zeroshot", model, document)
 
 

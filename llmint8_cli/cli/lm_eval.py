@@ -8,6 +8,7 @@ Hub unreachable, the tasks we ship local configs for (configs/lm_eval) read the 
 
 from __future__ import annotations
 
+import importlib
 import sys
 
 import typer
@@ -59,7 +60,7 @@ def on_this_machine(args: list[str]) -> list[str]:
 def lm_eval(ctx: typer.Context) -> None:
     """lm-eval's command line (`lm_eval ARGS`) with llmint8 folders loadable; `llmint8 lm-eval -h` is lm-eval's help."""
     try:
-        import llmint8_cli.evaluation.lm_eval_plugin  # noqa: F401  registers --model llmint8
+        importlib.import_module("llmint8_cli.evaluation.lm_eval_plugin")  # registers --model llmint8
         from lm_eval.__main__ import cli_evaluate
     except ImportError as exc:
         fail(f"lm-eval is not installed ({exc.name}); pip install 'llmint8[eval]'")

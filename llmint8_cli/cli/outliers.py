@@ -7,10 +7,9 @@ from typing import Annotated
 
 import torch
 import typer
-from rich.table import Table
 
 from llmint8_cli import activations, data, models
-from llmint8_cli.cli.common import PIPED_MODEL_HELP, DataDir, Quiet, choose_model, command, emit_json, stderr_console
+from llmint8_cli.cli.common import PIPED_MODEL_HELP, DataDir, Quiet, choose_model, command, emit_json, print_table, stderr_console
 from llmint8_cli.core.methods import DEFAULT_THRESHOLD, check_threshold
 from llmint8_cli.errors import InvalidArgumentError
 from llmint8_cli.evaluation.perplexity import make_windows, tokenize
@@ -81,12 +80,9 @@ def outliers(
     if plot_path is not None:
         plot(report, stats, list(layers), plot_path, source.label)
         report["plot"] = str(plot_path)
-    table = Table(title=f"outlier features · {source.label} · |x| >= {threshold}")
-    for column in ("dim", "% layers", "% positions", "max |x|", "systematic"):
-        table.add_column(column, justify="right")
-    for feature in report["features"][:15]:
-        table.add_row(str(feature["dim"]), f"{100 * feature['layer_share']:.1f}", f"{100 * feature['position_share']:.2f}", f"{feature['max_abs']:.1f}", "yes" if feature["systematic"] else "")
-    console.print(table)
+    cells = [[str(f["dim"]), f"{100 * f['layer_share']:.1f}", f"{100 * f['position_share']:.2f}", f"{f['max_abs']:.1f}", "yes" if f["systematic"] else ""]
+             for f in report["features"][:15]]
+    print_table(console, f"outlier features · {source.label} · |x| >= {threshold}", ["dim", "% layers", "% positions", "max |x|", "systematic"], cells)
     console.print(
         f"systematic features: {report['systematic_features']} · 16-bit share: "
         f"{100 * report['activation_share_16bit']:.3f} % of activations, {100 * report['parameter_share_16bit']:.3f} % of parameters · "
