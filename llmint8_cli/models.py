@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import importlib.util
+import json
 import os
 import socket
 from urllib.parse import urlparse
@@ -134,6 +135,7 @@ def resolve(spec: str | os.PathLike) -> ModelSource:
             raise ModelLoadError(f"{path}: no config.json in the folder (not a Hugging Face model folder)")
         if not any((path / f).is_file() for f in WEIGHT_FILES):
             raise ModelLoadError(f"{path}: no weights found (expected one of {', '.join(WEIGHT_FILES)})")
+        check_quantization(path)
         return ModelSource("folder", str(path))
     if text in HUB_NAMES:
         return ModelSource("hub", HUB_NAMES[text])
@@ -142,6 +144,21 @@ def resolve(spec: str | os.PathLike) -> ModelSource:
     if "/" not in text:
         raise unknown_name(text)
     raise ModelLoadError(f"{text}: no such file or folder")
+
+
+def check_quantization(folder: Path) -> None:
+    """A folder quantized by another method is no 16-bit model: quantizing it again would be wrong."""
+    try:
+        block = json.loads((folder / "config.json").read_text()).get("quantization_config")
+    except (OSError, json.JSONDecodeError, AttributeError):
+        return  # transformers will say what is wrong with the config
+    if not isinstance(block, dict) or block.get("quant_method") in (None, "llmint8"):
+        return
+    method = block["quant_method"]
+    if method == "bitsandbytes" and block.get("load_in_8bit"):
+        return
+    kind = "bitsandbytes 4-bit" if method == "bitsandbytes" else str(method)
+    raise ModelLoadError(f"{folder}: already quantized ({kind}); llmint8 reads 16-bit models, llmint8 folders and bitsandbytes 8-bit folders")
 
 
 @functools.cache

@@ -216,3 +216,17 @@ def test_lm_eval_command_runs_offline_on_cpu_with_an_llmint8_folder(tmp_path):
     result = llmint8("lm-eval", "--model", "hf", "--model_args", f"pretrained={tmp_path / 'int8'}", "--tasks", "piqa", "--limit", "4")
     assert result.returncode == 0, result.stderr[-2000:]
     assert "piqa_local" in result.stdout and "offline: piqa read local files" in result.stderr
+
+
+@pytest.mark.parametrize(("block", "words"), [
+    ({"quant_method": "bitsandbytes", "load_in_4bit": True, "load_in_8bit": False}, "already quantized (bitsandbytes 4-bit)"),
+    ({"quant_method": "gptq", "bits": 4}, "already quantized (gptq)"),
+])
+def test_folders_quantized_otherwise_are_one_line_errors(tmp_path, block, words):
+    src = save_tiny(tiny_model("llama"), tmp_path / "src")
+    config = json.loads((src / "config.json").read_text())
+    (src / "config.json").write_text(json.dumps({**config, "quantization_config": block}))
+    result = RUNNER.invoke(app, ["quantize", str(src), str(tmp_path / "out"), "-q"])
+    assert result.exit_code == 2 and result.stderr.strip().splitlines() == [
+        f"llmint8: error: {src}: {words}; llmint8 reads 16-bit models, llmint8 folders and bitsandbytes 8-bit folders"
+    ]
