@@ -42,7 +42,7 @@ table() {  # NAME: the name of a table run over $METHODS; a partial run does not
 
 case $job in
 zeroshot-smollm2)
-    for task in piqa lambada hellaswag winogrande; do
+    for task in piqa winogrande lambada hellaswag; do  # the quick ones first
         save "$job-$task" "$llmint8" eval-zeroshot smollm2-135m --tasks "$task" --methods llm.int8 --data-dir "$data" \
             --batch-size 32 --cache-dir "$cache"
     done ;;

@@ -7,8 +7,8 @@ method in another (one thread each); then the real command, run once more, reads
 
     python bench/zeroshot_one_method.py MODEL TASKS METHOD CACHE_DIR [DATA_DIR] [BATCH_SIZE] [THRESHOLD] [SHARD]
 
-The cache path and the lm-eval call are the command's own (variants.cache_folder,
-zeroshot.evaluate); THRESHOLD is the command's --threshold (default 6.0). SHARD "K/N" runs only
+The cache path, the calibration (the command's default) and the lm-eval call are the command's
+own (variants.cache_folder, variants.subject, zeroshot.evaluate); THRESHOLD is the command's --threshold (default 6.0). SHARD "K/N" runs only
 the documents whose index is K modulo N, so N processes fill one cache side by side (SQLite
 serialises their writes). Prints the method's metrics (of the shard) as JSON.
 """
@@ -16,6 +16,7 @@ import contextlib
 import json
 import sys
 
+from llmint8_cli.checkpoint.quantize import QuantizeOptions
 from llmint8_cli.core.methods import DEFAULT_THRESHOLD, check_threshold, parse_methods
 from llmint8_cli.evaluation import variants, zeroshot
 
@@ -28,7 +29,8 @@ def main(model: str, tasks: str, method: str, cache_dir: str, data_dir: str = ".
     samples = shard_samples(shard, manager, task_names)
     device = variants.resolve_device("auto")
     dtype = variants.resolve_dtype("auto", device)
-    subject = variants.subject(model, parse_methods(method), outlier_threshold, dtype, device)
+    calibration = QuantizeOptions(data_dir=data_dir)  # the command's default: calibrated as quantize calibrates
+    subject = variants.subject(model, parse_methods(method), outlier_threshold, dtype, device, calibration=calibration)
     for name, network in subject.variants:
         if name == variants.BASELINE:
             continue  # the generator quantizes lazily: skipping the baseline costs nothing

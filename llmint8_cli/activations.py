@@ -105,10 +105,12 @@ def collect(model: nn.Module, batches: Iterable[torch.Tensor], layer_names: Iter
     stats = ActivationStats(threshold)
     handles = stats.attach(model, layer_names) + (streamer.attach() if streamer else [])
     base = getattr(model, "base_model", model)
+    device = model.get_input_embeddings().weight.device
+    device = torch.device("cpu") if device.type == "meta" else device  # streamed: the embeddings come to the CPU
     try:
         done = 0
         for ids in batches:
-            base(input_ids=ids, use_cache=False)
+            base(input_ids=ids.to(device), use_cache=False)
             done += len(ids)
             if on_batch is not None:
                 on_batch(done)

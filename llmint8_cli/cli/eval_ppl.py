@@ -11,7 +11,8 @@ import typer
 from llmint8_cli import data
 from llmint8_cli.backends.cpu_kernels import gemm_report
 from llmint8_cli import models
-from llmint8_cli.cli.common import EXIT_NOT_FINITE, ComputeDtype, DataDir, Device, Model, NoVerify, Quiet, choose_model, command, emit_json, fail, print_table, progress_bar, stderr_console
+from llmint8_cli.checkpoint.quantize import QuantizeOptions
+from llmint8_cli.cli.common import EXIT_NOT_FINITE, CalibDataset, CalibSamples, CalibSeqLen, ComputeDtype, DataDir, Device, Model, NoVerify, Quiet, choose_model, command, emit_json, fail, print_table, progress_bar, stderr_console
 from llmint8_cli.core.methods import DEFAULT_METHOD, DEFAULT_THRESHOLD, check_threshold, parse_methods
 from llmint8_cli.errors import DataError
 from llmint8_cli.evaluation import variants
@@ -56,6 +57,9 @@ def eval_ppl(
     batch_size: Annotated[int, typer.Option(min=1, help="Windows per forward pass (results do not depend on it).")] = 1,
     bos: Annotated[str, typer.Option(help=BOS_HELP)] = "window",
     cache_dir: Annotated[str | None, typer.Option(help="Keep each window's NLL here as it is computed: a stopped run, or a later run of other methods, reuses them.")] = None,
+    calib_samples: CalibSamples = QuantizeOptions.calib_samples,
+    calib_seq_len: CalibSeqLen = QuantizeOptions.calib_seq_len,
+    calib_dataset: CalibDataset = QuantizeOptions.calib_dataset,
     device: Device = "auto",
     dtype: ComputeDtype = "auto",
     data_dir: DataDir = None,
@@ -75,7 +79,8 @@ def eval_ppl(
     run_device = variants.resolve_device(device)
     run_dtype = variants.resolve_dtype(dtype, run_device)
     with console.status(f"loading {model}"):
-        subject = variants.subject(model, chosen, threshold, run_dtype, run_device, verify=not no_verify)
+        calibration = QuantizeOptions(calib_samples=calib_samples, calib_seq_len=calib_seq_len, calib_dataset=calib_dataset, data_dir=data_dir)
+        subject = variants.subject(model, chosen, threshold, run_dtype, run_device, verify=not no_verify, calibration=calibration, held_out=text.source)
     limit = context_length(subject.config)
     if limit is not None and seq_len > limit:
         raise DataError(f"--seq-len {seq_len} is longer than the model's context ({limit} tokens)")
@@ -94,6 +99,7 @@ def eval_ppl(
                 "ppl": round(result.ppl, 4), "nll": round(result.nll, 4),
                 "delta_pct": None if baseline is None else round(100 * (result.ppl / baseline - 1), 3),
                 "seconds": round(seconds, 2), "tokens_per_s": computed_rate(result, seconds),
+                "calibration": subject.calibration_of(name),
                 **({"reused_windows": result.reused} if cache else {}),
                 **({} if math.isfinite(result.ppl) else {"error": NOT_FINITE}),
             }
@@ -117,6 +123,7 @@ def eval_ppl(
     document["int8_gemm"] = gemm_report()
     title = f"perplexity · {subject.label} · {text.name}{' (sample)' if text.sample else ''} · {windows.scored_tokens} tokens"
     print_table(console, title, ["method", "ppl", "Δ vs 16-bit", "s", "tok/s"], cells, ("s",))
+    console.print(variants.calibration_line(subject))
     emit_json("eval-ppl", model, document)
     broken = [name for name, row in results.items() if "error" in row]
     if broken:

@@ -12,7 +12,8 @@ import typer
 
 from llmint8_cli.backends.cpu_kernels import gemm_report
 from llmint8_cli import models
-from llmint8_cli.cli.common import ComputeDtype, Device, Model, NoVerify, Quiet, choose_model, command, emit_json, print_table, stderr_console
+from llmint8_cli.checkpoint.quantize import QuantizeOptions
+from llmint8_cli.cli.common import CalibDataset, CalibSamples, CalibSeqLen, ComputeDtype, Device, Model, NoVerify, Quiet, choose_model, command, emit_json, print_table, stderr_console
 from llmint8_cli.core.methods import DEFAULT_METHOD, DEFAULT_THRESHOLD, check_threshold, parse_methods
 from llmint8_cli.evaluation import variants, zeroshot
 
@@ -28,6 +29,9 @@ def eval_zeroshot(
     batch_size: Annotated[int, typer.Option(min=1, help="Requests per forward pass.")] = 8,
     data_dir: Annotated[str | None, typer.Option(help="Local data folder (layout of shared/data); using it selects the local task configs.")] = None,
     cache_dir: Annotated[str | None, typer.Option(help="Keep each model's answers here (lm-eval's request cache): a run stopped part-way resumes where it stopped.")] = None,
+    calib_samples: CalibSamples = QuantizeOptions.calib_samples,
+    calib_seq_len: CalibSeqLen = QuantizeOptions.calib_seq_len,
+    calib_dataset: CalibDataset = QuantizeOptions.calib_dataset,
     device: Device = "auto",
     dtype: ComputeDtype = "auto",
     no_verify: NoVerify = False,
@@ -44,7 +48,8 @@ def eval_zeroshot(
     run_device = variants.resolve_device(device)
     run_dtype = variants.resolve_dtype(dtype, run_device)
     with console.status(f"loading {model}"):
-        subject = variants.subject(model, chosen, threshold, run_dtype, run_device, verify=not no_verify)
+        calibration = QuantizeOptions(calib_samples=calib_samples, calib_seq_len=calib_seq_len, calib_dataset=calib_dataset, data_dir=data_dir)
+        subject = variants.subject(model, chosen, threshold, run_dtype, run_device, verify=not no_verify, calibration=calibration)
     results, per_document, seconds, caches, notes = {}, {}, {}, {}, list(subject.notes)
     for name, network in subject.variants:
         console.print(f"[bold]{variants.shown_name(name, run_dtype)}[/]: {', '.join(names)}")
@@ -62,7 +67,7 @@ def eval_zeroshot(
     baseline = results.get(variants.BASELINE)
     document = {"tasks": {}, "data": source, "limit": limit, "num_fewshot": num_fewshot,
                 "device": str(run_device), "dtype": str(run_dtype).removeprefix("torch."), "threshold": threshold,
-                "seconds": seconds, "notes": notes, **({"caches": caches} if cache_dir else {})}
+                "seconds": seconds, "calibration": {m: subject.calibration_of(m) for m in results}, "notes": notes, **({"caches": caches} if cache_dir else {})}
     columns = ["task", "metric", *(variants.shown_name(m, run_dtype) for m in results), *(["Δ " + m for m in results if m != variants.BASELINE] if baseline else [])]
     rows = []
     for task in names:
@@ -82,6 +87,7 @@ def eval_zeroshot(
             rows.append([task, metric, *cells, *deltas])
     document["int8_gemm"] = gemm_report()
     print_table(console, f"zero-shot · {subject.label}{f' · limit {limit}' if limit else ''}", columns, rows)
+    console.print(variants.calibration_line(subject))
     emit_json("eval-zeroshot", model, document)
 
 

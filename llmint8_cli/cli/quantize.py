@@ -7,7 +7,7 @@ from typing import Annotated
 import typer
 
 from llmint8_cli.checkpoint.quantize import QuantizeOptions, quantize_checkpoint
-from llmint8_cli.cli.common import DataDir, Quiet, command, emit_json, parse_size, progress_bar, stderr_console, warn
+from llmint8_cli.cli.common import CalibDataset, CalibSamples, CalibSeqLen, DataDir, Quiet, command, emit_json, parse_size, progress_bar, stderr_console, warn
 from llmint8_cli.core.methods import DEFAULT_METHOD, DEFAULT_THRESHOLD, METHODS
 
 
@@ -19,9 +19,9 @@ def quantize(
     threshold: Annotated[float, typer.Option(help="Outlier threshold |x| for the decomposition.")] = DEFAULT_THRESHOLD,
     dtype: Annotated[str, typer.Option(help="16-bit dtype of the unquantized tensors: fp16, bf16, or auto (the source's; fp32 -> fp16).")] = "auto",
     skip: Annotated[list[str] | None, typer.Option(help="Glob of module names to keep 16-bit (repeatable), e.g. '*.mlp.down_proj'.")] = None,
-    calib_samples: Annotated[int, typer.Option(min=0, help="Calibration windows used to find outlier columns; 0 = run-time detection only.")] = 32,
-    calib_seq_len: Annotated[int, typer.Option(min=2, help="Tokens per calibration window.")] = 512,
-    calib_dataset: Annotated[str, typer.Option(help="wikitext2-train (falls back to C4 offline), wikitext2, ptb, c4 or a file.")] = "wikitext2-train",
+    calib_samples: CalibSamples = QuantizeOptions.calib_samples,
+    calib_seq_len: CalibSeqLen = QuantizeOptions.calib_seq_len,
+    calib_dataset: CalibDataset = QuantizeOptions.calib_dataset,
     data_dir: DataDir = None,
     max_shard_size: Annotated[str, typer.Option(help="Largest safetensors shard, e.g. 2GB.")] = "2GB",
     clamp_overflow: Annotated[bool, typer.Option("--clamp-overflow", help="Clamp finite weights beyond the 16-bit range (with a warning) instead of refusing them.")] = False,

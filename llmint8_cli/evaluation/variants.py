@@ -12,7 +12,7 @@ import copy
 import shutil
 import tempfile
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -22,11 +22,14 @@ from llmint8_cli.backends import cpu_kernels
 from llmint8_cli.checkpoint import bitsandbytes
 from llmint8_cli.checkpoint.format import is_llmint8_checkpoint, read_quantization_config
 from llmint8_cli.checkpoint.load import load
-from llmint8_cli.core.methods import Method
+from llmint8_cli.checkpoint.quantize import QuantizeOptions, calibrate
+from llmint8_cli.core.methods import Method, get_method
 from llmint8_cli.errors import InvalidArgumentError, LLMInt8Error
-from llmint8_cli.nn.convert import quantize_model
+from llmint8_cli.nn.convert import quantizable_layers, quantize_model
 
 BASELINE = "fp16"
+DEFAULT_CALIBRATION = QuantizeOptions().calib_dataset
+HELD_OUT_CALIBRATION = ("wikitext2", "ptb")  # where the default calibration text is the evaluation text (C4 offline)
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
@@ -73,7 +76,18 @@ class Subject:
     variants: Iterator[tuple[str, torch.nn.Module]]
     notes: list[str]
     baseline_source: models.ModelSource | None = None  # a stored folder's recorded 16-bit source
+    calibration: dict | None = None  # how on-the-fly decomposition methods found their stored columns
     _fingerprints: dict = field(default_factory=dict, repr=False)
+
+    def calibration_of(self, method: str) -> dict | None:
+        """The calibration a variant's stored outlier columns come from (None: it stores none)."""
+        return self.calibration if self.calibration is not None and get_method(method).decomposition else None
+
+    @property
+    def calibration_key(self) -> str:
+        """Part of a cache folder's name: run-time detection only, or the calibration set used."""
+        info = self.calibration or {}
+        return f"calib{info['samples']}x{info['seq_len']}-{info['dataset']}" if info.get("samples") else ""
 
     def source_of(self, variant: str) -> models.ModelSource:
         """The files a variant is computed from: a stored folder's baseline is its 16-bit source."""
@@ -86,10 +100,17 @@ class Subject:
         return self._fingerprints[source]
 
 
-def subject(spec: str, methods: list[Method], threshold: float, dtype: torch.dtype, device: torch.device, verify: bool = True) -> Subject:
-    """What to evaluate; `verify` checks an llmint8 folder's files against its manifest."""
+def subject(spec: str, methods: list[Method], threshold: float, dtype: torch.dtype, device: torch.device, verify: bool = True,
+            calibration: QuantizeOptions | None = None, held_out: str | None = None) -> Subject:
+    """What to evaluate; `verify` checks an llmint8 folder's files against its manifest.
+
+    A 16-bit model's decomposition methods are calibrated as `llmint8 quantize` calibrates them
+    (`calibration`, its options; None or 0 samples: run-time detection only), so that their
+    numbers are those of the folder quantize would write. `held_out` is the evaluation text's
+    source: calibrating on it is refused.
+    """
     if is_llmint8_checkpoint(spec):
-        return _stored(spec, dtype, device, verify)
+        return _stored(spec, dtype, device, verify, held_out)
     if bitsandbytes.is_bitsandbytes_8bit(spec):  # evaluated as its int8 rows, converted without re-rounding
         folder = Path(tempfile.mkdtemp(prefix="llmint8-from-bitsandbytes-"))
         atexit.register(shutil.rmtree, folder, True)
@@ -102,21 +123,57 @@ def subject(spec: str, methods: list[Method], threshold: float, dtype: torch.dty
     tokenizer = models.load_tokenizer(source)
     base = models.load_model(source, dtype=dtype).to(device)
     ordered = [BASELINE] + [m.name for m in methods if m.name != BASELINE]
+    outliers, info = {}, None
+    if calibration is not None and calibration.calib_samples > 0 and any(m.decomposition for m in methods):
+        outliers, info = calibrate_on_the_fly(base, tokenizer, replace(calibration, threshold=threshold), held_out)
 
     def generate() -> Iterator[tuple[str, torch.nn.Module]]:
         for name in ordered:
-            yield name, base if name == BASELINE else quantize_model(copy.deepcopy(base), name, threshold)
+            yield name, base if name == BASELINE else quantize_model(copy.deepcopy(base), name, threshold, outliers=outliers if get_method(name).decomposition else None)
 
-    return Subject(source.label, source, tokenizer, base.config, generate(), [])
+    return Subject(source.label, source, tokenizer, base.config, generate(), [], calibration=info)
 
 
-def _stored(folder: str, dtype: torch.dtype, device: torch.device, verify: bool) -> Subject:
+def calibration_line(subject: Subject) -> str:
+    """One line under a table: where the decomposition methods' stored 16-bit columns came from."""
+    info = subject.calibration or {}
+    if not info.get("samples"):
+        return "outlier columns: run-time detection only (no calibration)"
+    stored = f", {info['outlier_columns_total']} stored outlier columns" if "outlier_columns_total" in info else ""
+    return f"calibration of the decomposition methods: {info['samples']} windows × {info['seq_len']} tokens of {info['dataset']}{stored}"
+
+
+def calibrate_on_the_fly(base, tokenizer, options: QuantizeOptions, held_out: str | None) -> tuple[dict, dict]:
+    """quantize's calibration on the loaded 16-bit model: (outlier columns per layer, what was used)."""
+    from llmint8_cli import data
+
+    note = None
+    if held_out is not None and data.calibration_text(options.calib_dataset, options.data_dir).source == held_out:
+        if options.calib_dataset != DEFAULT_CALIBRATION:
+            raise InvalidArgumentError(
+                f"the calibration text ({options.calib_dataset}, {held_out}) is the evaluation text; pass another --calib-dataset, or --calib-samples 0"
+            )
+        other = next(name for name in HELD_OUT_CALIBRATION if data.calibration_text(name, options.data_dir).source != held_out)
+        note = f"the default calibration text here is the evaluation text ({held_out}); calibrated on {other} instead"
+        options = replace(options, calib_dataset=other)
+    with torch.no_grad():
+        outliers, info = calibrate(base, None, {}, [name for name, _ in quantizable_layers(base)], tokenizer, options, streaming=False)
+    info["outlier_columns_total"] = sum(int(v.numel()) for v in outliers.values())
+    if note:
+        info["note"] = note
+    return outliers, info
+
+
+def _stored(folder: str, dtype: torch.dtype, device: torch.device, verify: bool, held_out: str | None = None) -> Subject:
     from transformers import AutoTokenizer
 
     block = read_quantization_config(folder)
     tokenizer = AutoTokenizer.from_pretrained(folder)
     quantized = load(folder, dtype=dtype, verify_files=verify).to(device)
     notes, baseline = [], None
+    calibration = block.get("calibration") or {}
+    if held_out is not None and calibration.get("samples") and calibration.get("source") == held_out:
+        notes.append(f"{folder} was calibrated on the evaluation text ({held_out}): its stored outlier columns saw this text, so the result is not held out")
     try:
         baseline = models.resolve(block.get("source", ""))
     except LLMInt8Error as exc:
@@ -127,7 +184,7 @@ def _stored(folder: str, dtype: torch.dtype, device: torch.device, verify: bool)
             yield BASELINE, models.load_model(baseline, dtype=dtype).to(device)
         yield block["method"], quantized
 
-    return Subject(folder, models.ModelSource("folder", str(folder)), tokenizer, quantized.config, generate(), notes, baseline)
+    return Subject(folder, models.ModelSource("folder", str(folder)), tokenizer, quantized.config, generate(), notes, baseline, calibration=calibration)
 
 
 def cache_folder(cache_dir: str, subject: Subject, method: str, threshold: float, dtype: torch.dtype, device: torch.device) -> Path:
@@ -138,6 +195,8 @@ def cache_folder(cache_dir: str, subject: Subject, method: str, threshold: float
     baseline is keyed by its source, so it is shared with the runs on the 16-bit model.
     """
     setting = method if method == BASELINE else f"{method}-t{threshold:g}"
+    if subject.calibration_of(method) and subject.calibration_key:  # stored columns change the outputs
+        setting += f"-{subject.calibration_key}"
     source = subject.source_of(method)
     model = "".join(c if c.isalnum() or c in "._-" else "_" for c in Path(source.label).name)
     folder = Path(cache_dir) / f"{model}-{subject.fingerprint_of(source)}" / f"{setting}-{str(dtype).removeprefix('torch.')}-{device.type}"

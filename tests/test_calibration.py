@@ -1,0 +1,61 @@
+"""On-the-fly evaluation calibrates as `quantize` does, so that its numbers are the folder's."""
+
+import json
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from conftest import DATA, STORIES, needs_data, needs_stories
+from llmint8_cli import Int8Linear, load
+from llmint8_cli.checkpoint.quantize import QuantizeOptions, quantize_checkpoint
+from llmint8_cli.cli import app
+from llmint8_cli.core.methods import get_method
+from llmint8_cli.errors import InvalidArgumentError
+from llmint8_cli.evaluation import variants
+
+RUNNER = CliRunner()
+CALIBRATION = QuantizeOptions(calib_samples=4, calib_seq_len=128, calib_dataset="ptb", data_dir=str(DATA))
+
+
+def stored_columns(model) -> dict:
+    return {n: m.outlier_idx.tolist() for n, m in model.named_modules() if isinstance(m, Int8Linear)}
+
+
+@needs_stories
+@needs_data
+def test_on_the_fly_variants_store_the_columns_quantize_stores(tmp_path):
+    quantize_checkpoint(str(STORIES), tmp_path / "out", CALIBRATION)
+    subject = variants.subject(str(STORIES), [get_method("llm.int8"), get_method("vectorwise")], 6.0, torch.float32, torch.device("cpu"), calibration=CALIBRATION)
+    built = dict(subject.variants)
+    expected = stored_columns(load(tmp_path / "out"))
+    assert sum(len(v) for v in expected.values()) > 0 and stored_columns(built["llm.int8"]) == expected
+    assert all(not columns for columns in stored_columns(built["vectorwise"]).values())  # no decomposition, nothing stored
+    assert subject.calibration_of("llm.int8")["outlier_columns_total"] == sum(len(v) for v in expected.values())
+    assert subject.calibration_of("vectorwise") is None and subject.calibration_key == "calib4x128-ptb"
+
+
+@needs_stories
+@needs_data
+def test_calibration_never_reads_the_evaluation_text(tmp_path):
+    ptb = str(DATA / "ptb" / "ptb.test.txt")
+    with pytest.raises(InvalidArgumentError, match="is the evaluation text"):
+        variants.subject(str(STORIES), [get_method("llm.int8")], 6.0, torch.float32, torch.device("cpu"), calibration=CALIBRATION, held_out=ptb)
+    result = RUNNER.invoke(app, ["eval-ppl", str(STORIES), "--dataset", "c4", "--seq-len", "128", "--max-tokens", "512", "--calib-samples", "2", "--data-dir", str(DATA), "-q"])
+    assert result.exit_code == 0, result.stderr
+    document = json.loads(result.stdout)
+    calibration = document["results"]["llm.int8"]["calibration"]
+    assert calibration["dataset"] == "wikitext2" and "is the evaluation text" in calibration["note"]  # offline the default falls back to C4
+    assert document["results"]["fp16"]["calibration"] is None
+
+
+@needs_stories
+@needs_data
+def test_calib_samples_0_keeps_run_time_detection_and_its_cache(tmp_path):
+    args = ["eval-ppl", str(STORIES), "--dataset", "ptb", "--seq-len", "128", "--max-tokens", "640", "--data-dir", str(DATA), "--cache-dir", str(tmp_path), "-q"]
+    runtime = json.loads(RUNNER.invoke(app, [*args, "--calib-samples", "0"]).stdout)
+    calibrated = json.loads(RUNNER.invoke(app, [*args, "--calib-samples", "4", "--calib-dataset", "c4"]).stdout)
+    assert runtime["results"]["llm.int8"]["calibration"] is None and calibrated["results"]["llm.int8"]["calibration"]["samples"] == 4
+    folders = sorted(p.name for p in next(tmp_path.iterdir()).iterdir())
+    assert folders == ["fp16-float32-cpu", "llm.int8-t6-calib4x512-c4-float32-cpu", "llm.int8-t6-float32-cpu"]
+    assert calibrated["results"]["fp16"]["reused_windows"] == 5  # the baseline is read back, not run again
