@@ -12,7 +12,7 @@ from llmint8_cli import data
 from llmint8_cli.backends.cpu_kernels import gemm_report
 from llmint8_cli import models
 from llmint8_cli.checkpoint.quantize import QuantizeOptions
-from llmint8_cli.cli.common import EXIT_NOT_FINITE, CalibDataset, CalibSamples, CalibSeqLen, ComputeDtype, DataDir, Device, Model, NoVerify, Quiet, choose_model, command, emit_json, fail, print_table, progress_bar, stderr_console
+from llmint8_cli.cli.common import EXIT_NOT_FINITE, CalibDataset, CalibSamples, CalibSeqLen, ComputeDtype, DataDir, Device, Model, NoVerify, Quiet, Threshold, choose_model, command, emit_json, fail, print_table, progress_bar, stderr_console
 from llmint8_cli.core.methods import DEFAULT_METHOD, DEFAULT_THRESHOLD, check_threshold, parse_methods
 from llmint8_cli.errors import DataError
 from llmint8_cli.evaluation import variants
@@ -53,7 +53,7 @@ def eval_ppl(
     stride: Annotated[int | None, typer.Option(help="Start a window every N tokens (default: no overlap); overlapping tokens are scored once.")] = None,
     max_tokens: Annotated[int | None, typer.Option(min=1, help="Use only the first N tokens of the text.")] = None,
     methods: Annotated[str, typer.Option(help="Comma-separated methods or 'all' (the 16-bit baseline is always included).")] = DEFAULT_METHOD,
-    threshold: Annotated[float, typer.Option(help="Outlier threshold for the decomposition.")] = DEFAULT_THRESHOLD,
+    threshold: Threshold = DEFAULT_THRESHOLD,
     batch_size: Annotated[int, typer.Option(min=1, help="Windows per forward pass (results do not depend on it).")] = 1,
     bos: Annotated[str, typer.Option(help=BOS_HELP)] = "window",
     cache_dir: Annotated[str | None, typer.Option(help="Keep each window's NLL here as it is computed: a stopped run, or a later run of other methods, reuses them.")] = None,

@@ -13,7 +13,7 @@ import typer
 from llmint8_cli.backends.cpu_kernels import gemm_report
 from llmint8_cli import models
 from llmint8_cli.checkpoint.quantize import QuantizeOptions
-from llmint8_cli.cli.common import CalibDataset, CalibSamples, CalibSeqLen, ComputeDtype, Device, Model, NoVerify, Quiet, choose_model, command, emit_json, print_table, stderr_console
+from llmint8_cli.cli.common import CalibDataset, CalibSamples, CalibSeqLen, ComputeDtype, Device, Model, NoVerify, Quiet, Threshold, choose_model, command, emit_json, print_table, stderr_console
 from llmint8_cli.core.methods import DEFAULT_METHOD, DEFAULT_THRESHOLD, check_threshold, parse_methods
 from llmint8_cli.evaluation import variants, zeroshot
 
@@ -23,7 +23,7 @@ def eval_zeroshot(
     model: Model = None,
     tasks: Annotated[str, typer.Option(help=f"Comma-separated lm-eval tasks; offline or with --data-dir: {', '.join(zeroshot.TASKS)} (lambada = LAMBADA-OpenAI), from local files.")] = "winogrande,hellaswag,piqa,lambada",
     methods: Annotated[str, typer.Option(help="Comma-separated methods or 'all' (the 16-bit baseline is always included).")] = DEFAULT_METHOD,
-    threshold: Annotated[float, typer.Option(help="Outlier threshold for the decomposition.")] = DEFAULT_THRESHOLD,
+    threshold: Threshold = DEFAULT_THRESHOLD,
     limit: Annotated[int | None, typer.Option(min=1, help="Only the first N documents of each task.")] = None,
     num_fewshot: Annotated[int, typer.Option(min=0, help="Few-shot examples per prompt.")] = 0,
     batch_size: Annotated[int, typer.Option(min=1, help="Requests per forward pass.")] = 8,

@@ -11,7 +11,7 @@ import typer
 from llmint8_cli import models
 from llmint8_cli.checkpoint.format import is_llmint8_checkpoint
 from llmint8_cli.checkpoint.load import load
-from llmint8_cli.cli.common import ComputeDtype, Device, NoVerify, Quiet, command, emit_json, stderr_console
+from llmint8_cli.cli.common import ComputeDtype, Device, NoVerify, Quiet, Threshold, command, emit_json, stderr_console
 from llmint8_cli.core.methods import DEFAULT_METHOD, DEFAULT_THRESHOLD, check_threshold, get_method
 from llmint8_cli.errors import InvalidArgumentError
 from llmint8_cli.evaluation import variants
@@ -38,7 +38,7 @@ def generate(
     temperature: Annotated[float, typer.Option(min=0.0, help="0: greedy (deterministic); above 0: sampled at this temperature.")] = 0.0,
     seed: Annotated[int, typer.Option(help="Random seed for sampling.")] = 0,
     method: Annotated[str, typer.Option(help="For a 16-bit model: the method it is quantized with on the fly (fp16 keeps it 16-bit).")] = DEFAULT_METHOD,
-    threshold: Annotated[float, typer.Option(help="Outlier threshold for the decomposition.")] = DEFAULT_THRESHOLD,
+    threshold: Threshold = DEFAULT_THRESHOLD,
     device: Device = "auto",
     dtype: ComputeDtype = "auto",
     no_verify: NoVerify = False,
