@@ -76,7 +76,8 @@ class Subject:
     variants: Iterator[tuple[str, torch.nn.Module]]
     notes: list[str]
     baseline_source: models.ModelSource | None = None  # a stored folder's recorded 16-bit source
-    calibration: dict | None = None  # how on-the-fly decomposition methods found their stored columns
+    calibration: dict | None = None  # how the decomposition methods found their stored columns
+    stored: bool = False  # an llmint8 folder, evaluated as written (its files key its caches)
     _fingerprints: dict = field(default_factory=dict, repr=False)
 
     def calibration_of(self, method: str) -> dict | None:
@@ -85,9 +86,9 @@ class Subject:
 
     @property
     def calibration_key(self) -> str:
-        """Part of a cache folder's name: run-time detection only, or the calibration set used."""
+        """Part of a cache folder's name for on-the-fly variants: run-time detection only, or the calibration set used."""
         info = self.calibration or {}
-        return f"calib{info['samples']}x{info['seq_len']}-{info['dataset']}" if info.get("samples") else ""
+        return f"calib{info['samples']}x{info['seq_len']}-{info['dataset']}" if info.get("samples") and not self.stored else ""
 
     def source_of(self, variant: str) -> models.ModelSource:
         """The files a variant is computed from: a stored folder's baseline is its 16-bit source."""
@@ -184,7 +185,7 @@ def _stored(folder: str, dtype: torch.dtype, device: torch.device, verify: bool,
             yield BASELINE, models.load_model(baseline, dtype=dtype).to(device)
         yield block["method"], quantized
 
-    return Subject(folder, models.ModelSource("folder", str(folder)), tokenizer, quantized.config, generate(), notes, baseline, calibration=calibration)
+    return Subject(folder, models.ModelSource("folder", str(folder)), tokenizer, quantized.config, generate(), notes, baseline, calibration=calibration, stored=True)
 
 
 def cache_folder(cache_dir: str, subject: Subject, method: str, threshold: float, dtype: torch.dtype, device: torch.device) -> Path:
