@@ -59,3 +59,13 @@ def test_calib_samples_0_keeps_run_time_detection_and_its_cache(tmp_path):
     folders = sorted(p.name for p in next(tmp_path.iterdir()).iterdir())
     assert folders == ["fp16-float32-cpu", "llm.int8-t6-calib4x512-c4-float32-cpu", "llm.int8-t6-float32-cpu"]
     assert calibrated["results"]["fp16"]["reused_windows"] == 5  # the baseline is read back, not run again
+
+
+@needs_stories
+@needs_data
+def test_a_stored_folder_keeps_its_cache_names(tmp_path):
+    quantize_checkpoint(str(STORIES), tmp_path / "int8", CALIBRATION)
+    subject = variants.subject(str(tmp_path / "int8"), [get_method("llm.int8")], 6.0, torch.float32, torch.device("cpu"), calibration=CALIBRATION)
+    assert subject.calibration_of("llm.int8")["samples"] == 4 and subject.calibration_key == ""
+    folder = variants.cache_folder(str(tmp_path / "cache"), subject, "llm.int8", 6.0, torch.float32, torch.device("cpu"))
+    assert folder.name == "llm.int8-t6-float32-cpu"
