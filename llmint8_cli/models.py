@@ -5,7 +5,6 @@ from __future__ import annotations
 import functools
 import hashlib
 import importlib.util
-import json
 import os
 import socket
 from urllib.parse import urlparse
@@ -14,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from llmint8_cli.checkpoint.format import config_block
 from llmint8_cli.errors import ModelLoadError
 
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
@@ -148,11 +148,8 @@ def resolve(spec: str | os.PathLike) -> ModelSource:
 
 def check_quantization(folder: Path) -> None:
     """A folder quantized by another method is no 16-bit model: quantizing it again would be wrong."""
-    try:
-        block = json.loads((folder / "config.json").read_text()).get("quantization_config")
-    except (OSError, json.JSONDecodeError, AttributeError):
-        return  # transformers will say what is wrong with the config
-    if not isinstance(block, dict) or block.get("quant_method") in (None, "llmint8"):
+    block = config_block(folder)  # an unreadable config: transformers will say what is wrong with it
+    if block is None or block.get("quant_method") in (None, "llmint8"):
         return
     method = block["quant_method"]
     if method == "bitsandbytes" and block.get("load_in_8bit"):

@@ -10,13 +10,12 @@ re-rounded where they do not. Import keeps bitsandbytes' int8 rows and scales as
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import torch
 
 from llmint8_cli.checkpoint import format as fmt
-from llmint8_cli.checkpoint.output import check_output, writing
+from llmint8_cli.checkpoint.output import check_output, copy_side_files, writing
 from llmint8_cli.checkpoint.sources import open_folder
 from llmint8_cli.checkpoint.writer import Entry, Group, write_tensors
 from llmint8_cli.core.methods import get_method
@@ -28,13 +27,8 @@ WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json")
 
 def read_block(folder: Path) -> dict | None:
     """A bitsandbytes 8-bit folder's quantization_config, else None."""
-    try:
-        block = json.loads((folder / "config.json").read_text()).get("quantization_config")
-    except (OSError, json.JSONDecodeError, AttributeError):
-        return None
-    if isinstance(block, dict) and block.get("quant_method") == QUANT_METHOD and block.get("load_in_8bit"):
-        return block
-    return None
+    block = fmt.config_block(folder)
+    return block if block is not None and block.get("quant_method") == QUANT_METHOD and block.get("load_in_8bit") else None
 
 
 def is_bitsandbytes_8bit(path) -> bool:
@@ -76,11 +70,13 @@ def skip_modules(config: dict, quantized: list[str]) -> list[str]:
     return kept
 
 
-def copy_side_files(src: Path, dest: Path) -> None:
-    """Tokenizer and generation files; not the weights, the config or a manifest."""
-    for path in src.iterdir():
-        if path.is_file() and path.name not in ("config.json", fmt.MANIFEST) and not path.name.endswith((".safetensors", ".index.json")):
-            shutil.copyfile(path, dest / path.name)
+def write_folder(out: Path, force: bool, groups: list[Group], config: dict, src: Path, max_shard_bytes: int) -> None:
+    """OUT atomically: the tensors, config.json, the source's side files and a manifest."""
+    with writing(out, force) as tmp:
+        hashes = write_tensors(tmp, groups, max_shard_bytes)
+        (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        copy_side_files(src, tmp)
+        fmt.write_manifest(tmp, hashes)
 
 
 def export(folder: str, dest: str, force: bool = False, max_shard_bytes: int = 2 << 30, verify: bool = True) -> dict:
@@ -102,7 +98,7 @@ def export(folder: str, dest: str, force: bool = False, max_shard_bytes: int = 2
     groups, rewritten, columns = [], {"rows": 0, "layers": 0}, 0
     for key in tensors.keys():
         layer, _, leaf = key.rpartition(".")
-        if layer not in quantized:
+        if layer not in quantized or leaf == "bias":
             groups.append(Group([Entry(key, tensors.dtype(key), tensors.shape(key))], lambda key=key: {key: tensors.get(key)}))
         elif leaf == "weight":
             out_f, in_f = tensors.shape(key)
@@ -118,18 +114,12 @@ def export(folder: str, dest: str, force: bool = False, max_shard_bytes: int = 2
                 return {key: q, f"{layer}.SCB": scb, f"{layer}.weight_format": torch.zeros((), dtype=torch.uint8)}
 
             groups.append(Group(entries, produce))
-        elif leaf == "bias":
-            groups.append(Group([Entry(key, tensors.dtype(key), tensors.shape(key))], lambda key=key: {key: tensors.get(key)}))
     config = json.loads((src / "config.json").read_text())
     threshold = block["threshold"] if method.decomposition else 0.0
     config["quantization_config"] = BitsAndBytesConfig(
         load_in_8bit=True, llm_int8_threshold=threshold, llm_int8_skip_modules=skip_modules(config, block["quantized_modules"]),
     ).to_dict()
-    with writing(out, force) as tmp:
-        hashes = write_tensors(tmp, groups, max_shard_bytes)
-        (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-        copy_side_files(src, tmp)
-        fmt.write_manifest(tmp, hashes)
+    write_folder(out, force, groups, config, src, max_shard_bytes)
     notes = []
     if columns:
         notes.append(f"{columns} stored 16-bit outlier columns were put into the int8 rows (bitsandbytes keeps none); "
@@ -189,11 +179,7 @@ def import_folder(folder: str, out: str, force: bool = False, max_shard_bytes: i
         **fmt.quantization_config(method.name, threshold or 6.0, [], layers, dtype, calibration), "source": "",
     }
     config["dtype"] = str(dtype).removeprefix("torch.")
-    with writing(out_path, force) as tmp:
-        hashes = write_tensors(tmp, groups, max_shard_bytes)
-        (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-        copy_side_files(src, tmp)
-        fmt.write_manifest(tmp, hashes)
+    write_folder(out_path, force, groups, config, src, max_shard_bytes)
     return {
         "source": str(src), "output": str(out_path), "format": "llmint8", "from": "bitsandbytes", "method": method.name,
         "threshold": threshold or 6.0, "dtype": str(dtype).removeprefix("torch."), "quantized_layers": len(layers),

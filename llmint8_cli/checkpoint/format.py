@@ -61,14 +61,19 @@ def verify(folder: Path) -> None:
             raise CheckpointError(f"{path}: sha256 does not match the manifest (corrupted or modified; --no-verify to skip)")
 
 
+def config_block(folder) -> dict | None:
+    """The quantization_config of a folder's config.json, whatever its method; None if it has none."""
+    try:
+        block = json.loads((Path(folder) / "config.json").read_text()).get("quantization_config")
+    except (OSError, json.JSONDecodeError, AttributeError):
+        return None
+    return block if isinstance(block, dict) else None
+
+
 def read_quantization_config(folder: Path) -> dict | None:
     """The quantization_config block of an llmint8 folder, or None for any other folder."""
-    try:
-        config = json.loads((Path(folder) / "config.json").read_text())
-    except (OSError, json.JSONDecodeError):
-        return None
-    block = config.get("quantization_config")
-    if isinstance(block, dict) and block.get("quant_method") == QUANT_METHOD:
+    block = config_block(folder)
+    if block is not None and block.get("quant_method") == QUANT_METHOD:
         if block.get("format_version") != FORMAT_VERSION:
             raise CheckpointError(f"{folder}: llmint8 format version {block.get('format_version')} is not supported (expected {FORMAT_VERSION})")
         check_block(Path(folder) / "config.json", block)

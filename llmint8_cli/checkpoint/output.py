@@ -138,6 +138,16 @@ def install(tmp: Path, out: Path, force: bool) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf", ".pt", ".pth", ".ckpt", ".h5", ".msgpack")
+
+
+def copy_side_files(folder: Path, dest: Path) -> None:
+    """A model folder's tokenizer, generation and template files; not its weights, config or manifest."""
+    for path in folder.iterdir():
+        if path.is_file() and not path.name.endswith((*WEIGHT_SUFFIXES, ".index.json")) and path.name not in ("config.json", fmt.MANIFEST):
+            shutil.copyfile(path, dest / path.name)
+
+
 @contextlib.contextmanager
 def writing(out: Path, force: bool):
     """A marked temporary folder beside OUT (a killed writer's debris removed first), moved into

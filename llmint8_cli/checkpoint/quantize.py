@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -22,7 +21,7 @@ from llmint8_cli import activations, data, models
 from llmint8_cli.backends import backend_for
 from llmint8_cli.checkpoint import bitsandbytes
 from llmint8_cli.checkpoint import format as fmt
-from llmint8_cli.checkpoint.output import check_free_space, check_output, writing
+from llmint8_cli.checkpoint.output import check_free_space, check_output, copy_side_files, writing
 from llmint8_cli.checkpoint.sources import ModelSource, TensorSource, open_folder
 from llmint8_cli.checkpoint.writer import Entry, Group, write_tensors
 from llmint8_cli.core.methods import DEFAULT_METHOD, DEFAULT_THRESHOLD, check_threshold, get_method
@@ -30,7 +29,6 @@ from llmint8_cli.errors import InvalidArgumentError, InvalidWeightError, ModelLo
 from llmint8_cli.evaluation.perplexity import make_windows, tokenize
 from llmint8_cli.nn.convert import Conv1D, quantizable_layers
 
-WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf", ".pt", ".pth", ".ckpt", ".h5", ".msgpack")
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 
 
@@ -240,11 +238,9 @@ def plain_group(name: str, key: str, tensors: TensorSource, dtype: torch.dtype, 
     return Group([Entry(name, out_dtype, tensors.shape(key))], produce)
 
 
-def copy_side_files(source: models.ModelSource, tmp: Path, model_config, tokenizer) -> None:
+def side_files(source: models.ModelSource, tmp: Path, model_config, tokenizer) -> None:
     if source.kind == "folder":
-        for path in Path(source.location).iterdir():
-            if path.is_file() and not path.name.endswith(WEIGHT_SUFFIXES) and not path.name.endswith(".index.json") and path.name != "config.json":
-                shutil.copyfile(path, tmp / path.name)
+        copy_side_files(Path(source.location), tmp)
     else:
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
@@ -326,7 +322,7 @@ def quantize_checkpoint(src: str, out: str | os.PathLike, options: QuantizeOptio
         config_dict = config.to_dict()
         config_dict.update({"dtype": str(dtype).removeprefix("torch."), "quantization_config": block})
         (tmp / "config.json").write_text(json.dumps(config_dict, indent=2, sort_keys=True) + "\n")
-        copy_side_files(source, tmp, model, tokenizer)
+        side_files(source, tmp, model, tokenizer)
         fmt.write_manifest(tmp, hashes)
     seconds = time.time() - started
     files = {p.name: p.stat().st_size for p in sorted(out.iterdir())}
