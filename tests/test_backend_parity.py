@@ -142,6 +142,37 @@ def test_every_cpu_gemm_path_gives_the_int32_sums(name):
     assert torch.equal(got, exact.int()) if path.int32 else torch.equal(got, exact.int().float())
 
 
+class Saturating(cpu_kernels.IntMmNK):
+    """oneDNN's u8 x s8 product without VNNI: pairs of products added in int16 with saturation."""
+
+    def run(self, a, packed):
+        u, w = a.long() + 128, packed.long()
+        pairs = (u[:, None, :] * w[None, :, :]).reshape(len(u), len(w), -1, 2).sum(-1).clamp(-32768, 32767)
+        return (pairs.sum(-1) - 128 * w.sum(1)).int()
+
+
+def test_a_path_that_is_not_exact_here_is_never_chosen_or_forced(monkeypatch, tmp_path):
+    monkeypatch.setitem(cpu_kernels.PATHS, "saturating", Saturating("saturating"))
+    monkeypatch.setenv("LLMINT8_CACHE_DIR", str(tmp_path))
+    cpu_kernels.exact_here.cache_clear()
+    cpu_kernels.decision.cache_clear()
+    try:
+        a = torch.randint(-20, 21, (3, 64), dtype=torch.int8)
+        w = torch.randint(-20, 21, (5, 64), dtype=torch.int8)
+        assert torch.equal(Saturating("s").run(a, w), (a.long() @ w.long().t()).int())  # small values: no saturation
+        path = cpu_kernels.PATHS["saturating"]
+        assert path.runs() and not path.available()
+        assert all(p.available() for name, p in cpu_kernels.PATHS.items() if name in CPU_PATHS)
+        plan = cpu_kernels.choose((16, 256), int32=True)
+        assert "saturating" not in plan.name and "saturating" not in cpu_kernels.decision((16, 256))["timings_ms"]
+        monkeypatch.setenv(cpu_kernels.FORCE_ENV, "saturating")
+        with pytest.raises(ValueError, match="not exact on this CPU"):
+            cpu_kernels.choose((16, 256), int32=True)
+    finally:
+        cpu_kernels.exact_here.cache_clear()
+        cpu_kernels.decision.cache_clear()
+
+
 def test_forced_gemm_path_is_the_one_prepared(monkeypatch):
     method = get_method("llm.int8")
     qweight = R.quantize_weight(torch.randn(16, 32), method)

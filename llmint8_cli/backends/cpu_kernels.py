@@ -11,6 +11,9 @@ Paths (each exact; they differ only in speed, which depends on the CPU far more 
   copy laid out [k, n]; oneDNN prefers one or the other depending on the CPU and m.
 - `llmint8-avx2`: llmint8's own kernel (kernels/cpu/int8_gemm.cpp, compiled on first use into
   torch's extension cache, ~30 s once); `llmint8-scalar` where it builds without AVX2.
+A path is offered only where it proves exact on this CPU (`exact_here`): without VNNI, oneDNN's
+u8 x s8 kernel adds pairs of products in int16 with saturation (vpmaddubsw), so the prepacked
+path is off by up to ~3e5 on AVX2-only CPUs such as a Zen 3 EPYC, and is not used there.
 The choice is measured: a few tens of milliseconds of micro-benchmark the first time on a machine
 (CPU model, flags, threads, torch version), kept in a small JSON cache, and made per token count
 (one path for decoding, another for prefill where that is faster). `LLMINT8_CPU_GEMM=NAME`
@@ -68,8 +71,13 @@ class GemmPath:
     int32: bool = True  # False: the product comes back as float32 = float(int32 sum)
     own_layout: bool = False  # True: `pack` makes a copy of W (more memory); False: W as stored
 
-    def available(self) -> bool:
+    def runs(self) -> bool:
+        """Whether this build and CPU can run the path at all."""
         raise NotImplementedError
+
+    def available(self) -> bool:
+        """Runs here and gives the exact sums here: the only paths chosen, forced or tested."""
+        return self.runs() and exact_here(self.name)
 
     def pack(self, q: torch.Tensor):
         return q.contiguous()
@@ -79,7 +87,7 @@ class GemmPath:
 
 
 class IntMmNK(GemmPath):
-    def available(self) -> bool:
+    def runs(self) -> bool:
         return hasattr(torch, "_int_mm")
 
     def run(self, a, packed):
@@ -95,7 +103,7 @@ class IntMmKN(IntMmNK):
 
 
 class OneDnnPrepacked(GemmPath):
-    def available(self) -> bool:
+    def runs(self) -> bool:
         return torch.backends.mkldnn.is_available() and hasattr(torch.ops.onednn, "qlinear_prepack")
 
     def pack(self, q):
@@ -109,12 +117,33 @@ class OneDnnPrepacked(GemmPath):
 
 
 class Native(GemmPath):
-    def available(self) -> bool:
+    def runs(self) -> bool:
         native = native_kernels()
         return native is not None and native.has_avx2() == (self.name == "llmint8-avx2")
 
     def run(self, a, packed):
         return native_kernels().int8_gemm(a.contiguous(), packed)
+
+
+def exactness_probe() -> tuple[torch.Tensor, torch.Tensor]:
+    """Operands that expose a path that is not exact: the extremes ±127 side by side (a pair of
+    u8 x s8 products reaches 2 x 255 x 127 = 64770, beyond int16) and random values."""
+    g = torch.Generator().manual_seed(0)
+    a = torch.randint(-127, 128, (6, 256), dtype=torch.int8, generator=g)
+    w = torch.randint(-127, 128, (8, 256), dtype=torch.int8, generator=g)
+    a[0], a[1], a[2, ::2] = 127, -127, 127
+    w[0], w[1], w[2, 1::2] = 127, -127, -127
+    return a, w
+
+
+@functools.cache
+def exact_here(name: str) -> bool:
+    """Whether a path's product equals the int64 one (as float32 for the float path) on this CPU."""
+    path = PATHS[name]
+    a, w = exactness_probe()
+    exact = (a.long() @ w.long().t()).int()
+    got = path.run(a, path.pack(w))
+    return bool(torch.equal(got, exact if path.int32 else exact.float()))
 
 
 PATHS = {
@@ -183,7 +212,7 @@ def cache_file() -> Path:
 MICRO_TOKENS = (1, 16, 128)
 LARGEST_MEASURED = 4096  # weights are measured at their shape, each side clamped to this
 BUCKET_TOPS = (4, 45, None)  # a call with m rows goes by the measured token count nearest in log scale
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: inexact paths (oneDNN u8 x s8 without VNNI) are no longer measured
 LAYOUT_GAIN = 1.1  # a path with its own copy of W must beat the stored-layout paths by 10 % somewhere
 
 
@@ -292,8 +321,10 @@ def forced() -> GemmPath | None:
     name = LEGACY_NAMES.get(name, name)
     if name not in PATHS:
         raise InvalidArgumentError(f"{FORCE_ENV}={name!r}: expected one of {', '.join(PATHS)}")
-    if not PATHS[name].available():
+    if not PATHS[name].runs():
         raise InvalidArgumentError(f"{FORCE_ENV}={name!r}: that path cannot run on this machine")
+    if not PATHS[name].available():
+        raise InvalidArgumentError(f"{FORCE_ENV}={name!r}: that path is not exact on this CPU (its int8 sums differ from the int32 ones)")
     return PATHS[name]
 
 
