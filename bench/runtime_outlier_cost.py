@@ -105,7 +105,8 @@ def main() -> None:
     rows = {"fp32": {"ppl": round(baseline, 4)}}
     plans = [("runtime", {}, {"samples": 0})]
     for count in (int(c) for c in args.calib.split(",") if c.strip()):
-        outliers, info = calibrate_on_the_fly(base, tokenizer, QuantizeOptions(calib_samples=count, data_dir=args.data_dir), text.source)
+        stats, info = calibrate_on_the_fly(base, tokenizer, QuantizeOptions(calib_samples=count, data_dir=args.data_dir), text.source)
+        outliers = stats.outlier_columns()
         plans.append((f"calib{count}", outliers, info))
     for label, outliers, info in plans:
         for mode in ("dequantized", "exact"):

@@ -51,6 +51,15 @@ def make_case(lead, k, n, dtype, pattern, seed):
     return x.to(dtype), w.to(dtype), bias, stored
 
 
+def quantized(w, method, stored, x):
+    """W for a method; a smoothing method's m calibrated on x's column ranges (alpha 0.5)."""
+    if not method.smoothing:
+        return R.quantize_weight(w, method, stored)
+    idx = R.stored_outlier_index(w, method, stored)
+    ranges = torch.nan_to_num(x.reshape(-1, x.shape[-1]).float().abs(), posinf=0.0, nan=0.0).amax(dim=0)
+    return R.quantize_weight(w, method, stored, R.smoothing_factors(ranges, w, 0.5, idx))
+
+
 @pytest.mark.parametrize("method_name", QUANTIZED)
 @pytest.mark.parametrize("pattern", PATTERNS)
 def test_backend_matches_reference(backend, method_name, pattern):
@@ -59,9 +68,9 @@ def test_backend_matches_reference(backend, method_name, pattern):
         for threshold in (6.0, 1.5):
             for dtype in DTYPES:
                 x, w, bias, stored = make_case(lead, k, n, dtype, pattern, seed=case)
-                qweight = R.quantize_weight(w, method, stored)
+                qweight = quantized(w, method, stored, x)
                 prepared = backend.prepare(qweight, method)
-                x2 = x.reshape(-1, k)
+                x2 = R.smooth_activations(x.reshape(-1, k), qweight.smooth)
                 groups = R.sequence_count(x)
                 ref_q, ref_cols = R.quantize_activations(x2, method, threshold, qweight.outlier_idx, groups)
                 got_q, got_cols = backend.quantize_activations(x2, method, threshold, qweight.outlier_idx, groups)
@@ -103,9 +112,9 @@ def test_quantize_weight_matches_reference(backend, method_name):
     for case, (_, k, n) in enumerate(SHAPES):
         for dtype in DTYPES:
             for stored in (None, torch.tensor(sorted({0, k // 3}))):
-                _, w, _, _ = make_case((1,), k, n, dtype, "none", seed=case)
-                ref = R.quantize_weight(w, method, stored)
-                got = backend.quantize_weight(w, method, stored)
+                x, w, _, _ = make_case((1,), k, n, dtype, "none", seed=case)
+                ref = quantized(w, method, stored, x)
+                got = backend.quantize_weight(w, method, stored, ref.smooth)
                 where = f"{method_name} {k}->{n} {dtype} stored={stored}"
                 assert torch.equal(got.int8.q, ref.int8.q) and torch.equal(got.int8.scale, ref.int8.scale), where
                 assert (ref.int8.zero is None) == (got.int8.zero is None), where
@@ -113,15 +122,15 @@ def test_quantize_weight_matches_reference(backend, method_name):
         bad = torch.randn(n, k)
         bad[n // 2, k // 2] = float("nan")
         with pytest.raises(InvalidWeightError, match="NaN or Inf"):
-            backend.quantize_weight(bad, method)
+            backend.quantize_weight(bad, method, smooth=torch.ones(k) if method.smoothing else None)
 
 
-@pytest.mark.parametrize("method_name", ["llm.int8", "rowwise+decomp"])
+@pytest.mark.parametrize("method_name", ["llm.int8", "rowwise+decomp", "llm.int8-smooth"])
 def test_a_sequence_gets_the_same_bits_alone_or_in_a_batch(backend, method_name):
     """Sequences in a batch have different outlier columns (threshold 1.5); none may change another's output."""
     method = get_method(method_name)
     x, w, bias, stored = make_case((4, 9), 96, 80, torch.float32, "stored+runtime", seed=3)
-    prepared = backend.prepare(R.quantize_weight(w, method, stored), method)
+    prepared = backend.prepare(quantized(w, method, stored, x), method)
     batched = backend.linear(x, prepared, method, 1.5, bias)
     for i in range(len(x)):
         assert torch.equal(batched[i], backend.linear(x[i : i + 1], prepared, method, 1.5, bias)[0]), i

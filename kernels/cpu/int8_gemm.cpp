@@ -122,6 +122,7 @@ struct ScalarLanes {
   static F load(const T* p) { return static_cast<float>(*p); }
   static void mark(int32_t* hit, F v, float limit) { *hit |= !(std::fabs(v) < limit) ? -1 : 0; }
   static F zero() { return 0.0f; }
+  static F mul(F v, const float* m) { return v * *m; }
   static F max_kept(F best, F v, const int32_t* keep) { return *keep ? std::max(best, std::fabs(v)) : best; }
   static float reduce_max(F v) { return v; }
   static void store_q(int8_t* out, F v, float inv, const int32_t* keep) {
@@ -152,6 +153,7 @@ struct Avx2Lanes {
     _mm256_storeu_ps(h, _mm256_or_ps(_mm256_loadu_ps(h), _mm256_cmp_ps(absolute(v), _mm256_set1_ps(limit), _CMP_NLT_UQ)));
   }
   static F zero() { return _mm256_setzero_ps(); }
+  static F mul(F v, const float* m) { return _mm256_mul_ps(v, _mm256_loadu_ps(m)); }
   static F max_kept(F best, F v, const int32_t* keep) { return _mm256_max_ps(best, _mm256_and_ps(absolute(v), kept(keep))); }
   static float reduce_max(F v) {
     alignas(32) float lanes[8];
@@ -190,6 +192,7 @@ struct Avx512Lanes {
     _mm512_mask_storeu_epi32(hit, flag, _mm512_set1_epi32(-1));
   }
   static F zero() { return _mm512_setzero_ps(); }
+  static F mul(F v, const float* m) { return _mm512_mul_ps(v, _mm512_loadu_ps(m)); }
   static F max_kept(F best, F v, const int32_t* keep) {
     return _mm512_max_ps(best, _mm512_castsi512_ps(_mm512_and_si512(_mm512_castps_si512(absolute(v)), kept(keep))));
   }
@@ -214,8 +217,15 @@ using WideLanes = ScalarLanes;
 // 16-bit columns are 0 in Q and do not enter the row absmax. Rounding and the scale are the
 // reference's: inv = 127 / absmax (0 when absmax == 0), q = round_half_even(x * inv),
 // S = absmax / 127. Both passes split the rows over threads; L lanes at a time, tails scalar.
+// With SM (llm.int8-smooth's m [k], else null) every value read is x * m in float32, as the
+// reference's smooth_activations computes it: smoothing costs no pass of its own.
 template <typename L, typename T>
-void quantize_rows_with(const T* X, int64_t m, int64_t k, float limit, bool* M, int8_t* Q, float* S) {
+inline typename L::F read(const T* row, const float* SM, int64_t t) {
+  return SM != nullptr ? L::mul(L::load(row + t), SM + t) : L::load(row + t);
+}
+
+template <typename L, typename T>
+void quantize_rows_with(const T* X, int64_t m, int64_t k, float limit, bool* M, int8_t* Q, float* S, const float* SM) {
   using Tail = ScalarLanes;
   const int64_t wide = k - k % L::kWidth;
   // pass 1: each block of rows ORs its flags into its own int32 row, merged afterwards
@@ -226,8 +236,8 @@ void quantize_rows_with(const T* X, int64_t m, int64_t k, float limit, bool* M, 
       int32_t* hit = hits.data() + b * k;
       for (int64_t i = b * m / blocks; i < (b + 1) * m / blocks; ++i) {
         const T* row = X + i * k;
-        for (int64_t t = 0; t < wide; t += L::kWidth) L::mark(hit + t, L::load(row + t), limit);
-        for (int64_t t = wide; t < k; ++t) Tail::mark(hit + t, Tail::load(row + t), limit);
+        for (int64_t t = 0; t < wide; t += L::kWidth) L::mark(hit + t, read<L>(row, SM, t), limit);
+        for (int64_t t = wide; t < k; ++t) Tail::mark(hit + t, read<Tail>(row, SM, t), limit);
       }
     }
   });
@@ -240,13 +250,13 @@ void quantize_rows_with(const T* X, int64_t m, int64_t k, float limit, bool* M, 
     for (int64_t i = r0; i < r1; ++i) {
       const T* row = X + i * k;
       typename L::F best = L::zero();
-      for (int64_t t = 0; t < wide; t += L::kWidth) best = L::max_kept(best, L::load(row + t), keep.data() + t);
+      for (int64_t t = 0; t < wide; t += L::kWidth) best = L::max_kept(best, read<L>(row, SM, t), keep.data() + t);
       float absmax = L::reduce_max(best);
-      for (int64_t t = wide; t < k; ++t) absmax = Tail::max_kept(absmax, Tail::load(row + t), keep.data() + t);
+      for (int64_t t = wide; t < k; ++t) absmax = Tail::max_kept(absmax, read<Tail>(row, SM, t), keep.data() + t);
       const float inv = absmax > 0.0f ? 127.0f / absmax : 0.0f;
       int8_t* out = Q + i * k;
-      for (int64_t t = 0; t < wide; t += L::kWidth) L::store_q(out + t, L::load(row + t), inv, keep.data() + t);
-      for (int64_t t = wide; t < k; ++t) Tail::store_q(out + t, Tail::load(row + t), inv, keep.data() + t);
+      for (int64_t t = 0; t < wide; t += L::kWidth) L::store_q(out + t, read<L>(row, SM, t), inv, keep.data() + t);
+      for (int64_t t = wide; t < k; ++t) Tail::store_q(out + t, read<Tail>(row, SM, t), inv, keep.data() + t);
       S[i] = absmax / 127.0f;
     }
   });
@@ -266,15 +276,16 @@ std::vector<int64_t> lane_widths() {
 }
 
 template <typename T>
-void quantize_rows_into(const T* X, int64_t m, int64_t k, float limit, bool* M, int8_t* Q, float* S, int64_t lanes = WideLanes::kWidth) {
+void quantize_rows_into(const T* X, int64_t m, int64_t k, float limit, bool* M, int8_t* Q, float* S, const float* SM = nullptr,
+                        int64_t lanes = WideLanes::kWidth) {
 #if defined(__AVX512F__) && defined(__AVX512BW__)
-  if (lanes == Avx512Lanes::kWidth) return quantize_rows_with<Avx512Lanes, T>(X, m, k, limit, M, Q, S);
+  if (lanes == Avx512Lanes::kWidth) return quantize_rows_with<Avx512Lanes, T>(X, m, k, limit, M, Q, S, SM);
 #endif
 #if defined(__AVX2__)
-  if (lanes == Avx2Lanes::kWidth) return quantize_rows_with<Avx2Lanes, T>(X, m, k, limit, M, Q, S);
+  if (lanes == Avx2Lanes::kWidth) return quantize_rows_with<Avx2Lanes, T>(X, m, k, limit, M, Q, S, SM);
 #endif
   TORCH_CHECK(lanes == ScalarLanes::kWidth, "this build has no ", lanes, "-lane activation kernel");
-  quantize_rows_with<ScalarLanes, T>(X, m, k, limit, M, Q, S);
+  quantize_rows_with<ScalarLanes, T>(X, m, k, limit, M, Q, S, SM);
 }
 
 void check_rows(const torch::Tensor& x, const torch::Tensor& exclude) {
@@ -295,7 +306,7 @@ std::vector<torch::Tensor> quantize_rows(torch::Tensor x, torch::Tensor exclude,
   auto q = torch::empty({m, k}, x.options().dtype(torch::kInt8));
   auto scale = torch::empty({m}, x.options().dtype(torch::kFloat32));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "quantize_rows", [&] {
-    quantize_rows_into<scalar_t>(x.data_ptr<scalar_t>(), m, k, static_cast<float>(threshold), mask.data_ptr<bool>(), q.data_ptr<int8_t>(), scale.data_ptr<float>(), lanes);
+    quantize_rows_into<scalar_t>(x.data_ptr<scalar_t>(), m, k, static_cast<float>(threshold), mask.data_ptr<bool>(), q.data_ptr<int8_t>(), scale.data_ptr<float>(), nullptr, lanes);
   });
   return {q, scale, mask};
 }
@@ -306,9 +317,19 @@ std::vector<torch::Tensor> quantize_rows(torch::Tensor x, torch::Tensor exclude,
 // The m rows are `groups` sequences of m / groups rows; each finds its own outlier columns O_g
 // (the reference calls the linear once per sequence). One int8 GEMM serves all of them.
 //
+// Smoothing methods pass smooth (m, float32 [k]): both calls then read x * m, as the reference's
+// smooth_activations(x) would give it, without writing that product anywhere.
+//
 // quantize_sequences: x [m, k] and stored_mask [k] (the stored outlier columns) ->
 //   (q int8 [m, k], sx float32 [m], masks bool [groups, k]: the 16-bit columns of each group).
-std::vector<torch::Tensor> quantize_sequences(torch::Tensor x, torch::Tensor stored_mask, double threshold, int64_t groups) {
+const float* smooth_data(const c10::optional<torch::Tensor>& smooth, int64_t k) {
+  if (!smooth.has_value()) return nullptr;
+  TORCH_CHECK(smooth->dtype() == torch::kFloat32 && smooth->is_contiguous() && smooth->numel() == k, "contiguous float32 [k] smoothing vector expected");
+  return smooth->data_ptr<float>();
+}
+
+std::vector<torch::Tensor> quantize_sequences(torch::Tensor x, torch::Tensor stored_mask, double threshold, int64_t groups,
+                                              c10::optional<torch::Tensor> smooth) {
   check_rows(x, stored_mask);
   const int64_t m = x.size(0), k = x.size(1);
   TORCH_CHECK(groups >= 1 && m % groups == 0, "rows must split into equal groups");
@@ -319,11 +340,12 @@ std::vector<torch::Tensor> quantize_sequences(torch::Tensor x, torch::Tensor sto
   const auto stored_c = stored_mask.contiguous();  // kept alive: a temporary's pointer would dangle
   const bool* stored = stored_c.data_ptr<bool>();
   bool* M = masks.data_ptr<bool>();
+  const float* SM = smooth_data(smooth, k);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "quantize_sequences", [&] {
     for (int64_t g = 0; g < groups; ++g) {
       std::copy(stored, stored + k, M + g * k);
       quantize_rows_into<scalar_t>(x.data_ptr<scalar_t>() + g * rows * k, rows, k, static_cast<float>(threshold), M + g * k,
-                                   q.data_ptr<int8_t>() + g * rows * k, sx.data_ptr<float>() + g * rows);
+                                   q.data_ptr<int8_t>() + g * rows * k, sx.data_ptr<float>() + g * rows, SM);
     }
   });
   return {q, sx, masks};
@@ -365,13 +387,14 @@ void store_row<c10::Half>(c10::Half* y, const float* v, int64_t n) {
 // same bits alone or in a batch; one pass keeps a large m from streaming Y through memory thrice.
 torch::Tensor dequantize_sequences(torch::Tensor acc, torch::Tensor sx, torch::Tensor x, torch::Tensor masks, torch::Tensor w_q,
                                    torch::Tensor w_scale, torch::Tensor stored, torch::Tensor pos, c10::optional<torch::Tensor> bias,
-                                   bool wide_in_bf16) {
+                                   bool wide_in_bf16, c10::optional<torch::Tensor> smooth) {
   const int64_t m = acc.size(0), n = acc.size(1), groups = masks.size(0), k = masks.size(1), rows = m / groups;
   TORCH_CHECK(acc.is_contiguous() && (acc.dtype() == torch::kInt32 || acc.dtype() == torch::kFloat32), "contiguous int32 or float32 acc expected");
   TORCH_CHECK(x.is_contiguous() && x.size(0) == m && x.size(1) == k && w_scale.numel() == n && pos.numel() == k, "dequantize_sequences: shapes do not match");
   TORCH_CHECK(w_q.dtype() == torch::kInt8 && w_q.is_contiguous() && w_q.size(0) == n && w_q.size(1) == k, "contiguous int8 [n, k] weight expected");
   TORCH_CHECK(w_scale.dtype() == torch::kFloat32 && w_scale.is_contiguous() && pos.dtype() == torch::kInt32 && pos.is_contiguous(), "float32 scales and int32 slots expected");
   auto out = torch::empty({m, n}, x.options());
+  const float* SM = smooth_data(smooth, k);
   const float* SX = sx.data_ptr<float>();
   const float* SW = w_scale.data_ptr<float>();
   const bool* M = masks.data_ptr<bool>();
@@ -412,7 +435,10 @@ torch::Tensor dequantize_sequences(torch::Tensor acc, torch::Tensor sx, torch::T
       torch::Tensor wide;
       if (j > kLoopColumns) {  // in bf16 where the caller says the CPU has native bf16 and x is bf16, else float32
         const auto compute = wide_in_bf16 ? torch::kBFloat16 : torch::kFloat32;
-        auto x_out = x.narrow(0, g * rows, rows).index_select(1, torch::tensor(columns, x.options().dtype(torch::kLong))).to(compute);
+        const auto picked = torch::tensor(columns, x.options().dtype(torch::kLong));
+        auto x_out = x.narrow(0, g * rows, rows).index_select(1, picked);
+        if (SM != nullptr) x_out = x_out.to(torch::kFloat32) * smooth->index_select(0, picked);
+        x_out = x_out.to(compute);
         auto w_out = torch::from_blob(const_cast<float*>(WO), {j, n}, out.options().dtype(torch::kFloat32)).to(compute);
         wide = at::mm(x_out, w_out).to(torch::kFloat32);
       }
@@ -428,7 +454,7 @@ torch::Tensor dequantize_sequences(torch::Tensor acc, torch::Tensor sx, torch::T
               for (int64_t col = 0; col < n; ++col) line[col] += WIDE[(i - g * rows) * n + col];
             } else {
               for (int64_t c = 0; c < j; ++c) {
-                const float xv = static_cast<float>(X[i * k + columns[c]]);
+                const float xv = SM != nullptr ? static_cast<float>(X[i * k + columns[c]]) * SM[columns[c]] : static_cast<float>(X[i * k + columns[c]]);
                 const float* w = WO + c * n;
                 for (int64_t col = 0; col < n; ++col) line[col] += xv * w[col];
               }

@@ -24,9 +24,9 @@ class Backend:
     def supports(self, device: torch.device) -> bool:
         return True
 
-    def quantize_weight(self, weight: torch.Tensor, method: Method, outlier_idx: torch.Tensor | None = None) -> QuantizedWeight:
-        """W [n, k] to int8 for a method, stored outlier columns kept exact (done once, at quantize time)."""
-        return reference.quantize_weight(weight, method, outlier_idx)
+    def quantize_weight(self, weight: torch.Tensor, method: Method, outlier_idx: torch.Tensor | None = None, smooth: torch.Tensor | None = None) -> QuantizedWeight:
+        """W [n, k] (W / m with smoothing) to int8 for a method, stored outlier columns kept exact (done once, at quantize time)."""
+        return reference.quantize_weight(weight, method, outlier_idx, smooth)
 
     def prepare(self, qweight: QuantizedWeight, method: Method) -> Any:
         """Weight-side work done once at load (layout, packing, sums); returns the backend's state."""

@@ -56,17 +56,19 @@ class CpuBackend(Backend):
         usable = native is not None and tensor.device.type == "cpu" and granularity == "row" and not method.zeropoint
         return native if usable else None
 
-    def quantize_weight(self, weight: torch.Tensor, method: Method, outlier_idx: torch.Tensor | None = None) -> QuantizedWeight:
+    def quantize_weight(self, weight: torch.Tensor, method: Method, outlier_idx: torch.Tensor | None = None, smooth: torch.Tensor | None = None) -> QuantizedWeight:
         """Per-row absmax weights through the fused native op: read as stored (16-bit), NaN check in the same pass."""
         native = self._native_for(weight, method.weight, method) if isinstance(weight, torch.Tensor) else None
         if native is None:
-            return super().quantize_weight(weight, method, outlier_idx)
+            return super().quantize_weight(weight, method, outlier_idx, smooth)
         reference.check_weight(weight, finite=False)
         idx = reference.stored_outlier_index(weight, method, outlier_idx)
-        q, scale, columns = native.quantize_rows(weight.detach().contiguous(), column_mask(weight.shape[1], idx), math.inf)
+        smooth = reference.check_smooth(weight, method, smooth, idx)
+        rows = reference.smooth_weight(weight, smooth).detach().contiguous()
+        q, scale, columns = native.quantize_rows(rows, column_mask(weight.shape[1], idx), math.inf)
         if int(columns.sum()) != idx.numel():  # a column beyond the stored ones holds NaN or Inf
             raise InvalidWeightError(reference.NONFINITE_WEIGHT)
-        return QuantizedWeight(Quantized(q, scale, None), idx, weight.detach()[:, idx].contiguous())
+        return QuantizedWeight(Quantized(q, scale, None), idx, weight.detach()[:, idx].contiguous(), smooth)
 
     def prepare(self, qweight: QuantizedWeight, method: Method) -> PreparedWeight:
         """The fused row-wise linear may take a float32 product; the others need int32 sums."""
@@ -112,18 +114,19 @@ class CpuBackend(Backend):
             return super().linear(x, prepared, method, threshold, bias)
         k = x.shape[-1]
         x2 = x.reshape(-1, k).contiguous()
+        smooth = prepared.qweight.smooth  # read as x * m inside both native calls
         groups = reference.sequence_count(x) if method.decomposition else 1
-        q, sx, masks = native.quantize_sequences(x2, prepared.stored_mask, threshold if method.decomposition else math.inf, groups)
+        q, sx, masks = native.quantize_sequences(x2, prepared.stored_mask, threshold if method.decomposition else math.inf, groups, smooth)
         acc = prepared.gemm.run(q, prepared.packed)
         out = native.dequantize_sequences(
             acc, sx, x2, masks, prepared.qweight.int8.q, prepared.scale, prepared.stored_rows, prepared.stored_pos, bias,
-            x.dtype == torch.bfloat16 and cpu_kernels.native_bf16(),
+            x.dtype == torch.bfloat16 and cpu_kernels.native_bf16(), smooth,
         )
         return out.reshape(*x.shape[:-1], out.shape[-1])
 
     def linear_call(self, x: torch.Tensor, prepared: PreparedWeight, method: Method, threshold: float, bias: torch.Tensor | None) -> torch.Tensor:
         k = x.shape[-1]
-        x2 = x.reshape(-1, k)
+        x2 = reference.smooth_activations(x.reshape(-1, k), prepared.qweight.smooth)
         qx, fp_idx = self.quantize_activations(x2, method, threshold, prepared.qweight.outlier_idx, reference.sequence_count(x))
         out = self.int8_accumulate(qx, prepared).float()
         out *= qx.scale[:, None] * prepared.scale[None, :]

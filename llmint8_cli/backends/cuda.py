@@ -17,6 +17,7 @@ from importlib import resources
 import torch
 
 from llmint8_cli.backends.cpu import CpuBackend, PreparedWeight
+from llmint8_cli.core import reference
 from llmint8_cli.core.methods import Method
 from llmint8_cli.core.reference import Quantized
 
@@ -123,7 +124,7 @@ class CudaBackend(CpuBackend):
         if not self.fused(method):
             return super().linear_call(x, prepared, method, threshold, bias)
         k = x.shape[-1]
-        x2 = x.reshape(-1, k)
+        x2 = reference.smooth_activations(x.reshape(-1, k), prepared.qweight.smooth)  # X · m in fp32, one pass before the kernels
         qx, idx, count, x_dev = self._quantize_on_device(x2, method, threshold, prepared.qweight.outlier_idx)
         acc = int8_gemm(qx.q, prepared.packed)
         m, n = acc.shape

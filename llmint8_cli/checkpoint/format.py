@@ -7,7 +7,8 @@ OUT/
   llmint8_manifest.json       sha256 and size of every other file
 Per quantized linear <name>: <name>.weight int8 [out, in], <name>.weight_scale fp32 [out],
 <name>.weight_zero int32 [out] (zeropoint methods), <name>.outlier_idx int32 [k],
-<name>.outlier_weight 16-bit [out, k], <name>.bias 16-bit [out] where the layer has one.
+<name>.outlier_weight 16-bit [out, k], <name>.input_smooth fp32 [in] (smoothing methods, format
+version 2), <name>.bias 16-bit [out] where the layer has one.
 """
 
 from __future__ import annotations
@@ -21,7 +22,8 @@ from llmint8_cli.checkpoint.writer import sha256_file
 from llmint8_cli.core.methods import check_threshold, get_method
 from llmint8_cli.errors import CheckpointError, InvalidArgumentError
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 1  # the paper's methods
+SMOOTHING_FORMAT_VERSION = 2  # adds <name>.input_smooth (llm.int8-smooth); older readers refuse it
 QUANT_METHOD = "llmint8"
 MANIFEST = "llmint8_manifest.json"
 PARTIAL_MARKER = ".llmint8-partial"  # present while a folder is being written; never in the manifest
@@ -30,7 +32,7 @@ PARTIAL_MARKER = ".llmint8-partial"  # present while a folder is being written; 
 def quantization_config(method: str, threshold: float, skip: list[str], quantized: list[str], dtype: torch.dtype, calibration: dict) -> dict:
     return {
         "quant_method": QUANT_METHOD,
-        "format_version": FORMAT_VERSION,
+        "format_version": SMOOTHING_FORMAT_VERSION if get_method(method).smoothing else FORMAT_VERSION,
         "method": method,
         "threshold": threshold,
         "skip_modules": skip,
@@ -74,8 +76,8 @@ def read_quantization_config(folder: Path) -> dict | None:
     """The quantization_config block of an llmint8 folder, or None for any other folder."""
     block = config_block(folder)
     if block is not None and block.get("quant_method") == QUANT_METHOD:
-        if block.get("format_version") != FORMAT_VERSION:
-            raise CheckpointError(f"{folder}: llmint8 format version {block.get('format_version')} is not supported (expected {FORMAT_VERSION})")
+        if block.get("format_version") not in (FORMAT_VERSION, SMOOTHING_FORMAT_VERSION):
+            raise CheckpointError(f"{folder}: llmint8 format version {block.get('format_version')} is not supported (expected {FORMAT_VERSION} or {SMOOTHING_FORMAT_VERSION})")
         check_block(Path(folder) / "config.json", block)
         return block
     return None
@@ -88,6 +90,8 @@ def check_block(config_path: Path, block: dict) -> None:
         if not isinstance(method, str) or not get_method(method).quantized:
             raise InvalidArgumentError(f"method {method!r} is not one of the 8-bit methods")
         check_threshold(block.get("threshold"))
+        if get_method(method).smoothing and block.get("format_version") != SMOOTHING_FORMAT_VERSION:
+            raise InvalidArgumentError(f"method {method!r} needs format_version {SMOOTHING_FORMAT_VERSION}")
         for key in ("quantized_modules", "skip_modules"):
             if not (isinstance(block.get(key), list) and all(isinstance(name, str) for name in block[key])):
                 raise InvalidArgumentError(f"{key} is not a list of module names")

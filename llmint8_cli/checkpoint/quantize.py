@@ -24,7 +24,8 @@ from llmint8_cli.checkpoint import format as fmt
 from llmint8_cli.checkpoint.output import check_free_space, check_output, copy_side_files, writing
 from llmint8_cli.checkpoint.sources import ModelSource, TensorSource, open_folder
 from llmint8_cli.checkpoint.writer import Entry, Group, write_tensors
-from llmint8_cli.core.methods import DEFAULT_METHOD, DEFAULT_THRESHOLD, check_threshold, get_method
+from llmint8_cli.core import reference
+from llmint8_cli.core.methods import DEFAULT_METHOD, DEFAULT_SMOOTH_ALPHA, DEFAULT_THRESHOLD, check_alpha, check_threshold, get_method
 from llmint8_cli.errors import InvalidArgumentError, InvalidWeightError, ModelLoadError
 from llmint8_cli.evaluation.perplexity import make_windows, tokenize
 from llmint8_cli.nn.convert import Conv1D, quantizable_layers
@@ -42,6 +43,7 @@ class QuantizeOptions:
     calib_seq_len: int = 512
     calib_dataset: str = "wikitext2-train"
     calib_batch_size: int = 4
+    smooth_alpha: float = DEFAULT_SMOOTH_ALPHA  # smoothing methods: how much of X's range moves into W
     max_shard_bytes: int = 2 << 30
     data_dir: str | None = None
     clamp_overflow: bool = False  # clamp finite values beyond the 16-bit range instead of refusing
@@ -154,8 +156,9 @@ def calibration_batches(tokenizer, options: QuantizeOptions) -> tuple[list[torch
     return batches, info
 
 
-def calibrate(model, tensors: TensorSource, mapping: dict[str, str], layer_names: list[str], tokenizer, options: QuantizeOptions, streaming: bool, progress=None) -> tuple[dict, dict]:
-    """Outlier columns per layer from calibration windows; one decoder layer in memory at a time."""
+def calibrate(model, tensors: TensorSource, mapping: dict[str, str], layer_names: list[str], tokenizer, options: QuantizeOptions, streaming: bool, progress=None) -> tuple[activations.ActivationStats, dict]:
+    """Per layer, each input column's max |x| (hence its outlier columns) over the calibration
+    windows; one decoder layer in memory at a time."""
     batches, info = calibration_batches(tokenizer, options)
     streamer = None
     if streaming:
@@ -172,7 +175,7 @@ def calibrate(model, tensors: TensorSource, mapping: dict[str, str], layer_names
     windows = sum(len(batch) for batch in batches)
     on_batch = (lambda done: progress("calibrate", done, windows)) if progress else None
     stats = activations.collect(model, batches, layer_names, options.threshold, streamer, on_batch)
-    return stats.outlier_columns(), info
+    return stats, info
 
 
 def all_finite(tensor: torch.Tensor) -> bool:
@@ -204,7 +207,8 @@ def to_sixteen_bit(key: str, tensor: torch.Tensor, dtype: torch.dtype, clamp: bo
     return tensor.clamp(-limit, limit).to(dtype)
 
 
-def quantized_group(name: str, key: str, module, tensors: TensorSource, method, dtype, outlier_idx, clamp: bool, clamped: list[str]) -> Group:
+def quantized_group(name: str, key: str, module, tensors: TensorSource, method, dtype, outlier_idx, clamp: bool, clamped: list[str],
+                    input_max: torch.Tensor | None = None, alpha: float = DEFAULT_SMOOTH_ALPHA) -> Group:
     transposed = isinstance(module, Conv1D)
     shape = tensors.shape(key)
     out_f, in_f = shape[::-1] if transposed else shape
@@ -213,17 +217,25 @@ def quantized_group(name: str, key: str, module, tensors: TensorSource, method, 
     if method.zeropoint:
         entries.append(Entry(f"{name}.weight_zero", torch.int32, (out_f,)))
     entries += [Entry(f"{name}.outlier_idx", torch.int32, (k,)), Entry(f"{name}.outlier_weight", dtype, (out_f, k))]
+    if method.smoothing:
+        entries.append(Entry(f"{name}.input_smooth", torch.float32, (in_f,)))
 
     def produce() -> dict[str, torch.Tensor]:
         weight = to_sixteen_bit(key, tensors.get(key), dtype, clamp, clamped)
         weight = weight.t() if transposed else weight
         try:
-            qw = backend_for(weight.device).quantize_weight(weight, method, outlier_idx)
+            smooth = None
+            if method.smoothing:
+                stored = reference.stored_outlier_index(weight, method, outlier_idx)
+                smooth = reference.smoothing_factors(input_max, weight, alpha, stored)
+            qw = backend_for(weight.device).quantize_weight(weight, method, outlier_idx, smooth)
         except InvalidWeightError as exc:
             raise InvalidWeightError(f"{key}: {exc}") from None
         out = {f"{name}.weight": qw.int8.q, f"{name}.weight_scale": qw.int8.scale, f"{name}.outlier_idx": qw.outlier_idx.to(torch.int32), f"{name}.outlier_weight": qw.outlier_weight}
         if method.zeropoint:
             out[f"{name}.weight_zero"] = qw.int8.zero
+        if method.smoothing:
+            out[f"{name}.input_smooth"] = qw.smooth
         return out
 
     return Group(entries, produce)
@@ -272,6 +284,9 @@ def quantize_checkpoint(src: str, out: str | os.PathLike, options: QuantizeOptio
     if not method.quantized:
         raise InvalidArgumentError("method 'fp16' quantizes nothing; choose one of the 8-bit methods")
     check_threshold(options.threshold)
+    check_alpha(options.smooth_alpha)
+    if method.smoothing and options.calib_samples <= 0:
+        raise InvalidArgumentError(f"method {method.name!r} is calibrated: --calib-samples must be at least 1")
     source = models.resolve(src)
     if source.kind == "folder" and bitsandbytes.is_bitsandbytes_8bit(source.location):
         return bitsandbytes.import_folder(source.location, out, force, options.max_shard_bytes)
@@ -301,11 +316,12 @@ def quantize_checkpoint(src: str, out: str | os.PathLike, options: QuantizeOptio
 
     with writing(out, force) as tmp:  # made before calibration: an unwritable OUT fails now, not minutes later
         check_free_space(tmp, expected_bytes)
-        outliers, calibration = {}, {"samples": 0}
+        outliers, input_max, calibration = {}, {}, {"samples": 0}
         if method.decomposition and options.calib_samples > 0:
             if tokenizer is None:
                 tokenizer = models.load_tokenizer(source)
-            outliers, calibration = calibrate(model, tensors, mapping, list(layers), tokenizer, options, streaming, progress)
+            stats, calibration = calibrate(model, tensors, mapping, list(layers), tokenizer, options, streaming, progress)
+            outliers, input_max = stats.outlier_columns(), stats.col_max
         groups, clamped = [], []
         for name in model.state_dict():
             if name not in mapping:
@@ -313,10 +329,13 @@ def quantize_checkpoint(src: str, out: str | os.PathLike, options: QuantizeOptio
             key = mapping[name]
             layer = name.removesuffix(".weight")
             if name.endswith(".weight") and layer in layers:
-                groups.append(quantized_group(layer, key, layers[layer], tensors, method, dtype, outliers.get(layer), options.clamp_overflow, clamped))
+                groups.append(quantized_group(layer, key, layers[layer], tensors, method, dtype, outliers.get(layer), options.clamp_overflow, clamped,
+                                              input_max.get(layer), options.smooth_alpha))
             else:
                 groups.append(plain_group(name, key, tensors, dtype, options.clamp_overflow, clamped))
         block = fmt.quantization_config(method.name, options.threshold, options.skip, list(layers), dtype, calibration)
+        if method.smoothing:
+            block["smoothing"] = {"alpha": options.smooth_alpha}
         block["source"] = src if source.kind == "hub" or src in models.ALIASES else str(Path(src).expanduser().absolute())
         hashes = write_tensors(tmp, groups, options.max_shard_bytes, progress and (lambda done, total: progress("write", done, total)))
         config_dict = config.to_dict()

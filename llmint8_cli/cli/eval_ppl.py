@@ -12,7 +12,7 @@ from llmint8_cli import data
 from llmint8_cli.backends.cpu_kernels import gemm_report
 from llmint8_cli import models
 from llmint8_cli.checkpoint.quantize import QuantizeOptions
-from llmint8_cli.cli.common import EXIT_NOT_FINITE, CalibDataset, CalibSamples, CalibSeqLen, ComputeDtype, DataDir, Device, Model, NoVerify, Quiet, Threshold, choose_model, command, emit_json, fail, print_table, progress_bar, stderr_console
+from llmint8_cli.cli.common import EXIT_NOT_FINITE, METHODS_HELP, CalibDataset, CalibSamples, CalibSeqLen, SmoothAlpha, ComputeDtype, DataDir, Device, Model, NoVerify, Quiet, Threshold, choose_model, command, emit_json, fail, print_table, progress_bar, stderr_console
 from llmint8_cli.core.methods import DEFAULT_METHOD, DEFAULT_THRESHOLD, check_threshold, parse_methods
 from llmint8_cli.errors import DataError
 from llmint8_cli.evaluation import variants
@@ -52,7 +52,7 @@ def eval_ppl(
     seq_len: Annotated[int, typer.Option(help="Tokens per window.")] = 2048,
     stride: Annotated[int | None, typer.Option(help="Start a window every N tokens (default: no overlap); overlapping tokens are scored once.")] = None,
     max_tokens: Annotated[int | None, typer.Option(min=1, help="Use only the first N tokens of the text.")] = None,
-    methods: Annotated[str, typer.Option(help="Comma-separated methods or 'all' (the 16-bit baseline is always included).")] = DEFAULT_METHOD,
+    methods: Annotated[str, typer.Option(help=METHODS_HELP)] = DEFAULT_METHOD,
     threshold: Threshold = DEFAULT_THRESHOLD,
     batch_size: Annotated[int, typer.Option(min=1, help="Windows per forward pass (results do not depend on it).")] = 1,
     bos: Annotated[str, typer.Option(help=BOS_HELP)] = "window",
@@ -60,6 +60,7 @@ def eval_ppl(
     calib_samples: CalibSamples = QuantizeOptions.calib_samples,
     calib_seq_len: CalibSeqLen = QuantizeOptions.calib_seq_len,
     calib_dataset: CalibDataset = QuantizeOptions.calib_dataset,
+    smooth_alpha: SmoothAlpha = QuantizeOptions.smooth_alpha,
     device: Device = "auto",
     dtype: ComputeDtype = "auto",
     data_dir: DataDir = None,
@@ -79,7 +80,7 @@ def eval_ppl(
     run_device = variants.resolve_device(device)
     run_dtype = variants.resolve_dtype(dtype, run_device)
     with console.status(f"loading {model}"):
-        calibration = QuantizeOptions(calib_samples=calib_samples, calib_seq_len=calib_seq_len, calib_dataset=calib_dataset, data_dir=data_dir)
+        calibration = QuantizeOptions(calib_samples=calib_samples, calib_seq_len=calib_seq_len, calib_dataset=calib_dataset, data_dir=data_dir, smooth_alpha=smooth_alpha)
         subject = variants.subject(model, chosen, threshold, run_dtype, run_device, verify=not no_verify, calibration=calibration, held_out=text.source)
     limit = context_length(subject.config)
     if limit is not None and seq_len > limit:

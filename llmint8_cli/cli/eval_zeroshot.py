@@ -13,7 +13,7 @@ import typer
 from llmint8_cli.backends.cpu_kernels import gemm_report
 from llmint8_cli import models
 from llmint8_cli.checkpoint.quantize import QuantizeOptions
-from llmint8_cli.cli.common import CalibDataset, CalibSamples, CalibSeqLen, ComputeDtype, Device, Model, NoVerify, Quiet, Threshold, choose_model, command, emit_json, print_table, stderr_console
+from llmint8_cli.cli.common import METHODS_HELP, CalibDataset, CalibSamples, CalibSeqLen, ComputeDtype, Device, SmoothAlpha, Model, NoVerify, Quiet, Threshold, choose_model, command, emit_json, print_table, stderr_console
 from llmint8_cli.core.methods import DEFAULT_METHOD, DEFAULT_THRESHOLD, check_threshold, parse_methods
 from llmint8_cli.evaluation import variants, zeroshot
 
@@ -22,7 +22,7 @@ from llmint8_cli.evaluation import variants, zeroshot
 def eval_zeroshot(
     model: Model = None,
     tasks: Annotated[str, typer.Option(help=f"Comma-separated lm-eval tasks; offline or with --data-dir: {', '.join(zeroshot.TASKS)} (lambada = LAMBADA-OpenAI), from local files.")] = "winogrande,hellaswag,piqa,lambada",
-    methods: Annotated[str, typer.Option(help="Comma-separated methods or 'all' (the 16-bit baseline is always included).")] = DEFAULT_METHOD,
+    methods: Annotated[str, typer.Option(help=METHODS_HELP)] = DEFAULT_METHOD,
     threshold: Threshold = DEFAULT_THRESHOLD,
     limit: Annotated[int | None, typer.Option(min=1, help="Only the first N documents of each task.")] = None,
     num_fewshot: Annotated[int, typer.Option(min=0, help="Few-shot examples per prompt.")] = 0,
@@ -32,6 +32,7 @@ def eval_zeroshot(
     calib_samples: CalibSamples = QuantizeOptions.calib_samples,
     calib_seq_len: CalibSeqLen = QuantizeOptions.calib_seq_len,
     calib_dataset: CalibDataset = QuantizeOptions.calib_dataset,
+    smooth_alpha: SmoothAlpha = QuantizeOptions.smooth_alpha,
     device: Device = "auto",
     dtype: ComputeDtype = "auto",
     no_verify: NoVerify = False,
@@ -48,7 +49,7 @@ def eval_zeroshot(
     run_device = variants.resolve_device(device)
     run_dtype = variants.resolve_dtype(dtype, run_device)
     with console.status(f"loading {model}"):
-        calibration = QuantizeOptions(calib_samples=calib_samples, calib_seq_len=calib_seq_len, calib_dataset=calib_dataset, data_dir=data_dir)
+        calibration = QuantizeOptions(calib_samples=calib_samples, calib_seq_len=calib_seq_len, calib_dataset=calib_dataset, data_dir=data_dir, smooth_alpha=smooth_alpha)
         subject = variants.subject(model, chosen, threshold, run_dtype, run_device, verify=not no_verify, calibration=calibration)
     results, per_document, seconds, caches, notes = {}, {}, {}, {}, list(subject.notes)
     for name, network in subject.variants:

@@ -1,4 +1,4 @@
-"""The nine quantization methods of the paper's Table 1, one name each, used everywhere.
+"""The nine quantization methods of the paper's Table 1 and llmint8's tenth, one name each, used everywhere.
 
 A method says how the activations X (rows = tokens) and the weights W (rows = output
 features) are quantized, whether the 8-bit maps are symmetric (absmax) or asymmetric
@@ -14,6 +14,8 @@ from llmint8_cli.errors import InvalidArgumentError
 
 DEFAULT_METHOD = "llm.int8"
 DEFAULT_THRESHOLD = 6.0
+DEFAULT_SMOOTH_ALPHA = 0.5  # SmoothQuant's migration strength; measured best of 0.3/0.5/0.7 on SmolLM2
+PAPER_METHODS = 9  # the first nine of METHODS are the paper's Table 1 (`--methods paper`)
 
 
 @dataclass(frozen=True)
@@ -24,6 +26,7 @@ class Method:
     weight: str | None  # "tensor" | "row" | None
     zeropoint: bool = False
     decomposition: bool = False
+    smoothing: bool = False  # per-input-feature smoothing calibrated at quantize time (not in the paper)
 
     @property
     def quantized(self) -> bool:
@@ -47,6 +50,7 @@ METHODS: dict[str, Method] = {
         Method("rowwise+decomp", "row-wise + mixed-precision decomposition", "row", "tensor", decomposition=True),
         Method("llm.int8", "vector-wise absmax + decomposition (LLM.int8())", "row", "row", decomposition=True),
         Method("llm.int8-zp", "vector-wise zeropoint + decomposition", "row", "row", zeropoint=True, decomposition=True),
+        Method("llm.int8-smooth", "llm.int8 + calibrated per-feature smoothing (beyond the paper)", "row", "row", decomposition=True, smoothing=True),
     )
 }
 
@@ -62,8 +66,9 @@ def get_method(name: str) -> Method:
 
 
 def parse_methods(spec: str) -> list[Method]:
-    """'all' or a comma-separated list of names, in the order given, without repeats."""
-    names = list(METHODS) if spec.strip() == "all" else [s.strip() for s in spec.split(",") if s.strip()]
+    """'all', 'paper' (Table 1's nine) or a comma-separated list of names, in the order given, without repeats."""
+    groups = {"all": list(METHODS), "paper": list(METHODS)[:PAPER_METHODS]}
+    names = groups.get(spec.strip()) or [s.strip() for s in spec.split(",") if s.strip()]
     if not names:
         raise InvalidArgumentError("no method given")
     return [get_method(n) for n in dict.fromkeys(names)]
@@ -74,3 +79,10 @@ def check_threshold(threshold: float) -> float:
     if not isinstance(threshold, (int, float)) or math.isnan(threshold) or threshold <= 0 or math.isinf(threshold):
         raise InvalidArgumentError(f"threshold must be a positive finite number, got {threshold!r}")
     return float(threshold)
+
+
+def check_alpha(alpha: float) -> float:
+    """The smoothing strength: 0 leaves X as it is, 1 moves all of its range into W."""
+    if not isinstance(alpha, (int, float)) or math.isnan(alpha) or not 0 <= alpha <= 1:
+        raise InvalidArgumentError(f"smoothing alpha must be between 0 and 1, got {alpha!r}")
+    return float(alpha)

@@ -34,6 +34,16 @@ outliers) are kept exactly in 16-bit, set to 0 in the int8 W and so excluded fro
 Columns that are outliers only in this call use the dequantized int8 W columns.
 Columns holding NaN or Inf always take the 16-bit path, with every method, so that non-finite
 inputs propagate as they would through the 16-bit layer instead of poisoning a scale.
+
+Smoothing (llm.int8-smooth, llmint8's tenth method, after SmoothQuant, Xiao et al. 2022): a
+vector m [k] calibrated at quantize time moves range from X's features into W's columns,
+
+    X W^T = (X · diag(m)) (W · diag(1/m))^T,     1/m_j = s_j = max|X_j|^a / max|W_j|^(1-a)
+
+so that the features the int8 rows of X resolve poorly are scaled up and the large ones down.
+X is multiplied by m (in fp32) before anything else; everything above then runs on X·m and on
+W/m, which is what the checkpoint stores in int8. m is 1 at the stored outlier columns, whose W
+stays exact, and at features with no calibrated range.
 """
 
 from __future__ import annotations
@@ -66,6 +76,7 @@ class QuantizedWeight:
     int8: Quantized  # q [n, k]
     outlier_idx: torch.Tensor  # int64 [j], sorted, unique
     outlier_weight: torch.Tensor  # 16-bit [n, j]: exact W[:, outlier_idx]
+    smooth: torch.Tensor | None = None  # fp32 [k]: m, X's multiplier (smoothing methods only)
 
 
 def divide(numerator, denominator: torch.Tensor) -> torch.Tensor:
@@ -146,17 +157,60 @@ def stored_outlier_index(weight: torch.Tensor, method: Method, outlier_idx: torc
     return idx
 
 
-def quantize_weight(weight: torch.Tensor, method: Method, outlier_idx: torch.Tensor | None = None) -> QuantizedWeight:
-    """Quantize W [n, k] for a method; stored outlier columns stay exact and out of the scales."""
+def smoothing_factors(input_max: torch.Tensor, weight: torch.Tensor, alpha: float, stored_idx: torch.Tensor) -> torch.Tensor:
+    """m [k] fp32, X's multiplier: max|W_j|^(1-a) / max|X_j|^a; 1 where either range is 0 or not finite, and at the stored columns."""
+    x_max = torch.as_tensor(input_max, dtype=torch.float32, device=weight.device).flatten()
+    if x_max.numel() != weight.shape[1]:
+        raise InvalidArgumentError(f"smoothing: {x_max.numel()} calibrated input ranges for in_features={weight.shape[1]}")
+    w_max = weight.detach().float().abs().amax(dim=0)
+    m = w_max.pow(1 - alpha) / x_max.pow(alpha)
+    usable = (x_max > 0) & (w_max > 0) & torch.isfinite(m) & (m > 0)
+    m = torch.where(usable, m, torch.ones_like(m))
+    m[stored_idx.to(m.device)] = 1.0
+    return m.contiguous()
+
+
+def smooth_weight(weight: torch.Tensor, smooth: torch.Tensor | None) -> torch.Tensor:
+    """W / m in fp32 (W as it is without smoothing)."""
+    return weight if smooth is None else weight.detach().float() / smooth[None, :]
+
+
+def smooth_activations(x: torch.Tensor, smooth: torch.Tensor | None) -> torch.Tensor:
+    """X · m in fp32 (X as it is without smoothing): the first op of a smoothing method's linear."""
+    return x if smooth is None else x.float() * smooth
+
+
+def check_smooth(weight: torch.Tensor, method: Method, smooth: torch.Tensor | None, stored_idx: torch.Tensor) -> torch.Tensor | None:
+    """A smoothing method needs m [k], finite and positive, 1 at the stored columns; the others take none."""
+    if not method.smoothing:
+        if smooth is not None:
+            raise InvalidArgumentError(f"method {method.name!r} takes no smoothing vector")
+        return None
+    if smooth is None:
+        raise InvalidArgumentError(f"method {method.name!r} needs calibrated input ranges (calibrate with --calib-samples > 0)")
+    smooth = torch.as_tensor(smooth, device=weight.device).float().flatten().contiguous()
+    if smooth.numel() != weight.shape[1] or not bool((torch.isfinite(smooth) & (smooth > 0)).all()):
+        raise InvalidArgumentError(f"smoothing vector must hold {weight.shape[1]} finite positive values")
+    if stored_idx.numel() and not bool((smooth[stored_idx] == 1).all()):
+        raise InvalidArgumentError("smoothing vector must be 1 at the stored outlier columns")
+    return smooth
+
+
+def quantize_weight(weight: torch.Tensor, method: Method, outlier_idx: torch.Tensor | None = None, smooth: torch.Tensor | None = None) -> QuantizedWeight:
+    """Quantize W [n, k] for a method; stored outlier columns stay exact and out of the scales.
+
+    Smoothing methods quantize W / m (`smooth` = m); the stored columns, where m is 1, stay W.
+    """
     check_weight(weight)
     if not method.quantized:
         raise InvalidArgumentError(f"method {method.name!r} does not quantize weights")
     idx = stored_outlier_index(weight, method, outlier_idx)
-    w = weight.detach().float()
+    smooth = check_smooth(weight, method, smooth, idx)
+    w = smooth_weight(weight, smooth).detach().float()
     if idx.numel():
         w = w.index_fill(1, idx, 0.0)
     int8 = quantize(w, method.weight, method.zeropoint)
-    return QuantizedWeight(int8, idx, weight.detach()[:, idx].contiguous())
+    return QuantizedWeight(int8, idx, weight.detach()[:, idx].contiguous(), smooth)
 
 
 def decomposed_columns(x: torch.Tensor, method: Method, threshold: float, stored_idx: torch.Tensor) -> torch.Tensor:
@@ -223,9 +277,9 @@ def linear(x: torch.Tensor, qweight: QuantizedWeight, method: Method, threshold:
 
 
 def linear_call(x: torch.Tensor, qweight: QuantizedWeight, method: Method, threshold: float, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """One matmul call: outliers are detected over all of x's rows."""
+    """One matmul call: outliers are detected over all of x's rows (of X · m for smoothing methods)."""
     k = x.shape[-1]
-    x2 = x.reshape(-1, k)
+    x2 = smooth_activations(x.reshape(-1, k), qweight.smooth)
     qx, fp_idx = quantize_activations(x2, method, threshold, qweight.outlier_idx, sequence_count(x))
     acc = int8_accumulate(qx, qweight.int8)
     out = acc.float() * (qx.scale[:, None] * qweight.int8.scale[None, :])

@@ -93,8 +93,12 @@ def layer_rows(out_features: int, in_features: int, outlier_counts: list[int], d
     half = copy.deepcopy(base).to(act)
     rows.append(("int8 (vectorwise)", Int8Linear.from_linear(half, "vectorwise"), act, 0))
     for count in outlier_counts:
-        stored = torch.arange(count) * (in_features // max(count, 1))
-        rows.append((f"llm.int8 ({count} outliers)", Int8Linear.from_linear(half, "llm.int8", outlier_idx=stored), act, count))
+        rows.append((f"llm.int8 ({count} outliers)", Int8Linear.from_linear(half, "llm.int8", outlier_idx=outlier_columns(count, in_features)), act, count))
+    if outlier_counts:  # the tenth method beside llm.int8 at the paper's usual handful of outliers
+        count = 6 if 6 in outlier_counts else outlier_counts[0]
+        ranges = activations(128, in_features, count, torch.float32, device).abs().amax(dim=0)  # its calibration
+        smooth = Int8Linear.from_linear(half, "llm.int8-smooth", outlier_idx=outlier_columns(count, in_features), input_max=ranges)
+        rows.append((f"llm.int8-smooth ({count} outliers)", smooth, act, count))
     if with_peers:
         for name, make, outliers in PEERS:
             try:
@@ -130,12 +134,17 @@ def torchao_row(linear: nn.Linear, device: torch.device) -> nn.Module:
 PEERS = [("bitsandbytes Linear8bitLt", bitsandbytes_row, 6), ("torchao W8A8 (eager)", torchao_row, 0)]
 
 
+def outlier_columns(count: int, in_features: int) -> torch.Tensor:
+    """The bench's outlier features: `count` columns spread evenly over the input."""
+    return torch.arange(count) * (in_features // max(count, 1))
+
+
 def activations(tokens: int, in_features: int, outliers: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """Normal activations with `outliers` feature columns of magnitude ~20 (above the 6.0 threshold)."""
     g = torch.Generator().manual_seed(tokens)
     x = torch.randn(tokens, in_features, generator=g)
     if outliers:
-        x[:, torch.arange(outliers) * (in_features // outliers)] *= 20
+        x[:, outlier_columns(outliers, in_features)] *= 20
     return x.to(device=device, dtype=dtype)
 
 

@@ -23,7 +23,8 @@ from llmint8_cli.checkpoint import bitsandbytes
 from llmint8_cli.checkpoint.format import is_llmint8_checkpoint, read_quantization_config
 from llmint8_cli.checkpoint.load import load
 from llmint8_cli.checkpoint.quantize import QuantizeOptions, calibrate
-from llmint8_cli.core.methods import Method, get_method
+from llmint8_cli.activations import ActivationStats
+from llmint8_cli.core.methods import DEFAULT_SMOOTH_ALPHA, Method, get_method
 from llmint8_cli.errors import InvalidArgumentError, LLMInt8Error
 from llmint8_cli.nn.convert import quantizable_layers, quantize_model
 
@@ -124,13 +125,27 @@ def subject(spec: str, methods: list[Method], threshold: float, dtype: torch.dty
     tokenizer = models.load_tokenizer(source)
     base = models.load_model(source, dtype=dtype).to(device)
     ordered = [BASELINE] + [m.name for m in methods if m.name != BASELINE]
-    outliers, info = {}, None
-    if calibration is not None and calibration.calib_samples > 0 and any(m.decomposition for m in methods):
-        outliers, info = calibrate_on_the_fly(base, tokenizer, replace(calibration, threshold=threshold), held_out)
+    outliers, input_max, info = {}, {}, None
+    calibrated = calibration is not None and calibration.calib_samples > 0
+    smoothing = [m.name for m in methods if m.smoothing]
+    if smoothing and not calibrated:
+        raise InvalidArgumentError(f"method {smoothing[0]!r} is calibrated: --calib-samples must be at least 1")
+    if calibrated and any(m.decomposition for m in methods):
+        stats, info = calibrate_on_the_fly(base, tokenizer, replace(calibration, threshold=threshold), held_out)
+        outliers, input_max = stats.outlier_columns(), stats.col_max
+        if smoothing:
+            info["smoothing_alpha"] = calibration.smooth_alpha
+
+    def variant(name: str) -> torch.nn.Module:
+        method = get_method(name)
+        if not method.quantized:
+            return base
+        return quantize_model(copy.deepcopy(base), name, threshold, outliers=outliers if method.decomposition else None,
+                              input_max=input_max if method.smoothing else None, alpha=calibration.smooth_alpha if calibration else DEFAULT_SMOOTH_ALPHA)
 
     def generate() -> Iterator[tuple[str, torch.nn.Module]]:
         for name in ordered:
-            yield name, base if name == BASELINE else quantize_model(copy.deepcopy(base), name, threshold, outliers=outliers if get_method(name).decomposition else None)
+            yield name, variant(name)
 
     return Subject(source.label, source, tokenizer, base.config, generate(), [], calibration=info)
 
@@ -141,11 +156,12 @@ def calibration_line(subject: Subject) -> str:
     if not info.get("samples"):
         return "outlier columns: run-time detection only (no calibration)"
     stored = f", {info['outlier_columns_total']} stored outlier columns" if "outlier_columns_total" in info else ""
-    return f"calibration of the decomposition methods: {info['samples']} windows × {info['seq_len']} tokens of {info['dataset']}{stored}"
+    smoothing = f", smoothing alpha {info['smoothing_alpha']:g}" if "smoothing_alpha" in info else ""
+    return f"calibration of the decomposition methods: {info['samples']} windows × {info['seq_len']} tokens of {info['dataset']}{stored}{smoothing}"
 
 
-def calibrate_on_the_fly(base, tokenizer, options: QuantizeOptions, held_out: str | None) -> tuple[dict, dict]:
-    """quantize's calibration on the loaded 16-bit model: (outlier columns per layer, what was used)."""
+def calibrate_on_the_fly(base, tokenizer, options: QuantizeOptions, held_out: str | None) -> tuple[ActivationStats, dict]:
+    """quantize's calibration on the loaded 16-bit model: (each layer's input ranges and outlier columns, what was used)."""
     from llmint8_cli import data
 
     note = None
@@ -158,11 +174,11 @@ def calibrate_on_the_fly(base, tokenizer, options: QuantizeOptions, held_out: st
         note = f"the default calibration text here is the evaluation text ({held_out}); calibrated on {other} instead"
         options = replace(options, calib_dataset=other)
     with torch.no_grad():
-        outliers, info = calibrate(base, None, {}, [name for name, _ in quantizable_layers(base)], tokenizer, options, streaming=False)
-    info["outlier_columns_total"] = sum(int(v.numel()) for v in outliers.values())
+        stats, info = calibrate(base, None, {}, [name for name, _ in quantizable_layers(base)], tokenizer, options, streaming=False)
+    info["outlier_columns_total"] = sum(int(v.numel()) for v in stats.outlier_columns().values())
     if note:
         info["note"] = note
-    return outliers, info
+    return stats, info
 
 
 def _stored(folder: str, dtype: torch.dtype, device: torch.device, verify: bool, held_out: str | None = None) -> Subject:
@@ -173,6 +189,8 @@ def _stored(folder: str, dtype: torch.dtype, device: torch.device, verify: bool,
     quantized = load(folder, dtype=dtype, verify_files=verify).to(device)
     notes, baseline = [], None
     calibration = block.get("calibration") or {}
+    if isinstance(block.get("smoothing"), dict):
+        calibration = {**calibration, "smoothing_alpha": block["smoothing"].get("alpha")}
     if held_out is not None and calibration.get("samples") and calibration.get("source") == held_out:
         notes.append(f"{folder} was calibrated on the evaluation text ({held_out}): its stored outlier columns saw this text, so the result is not held out")
     try:
@@ -198,6 +216,8 @@ def cache_folder(cache_dir: str, subject: Subject, method: str, threshold: float
     setting = method if method == BASELINE else f"{method}-t{threshold:g}"
     if subject.calibration_of(method) and subject.calibration_key:  # stored columns change the outputs
         setting += f"-{subject.calibration_key}"
+        if get_method(method).smoothing:
+            setting += f"-a{subject.calibration['smoothing_alpha']:g}"
     source = subject.source_of(method)
     model = "".join(c if c.isalnum() or c in "._-" else "_" for c in Path(source.label).name)
     folder = Path(cache_dir) / f"{model}-{subject.fingerprint_of(source)}" / f"{setting}-{str(dtype).removeprefix('torch.')}-{device.type}"

@@ -6,7 +6,8 @@ import torch
 from torch import nn
 
 from llmint8_cli.backends import backend_for
-from llmint8_cli.core.methods import DEFAULT_METHOD, DEFAULT_THRESHOLD, check_threshold, get_method
+from llmint8_cli.core import reference
+from llmint8_cli.core.methods import DEFAULT_METHOD, DEFAULT_SMOOTH_ALPHA, DEFAULT_THRESHOLD, check_alpha, check_threshold, get_method
 from llmint8_cli.core.reference import Quantized, QuantizedWeight
 from llmint8_cli.errors import InvalidArgumentError
 
@@ -15,8 +16,9 @@ class Int8Linear(nn.Module):
     """y = x W^T + b with W stored as int8 rows + fp32 row scales + exact 16-bit outlier columns.
 
     The buffers are exactly the checkpoint tensors: `weight` int8 [out, in], `weight_scale` fp32
-    [out], `weight_zero` int32 [out] (zeropoint methods only), `outlier_idx` int32 [k] and
-    `outlier_weight` 16-bit [out, k]. The backend's prepared weight is built on first use and
+    [out], `weight_zero` int32 [out] (zeropoint methods only), `outlier_idx` int32 [k],
+    `outlier_weight` 16-bit [out, k] and `input_smooth` fp32 [in] (smoothing methods only: X's
+    multiplier m; `weight` then holds W / m). The backend's prepared weight is built on first use and
     rebuilt whenever the buffers move or are replaced.
     """
 
@@ -44,6 +46,8 @@ class Int8Linear(nn.Module):
         self.register_buffer("weight_zero", zero)
         self.register_buffer("outlier_idx", torch.zeros(num_outliers, dtype=torch.int32, device=device))
         self.register_buffer("outlier_weight", torch.zeros(out_features, num_outliers, dtype=dtype, device=device))
+        smooth = torch.ones(in_features, dtype=torch.float32, device=device) if self.method.smoothing else None
+        self.register_buffer("input_smooth", smooth)
         self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device), requires_grad=False) if bias else None
         self._prepared: tuple | None = None
 
@@ -54,10 +58,21 @@ class Int8Linear(nn.Module):
         method: str = DEFAULT_METHOD,
         threshold: float = DEFAULT_THRESHOLD,
         outlier_idx: torch.Tensor | None = None,
+        input_max: torch.Tensor | None = None,
+        alpha: float = DEFAULT_SMOOTH_ALPHA,
     ) -> "Int8Linear":
-        """Quantize an nn.Linear; `outlier_idx` are calibrated columns kept exactly in 16-bit."""
+        """Quantize an nn.Linear; `outlier_idx` are calibrated columns kept exactly in 16-bit.
+
+        Smoothing methods need `input_max`, each input feature's calibrated max |x|, and `alpha`.
+        """
         spec = get_method(method)
-        qweight = backend_for(linear.weight.device).quantize_weight(linear.weight, spec, outlier_idx)
+        smooth = None
+        if spec.smoothing:
+            if input_max is None:
+                raise InvalidArgumentError(f"method {method!r} needs input_max, the calibrated max |x| of each input feature")
+            stored = reference.stored_outlier_index(linear.weight, spec, outlier_idx)
+            smooth = reference.smoothing_factors(input_max, linear.weight, check_alpha(alpha), stored)
+        qweight = backend_for(linear.weight.device).quantize_weight(linear.weight, spec, outlier_idx, smooth)
         layer = cls(
             linear.in_features, linear.out_features, linear.bias is not None,
             method=method, threshold=threshold, num_outliers=qweight.outlier_idx.numel(),
@@ -69,6 +84,8 @@ class Int8Linear(nn.Module):
             layer.weight_zero.copy_(qweight.int8.zero)
         layer.outlier_idx.copy_(qweight.outlier_idx)
         layer.outlier_weight.copy_(qweight.outlier_weight)
+        if spec.smoothing:
+            layer.input_smooth.copy_(qweight.smooth)
         if linear.bias is not None:
             layer.bias.data.copy_(linear.bias.detach())
         return layer
@@ -76,11 +93,12 @@ class Int8Linear(nn.Module):
     def quantized_weight(self) -> QuantizedWeight:
         """The buffers as the reference's QuantizedWeight (no copies)."""
         int8 = Quantized(self.weight, self.weight_scale, self.weight_zero)
-        return QuantizedWeight(int8, self.outlier_idx.long(), self.outlier_weight)
+        return QuantizedWeight(int8, self.outlier_idx.long(), self.outlier_weight, self.input_smooth)
 
     def _prepared_for(self, x: torch.Tensor):
         backend = backend_for(x.device)
-        key = (backend.name, self.weight.device, self.weight.data_ptr(), self.weight_scale.data_ptr(), self.outlier_weight.data_ptr())
+        smooth = self.input_smooth.data_ptr() if self.input_smooth is not None else None
+        key = (backend.name, self.weight.device, self.weight.data_ptr(), self.weight_scale.data_ptr(), self.outlier_weight.data_ptr(), smooth)
         if self._prepared is None or self._prepared[0] != key:
             self._prepared = (key, backend.prepare(self.quantized_weight(), self.method))
         return backend, self._prepared[1]
