@@ -125,7 +125,7 @@ def test_quantize_weight_matches_reference(backend, method_name):
             backend.quantize_weight(bad, method, smooth=torch.ones(k) if method.smoothing else None)
 
 
-@pytest.mark.parametrize("method_name", ["llm.int8", "rowwise+decomp", "llm.int8-smooth"])
+@pytest.mark.parametrize("method_name", ["llm.int8", "rowwise+decomp", "llm.int8-smooth", "llm.int8-rotate"])
 def test_a_sequence_gets_the_same_bits_alone_or_in_a_batch(backend, method_name):
     """Sequences in a batch have different outlier columns (threshold 1.5); none may change another's output."""
     method = get_method(method_name)

@@ -80,7 +80,7 @@ def test_eval_ppl_all_methods_on_ptb_slice():
     assert result.exit_code == 0, result.stderr
     document = json.loads(result.stdout)
     results = document["results"]
-    assert list(results) == ["fp16", "absmax", "zeropoint", "rowwise", "vectorwise", "zp-vectorwise", "rowwise+decomp", "llm.int8", "llm.int8-zp", "llm.int8-smooth"]
+    assert list(results) == ["fp16", "absmax", "zeropoint", "rowwise", "vectorwise", "zp-vectorwise", "rowwise+decomp", "llm.int8", "llm.int8-zp", "llm.int8-smooth", "llm.int8-rotate"]
     assert results["fp16"]["delta_pct"] == 0.0
     assert results["llm.int8-smooth"]["calibration"]["smoothing_alpha"] == 0.5
     assert abs(results["llm.int8"]["delta_pct"]) < 2.0

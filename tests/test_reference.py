@@ -140,6 +140,6 @@ def test_bad_inputs_raise_typed_errors():
 
 
 def test_method_table_has_the_nine_methods_of_table_1_then_ours():
-    assert list(METHODS) == ["fp16", "absmax", "zeropoint", "rowwise", "vectorwise", "zp-vectorwise", "rowwise+decomp", "llm.int8", "llm.int8-zp", "llm.int8-smooth"]
+    assert list(METHODS) == ["fp16", "absmax", "zeropoint", "rowwise", "vectorwise", "zp-vectorwise", "rowwise+decomp", "llm.int8", "llm.int8-zp", "llm.int8-smooth", "llm.int8-rotate"]
     assert [m.name for m in parse_methods("llm.int8,absmax,llm.int8")] == ["llm.int8", "absmax"]
-    assert len(parse_methods("paper")) == 9 and len(parse_methods("all")) == 10
+    assert len(parse_methods("paper")) == 9 and len(parse_methods("all")) == 11

@@ -80,7 +80,7 @@ def test_a_smoothing_method_refuses_a_missing_or_bad_vector():
 
 def test_method_groups():
     assert [m.name for m in parse_methods("paper")][-1] == "llm.int8-zp" and len(parse_methods("paper")) == 9
-    assert [m.name for m in parse_methods("all")][-1] == "llm.int8-smooth"
+    assert [m.name for m in parse_methods("all")][-2:] == ["llm.int8-smooth", "llm.int8-rotate"]
 
 
 def planted_outlier_model(seed: int, scale: float):
@@ -98,10 +98,11 @@ def planted_outlier_model(seed: int, scale: float):
     return model
 
 
+@pytest.mark.parametrize("ours", ["llm.int8-smooth", "llm.int8-rotate"])
 @pytest.mark.parametrize("scale", [1.0, 30.0])
-def test_planted_outliers_leave_the_smoothed_model_at_least_as_good_as_llm_int8(scale):
+def test_planted_outliers_leave_our_methods_at_least_as_good_as_llm_int8(scale, ours):
     ids = torch.randint(3, 128, (4, 48), generator=torch.Generator().manual_seed(1))
-    errors = {"llm.int8": 0.0, "llm.int8-smooth": 0.0}
+    errors = {"llm.int8": 0.0, ours: 0.0}
     for seed in range(3):
         base = planted_outlier_model(seed, scale).eval()
         with torch.no_grad():
@@ -112,7 +113,7 @@ def test_planted_outliers_leave_the_smoothed_model_at_least_as_good_as_llm_int8(
                 errors[method] += float((model(ids).logits - exact).norm() / exact.norm())
     if scale > 1:
         assert errors["llm.int8"] > 0.0
-    assert errors["llm.int8-smooth"] <= errors["llm.int8"] * 1.05, errors
+    assert errors[ours] <= errors["llm.int8"] * 1.05, errors
 
 
 def test_quantize_refuses_smoothing_without_calibration(tmp_path):
@@ -126,8 +127,6 @@ def test_quantize_refuses_smoothing_without_calibration(tmp_path):
 @needs_data
 def test_a_smoothed_folder_is_the_model_quantized_in_memory(tmp_path):
     """quantize -> load gives bit for bit the fp16 source smoothed in memory with the same calibration."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     options = QuantizeOptions(method="llm.int8-smooth", calib_samples=4, calib_seq_len=128, calib_dataset="ptb", data_dir=str(DATA), smooth_alpha=0.6)
     out = tmp_path / "out"
     summary = quantize_checkpoint(str(STORIES), out, options)
@@ -136,11 +135,19 @@ def test_a_smoothed_folder_is_the_model_quantized_in_memory(tmp_path):
     with safe_open(str(out / "model.safetensors"), "pt") as f:
         smooth = f.get_tensor(f"{config['quantized_modules'][0]}.input_smooth")
         assert smooth.dtype == torch.float32 and smooth.numel() == 64 and not torch.all(smooth == 1)
+    assert_folder_is_the_model_quantized_in_memory(out, options, tmp_path)
+
+
+def assert_folder_is_the_model_quantized_in_memory(out, options: QuantizeOptions, tmp_path) -> None:
+    """stories260K quantized to `out` with `options` == the fp16 source quantized in memory with the
+    same calibration, bit for bit, through llmint8's loader and transformers'; no bitsandbytes export."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
     loaded = load(out)
     fp32 = AutoModelForCausalLM.from_pretrained(STORIES, dtype=torch.float32)
     stats, _ = calibrate_on_the_fly(fp32, AutoTokenizer.from_pretrained(STORIES), options, None)
     in_memory = AutoModelForCausalLM.from_pretrained(STORIES, dtype=torch.float16).eval()
-    quantize_model(in_memory, "llm.int8-smooth", outliers=stats.outlier_columns(), input_max=stats.col_max, alpha=0.6)
+    quantize_model(in_memory, options.method, outliers=stats.outlier_columns(), input_max=stats.col_max, alpha=options.smooth_alpha)
     ids = torch.randint(0, 512, (2, 32), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         assert torch.equal(loaded(ids).logits, in_memory(ids).logits)

@@ -224,11 +224,12 @@ inline typename L::F read(const T* row, const float* SM, int64_t t) {
   return SM != nullptr ? L::mul(L::load(row + t), SM + t) : L::load(row + t);
 }
 
+// Pass 1: M [k] gains every column of x [m, k] (x * m with SM) holding |x| >= limit, NaN or Inf;
+// each block of rows ORs its flags into its own int32 row, merged afterwards.
 template <typename L, typename T>
-void quantize_rows_with(const T* X, int64_t m, int64_t k, float limit, bool* M, int8_t* Q, float* S, const float* SM) {
+void mark_columns(const T* X, int64_t m, int64_t k, float limit, bool* M, const float* SM) {
   using Tail = ScalarLanes;
   const int64_t wide = k - k % L::kWidth;
-  // pass 1: each block of rows ORs its flags into its own int32 row, merged afterwards
   const int64_t blocks = std::max<int64_t>(1, std::min<int64_t>(m, at::get_num_threads()));
   std::vector<int32_t> hits(blocks * k, 0);
   at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
@@ -243,21 +244,73 @@ void quantize_rows_with(const T* X, int64_t m, int64_t k, float limit, bool* M, 
   });
   for (int64_t b = 0; b < blocks; ++b)
     for (int64_t t = 0; t < k; ++t) M[t] = M[t] || hits[b * k + t] != 0;
-  // pass 2: per row, absmax over the kept columns, then quantize (the row stays in cache)
-  std::vector<int32_t> keep(k);  // all bits set for kept columns: an AND zeroes the others, NaN included
+}
+
+// Pass 2 for one row: absmax over the kept columns (keep: all bits set; an AND zeroes the others,
+// NaN included), then the int8 values and the row's scale.
+template <typename L, typename T>
+void quantize_row(const T* row, int64_t k, const int32_t* keep, const float* SM, int8_t* out, float* S) {
+  using Tail = ScalarLanes;
+  const int64_t wide = k - k % L::kWidth;
+  typename L::F best = L::zero();
+  for (int64_t t = 0; t < wide; t += L::kWidth) best = L::max_kept(best, read<L>(row, SM, t), keep + t);
+  float absmax = L::reduce_max(best);
+  for (int64_t t = wide; t < k; ++t) absmax = Tail::max_kept(absmax, read<Tail>(row, SM, t), keep + t);
+  const float inv = absmax > 0.0f ? 127.0f / absmax : 0.0f;
+  for (int64_t t = 0; t < wide; t += L::kWidth) L::store_q(out + t, read<L>(row, SM, t), inv, keep + t);
+  for (int64_t t = wide; t < k; ++t) Tail::store_q(out + t, read<Tail>(row, SM, t), inv, keep + t);
+  *S = absmax / 127.0f;
+}
+
+template <typename L, typename T>
+void quantize_rows_with(const T* X, int64_t m, int64_t k, float limit, bool* M, int8_t* Q, float* S, const float* SM) {
+  mark_columns<L>(X, m, k, limit, M, SM);
+  std::vector<int32_t> keep(k);
   for (int64_t t = 0; t < k; ++t) keep[t] = M[t] ? 0 : -1;
+  at::parallel_for(0, m, 16, [&](int64_t r0, int64_t r1) {  // the row stays in cache
+    for (int64_t i = r0; i < r1; ++i) quantize_row<L>(X + i * k, k, keep.data(), SM, Q + i * k, S + i);
+  });
+}
+
+// llm.int8-rotate's activation side: columns marked as above, then per row X'R (the marked
+// columns set to 0, times the block-diagonal Hadamard R of reference.rotation_blocks) in a
+// buffer, quantized row-wise. The butterflies (a + b, a - b, stage by stage) and the final
+// power-of-2 scale are the reference's operations in its order, so the bits are the same.
+std::vector<std::pair<int64_t, int64_t>> rotation_blocks(int64_t k, int64_t block) {
+  std::vector<std::pair<int64_t, int64_t>> blocks;  // (start, size): `block` wide while it fits, then smaller powers of 4
+  for (int64_t start = 0, size = block; start < k; start += size) {
+    while (size > k - start) size /= 4;
+    blocks.emplace_back(start, size);
+  }
+  return blocks;
+}
+
+void hadamard(float* v, int64_t size) {
+  for (int64_t half = 1; half < size; half *= 2)
+    for (int64_t j0 = 0; j0 < size; j0 += 2 * half)
+      for (int64_t j = j0; j < j0 + half; ++j) {
+        const float a = v[j], b = v[j + half];
+        v[j] = a + b;
+        v[j + half] = a - b;
+      }
+  int64_t root = 1;
+  while (root * root < size) root *= 2;
+  const float scale = 1.0f / static_cast<float>(root);  // exact: size is a power of 4
+  for (int64_t j = 0; j < size; ++j) v[j] *= scale;
+}
+
+template <typename L, typename T>
+void quantize_rotated_with(const T* X, int64_t m, int64_t k, float limit, bool* M, int8_t* Q, float* S, int64_t block) {
+  mark_columns<L>(X, m, k, limit, M, nullptr);
+  const auto blocks = rotation_blocks(k, block);
+  const std::vector<int32_t> keep(k, -1);
   at::parallel_for(0, m, 16, [&](int64_t r0, int64_t r1) {
+    std::vector<float> v(k);
     for (int64_t i = r0; i < r1; ++i) {
       const T* row = X + i * k;
-      typename L::F best = L::zero();
-      for (int64_t t = 0; t < wide; t += L::kWidth) best = L::max_kept(best, read<L>(row, SM, t), keep.data() + t);
-      float absmax = L::reduce_max(best);
-      for (int64_t t = wide; t < k; ++t) absmax = Tail::max_kept(absmax, read<Tail>(row, SM, t), keep.data() + t);
-      const float inv = absmax > 0.0f ? 127.0f / absmax : 0.0f;
-      int8_t* out = Q + i * k;
-      for (int64_t t = 0; t < wide; t += L::kWidth) L::store_q(out + t, read<L>(row, SM, t), inv, keep.data() + t);
-      for (int64_t t = wide; t < k; ++t) Tail::store_q(out + t, read<Tail>(row, SM, t), inv, keep.data() + t);
-      S[i] = absmax / 127.0f;
+      for (int64_t t = 0; t < k; ++t) v[t] = M[t] ? 0.0f : static_cast<float>(row[t]);
+      for (const auto& [start, size] : blocks) hadamard(v.data() + start, size);
+      quantize_row<L>(v.data(), k, keep.data(), nullptr, Q + i * k, S + i);
     }
   });
 }
@@ -309,6 +362,30 @@ std::vector<torch::Tensor> quantize_rows(torch::Tensor x, torch::Tensor exclude,
     quantize_rows_into<scalar_t>(x.data_ptr<scalar_t>(), m, k, static_cast<float>(threshold), mask.data_ptr<bool>(), q.data_ptr<int8_t>(), scale.data_ptr<float>(), nullptr, lanes);
   });
   return {q, scale, mask};
+}
+
+// quantize_rotated_sequences: as quantize_sequences, for llm.int8-rotate: q holds X'R of each
+// group (its 16-bit columns set to 0 before the rotation), sx its row scales.
+std::vector<torch::Tensor> quantize_rotated_sequences(torch::Tensor x, torch::Tensor stored_mask, double threshold, int64_t groups, int64_t block) {
+  check_rows(x, stored_mask);
+  const int64_t m = x.size(0), k = x.size(1);
+  TORCH_CHECK(groups >= 1 && m % groups == 0, "rows must split into equal groups");
+  TORCH_CHECK(block >= 1 && (block & (block - 1)) == 0 && __builtin_ctzll(block) % 2 == 0, "the rotation block must be a power of 4");
+  const int64_t rows = m / groups;
+  auto q = torch::empty({m, k}, x.options().dtype(torch::kInt8));
+  auto sx = torch::empty({m}, x.options().dtype(torch::kFloat32));
+  auto masks = torch::empty({groups, k}, x.options().dtype(torch::kBool));
+  const auto stored_c = stored_mask.contiguous();
+  const bool* stored = stored_c.data_ptr<bool>();
+  bool* M = masks.data_ptr<bool>();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "quantize_rotated_sequences", [&] {
+    for (int64_t g = 0; g < groups; ++g) {
+      std::copy(stored, stored + k, M + g * k);
+      quantize_rotated_with<WideLanes, scalar_t>(x.data_ptr<scalar_t>() + g * rows * k, rows, k, static_cast<float>(threshold), M + g * k,
+                                                 q.data_ptr<int8_t>() + g * rows * k, sx.data_ptr<float>() + g * rows, block);
+    }
+  });
+  return {q, sx, masks};
 }
 
 // The row-wise linear (llm.int8, vectorwise, rowwise, rowwise+decomp) in two calls around the
@@ -486,6 +563,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
   module.def("dequantize_sequences", &dequantize_sequences, "scales, per-sequence 16-bit outlier columns and bias on the int8 product");
   module.def("quantize_rows", &quantize_rows, "row-wise absmax int8 quantization fused with outlier detection",
              py::arg("x"), py::arg("exclude"), py::arg("threshold"), py::arg("lanes") = WideLanes::kWidth);
+  module.def("quantize_rotated_sequences", &quantize_rotated_sequences, "llm.int8-rotate's activation side: per-sequence outlier columns, X'R quantized row-wise");
   module.def("lane_widths", &lane_widths, "the activation kernel's lane widths in this build, widest first");
   module.def("has_avx2", &has_avx2, "whether the kernel was built with AVX2");
 }

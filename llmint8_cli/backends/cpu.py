@@ -59,7 +59,7 @@ class CpuBackend(Backend):
     def quantize_weight(self, weight: torch.Tensor, method: Method, outlier_idx: torch.Tensor | None = None, smooth: torch.Tensor | None = None) -> QuantizedWeight:
         """Per-row absmax weights through the fused native op: read as stored (16-bit), NaN check in the same pass."""
         native = self._native_for(weight, method.weight, method) if isinstance(weight, torch.Tensor) else None
-        if native is None:
+        if native is None or method.rotation:  # rotated weights: the reference's own code (once, at quantize time)
             return super().quantize_weight(weight, method, outlier_idx, smooth)
         reference.check_weight(weight, finite=False)
         idx = reference.stored_outlier_index(weight, method, outlier_idx)
@@ -88,6 +88,9 @@ class CpuBackend(Backend):
         native = self._native_for(x, method.activation, method)
         if native is None:
             return super().quantize_activations(x, method, threshold, stored_idx, groups)
+        if method.rotation:
+            q, scale, masks = native.quantize_rotated_sequences(x.contiguous(), column_mask(x.shape[1], stored_idx), threshold, 1, reference.ROTATION_BLOCK)
+            return Quantized(q, scale, None), torch.nonzero(masks[0]).flatten()
         q, scale, columns = native.quantize_rows(x.contiguous(), column_mask(x.shape[1], stored_idx), threshold if method.decomposition else math.inf)
         return Quantized(q, scale, None), torch.nonzero(columns).flatten()
 
@@ -116,12 +119,33 @@ class CpuBackend(Backend):
         x2 = x.reshape(-1, k).contiguous()
         smooth = prepared.qweight.smooth  # read as x * m inside both native calls
         groups = reference.sequence_count(x) if method.decomposition else 1
+        if method.rotation:
+            return self._rotated_linear(x, x2, prepared, threshold, bias, groups)
         q, sx, masks = native.quantize_sequences(x2, prepared.stored_mask, threshold if method.decomposition else math.inf, groups, smooth)
         acc = prepared.gemm.run(q, prepared.packed)
         out = native.dequantize_sequences(
             acc, sx, x2, masks, prepared.qweight.int8.q, prepared.scale, prepared.stored_rows, prepared.stored_pos, bias,
             x.dtype == torch.bfloat16 and cpu_kernels.native_bf16(), smooth,
         )
+        return out.reshape(*x.shape[:-1], out.shape[-1])
+
+    @staticmethod
+    def _rotated_linear(x, x2, prepared: PreparedWeight, threshold: float, bias, groups: int) -> torch.Tensor:
+        """Rotation methods, the batch in one GEMM: X' R per sequence, the stored columns in the native
+        epilogue, the columns that are outliers only in one sequence added to that sequence's rows."""
+        native, (m, k) = native_kernels(), x2.shape
+        q, sx, masks = native.quantize_rotated_sequences(x2, prepared.stored_mask, threshold, groups, reference.ROTATION_BLOCK)
+        acc = prepared.gemm.run(q, prepared.packed)
+        stored = prepared.stored_mask.expand(groups, k).contiguous()
+        out = native.dequantize_sequences(
+            acc, sx, x2, stored, prepared.qweight.int8.q, prepared.scale, prepared.stored_rows, prepared.stored_pos, bias,
+            x.dtype == torch.bfloat16 and cpu_kernels.native_bf16(), None,
+        )
+        runtime = masks > prepared.stored_mask  # outliers of one sequence only: rare once calibrated
+        for g in torch.nonzero(runtime.any(dim=1)).flatten().tolist() if runtime.any() else ():
+            rows, cols = slice(g * (m // groups), (g + 1) * (m // groups)), torch.nonzero(runtime[g]).flatten()
+            extra = x2[rows][:, cols].float() @ reference.unrotated_columns(prepared.qweight.int8, cols).T
+            out[rows] = (out[rows].float() + extra).to(out.dtype)
         return out.reshape(*x.shape[:-1], out.shape[-1])
 
     def linear_call(self, x: torch.Tensor, prepared: PreparedWeight, method: Method, threshold: float, bias: torch.Tensor | None) -> torch.Tensor:

@@ -87,7 +87,7 @@ class CudaBackend(CpuBackend):
 
     @staticmethod
     def fused(method: Method) -> bool:
-        return method.activation == "row" and not method.zeropoint
+        return method.activation == "row" and not method.zeropoint and not method.rotation  # rotation: torch code, reference ops on the GPU
 
     def _quantize_on_device(self, x: torch.Tensor, method: Method, threshold: float, stored_idx: torch.Tensor):
         """(Quantized, column idx buffer, count on device): no host synchronisation."""

@@ -92,6 +92,8 @@ def export(folder: str, dest: str, force: bool = False, max_shard_bytes: int = 2
         raise CheckpointError(f"{src}: method {method.name} has zero points; bitsandbytes 8-bit stores absmax rows only (export an absmax method such as llm.int8)")
     if method.smoothing:
         raise CheckpointError(f"{src}: method {method.name} stores W / m and multiplies X by m; bitsandbytes 8-bit has no such step (export llm.int8)")
+    if method.rotation:
+        raise CheckpointError(f"{src}: method {method.name} stores W in a rotated basis and rotates X; bitsandbytes 8-bit has no such step (export llm.int8)")
     if verify:
         fmt.verify(src)
     out = check_output(Path(dest).expanduser().absolute(), src, force)

@@ -8,7 +8,8 @@ OUT/
 Per quantized linear <name>: <name>.weight int8 [out, in], <name>.weight_scale fp32 [out],
 <name>.weight_zero int32 [out] (zeropoint methods), <name>.outlier_idx int32 [k],
 <name>.outlier_weight 16-bit [out, k], <name>.input_smooth fp32 [in] (smoothing methods, format
-version 2), <name>.bias 16-bit [out] where the layer has one.
+version 2), <name>.bias 16-bit [out] where the layer has one. Rotation methods (format version 3)
+store the int8 weight in the block-Hadamard basis of core/reference.py.
 """
 
 from __future__ import annotations
@@ -24,6 +25,14 @@ from llmint8_cli.errors import CheckpointError, InvalidArgumentError
 
 FORMAT_VERSION = 1  # the paper's methods
 SMOOTHING_FORMAT_VERSION = 2  # adds <name>.input_smooth (llm.int8-smooth); older readers refuse it
+ROTATION_FORMAT_VERSION = 3  # int8 weights in a rotated basis (llm.int8-rotate); older readers refuse it
+VERSIONS = (FORMAT_VERSION, SMOOTHING_FORMAT_VERSION, ROTATION_FORMAT_VERSION)
+
+
+def format_version(method: str) -> int:
+    """The oldest format that can hold a method's checkpoint."""
+    spec = get_method(method)
+    return ROTATION_FORMAT_VERSION if spec.rotation else SMOOTHING_FORMAT_VERSION if spec.smoothing else FORMAT_VERSION
 QUANT_METHOD = "llmint8"
 MANIFEST = "llmint8_manifest.json"
 PARTIAL_MARKER = ".llmint8-partial"  # present while a folder is being written; never in the manifest
@@ -32,7 +41,7 @@ PARTIAL_MARKER = ".llmint8-partial"  # present while a folder is being written; 
 def quantization_config(method: str, threshold: float, skip: list[str], quantized: list[str], dtype: torch.dtype, calibration: dict) -> dict:
     return {
         "quant_method": QUANT_METHOD,
-        "format_version": SMOOTHING_FORMAT_VERSION if get_method(method).smoothing else FORMAT_VERSION,
+        "format_version": format_version(method),
         "method": method,
         "threshold": threshold,
         "skip_modules": skip,
@@ -76,8 +85,8 @@ def read_quantization_config(folder: Path) -> dict | None:
     """The quantization_config block of an llmint8 folder, or None for any other folder."""
     block = config_block(folder)
     if block is not None and block.get("quant_method") == QUANT_METHOD:
-        if block.get("format_version") not in (FORMAT_VERSION, SMOOTHING_FORMAT_VERSION):
-            raise CheckpointError(f"{folder}: llmint8 format version {block.get('format_version')} is not supported (expected {FORMAT_VERSION} or {SMOOTHING_FORMAT_VERSION})")
+        if block.get("format_version") not in VERSIONS:
+            raise CheckpointError(f"{folder}: llmint8 format version {block.get('format_version')} is not supported (expected one of {', '.join(map(str, VERSIONS))})")
         check_block(Path(folder) / "config.json", block)
         return block
     return None
@@ -90,8 +99,9 @@ def check_block(config_path: Path, block: dict) -> None:
         if not isinstance(method, str) or not get_method(method).quantized:
             raise InvalidArgumentError(f"method {method!r} is not one of the 8-bit methods")
         check_threshold(block.get("threshold"))
-        if get_method(method).smoothing and block.get("format_version") != SMOOTHING_FORMAT_VERSION:
-            raise InvalidArgumentError(f"method {method!r} needs format_version {SMOOTHING_FORMAT_VERSION}")
+        needed = format_version(method)
+        if needed != FORMAT_VERSION and block.get("format_version") != needed:
+            raise InvalidArgumentError(f"method {method!r} needs format_version {needed}")
         for key in ("quantized_modules", "skip_modules"):
             if not (isinstance(block.get(key), list) and all(isinstance(name, str) for name in block[key])):
                 raise InvalidArgumentError(f"{key} is not a list of module names")

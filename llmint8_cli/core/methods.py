@@ -1,4 +1,4 @@
-"""The nine quantization methods of the paper's Table 1 and llmint8's tenth, one name each, used everywhere.
+"""The nine quantization methods of the paper's Table 1 and llmint8's own two, one name each, used everywhere.
 
 A method says how the activations X (rows = tokens) and the weights W (rows = output
 features) are quantized, whether the 8-bit maps are symmetric (absmax) or asymmetric
@@ -27,6 +27,7 @@ class Method:
     zeropoint: bool = False
     decomposition: bool = False
     smoothing: bool = False  # per-input-feature smoothing calibrated at quantize time (not in the paper)
+    rotation: bool = False  # the int8 part in a block-Hadamard basis (not in the paper)
 
     @property
     def quantized(self) -> bool:
@@ -51,6 +52,7 @@ METHODS: dict[str, Method] = {
         Method("llm.int8", "vector-wise absmax + decomposition (LLM.int8())", "row", "row", decomposition=True),
         Method("llm.int8-zp", "vector-wise zeropoint + decomposition", "row", "row", zeropoint=True, decomposition=True),
         Method("llm.int8-smooth", "llm.int8 + calibrated per-feature smoothing (beyond the paper)", "row", "row", decomposition=True, smoothing=True),
+        Method("llm.int8-rotate", "llm.int8 with the int8 part in a block-Hadamard basis (beyond the paper)", "row", "row", decomposition=True, rotation=True),
     )
 }
 

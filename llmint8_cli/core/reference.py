@@ -44,6 +44,21 @@ so that the features the int8 rows of X resolve poorly are scaled up and the lar
 X is multiplied by m (in fp32) before anything else; everything above then runs on X·m and on
 W/m, which is what the checkpoint stores in int8. m is 1 at the stored outlier columns, whose W
 stays exact, and at features with no calibrated range.
+
+Rotation (llm.int8-rotate, llmint8's eleventh method, after QuaRot, Ashkboos et al. 2024): the
+int8 part of the product is taken in a rotated basis,
+
+    C(X', W') = X' W'^T = (X' R)(W' R)^T,     R = block-diagonal normalized Hadamard, R = R^T, R R = I
+
+where X' is X with its 16-bit columns set to 0 and W' is W with its stored columns set to 0. Per
+token, a value that is large against the rest of its row is spread over its block, so the row's
+absmax (its int8 step) falls close to the row's typical size. The blocks cover k from the left,
+ROTATION_BLOCK wide while they fit and then in smaller powers of 4 (k = 172: 64, 64, 16, 16, 4,
+4, 4); a power of 4 keeps 1/sqrt(b) a power of 2, and the butterflies (a + b, a - b, in a fixed
+order) are exact IEEE operations, so every backend can produce the same bits. X' R is quantized
+row-wise and W' R per output row, which is what the checkpoint stores; the outlier columns stay
+in the original basis (stored ones exact, run-time ones are columns of the dequantized int8 W
+rotated back: W ≈ dequantize(W' R) R).
 """
 
 from __future__ import annotations
@@ -58,6 +73,7 @@ from llmint8_cli.core.methods import Method
 from llmint8_cli.errors import InvalidArgumentError, InvalidWeightError
 
 INT8_MAX = 127
+ROTATION_BLOCK = 64  # the Hadamard block of the rotation methods (a power of 4: 1/sqrt(b) is exact)
 
 
 @dataclass
@@ -77,6 +93,7 @@ class QuantizedWeight:
     outlier_idx: torch.Tensor  # int64 [j], sorted, unique
     outlier_weight: torch.Tensor  # 16-bit [n, j]: exact W[:, outlier_idx]
     smooth: torch.Tensor | None = None  # fp32 [k]: m, X's multiplier (smoothing methods only)
+    rotated: bool = False  # the int8 part holds W' R (rotation methods)
 
 
 def divide(numerator, denominator: torch.Tensor) -> torch.Tensor:
@@ -180,6 +197,41 @@ def smooth_activations(x: torch.Tensor, smooth: torch.Tensor | None) -> torch.Te
     return x if smooth is None else x.float() * smooth
 
 
+def rotation_blocks(k: int) -> list[tuple[int, int]]:
+    """(start, size) of R's diagonal blocks over k features: ROTATION_BLOCK wide, then smaller powers of 4."""
+    blocks, start, size = [], 0, ROTATION_BLOCK
+    while start < k:
+        while size > k - start:
+            size //= 4
+        blocks.append((start, size))
+        start += size
+    return blocks
+
+
+def hadamard(v: torch.Tensor, size: int) -> torch.Tensor:
+    """v [..., size] times the normalized Sylvester-Hadamard matrix (fp32; size a power of 4): butterflies, then 1/sqrt(size)."""
+    shape = v.shape
+    v = v.float()
+    half = 1
+    while half < size:
+        pairs = v.reshape(*shape[:-1], size // (2 * half), 2, half)
+        v = torch.stack((pairs[..., 0, :] + pairs[..., 1, :], pairs[..., 0, :] - pairs[..., 1, :]), dim=-2)
+        half *= 2
+    return v.reshape(shape) * (1.0 / math.isqrt(size))
+
+
+def rotate(v: torch.Tensor) -> torch.Tensor:
+    """v [..., k] R in fp32 (R symmetric and orthonormal, so rotate(rotate(v)) = v up to rounding)."""
+    v = v.float()
+    parts, runs = [], {}
+    for start, size in rotation_blocks(v.shape[-1]):  # consecutive blocks of one size in one call
+        runs.setdefault(size, [start, 0])[1] += size
+    for size, (start, width) in runs.items():
+        chunk = v[..., start : start + width]
+        parts.append(hadamard(chunk.reshape(*chunk.shape[:-1], width // size, size), size).reshape(chunk.shape))
+    return torch.cat(parts, dim=-1) if len(parts) > 1 else parts[0]
+
+
 def check_smooth(weight: torch.Tensor, method: Method, smooth: torch.Tensor | None, stored_idx: torch.Tensor) -> torch.Tensor | None:
     """A smoothing method needs m [k], finite and positive, 1 at the stored columns; the others take none."""
     if not method.smoothing:
@@ -209,8 +261,10 @@ def quantize_weight(weight: torch.Tensor, method: Method, outlier_idx: torch.Ten
     w = smooth_weight(weight, smooth).detach().float()
     if idx.numel():
         w = w.index_fill(1, idx, 0.0)
+    if method.rotation:
+        w = rotate(w)
     int8 = quantize(w, method.weight, method.zeropoint)
-    return QuantizedWeight(int8, idx, weight.detach()[:, idx].contiguous(), smooth)
+    return QuantizedWeight(int8, idx, weight.detach()[:, idx].contiguous(), smooth, method.rotation)
 
 
 def decomposed_columns(x: torch.Tensor, method: Method, threshold: float, stored_idx: torch.Tensor) -> torch.Tensor:
@@ -224,10 +278,12 @@ def decomposed_columns(x: torch.Tensor, method: Method, threshold: float, stored
 def quantize_activations(x: torch.Tensor, method: Method, threshold: float, stored_idx: torch.Tensor, groups: int = 1) -> tuple[Quantized, torch.Tensor]:
     """Quantize X [m, k] (rows from `groups` sequences) after taking out its 16-bit columns.
 
-    Returns (int8 X, the columns that take the 16-bit path).
+    Returns (int8 X, the columns that take the 16-bit path). Rotation methods quantize X' R.
     """
     fp_idx = decomposed_columns(x, method, threshold, stored_idx)
     x_int = x.float().index_fill(1, fp_idx, 0.0) if fp_idx.numel() else x
+    if method.rotation:
+        x_int = rotate(x_int)
     return quantize(x_int, method.activation, method.zeropoint, groups), fp_idx
 
 
@@ -247,9 +303,20 @@ def int8_accumulate(qx: Quantized, qw: Quantized) -> torch.Tensor:
     return (a @ b.T).to(torch.int32)
 
 
+def unrotated_columns(qt: Quantized, columns: torch.Tensor) -> torch.Tensor:
+    """Columns of dequantize(qt) R in fp32 (the int8 W of a rotation method in the original basis); only their blocks are rotated back."""
+    out = torch.empty(qt.q.shape[0], columns.numel(), dtype=torch.float32, device=qt.q.device)
+    for start, size in rotation_blocks(qt.q.shape[1]):
+        inside = (columns >= start) & (columns < start + size)
+        if bool(inside.any()):
+            block = hadamard(dequantize(qt, torch.arange(start, start + size, device=qt.q.device)), size)
+            out[:, inside] = block[:, columns[inside] - start]
+    return out
+
+
 def outlier_weight_columns(qweight: QuantizedWeight, fp_idx: torch.Tensor) -> torch.Tensor:
-    """W[:, fp_idx] in fp32: exact for stored outlier columns, dequantized int8 otherwise."""
-    cols = dequantize(qweight.int8, fp_idx)
+    """W[:, fp_idx] in fp32: exact for stored outlier columns, dequantized int8 otherwise (rotated back for rotation methods)."""
+    cols = unrotated_columns(qweight.int8, fp_idx) if qweight.rotated else dequantize(qweight.int8, fp_idx)
     stored = qweight.outlier_idx
     if stored.numel():
         is_stored = torch.isin(fp_idx, stored)

@@ -94,11 +94,13 @@ def layer_rows(out_features: int, in_features: int, outlier_counts: list[int], d
     rows.append(("int8 (vectorwise)", Int8Linear.from_linear(half, "vectorwise"), act, 0))
     for count in outlier_counts:
         rows.append((f"llm.int8 ({count} outliers)", Int8Linear.from_linear(half, "llm.int8", outlier_idx=outlier_columns(count, in_features)), act, count))
-    if outlier_counts:  # the tenth method beside llm.int8 at the paper's usual handful of outliers
+    if outlier_counts:  # llmint8's own methods beside llm.int8 at the paper's usual handful of outliers
         count = 6 if 6 in outlier_counts else outlier_counts[0]
         ranges = activations(128, in_features, count, torch.float32, device).abs().amax(dim=0)  # its calibration
         smooth = Int8Linear.from_linear(half, "llm.int8-smooth", outlier_idx=outlier_columns(count, in_features), input_max=ranges)
         rows.append((f"llm.int8-smooth ({count} outliers)", smooth, act, count))
+        rotate = Int8Linear.from_linear(half, "llm.int8-rotate", outlier_idx=outlier_columns(count, in_features))
+        rows.append((f"llm.int8-rotate ({count} outliers)", rotate, act, count))
     if with_peers:
         for name, make, outliers in PEERS:
             try:

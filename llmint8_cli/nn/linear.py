@@ -93,7 +93,7 @@ class Int8Linear(nn.Module):
     def quantized_weight(self) -> QuantizedWeight:
         """The buffers as the reference's QuantizedWeight (no copies)."""
         int8 = Quantized(self.weight, self.weight_scale, self.weight_zero)
-        return QuantizedWeight(int8, self.outlier_idx.long(), self.outlier_weight, self.input_smooth)
+        return QuantizedWeight(int8, self.outlier_idx.long(), self.outlier_weight, self.input_smooth, self.method.rotation)
 
     def _prepared_for(self, x: torch.Tensor):
         backend = backend_for(x.device)
