@@ -27,15 +27,15 @@ FORMAT_VERSION = 1  # the paper's methods
 SMOOTHING_FORMAT_VERSION = 2  # adds <name>.input_smooth (llm.int8-smooth); older readers refuse it
 ROTATION_FORMAT_VERSION = 3  # int8 weights in a rotated basis (llm.int8-rotate); older readers refuse it
 VERSIONS = (FORMAT_VERSION, SMOOTHING_FORMAT_VERSION, ROTATION_FORMAT_VERSION)
+QUANT_METHOD = "llmint8"
+MANIFEST = "llmint8_manifest.json"
+PARTIAL_MARKER = ".llmint8-partial"  # present while a folder is being written; never in the manifest
 
 
 def format_version(method: str) -> int:
     """The oldest format that can hold a method's checkpoint."""
     spec = get_method(method)
     return ROTATION_FORMAT_VERSION if spec.rotation else SMOOTHING_FORMAT_VERSION if spec.smoothing else FORMAT_VERSION
-QUANT_METHOD = "llmint8"
-MANIFEST = "llmint8_manifest.json"
-PARTIAL_MARKER = ".llmint8-partial"  # present while a folder is being written; never in the manifest
 
 
 def quantization_config(method: str, threshold: float, skip: list[str], quantized: list[str], dtype: torch.dtype, calibration: dict) -> dict:
