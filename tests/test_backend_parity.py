@@ -7,6 +7,8 @@ per int8 GEMM path this machine can run (forced in turn), so a path stays tested
 measured choice would not pick it.
 """
 
+import sys
+
 import pytest
 import torch
 
@@ -211,3 +213,15 @@ def test_every_activation_lane_width_gives_the_reference_bits(dtype):
                 q, scale, mask = native.quantize_rows(x, column_mask(k, stored_idx), 1.5, lanes)
                 assert torch.equal(q, expected.q) and torch.equal(scale, expected.scale), (k, pattern, lanes)
                 assert torch.equal(torch.nonzero(mask).flatten(), columns), (k, pattern, lanes)
+
+
+@pytest.mark.skipif(cpu_kernels.native_kernels() is None, reason="no compiler for the native CPU kernels")
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="built with OpenMP on Linux only")
+def test_native_kernels_run_on_torchs_threads():
+    """A build without OpenMP runs every parallel_for on the calling thread (half the speed on 2 cores)."""
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        assert cpu_kernels.native_kernels().threads_used(64) == 2
+    finally:
+        torch.set_num_threads(threads)

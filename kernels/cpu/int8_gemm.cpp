@@ -549,6 +549,18 @@ torch::Tensor dequantize_sequences(torch::Tensor acc, torch::Tensor sx, torch::T
   return out;
 }
 
+// How many of torch's threads a parallel_for of `tasks` chunks runs on. The build must say so:
+// ATen's OpenMP parallel_for is a header template, and compiled without OpenMP it runs on the
+// calling thread alone, silently.
+int64_t threads_used(int64_t tasks) {
+  std::vector<int64_t> seen(tasks, -1);
+  at::parallel_for(0, tasks, 1, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) seen[t] = at::get_thread_num();
+  });
+  std::sort(seen.begin(), seen.end());
+  return std::unique(seen.begin(), seen.end()) - seen.begin();
+}
+
 bool has_avx2() {
 #if defined(__AVX2__)
   return true;
@@ -565,5 +577,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
              py::arg("x"), py::arg("exclude"), py::arg("threshold"), py::arg("lanes") = WideLanes::kWidth);
   module.def("quantize_rotated_sequences", &quantize_rotated_sequences, "llm.int8-rotate's activation side: per-sequence outlier columns, X'R quantized row-wise");
   module.def("lane_widths", &lane_widths, "the activation kernel's lane widths in this build, widest first");
+  module.def("threads_used", &threads_used, "how many threads a parallel_for over `tasks` chunks runs on");
   module.def("has_avx2", &has_avx2, "whether the kernel was built with AVX2");
 }

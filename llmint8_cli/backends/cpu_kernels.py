@@ -43,21 +43,32 @@ LEGACY_NAMES = {"torch": "onednn-nk", "native": "llmint8-avx2"}  # earlier value
 
 
 @functools.cache
+def native_build() -> tuple[str, list[str], str]:
+    """The native kernels' source, compiler flags and build name (named by content: checkouts with
+    the same source share one build, two versions never rebuild each other's at every first call,
+    and a new kernel gets measured afresh by `decision`)."""
+    source = resources.files("llmint8_cli.kernels") / "cpu" / "int8_gemm.cpp"
+    flags, capability = ["-O3"], torch.backends.cpu.get_cpu_capability()
+    if capability in ("AVX2", "AVX512"):
+        flags += ["-mavx2", "-mfma", "-mf16c"]
+    if capability == "AVX512":  # torch says so only where F, BW, VL and DQ are all present
+        flags += ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq"]
+    if "parallel backend: OpenMP" in torch.__config__.parallel_info() and sys.platform.startswith("linux"):
+        # at::parallel_for is inline OpenMP: without the flag every kernel runs on one thread.
+        # Not linked (no -fopenmp at link time): GOMP_* resolve to torch's own libgomp.
+        flags += ["-fopenmp"]
+    digest = hashlib.sha256(source.read_bytes() + " ".join(flags).encode()).hexdigest()[:12]
+    return str(source), flags, f"llmint8_cpu_kernels_{digest}"
+
+
+@functools.cache
 def native_kernels():
     """The compiled extension module (GEMM, activation quantization, epilogue), or None."""
     try:
         from torch.utils import cpp_extension
 
-        source = resources.files("llmint8_cli.kernels") / "cpu" / "int8_gemm.cpp"
-        flags, capability = ["-O3"], torch.backends.cpu.get_cpu_capability()
-        if capability in ("AVX2", "AVX512"):
-            flags += ["-mavx2", "-mfma", "-mf16c"]
-        if capability == "AVX512":  # torch says so only where F, BW, VL and DQ are all present
-            flags += ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq"]
-        # named by content: checkouts with the same source share one build, and two versions (or
-        # two clones) never rebuild each other's in torch's extension folder at every first call
-        digest = hashlib.sha256(source.read_bytes() + " ".join(flags).encode()).hexdigest()[:12]
-        return cpp_extension.load(name=f"llmint8_cpu_kernels_{digest}", sources=[str(source)], extra_cflags=flags, verbose=False)
+        source, flags, name = native_build()
+        return cpp_extension.load(name=name, sources=[source], extra_cflags=flags, verbose=False)
     except Exception as exc:  # no compiler, no ninja, read-only cache...
         print(f"llmint8: native CPU kernels unavailable ({type(exc).__name__}); using oneDNN and the torch reference", file=sys.stderr)
         return None
@@ -281,7 +292,7 @@ def decision(shape: tuple[int, int]) -> dict:
     Per shape, because the fastest path depends on it: on a 2-core Zen 4 the prepacked oneDNN
     weight wins at 4096 x 4096 from 16 tokens on, while `_int_mm` wins at SmolLM2's 576-wide ones.
     """
-    key = machine_key()
+    key = {**machine_key(), "native_kernels": native_build()[2]}
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
     label = "x".join(map(str, shape))
     path = cache_file()
