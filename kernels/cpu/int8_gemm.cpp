@@ -123,6 +123,8 @@ struct ScalarLanes {
   static void mark(int32_t* hit, F v, float limit) { *hit |= !(std::fabs(v) < limit) ? -1 : 0; }
   static F zero() { return 0.0f; }
   static F mul(F v, const float* m) { return v * *m; }
+  static F only_kept(F v, const int32_t* keep) { return *keep ? v : 0.0f; }
+  static void store(float* p, F v) { *p = v; }
   static F max_kept(F best, F v, const int32_t* keep) { return *keep ? std::max(best, std::fabs(v)) : best; }
   static float reduce_max(F v) { return v; }
   static void store_q(int8_t* out, F v, float inv, const int32_t* keep) {
@@ -154,6 +156,8 @@ struct Avx2Lanes {
   }
   static F zero() { return _mm256_setzero_ps(); }
   static F mul(F v, const float* m) { return _mm256_mul_ps(v, _mm256_loadu_ps(m)); }
+  static F only_kept(F v, const int32_t* keep) { return _mm256_and_ps(v, kept(keep)); }
+  static void store(float* p, F v) { _mm256_storeu_ps(p, v); }
   static F max_kept(F best, F v, const int32_t* keep) { return _mm256_max_ps(best, _mm256_and_ps(absolute(v), kept(keep))); }
   static float reduce_max(F v) {
     alignas(32) float lanes[8];
@@ -193,6 +197,8 @@ struct Avx512Lanes {
   }
   static F zero() { return _mm512_setzero_ps(); }
   static F mul(F v, const float* m) { return _mm512_mul_ps(v, _mm512_loadu_ps(m)); }
+  static F only_kept(F v, const int32_t* keep) { return _mm512_castsi512_ps(_mm512_and_si512(_mm512_castps_si512(v), kept(keep))); }
+  static void store(float* p, F v) { _mm512_storeu_ps(p, v); }
   static F max_kept(F best, F v, const int32_t* keep) {
     return _mm512_max_ps(best, _mm512_castsi512_ps(_mm512_and_si512(_mm512_castps_si512(absolute(v)), kept(keep))));
   }
@@ -285,8 +291,40 @@ std::vector<std::pair<int64_t, int64_t>> rotation_blocks(int64_t k, int64_t bloc
   return blocks;
 }
 
+#if defined(__AVX2__)
+// One butterfly stage within 8 lanes: the lane with the lower index of each pair gets a + b, the
+// other a - b, where `partner` holds each lane's pair element (the same operands as the scalar).
+inline __m256 butterfly_lanes(__m256 v, __m256 partner, int upper_lanes) {
+  const __m256 sum = _mm256_add_ps(v, partner), difference = _mm256_sub_ps(partner, v);
+  switch (upper_lanes) {  // the blend mask must be a constant
+    case 0xAA: return _mm256_blend_ps(sum, difference, 0xAA);
+    case 0xCC: return _mm256_blend_ps(sum, difference, 0xCC);
+    default: return _mm256_blend_ps(sum, difference, 0xF0);
+  }
+}
+#endif
+
 void hadamard(float* v, int64_t size) {
-  for (int64_t half = 1; half < size; half *= 2)
+  int64_t half = 1;
+#if defined(__AVX2__)
+  if (size % 8 == 0) {  // the stages of half 1, 2 and 4 in registers, 8 lanes at a time
+    for (int64_t j = 0; j < size; j += 8) {
+      __m256 x = _mm256_loadu_ps(v + j);
+      x = butterfly_lanes(x, _mm256_permute_ps(x, 0xB1), 0xAA);
+      x = butterfly_lanes(x, _mm256_permute_ps(x, 0x4E), 0xCC);
+      x = butterfly_lanes(x, _mm256_permute2f128_ps(x, x, 0x01), 0xF0);
+      _mm256_storeu_ps(v + j, x);
+    }
+    for (half = 8; half < size; half *= 2)
+      for (int64_t j0 = 0; j0 < size; j0 += 2 * half)
+        for (int64_t j = j0; j < j0 + half; j += 8) {
+          const __m256 a = _mm256_loadu_ps(v + j), b = _mm256_loadu_ps(v + j + half);
+          _mm256_storeu_ps(v + j, _mm256_add_ps(a, b));
+          _mm256_storeu_ps(v + j + half, _mm256_sub_ps(a, b));
+        }
+  }
+#endif
+  for (; half < size; half *= 2)
     for (int64_t j0 = 0; j0 < size; j0 += 2 * half)
       for (int64_t j = j0; j < j0 + half; ++j) {
         const float a = v[j], b = v[j + half];
@@ -303,12 +341,17 @@ template <typename L, typename T>
 void quantize_rotated_with(const T* X, int64_t m, int64_t k, float limit, bool* M, int8_t* Q, float* S, int64_t block) {
   mark_columns<L>(X, m, k, limit, M, nullptr);
   const auto blocks = rotation_blocks(k, block);
+  using Tail = ScalarLanes;
+  const int64_t wide = k - k % L::kWidth;
   const std::vector<int32_t> keep(k, -1);
+  std::vector<int32_t> unmarked(k);  // all bits set where the column stays int8, 0 where it is 16-bit
+  for (int64_t t = 0; t < k; ++t) unmarked[t] = M[t] ? 0 : -1;
   at::parallel_for(0, m, 16, [&](int64_t r0, int64_t r1) {
     std::vector<float> v(k);
     for (int64_t i = r0; i < r1; ++i) {
       const T* row = X + i * k;
-      for (int64_t t = 0; t < k; ++t) v[t] = M[t] ? 0.0f : static_cast<float>(row[t]);
+      for (int64_t t = 0; t < wide; t += L::kWidth) L::store(v.data() + t, L::only_kept(L::load(row + t), unmarked.data() + t));
+      for (int64_t t = wide; t < k; ++t) Tail::store(v.data() + t, Tail::only_kept(Tail::load(row + t), unmarked.data() + t));
       for (const auto& [start, size] : blocks) hadamard(v.data() + start, size);
       quantize_row<L>(v.data(), k, keep.data(), nullptr, Q + i * k, S + i);
     }
