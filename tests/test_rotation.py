@@ -130,7 +130,8 @@ def test_the_native_activation_kernel_gives_the_references_bits(dtype):
         x = (torch.randn(6, k, generator=g) * torch.rand(6, 1, generator=g) * 4).to(dtype)
         x[1, k // 2] = 9.0  # an outlier of the first sequence only
         stored = torch.rand(k, generator=g) < 0.05
-        q, scale, masks = native.quantize_rotated_sequences(x, stored, 6.0, 2, R.ROTATION_BLOCK)
+        q, scale, masks, runtime_only = native.quantize_rotated_sequences(x, stored, 6.0, 2, R.ROTATION_BLOCK)
+        assert runtime_only == int((masks > stored).sum()) >= 1, k
         for s in range(2):
             ref, fp_idx = R.quantize_activations(x[3 * s : 3 * s + 3], ROTATE, 6.0, torch.nonzero(stored).flatten())
             assert torch.equal(torch.nonzero(masks[s]).flatten(), fp_idx), (k, s)

@@ -409,7 +409,10 @@ std::vector<torch::Tensor> quantize_rows(torch::Tensor x, torch::Tensor exclude,
 
 // quantize_rotated_sequences: as quantize_sequences, for llm.int8-rotate: q holds X'R of each
 // group (its 16-bit columns set to 0 before the rotation), sx its row scales.
-std::vector<torch::Tensor> quantize_rotated_sequences(torch::Tensor x, torch::Tensor stored_mask, double threshold, int64_t groups, int64_t block) {
+// Returns q, the row scales, each sequence's 16-bit columns, and how many of those are outliers of
+// one sequence only (not stored): the caller's extra work, almost always none once calibrated.
+std::tuple<torch::Tensor, torch::Tensor, torch::Tensor, int64_t> quantize_rotated_sequences(torch::Tensor x, torch::Tensor stored_mask, double threshold,
+                                                                                          int64_t groups, int64_t block) {
   check_rows(x, stored_mask);
   const int64_t m = x.size(0), k = x.size(1);
   TORCH_CHECK(groups >= 1 && m % groups == 0, "rows must split into equal groups");
@@ -428,7 +431,10 @@ std::vector<torch::Tensor> quantize_rotated_sequences(torch::Tensor x, torch::Te
                                                  q.data_ptr<int8_t>() + g * rows * k, sx.data_ptr<float>() + g * rows, block);
     }
   });
-  return {q, sx, masks};
+  int64_t runtime_only = 0;
+  for (int64_t g = 0; g < groups; ++g)
+    for (int64_t t = 0; t < k; ++t) runtime_only += M[g * k + t] && !stored[t];
+  return {q, sx, masks, runtime_only};
 }
 
 // The row-wise linear (llm.int8, vectorwise, rowwise, rowwise+decomp) in two calls around the

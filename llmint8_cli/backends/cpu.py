@@ -89,7 +89,7 @@ class CpuBackend(Backend):
         if native is None:
             return super().quantize_activations(x, method, threshold, stored_idx, groups)
         if method.rotation:
-            q, scale, masks = native.quantize_rotated_sequences(x.contiguous(), column_mask(x.shape[1], stored_idx), threshold, 1, reference.ROTATION_BLOCK)
+            q, scale, masks, _ = native.quantize_rotated_sequences(x.contiguous(), column_mask(x.shape[1], stored_idx), threshold, 1, reference.ROTATION_BLOCK)
             return Quantized(q, scale, None), torch.nonzero(masks[0]).flatten()
         q, scale, columns = native.quantize_rows(x.contiguous(), column_mask(x.shape[1], stored_idx), threshold if method.decomposition else math.inf)
         return Quantized(q, scale, None), torch.nonzero(columns).flatten()
@@ -134,18 +134,18 @@ class CpuBackend(Backend):
         """Rotation methods, the batch in one GEMM: X' R per sequence, the stored columns in the native
         epilogue, the columns that are outliers only in one sequence added to that sequence's rows."""
         native, (m, k) = native_kernels(), x2.shape
-        q, sx, masks = native.quantize_rotated_sequences(x2, prepared.stored_mask, threshold, groups, reference.ROTATION_BLOCK)
+        q, sx, masks, runtime_only = native.quantize_rotated_sequences(x2, prepared.stored_mask, threshold, groups, reference.ROTATION_BLOCK)
         acc = prepared.gemm.run(q, prepared.packed)
-        stored = prepared.stored_mask.expand(groups, k).contiguous()
-        out = native.dequantize_sequences(
-            acc, sx, x2, stored, prepared.qweight.int8.q, prepared.scale, prepared.stored_rows, prepared.stored_pos, bias,
+        out = native.dequantize_sequences(  # the stored columns, the same for every sequence: one mask row
+            acc, sx, x2, prepared.stored_mask.view(1, k), prepared.qweight.int8.q, prepared.scale, prepared.stored_rows, prepared.stored_pos, bias,
             x.dtype == torch.bfloat16 and cpu_kernels.native_bf16(), None,
         )
-        runtime = masks > prepared.stored_mask  # outliers of one sequence only: rare once calibrated
-        for g in torch.nonzero(runtime.any(dim=1)).flatten().tolist() if runtime.any() else ():
-            rows, cols = slice(g * (m // groups), (g + 1) * (m // groups)), torch.nonzero(runtime[g]).flatten()
-            extra = x2[rows][:, cols].float() @ reference.unrotated_columns(prepared.qweight.int8, cols).T
-            out[rows] = (out[rows].float() + extra).to(out.dtype)
+        if runtime_only:  # rare once calibrated
+            runtime = masks > prepared.stored_mask
+            for g in torch.nonzero(runtime.any(dim=1)).flatten().tolist():
+                rows, cols = slice(g * (m // groups), (g + 1) * (m // groups)), torch.nonzero(runtime[g]).flatten()
+                extra = x2[rows][:, cols].float() @ reference.unrotated_columns(prepared.qweight.int8, cols).T
+                out[rows] = (out[rows].float() + extra).to(out.dtype)
         return out.reshape(*x.shape[:-1], out.shape[-1])
 
     def linear_call(self, x: torch.Tensor, prepared: PreparedWeight, method: Method, threshold: float, bias: torch.Tensor | None) -> torch.Tensor:
