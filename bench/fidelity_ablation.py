@@ -7,11 +7,13 @@ Each config replaces every quantizable linear by a simulation of llm.int8 in fp3
 rounded and rescaled, not an int8 GEMM; the same quantization maps, stored columns from the
 default calibration, run-time outliers per sequence):
   alpha: per-feature smoothing strength (none: plain llm.int8)   xfp / wfp: keep X / W unquantized
-  zp: zeropoint activation rows   thr: run-time threshold   budget: store the top fraction of columns
+  zp: zeropoint activation rows   thr: run-time threshold   store_thr: calibration threshold of the
+  stored columns (default 6)   budget: store the top fraction of columns
   only: quantize only the layers whose name holds one of these words
   rot: rotate the int8 part of X and W by a block-diagonal orthonormal matrix (Hadamard blocks of this size)
   gptq: round W with GPTQ's error compensation against the calibration inputs' Hessian
-Prints one line per config: ppl and delta against the fp32 model. Exploration only: the product's
+Prints one line per config: ppl, delta against the fp32 model, and the share of the linears'
+multiply-accumulates that run in 16-bit (stored and run-time outlier columns). Exploration only: the product's
 numbers come from `llmint8 eval-ppl`, which runs the real kernels.
 """
 import copy
@@ -70,6 +72,9 @@ def qdq_zp(v):
     q = (torch.round(v / sd) + z).clamp(-127, 127)
     return torch.where(s > 0, (q - z) * s, torch.zeros_like(v))
 
+MACS = {"16-bit": 0, "all": 0}  # multiply-accumulates of the simulated linears, per config
+
+
 class Sim(nn.Module):
     def __init__(self, lin, cfg, colmax, thr=6.0, hessian=None):
         super().__init__()
@@ -117,6 +122,8 @@ class Sim(nn.Module):
         xi = xs.masked_fill(big, 0)
         if self.R is not None:
             xi = xi @ self.R
+        MACS["16-bit"] += int(big.expand(*x.shape[:-2], 1, x.shape[-1]).sum()) * x.shape[-2] * self.Wd.shape[0]
+        MACS["all"] += x[..., 0].numel() * x.shape[-1] * self.Wd.shape[0]
         xq = xi if self.xfp else (qdq_zp(xi) if self.zp else qdq_rows(xi))
         y = xq @ self.Wd.T + xs.masked_fill(~big, 0) @ self.Wmix.T
         if self.bias is not None: y = y + self.bias
@@ -154,7 +161,9 @@ def main():
         for n, mod in list(quantizable_layers(m)):
             if cfg.get("only") and not any(o in n for o in cfg["only"]): continue
             replace_module(m, n, Sim(as_linear(mod), cfg, stats.col_max[n], hessian=hessians.get(n)))
+        MACS.update({"16-bit": 0, "all": 0})
         t = time.time(); p = perplexity(m, w).ppl
-        print(f"{json.dumps(cfg)} ppl {p:.4f} {100*(p/b-1):+.3f}% ({time.time()-t:.0f}s)", flush=True)
+        share = 100 * MACS["16-bit"] / max(MACS["all"], 1)
+        print(f"{json.dumps(cfg)} ppl {p:.4f} {100*(p/b-1):+.3f}% 16-bit MACs {share:.2f}% ({time.time()-t:.0f}s)", flush=True)
 if __name__ == "__main__":
     main()

@@ -5,7 +5,7 @@ import json
 import torch
 from typer.testing import CliRunner
 
-from conftest import STORIES, needs_data, needs_stories, tiny_model
+from conftest import DATA, STORIES, needs_data, needs_stories, tiny_model
 from llmint8_cli import activations
 from llmint8_cli.cli import app
 from llmint8_cli.nn.convert import as_linear, quantizable_layers
@@ -70,16 +70,20 @@ def test_bench_layer_mode_reports_every_row():
     assert int8["weight_mib"] < next(r for r in rows if r["row"] == "bfloat16")["weight_mib"]
     assert document["machine"]["cpu"] and document["int8_gemm"]["plans"]
     assert any(r["row"].startswith("torchao") for r in rows) or any("torchao" in note for note in document["notes"])
-    for args, words in ((["--shapes", "4096by4096"], "OUTxIN"), (["--shapes", "1000000x1000000"], "GiB"), (["--shapes", "64x32", "--outlier-cols", "100"], "exceeds"), (["--tokens", "0"], ">= 1")):
+    for args, words in ((["--shapes", "4096by4096"], "OUTxIN"), (["--shapes", "1000000x1000000"], "GiB"), (["--shapes", "64x32", "--outlier-cols", "100"], "exceeds"), (["--tokens", "0"], ">= 1"), (["--threshold", "20"], "model mode")):
         bad = RUNNER.invoke(app, ["bench", *args, "-q"])
         assert bad.exit_code == 2 and words in bad.stderr and len(bad.stderr.strip().splitlines()) == 1, (args, bad.stderr)
 
 
 @needs_stories
+@needs_data
 def test_bench_model_mode_decodes_a_batch():
-    result = RUNNER.invoke(app, ["bench", str(STORIES), "--batch", "1,3", "--prompt-tokens", "16,32", "--new-tokens", "4", "--repeat", "1", "-q"])
+    """A 16-bit model is calibrated as quantize calibrates it, so the speed is that of the folder a user gets."""
+    calibration = ["--calib-samples", "2", "--calib-seq-len", "32", "--data-dir", str(DATA)]
+    result = RUNNER.invoke(app, ["bench", str(STORIES), "--batch", "1,3", "--prompt-tokens", "16,32", "--new-tokens", "4", "--repeat", "1", *calibration, "-q"])
     assert result.exit_code == 0, result.stderr
     document = json.loads(result.stdout)
+    assert document["calibration"]["llm.int8"]["samples"] == 2 and document["threshold"] == 6.0
     baseline = {"bfloat16": "bf16", "float32": "fp32"}[document["dtype"]]  # --dtype auto: bf16 where the CPU has native bf16
     assert document["batches"] == [1, 3] and {baseline, "llm.int8"} <= set(document["results"])
     assert document["results"][baseline]["prefill"]["16"]["speedup"] == 1.0
@@ -89,3 +93,12 @@ def test_bench_model_mode_decodes_a_batch():
     assert document["results"]["llm.int8"]["weight_ratio"] < 1
     peer = document["results"].get("torchao W8A8")
     assert peer is not None or any("torchao" in note for note in document["notes"])
+
+
+@needs_stories
+def test_bench_model_mode_takes_the_threshold_and_run_time_detection():
+    args = ["bench", str(STORIES), "--method", "llm.int8-rotate", "--batch", "1", "--prompt-tokens", "16", "--new-tokens", "2", "--repeat", "1", "--calib-samples", "0", "-q"]
+    document = json.loads(RUNNER.invoke(app, [*args, "--threshold", "20"]).stdout)
+    assert document["threshold"] == 20.0 and document["calibration"] == {"llm.int8-rotate": None}
+    bad = RUNNER.invoke(app, [*args, "--threshold", "-1"])
+    assert bad.exit_code == 2 and "threshold must be a positive finite number" in bad.stderr

@@ -9,8 +9,12 @@ from typing import Annotated
 import typer
 
 from llmint8_cli.backends.cpu_kernels import gemm_report
-from llmint8_cli.cli.common import PIPED_MODEL_HELP, ComputeDtype, Device, NoVerify, Quiet, choose_model, command, emit_json, print_table, progress_bar, stderr_console
-from llmint8_cli.core.methods import DEFAULT_METHOD, DEFAULT_THRESHOLD, get_method
+from llmint8_cli.checkpoint.quantize import QuantizeOptions
+from llmint8_cli.cli.common import (
+    PIPED_MODEL_HELP, CalibDataset, CalibSamples, CalibSeqLen, ComputeDtype, DataDir, Device, NoVerify, Quiet, SmoothAlpha, Threshold, choose_model, command, emit_json, print_table, progress_bar,
+    stderr_console,
+)
+from llmint8_cli.core.methods import DEFAULT_METHOD, DEFAULT_THRESHOLD, check_threshold, get_method
 from llmint8_cli.errors import InvalidArgumentError
 from llmint8_cli.evaluation import speed, variants
 
@@ -68,6 +72,12 @@ def bench(
     tokens: Annotated[str, typer.Option(help="Layer mode: token counts m per call.")] = "1,16,128,512,2048",
     outlier_cols: Annotated[str, typer.Option(help="Layer mode: outlier feature columns for the llm.int8 rows.")] = "0,6,64",
     method: Annotated[str, typer.Option(help="Model mode: quantization method.")] = DEFAULT_METHOD,
+    threshold: Threshold = DEFAULT_THRESHOLD,
+    calib_samples: CalibSamples = QuantizeOptions.calib_samples,
+    calib_seq_len: CalibSeqLen = QuantizeOptions.calib_seq_len,
+    calib_dataset: CalibDataset = QuantizeOptions.calib_dataset,
+    smooth_alpha: SmoothAlpha = QuantizeOptions.smooth_alpha,
+    data_dir: DataDir = None,
     prompt_tokens: Annotated[str, typer.Option(help="Model mode: prefill lengths, comma-separated.")] = "128,512",
     new_tokens: Annotated[int, typer.Option(min=1, help="Model mode: tokens decoded.")] = 32,
     batch: Annotated[str, typer.Option(help="Model mode: how many sequences are decoded together, comma-separated.")] = "1,8",
@@ -83,6 +93,8 @@ def bench(
     run_device = variants.resolve_device(device)
     document = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), "device": str(run_device), "machine": speed.machine()}
     if model is None:
+        if threshold != DEFAULT_THRESHOLD:
+            raise InvalidArgumentError(f"--threshold is for model mode; layer mode plants outliers of about 20 and uses {DEFAULT_THRESHOLD}")
         shape_list, token_list, outliers = parse_shapes(shapes), parse_ints(tokens, "--tokens", minimum=1), parse_ints(outlier_cols, "--outlier-cols")
         check_layer_sizes(shape_list, outliers)
         rows, notes = [], []
@@ -103,13 +115,19 @@ def bench(
     else:
         lengths, batches = parse_ints(prompt_tokens, "--prompt-tokens", minimum=1), parse_ints(batch, "--batch", minimum=1)
         run_dtype = variants.resolve_dtype(dtype, run_device, inference=True)
-        subject = variants.subject(model, [get_method(method)], DEFAULT_THRESHOLD, run_dtype, run_device, verify=not no_verify)
+        # a 16-bit model is calibrated as quantize calibrates it: the speed of the folder a user would get
+        calibration = QuantizeOptions(calib_samples=calib_samples, calib_seq_len=calib_seq_len, calib_dataset=calib_dataset, data_dir=data_dir, smooth_alpha=smooth_alpha)
+        with console.status(f"loading {model}"):
+            subject = variants.subject(model, [get_method(method)], check_threshold(threshold), run_dtype, run_device, verify=not no_verify, calibration=calibration)
         notes = list(subject.notes)
+        console.print(variants.calibration_line(subject))
         baseline = next(short for short, full in variants.DTYPES.items() if full == run_dtype)  # the 16-bit row, named by what ran
-        networks = {}
+        networks, calibrations = {}, {}
         for name, network in subject.variants:
             networks[baseline if name == variants.BASELINE else name] = network
-            if name == variants.BASELINE:
+            if name != variants.BASELINE:
+                calibrations[name] = subject.calibration_of(name)
+            else:
                 try:
                     networks[TORCHAO] = speed.torchao_model(network)
                 except ImportError as exc:
@@ -118,7 +136,9 @@ def bench(
             results = speed.bench_models(networks, lengths, batches, new_tokens, repeat, run_device)
         speed.add_speedups(results, baseline)
         document.update({
-            "mode": "model", "dtype": str(run_dtype).removeprefix("torch."), "prompt_tokens": lengths, "batches": batches,
+            "mode": "model", "threshold": threshold,
+            "calibration": calibrations,
+            "dtype": str(run_dtype).removeprefix("torch."), "prompt_tokens": lengths, "batches": batches,
             "new_tokens": new_tokens, "repeat": repeat, "results": results, "notes": notes,
         })
         title = f"llmint8 bench · {subject.label} · {str(run_dtype).removeprefix('torch.')} · {document['machine']['cpu']} · {run_device}"
