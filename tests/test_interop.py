@@ -1,5 +1,6 @@
 """Interop: transformers loads llmint8 folders, bitsandbytes both ways, pipes, the CLI basics."""
 
+import importlib.metadata
 import importlib.util
 import json
 import os
@@ -230,3 +231,12 @@ def test_folders_quantized_otherwise_are_one_line_errors(tmp_path, block, words)
     assert result.exit_code == 2 and result.stderr.strip().splitlines() == [
         f"llmint8: error: {src}: {words}; llmint8 reads 16-bit models, llmint8 folders and bitsandbytes 8-bit folders"
     ]
+
+
+@pytest.mark.skipif("kernels" not in importlib.metadata.packages_distributions(), reason="Hugging Face's kernels package is not installed")
+def test_the_checkouts_kernels_folder_does_not_shadow_hugging_faces_kernels():
+    """transformers (5.25 on) imports `kernels`; from the checkout's root our folder has that name."""
+    probe = "import kernels, transformers.integrations.hub_kernels; print(kernels.__file__)"
+    result = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert not Path(result.stdout.strip()).is_relative_to(ROOT / "kernels")
