@@ -301,13 +301,9 @@ std::vector<std::pair<int64_t, int64_t>> rotation_blocks(int64_t k, int64_t bloc
 #if defined(__AVX2__)
 // One butterfly stage within 8 lanes: the lane with the lower index of each pair gets a + b, the
 // other a - b, where `partner` holds each lane's pair element (the same operands as the scalar).
-inline __m256 butterfly_lanes(__m256 v, __m256 partner, int upper_lanes) {
-  const __m256 sum = _mm256_add_ps(v, partner), difference = _mm256_sub_ps(partner, v);
-  switch (upper_lanes) {  // the blend mask must be a constant
-    case 0xAA: return _mm256_blend_ps(sum, difference, 0xAA);
-    case 0xCC: return _mm256_blend_ps(sum, difference, 0xCC);
-    default: return _mm256_blend_ps(sum, difference, 0xF0);
-  }
+template <int UpperLanes>  // a template argument: the blend mask must be a compile-time constant
+inline __m256 butterfly_lanes(__m256 v, __m256 partner) {
+  return _mm256_blend_ps(_mm256_add_ps(v, partner), _mm256_sub_ps(partner, v), UpperLanes);
 }
 #endif
 
@@ -317,9 +313,9 @@ void hadamard(float* v, int64_t size) {
   if (size % 8 == 0) {  // the stages of half 1, 2 and 4 in registers, 8 lanes at a time
     for (int64_t j = 0; j < size; j += 8) {
       __m256 x = _mm256_loadu_ps(v + j);
-      x = butterfly_lanes(x, _mm256_permute_ps(x, 0xB1), 0xAA);
-      x = butterfly_lanes(x, _mm256_permute_ps(x, 0x4E), 0xCC);
-      x = butterfly_lanes(x, _mm256_permute2f128_ps(x, x, 0x01), 0xF0);
+      x = butterfly_lanes<0xAA>(x, _mm256_permute_ps(x, 0xB1));
+      x = butterfly_lanes<0xCC>(x, _mm256_permute_ps(x, 0x4E));
+      x = butterfly_lanes<0xF0>(x, _mm256_permute2f128_ps(x, x, 0x01));
       _mm256_storeu_ps(v + j, x);
     }
     for (half = 8; half < size; half *= 2)
