@@ -12,7 +12,7 @@ import json
 import os
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -25,7 +25,7 @@ from llmint8_cli.checkpoint.output import check_free_space, check_output, copy_s
 from llmint8_cli.checkpoint.sources import ModelSource, TensorSource, open_folder
 from llmint8_cli.checkpoint.writer import Entry, Group, write_tensors
 from llmint8_cli.core import reference
-from llmint8_cli.core.methods import DEFAULT_METHOD, DEFAULT_SMOOTH_ALPHA, check_alpha, get_method
+from llmint8_cli.core.methods import DEFAULT_METHOD, DEFAULT_SMOOTH_ALPHA, DEFAULT_THRESHOLD, check_alpha, check_threshold, get_method
 from llmint8_cli.errors import InvalidArgumentError, InvalidWeightError, ModelLoadError
 from llmint8_cli.evaluation.perplexity import make_windows, tokenize
 from llmint8_cli.nn.convert import Conv1D, quantizable_layers
@@ -36,7 +36,7 @@ DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 @dataclass
 class QuantizeOptions:
     method: str = DEFAULT_METHOD
-    threshold: float | None = None  # None: the method's own (Method.default_threshold)
+    threshold: float = DEFAULT_THRESHOLD
     dtype: str = "auto"  # fp16 | bf16 | auto (the source's 16-bit dtype, fp32 sources -> fp16)
     skip: list[str] = field(default_factory=list)
     calib_samples: int = 32
@@ -174,8 +174,7 @@ def calibrate(model, tensors: TensorSource, mapping: dict[str, str], layer_names
                 set_module_tensor_to_device(model, name, "cpu", value=fetch(name))
     windows = sum(len(batch) for batch in batches)
     on_batch = (lambda done: progress("calibrate", done, windows)) if progress else None
-    threshold = get_method(options.method).threshold_or_default(options.threshold)
-    stats = activations.collect(model, batches, layer_names, threshold, streamer, on_batch)
+    stats = activations.collect(model, batches, layer_names, options.threshold, streamer, on_batch)
     return stats, info
 
 
@@ -284,7 +283,7 @@ def quantize_checkpoint(src: str, out: str | os.PathLike, options: QuantizeOptio
     method = get_method(options.method)
     if not method.quantized:
         raise InvalidArgumentError("method 'fp16' quantizes nothing; choose one of the 8-bit methods")
-    options = replace(options, threshold=method.threshold_or_default(options.threshold))
+    check_threshold(options.threshold)
     check_alpha(options.smooth_alpha)
     if method.smoothing and options.calib_samples <= 0:
         raise InvalidArgumentError(f"method {method.name!r} is calibrated: --calib-samples must be at least 1")

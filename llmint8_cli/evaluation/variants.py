@@ -79,19 +79,11 @@ class Subject:
     baseline_source: models.ModelSource | None = None  # a stored folder's recorded 16-bit source
     calibration: dict | None = None  # how the decomposition methods found their stored columns
     stored: bool = False  # an llmint8 folder, evaluated as written (its files key its caches)
-    thresholds: dict[str, float] = field(default_factory=dict)  # the outlier threshold each quantized variant runs at
-    stored_columns: dict[str, int] = field(default_factory=dict)  # on the fly: each decomposition variant's calibrated 16-bit columns
     _fingerprints: dict = field(default_factory=dict, repr=False)
-
-    def threshold_of(self, method: str) -> float | None:
-        """The outlier threshold a variant runs at (None: the 16-bit baseline)."""
-        return self.thresholds.get(method)
 
     def calibration_of(self, method: str) -> dict | None:
         """The calibration a variant's stored outlier columns come from (None: it stores none)."""
-        if self.calibration is None or not get_method(method).decomposition:
-            return None
-        return {**self.calibration, "outlier_columns_total": self.stored_columns[method]} if method in self.stored_columns else self.calibration
+        return self.calibration if self.calibration is not None and get_method(method).decomposition else None
 
     @property
     def calibration_key(self) -> str:
@@ -110,14 +102,14 @@ class Subject:
         return self._fingerprints[source]
 
 
-def subject(spec: str, methods: list[Method], threshold: float | None, dtype: torch.dtype, device: torch.device, verify: bool = True,
+def subject(spec: str, methods: list[Method], threshold: float, dtype: torch.dtype, device: torch.device, verify: bool = True,
             calibration: QuantizeOptions | None = None, held_out: str | None = None) -> Subject:
     """What to evaluate; `verify` checks an llmint8 folder's files against its manifest.
 
     A 16-bit model's decomposition methods are calibrated as `llmint8 quantize` calibrates them
     (`calibration`, its options; None or 0 samples: run-time detection only), so that their
-    numbers are those of the folder quantize would write. `threshold` None runs each method at
-    its own default. `held_out` is the evaluation text's source: calibrating on it is refused.
+    numbers are those of the folder quantize would write. `held_out` is the evaluation text's
+    source: calibrating on it is refused.
     """
     if is_llmint8_checkpoint(spec):
         return _stored(spec, dtype, device, verify, held_out)
@@ -133,17 +125,14 @@ def subject(spec: str, methods: list[Method], threshold: float | None, dtype: to
     tokenizer = models.load_tokenizer(source)
     base = models.load_model(source, dtype=dtype).to(device)
     ordered = [BASELINE] + [m.name for m in methods if m.name != BASELINE]
-    thresholds = {m.name: m.threshold_or_default(threshold) for m in methods if m.quantized}
-    outliers, input_max, info, stats = {}, {}, None, None
+    outliers, input_max, info = {}, {}, None
     calibrated = calibration is not None and calibration.calib_samples > 0
     smoothing = [m.name for m in methods if m.smoothing]
     if smoothing and not calibrated:
         raise InvalidArgumentError(f"method {smoothing[0]!r} is calibrated: --calib-samples must be at least 1")
-    decomposing = [m.name for m in methods if m.decomposition]
-    if calibrated and decomposing:  # one pass; each method's stored columns at its own threshold
-        stats, info = calibrate_on_the_fly(base, tokenizer, replace(calibration, threshold=min(thresholds[n] for n in decomposing)), held_out)
-        outliers = {n: stats.outlier_columns(thresholds[n]) for n in decomposing}
-        input_max = stats.col_max
+    if calibrated and any(m.decomposition for m in methods):
+        stats, info = calibrate_on_the_fly(base, tokenizer, replace(calibration, threshold=threshold), held_out)
+        outliers, input_max = stats.outlier_columns(), stats.col_max
         if smoothing:
             info["smoothing_alpha"] = calibration.smooth_alpha
 
@@ -151,15 +140,14 @@ def subject(spec: str, methods: list[Method], threshold: float | None, dtype: to
         method = get_method(name)
         if not method.quantized:
             return base
-        return quantize_model(copy.deepcopy(base), name, thresholds[name], outliers=outliers.get(name),
+        return quantize_model(copy.deepcopy(base), name, threshold, outliers=outliers if method.decomposition else None,
                               input_max=input_max if method.smoothing else None, alpha=calibration.smooth_alpha if calibration else DEFAULT_SMOOTH_ALPHA)
 
     def generate() -> Iterator[tuple[str, torch.nn.Module]]:
         for name in ordered:
             yield name, variant(name)
 
-    stored_columns = {n: sum(int(v.numel()) for v in columns.values()) for n, columns in outliers.items()}
-    return Subject(source.label, source, tokenizer, base.config, generate(), [], calibration=info, thresholds=thresholds, stored_columns=stored_columns)
+    return Subject(source.label, source, tokenizer, base.config, generate(), [], calibration=info)
 
 
 def calibration_line(subject: Subject) -> str:
@@ -167,15 +155,7 @@ def calibration_line(subject: Subject) -> str:
     info = subject.calibration or {}
     if not info.get("samples"):
         return "outlier columns: run-time detection only (no calibration)"
-    counts = {}  # stored columns by threshold: methods at the same threshold store the same columns
-    for name, columns in subject.stored_columns.items():
-        counts.setdefault(subject.threshold_of(name), columns)
-    if len(counts) > 1:
-        stored = ", stored outlier columns " + ", ".join(f"{n} at threshold {t:g}" for t, n in sorted(counts.items()))
-    elif counts:
-        stored = f", {next(iter(counts.values()))} stored outlier columns"
-    else:
-        stored = f", {info['outlier_columns_total']} stored outlier columns" if "outlier_columns_total" in info else ""
+    stored = f", {info['outlier_columns_total']} stored outlier columns" if "outlier_columns_total" in info else ""
     smoothing = f", smoothing alpha {info['smoothing_alpha']:g}" if "smoothing_alpha" in info else ""
     return f"calibration of the decomposition methods: {info['samples']} windows × {info['seq_len']} tokens of {info['dataset']}{stored}{smoothing}"
 
@@ -195,6 +175,7 @@ def calibrate_on_the_fly(base, tokenizer, options: QuantizeOptions, held_out: st
         options = replace(options, calib_dataset=other)
     with torch.no_grad():
         stats, info = calibrate(base, None, {}, [name for name, _ in quantizable_layers(base)], tokenizer, options, streaming=False)
+    info["outlier_columns_total"] = sum(int(v.numel()) for v in stats.outlier_columns().values())
     if note:
         info["note"] = note
     return stats, info
@@ -222,18 +203,17 @@ def _stored(folder: str, dtype: torch.dtype, device: torch.device, verify: bool,
             yield BASELINE, models.load_model(baseline, dtype=dtype).to(device)
         yield block["method"], quantized
 
-    return Subject(folder, models.ModelSource("folder", str(folder)), tokenizer, quantized.config, generate(), notes, baseline, calibration=calibration, stored=True,
-                   thresholds={block["method"]: block["threshold"]})
+    return Subject(folder, models.ModelSource("folder", str(folder)), tokenizer, quantized.config, generate(), notes, baseline, calibration=calibration, stored=True)
 
 
-def cache_folder(cache_dir: str, subject: Subject, method: str, dtype: torch.dtype, device: torch.device) -> Path:
+def cache_folder(cache_dir: str, subject: Subject, method: str, threshold: float, dtype: torch.dtype, device: torch.device) -> Path:
     """The folder (created) where one variant's evaluation results are kept, so that a stopped run resumes.
 
     Everything that changes the model's outputs is in the path: the model's files (fingerprint),
     the method and threshold, the compute dtype and the device type. A stored folder's 16-bit
     baseline is keyed by its source, so it is shared with the runs on the 16-bit model.
     """
-    setting = method if method == BASELINE else f"{method}-t{subject.threshold_of(method):g}"
+    setting = method if method == BASELINE else f"{method}-t{threshold:g}"
     if subject.calibration_of(method) and subject.calibration_key:  # stored columns change the outputs
         setting += f"-{subject.calibration_key}"
         if get_method(method).smoothing:
