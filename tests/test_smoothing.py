@@ -147,7 +147,8 @@ def assert_folder_is_the_model_quantized_in_memory(out, options: QuantizeOptions
     fp32 = AutoModelForCausalLM.from_pretrained(STORIES, dtype=torch.float32)
     stats, _ = calibrate_on_the_fly(fp32, AutoTokenizer.from_pretrained(STORIES), options, None)
     in_memory = AutoModelForCausalLM.from_pretrained(STORIES, dtype=torch.float16).eval()
-    quantize_model(in_memory, options.method, outliers=stats.outlier_columns(), input_max=stats.col_max, alpha=options.smooth_alpha)
+    quantize_model(in_memory, options.method, outliers=stats.outlier_columns(), input_max=stats.col_max, alpha=options.smooth_alpha,
+                   rotation_block=options.rotation_block)
     ids = torch.randint(0, 512, (2, 32), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         assert torch.equal(loaded(ids).logits, in_memory(ids).logits)

@@ -24,16 +24,18 @@ class Backend:
     def supports(self, device: torch.device) -> bool:
         return True
 
-    def quantize_weight(self, weight: torch.Tensor, method: Method, outlier_idx: torch.Tensor | None = None, smooth: torch.Tensor | None = None) -> QuantizedWeight:
-        """W [n, k] (W / m with smoothing) to int8 for a method, stored outlier columns kept exact (done once, at quantize time)."""
-        return reference.quantize_weight(weight, method, outlier_idx, smooth)
+    def quantize_weight(self, weight: torch.Tensor, method: Method, outlier_idx: torch.Tensor | None = None, smooth: torch.Tensor | None = None,
+                        rotation_block: int = reference.ROTATION_BLOCK) -> QuantizedWeight:
+        """W [n, k] (W / m with smoothing, W' R with rotation) to int8 for a method, stored outlier columns kept exact (done once, at quantize time)."""
+        return reference.quantize_weight(weight, method, outlier_idx, smooth, rotation_block)
 
     def prepare(self, qweight: QuantizedWeight, method: Method) -> Any:
         """Weight-side work done once at load (layout, packing, sums); returns the backend's state."""
         return qweight
 
-    def quantize_activations(self, x: torch.Tensor, method: Method, threshold: float, stored_idx: torch.Tensor, groups: int = 1) -> tuple[Quantized, torch.Tensor]:
-        return reference.quantize_activations(x, method, threshold, stored_idx, groups)
+    def quantize_activations(self, x: torch.Tensor, method: Method, threshold: float, stored_idx: torch.Tensor, groups: int = 1,
+                             rotation_block: int = reference.ROTATION_BLOCK) -> tuple[Quantized, torch.Tensor]:
+        return reference.quantize_activations(x, method, threshold, stored_idx, groups, rotation_block)
 
     def int8_accumulate(self, qx: Quantized, prepared: Any) -> torch.Tensor:
         return reference.int8_accumulate(qx, prepared.int8)

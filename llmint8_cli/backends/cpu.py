@@ -18,7 +18,7 @@ from llmint8_cli.backends.base import Backend
 from llmint8_cli.backends import cpu_kernels
 from llmint8_cli.backends.cpu_kernels import GemmPlan, native_kernels
 from llmint8_cli.core import reference
-from llmint8_cli.core.methods import Method
+from llmint8_cli.core.methods import Method, check_rotation_block
 from llmint8_cli.core.reference import Quantized, QuantizedWeight
 from llmint8_cli.errors import InvalidWeightError
 
@@ -56,11 +56,12 @@ class CpuBackend(Backend):
         usable = native is not None and tensor.device.type == "cpu" and granularity == "row" and not method.zeropoint
         return native if usable else None
 
-    def quantize_weight(self, weight: torch.Tensor, method: Method, outlier_idx: torch.Tensor | None = None, smooth: torch.Tensor | None = None) -> QuantizedWeight:
+    def quantize_weight(self, weight: torch.Tensor, method: Method, outlier_idx: torch.Tensor | None = None, smooth: torch.Tensor | None = None,
+                        rotation_block: int = reference.ROTATION_BLOCK) -> QuantizedWeight:
         """Per-row absmax weights through the fused native op: read as stored (16-bit), NaN check in the same pass."""
         native = self._native_for(weight, method.weight, method) if isinstance(weight, torch.Tensor) else None
         if native is None or method.rotation:  # rotated weights: the reference's own code (once, at quantize time)
-            return super().quantize_weight(weight, method, outlier_idx, smooth)
+            return super().quantize_weight(weight, method, outlier_idx, smooth, rotation_block)
         reference.check_weight(weight, finite=False)
         idx = reference.stored_outlier_index(weight, method, outlier_idx)
         smooth = reference.check_smooth(weight, method, smooth, idx)
@@ -83,13 +84,15 @@ class CpuBackend(Backend):
         packed = gemm.pack(q.q) if on_cpu else q.q.contiguous()
         return PreparedWeight(qweight, gemm, packed, q.scale, q.zero, row_sum, qweight.outlier_weight.float().t().contiguous(), stored_mask, stored_pos)
 
-    def quantize_activations(self, x: torch.Tensor, method: Method, threshold: float, stored_idx: torch.Tensor, groups: int = 1) -> tuple[Quantized, torch.Tensor]:
+    def quantize_activations(self, x: torch.Tensor, method: Method, threshold: float, stored_idx: torch.Tensor, groups: int = 1,
+                             rotation_block: int = reference.ROTATION_BLOCK) -> tuple[Quantized, torch.Tensor]:
         """Row-wise absmax methods go through the fused native op; the others through the reference."""
         native = self._native_for(x, method.activation, method)
         if native is None:
-            return super().quantize_activations(x, method, threshold, stored_idx, groups)
+            return super().quantize_activations(x, method, threshold, stored_idx, groups, rotation_block)
         if method.rotation:
-            q, scale, masks, _ = native.quantize_rotated_sequences(x.contiguous(), column_mask(x.shape[1], stored_idx), threshold, 1, reference.ROTATION_BLOCK)
+            block = check_rotation_block(rotation_block)
+            q, scale, masks, _ = native.quantize_rotated_sequences(x.contiguous(), column_mask(x.shape[1], stored_idx), threshold, 1, block)
             return Quantized(q, scale, None), torch.nonzero(masks[0]).flatten()
         q, scale, columns = native.quantize_rows(x.contiguous(), column_mask(x.shape[1], stored_idx), threshold if method.decomposition else math.inf)
         return Quantized(q, scale, None), torch.nonzero(columns).flatten()
@@ -134,7 +137,8 @@ class CpuBackend(Backend):
         """Rotation methods, the batch in one GEMM: X' R per sequence, the stored columns in the native
         epilogue, the columns that are outliers only in one sequence added to that sequence's rows."""
         native, (m, k) = native_kernels(), x2.shape
-        q, sx, masks, runtime_only = native.quantize_rotated_sequences(x2, prepared.stored_mask, threshold, groups, reference.ROTATION_BLOCK)
+        block = prepared.qweight.rotation_block
+        q, sx, masks, runtime_only = native.quantize_rotated_sequences(x2, prepared.stored_mask, threshold, groups, block)
         acc = prepared.gemm.run(q, prepared.packed)
         out = native.dequantize_sequences(  # the stored columns, the same for every sequence: one mask row
             acc, sx, x2, prepared.stored_mask.view(1, k), prepared.qweight.int8.q, prepared.scale, prepared.stored_rows, prepared.stored_pos, bias,
@@ -144,14 +148,15 @@ class CpuBackend(Backend):
             runtime = masks > prepared.stored_mask
             for g in torch.nonzero(runtime.any(dim=1)).flatten().tolist():
                 rows, cols = slice(g * (m // groups), (g + 1) * (m // groups)), torch.nonzero(runtime[g]).flatten()
-                extra = x2[rows][:, cols].float() @ reference.unrotated_columns(prepared.qweight.int8, cols).T
+                extra = x2[rows][:, cols].float() @ reference.unrotated_columns(prepared.qweight.int8, cols, block).T
                 out[rows] = (out[rows].float() + extra).to(out.dtype)
         return out.reshape(*x.shape[:-1], out.shape[-1])
 
     def linear_call(self, x: torch.Tensor, prepared: PreparedWeight, method: Method, threshold: float, bias: torch.Tensor | None) -> torch.Tensor:
         k = x.shape[-1]
         x2 = reference.smooth_activations(x.reshape(-1, k), prepared.qweight.smooth)
-        qx, fp_idx = self.quantize_activations(x2, method, threshold, prepared.qweight.outlier_idx, reference.sequence_count(x))
+        qx, fp_idx = self.quantize_activations(x2, method, threshold, prepared.qweight.outlier_idx, reference.sequence_count(x),
+                                               prepared.qweight.rotation_block or reference.ROTATION_BLOCK)
         out = self.int8_accumulate(qx, prepared).float()
         out *= qx.scale[:, None] * prepared.scale[None, :]
         if fp_idx.numel():

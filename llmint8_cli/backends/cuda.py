@@ -107,9 +107,10 @@ class CudaBackend(CpuBackend):
         launch("quantize_rows", m, 256, (x, np.int32(k), flags, q, scale), x.dtype)
         return Quantized(q, scale, None), idx, count, x
 
-    def quantize_activations(self, x: torch.Tensor, method: Method, threshold: float, stored_idx: torch.Tensor, groups: int = 1):
+    def quantize_activations(self, x: torch.Tensor, method: Method, threshold: float, stored_idx: torch.Tensor, groups: int = 1,
+                             rotation_block: int = reference.ROTATION_BLOCK):
         if not self.fused(method):
-            return super().quantize_activations(x, method, threshold, stored_idx, groups)
+            return super().quantize_activations(x, method, threshold, stored_idx, groups, rotation_block)
         qx, idx, count, _ = self._quantize_on_device(x, method, threshold, stored_idx)
         return qx, idx[: int(count.item())].long()
 

@@ -20,28 +20,43 @@ from pathlib import Path
 import torch
 
 from llmint8_cli.checkpoint.writer import sha256_file
-from llmint8_cli.core.methods import check_threshold, get_method
+from llmint8_cli.core.methods import check_rotation_block, check_threshold, get_method
+from llmint8_cli.core.reference import ROTATION_BLOCK
 from llmint8_cli.errors import CheckpointError, InvalidArgumentError
 
 FORMAT_VERSION = 1  # the paper's methods
 SMOOTHING_FORMAT_VERSION = 2  # adds <name>.input_smooth (llm.int8-smooth); older readers refuse it
-ROTATION_FORMAT_VERSION = 3  # int8 weights in a rotated basis (llm.int8-rotate); older readers refuse it
-VERSIONS = (FORMAT_VERSION, SMOOTHING_FORMAT_VERSION, ROTATION_FORMAT_VERSION)
+ROTATION_FORMAT_VERSION = 3  # int8 weights in a rotated basis (llm.int8-rotate), 64-wide blocks; older readers refuse it
+ROTATION_BLOCK_FORMAT_VERSION = 4  # a rotation block other than 64 (`rotation.block`); version-3 readers would assume 64
+VERSIONS = (FORMAT_VERSION, SMOOTHING_FORMAT_VERSION, ROTATION_FORMAT_VERSION, ROTATION_BLOCK_FORMAT_VERSION)
 QUANT_METHOD = "llmint8"
 MANIFEST = "llmint8_manifest.json"
 PARTIAL_MARKER = ".llmint8-partial"  # present while a folder is being written; never in the manifest
 
 
-def format_version(method: str) -> int:
+def format_version(method: str, rotation_block: int = ROTATION_BLOCK) -> int:
     """The oldest format that can hold a method's checkpoint."""
     spec = get_method(method)
-    return ROTATION_FORMAT_VERSION if spec.rotation else SMOOTHING_FORMAT_VERSION if spec.smoothing else FORMAT_VERSION
+    if spec.rotation:
+        return ROTATION_FORMAT_VERSION if rotation_block == ROTATION_BLOCK else ROTATION_BLOCK_FORMAT_VERSION
+    return SMOOTHING_FORMAT_VERSION if spec.smoothing else FORMAT_VERSION
 
 
-def quantization_config(method: str, threshold: float, skip: list[str], quantized: list[str], dtype: torch.dtype, calibration: dict) -> dict:
+def stored_rotation_block(block: dict) -> int:
+    """The Hadamard block width of a rotation method's checkpoint (version 3 wrote no field: 64); 0 for other methods."""
+    if not get_method(block["method"]).rotation:
+        return 0
+    rotation = block.get("rotation", {})
+    if not isinstance(rotation, dict):
+        raise InvalidArgumentError("rotation is not an object")
+    return check_rotation_block(rotation.get("block", ROTATION_BLOCK))
+
+
+def quantization_config(method: str, threshold: float, skip: list[str], quantized: list[str], dtype: torch.dtype, calibration: dict,
+                        rotation_block: int = ROTATION_BLOCK) -> dict:
     return {
         "quant_method": QUANT_METHOD,
-        "format_version": format_version(method),
+        "format_version": format_version(method, rotation_block),
         "method": method,
         "threshold": threshold,
         "skip_modules": skip,
@@ -99,7 +114,7 @@ def check_block(config_path: Path, block: dict) -> None:
         if not isinstance(method, str) or not get_method(method).quantized:
             raise InvalidArgumentError(f"method {method!r} is not one of the 8-bit methods")
         check_threshold(block.get("threshold"))
-        needed = format_version(method)
+        needed = format_version(method, stored_rotation_block(block))
         if needed != FORMAT_VERSION and block.get("format_version") != needed:
             raise InvalidArgumentError(f"method {method!r} needs format_version {needed}")
         for key in ("quantized_modules", "skip_modules"):

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import torch
 
-from llmint8_cli.checkpoint.format import read_quantization_config, verify
+from llmint8_cli.checkpoint.format import read_quantization_config, stored_rotation_block, verify
+from llmint8_cli.core.reference import ROTATION_BLOCK
 from llmint8_cli.errors import CheckpointError
 from llmint8_cli.nn.convert import quantizable_layers, replace_module
 from llmint8_cli.nn.linear import Int8Linear
@@ -48,7 +49,7 @@ def install_shells(model, block: dict, counts: dict[str, int], dtype: torch.dtyp
         out_features, in_features = (module.out_features, module.in_features) if isinstance(module, torch.nn.Linear) else module.weight.shape[::-1]
         shell = Int8Linear(
             in_features, out_features, module.bias is not None, method=block["method"], threshold=block["threshold"],
-            num_outliers=counts[name], dtype=dtype, device="meta",
+            num_outliers=counts[name], rotation_block=stored_rotation_block(block) or ROTATION_BLOCK, dtype=dtype, device="meta",
         )
         replace_module(model, name, shell)
 

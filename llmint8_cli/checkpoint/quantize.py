@@ -25,7 +25,7 @@ from llmint8_cli.checkpoint.output import check_free_space, check_output, copy_s
 from llmint8_cli.checkpoint.sources import ModelSource, TensorSource, open_folder
 from llmint8_cli.checkpoint.writer import Entry, Group, write_tensors
 from llmint8_cli.core import reference
-from llmint8_cli.core.methods import DEFAULT_METHOD, DEFAULT_SMOOTH_ALPHA, DEFAULT_THRESHOLD, check_alpha, check_threshold, get_method
+from llmint8_cli.core.methods import DEFAULT_METHOD, DEFAULT_SMOOTH_ALPHA, DEFAULT_THRESHOLD, check_alpha, check_rotation_block, check_threshold, get_method
 from llmint8_cli.errors import InvalidArgumentError, InvalidWeightError, ModelLoadError
 from llmint8_cli.evaluation.perplexity import make_windows, tokenize
 from llmint8_cli.nn.convert import Conv1D, quantizable_layers
@@ -44,6 +44,7 @@ class QuantizeOptions:
     calib_dataset: str = "wikitext2-train"
     calib_batch_size: int = 4
     smooth_alpha: float = DEFAULT_SMOOTH_ALPHA  # smoothing methods: how much of X's range moves into W
+    rotation_block: int = reference.ROTATION_BLOCK  # rotation methods: the Hadamard block width (a power of 4)
     max_shard_bytes: int = 2 << 30
     data_dir: str | None = None
     clamp_overflow: bool = False  # clamp finite values beyond the 16-bit range instead of refusing
@@ -208,7 +209,7 @@ def to_sixteen_bit(key: str, tensor: torch.Tensor, dtype: torch.dtype, clamp: bo
 
 
 def quantized_group(name: str, key: str, module, tensors: TensorSource, method, dtype, outlier_idx, clamp: bool, clamped: list[str],
-                    input_max: torch.Tensor | None = None, alpha: float = DEFAULT_SMOOTH_ALPHA) -> Group:
+                    input_max: torch.Tensor | None = None, alpha: float = DEFAULT_SMOOTH_ALPHA, rotation_block: int = reference.ROTATION_BLOCK) -> Group:
     transposed = isinstance(module, Conv1D)
     shape = tensors.shape(key)
     out_f, in_f = shape[::-1] if transposed else shape
@@ -228,7 +229,7 @@ def quantized_group(name: str, key: str, module, tensors: TensorSource, method, 
             if method.smoothing:
                 stored = reference.stored_outlier_index(weight, method, outlier_idx)
                 smooth = reference.smoothing_factors(input_max, weight, alpha, stored)
-            qw = backend_for(weight.device).quantize_weight(weight, method, outlier_idx, smooth)
+            qw = backend_for(weight.device).quantize_weight(weight, method, outlier_idx, smooth, rotation_block)
         except InvalidWeightError as exc:
             raise InvalidWeightError(f"{key}: {exc}") from None
         out = {f"{name}.weight": qw.int8.q, f"{name}.weight_scale": qw.int8.scale, f"{name}.outlier_idx": qw.outlier_idx.to(torch.int32), f"{name}.outlier_weight": qw.outlier_weight}
@@ -285,6 +286,7 @@ def quantize_checkpoint(src: str, out: str | os.PathLike, options: QuantizeOptio
         raise InvalidArgumentError("method 'fp16' quantizes nothing; choose one of the 8-bit methods")
     check_threshold(options.threshold)
     check_alpha(options.smooth_alpha)
+    check_rotation_block(options.rotation_block)
     if method.smoothing and options.calib_samples <= 0:
         raise InvalidArgumentError(f"method {method.name!r} is calibrated: --calib-samples must be at least 1")
     source = models.resolve(src)
@@ -330,12 +332,14 @@ def quantize_checkpoint(src: str, out: str | os.PathLike, options: QuantizeOptio
             layer = name.removesuffix(".weight")
             if name.endswith(".weight") and layer in layers:
                 groups.append(quantized_group(layer, key, layers[layer], tensors, method, dtype, outliers.get(layer), options.clamp_overflow, clamped,
-                                              input_max.get(layer), options.smooth_alpha))
+                                              input_max.get(layer), options.smooth_alpha, options.rotation_block))
             else:
                 groups.append(plain_group(name, key, tensors, dtype, options.clamp_overflow, clamped))
-        block = fmt.quantization_config(method.name, options.threshold, options.skip, list(layers), dtype, calibration)
+        block = fmt.quantization_config(method.name, options.threshold, options.skip, list(layers), dtype, calibration, options.rotation_block)
         if method.smoothing:
             block["smoothing"] = {"alpha": options.smooth_alpha}
+        if method.rotation:
+            block["rotation"] = {"block": options.rotation_block}
         block["source"] = src if source.kind == "hub" or src in models.ALIASES else str(Path(src).expanduser().absolute())
         hashes = write_tensors(tmp, groups, options.max_shard_bytes, progress and (lambda done, total: progress("write", done, total)))
         config_dict = config.to_dict()

@@ -11,7 +11,7 @@ import typer
 from llmint8_cli.backends.cpu_kernels import gemm_report
 from llmint8_cli.checkpoint.quantize import QuantizeOptions
 from llmint8_cli.cli.common import (
-    PIPED_MODEL_HELP, CalibDataset, CalibSamples, CalibSeqLen, ComputeDtype, DataDir, Device, NoVerify, Quiet, SmoothAlpha, Threshold, choose_model, command, emit_json, print_table, progress_bar,
+    PIPED_MODEL_HELP, CalibDataset, CalibSamples, CalibSeqLen, ComputeDtype, DataDir, Device, NoVerify, Quiet, RotationBlock, SmoothAlpha, Threshold, choose_model, command, emit_json, print_table, progress_bar,
     stderr_console,
 )
 from llmint8_cli.core.methods import DEFAULT_METHOD, DEFAULT_THRESHOLD, check_threshold, get_method
@@ -77,6 +77,7 @@ def bench(
     calib_seq_len: CalibSeqLen = QuantizeOptions.calib_seq_len,
     calib_dataset: CalibDataset = QuantizeOptions.calib_dataset,
     smooth_alpha: SmoothAlpha = QuantizeOptions.smooth_alpha,
+    rotation_block: RotationBlock = QuantizeOptions.rotation_block,
     data_dir: DataDir = None,
     prompt_tokens: Annotated[str, typer.Option(help="Model mode: prefill lengths, comma-separated.")] = "128,512",
     new_tokens: Annotated[int, typer.Option(min=1, help="Model mode: tokens decoded.")] = 32,
@@ -116,7 +117,8 @@ def bench(
         lengths, batches = parse_ints(prompt_tokens, "--prompt-tokens", minimum=1), parse_ints(batch, "--batch", minimum=1)
         run_dtype = variants.resolve_dtype(dtype, run_device, inference=True)
         # a 16-bit model is calibrated as quantize calibrates it: the speed of the folder a user would get
-        calibration = QuantizeOptions(calib_samples=calib_samples, calib_seq_len=calib_seq_len, calib_dataset=calib_dataset, data_dir=data_dir, smooth_alpha=smooth_alpha)
+        calibration = QuantizeOptions(calib_samples=calib_samples, calib_seq_len=calib_seq_len, calib_dataset=calib_dataset, data_dir=data_dir, smooth_alpha=smooth_alpha,
+                                      rotation_block=rotation_block)
         with console.status(f"loading {model}"):
             subject = variants.subject(model, [get_method(method)], check_threshold(threshold), run_dtype, run_device, verify=not no_verify, calibration=calibration)
         notes = list(subject.notes)
@@ -137,7 +139,7 @@ def bench(
         speed.add_speedups(results, baseline)
         document.update({
             "mode": "model", "threshold": threshold,
-            "calibration": calibrations,
+            "calibration": calibrations, "settings": {name: subject.settings_of(name) for name in calibrations if subject.settings_of(name)},
             "dtype": str(run_dtype).removeprefix("torch."), "prompt_tokens": lengths, "batches": batches,
             "new_tokens": new_tokens, "repeat": repeat, "results": results, "notes": notes,
         })

@@ -46,6 +46,7 @@ Threshold = Annotated[float, typer.Option(help="Outlier threshold |x| of the dec
 CalibSamples = Annotated[int, typer.Option(min=0, help="Calibration windows that find the outlier columns stored in 16-bit (as quantize does); 0 = run-time detection only.")]
 CalibSeqLen = Annotated[int, typer.Option(min=2, help="Tokens per calibration window.")]
 SmoothAlpha = Annotated[float, typer.Option(min=0.0, max=1.0, help="llm.int8-smooth: how much of each input feature's calibrated range moves into W (SmoothQuant's alpha).")]
+RotationBlock = Annotated[int, typer.Option(help="llm.int8-rotate: width of the Hadamard blocks (4, 16, 64, 256 or 1024); wider spreads a large value thinner.")]
 METHODS_HELP = "Comma-separated methods, 'paper' (Table 1's nine) or 'all' (those, llm.int8-smooth and llm.int8-rotate); the 16-bit baseline is always included."
 CalibDataset = Annotated[str, typer.Option(help="Calibration text: wikitext2-train (falls back to C4 offline), wikitext2, ptb, c4 or a file; never the evaluation text.")]
 PIPED_MODEL_HELP = "Omitted: the model of the llmint8 JSON document on stdin (a pipe from quantize or an evaluation)"

@@ -12,7 +12,7 @@ from llmint8_cli import data
 from llmint8_cli.backends.cpu_kernels import gemm_report
 from llmint8_cli import models
 from llmint8_cli.checkpoint.quantize import QuantizeOptions
-from llmint8_cli.cli.common import EXIT_NOT_FINITE, METHODS_HELP, CalibDataset, CalibSamples, CalibSeqLen, SmoothAlpha, ComputeDtype, DataDir, Device, Model, NoVerify, Quiet, Threshold, choose_model, command, emit_json, fail, print_table, progress_bar, stderr_console
+from llmint8_cli.cli.common import EXIT_NOT_FINITE, METHODS_HELP, CalibDataset, CalibSamples, CalibSeqLen, RotationBlock, SmoothAlpha, ComputeDtype, DataDir, Device, Model, NoVerify, Quiet, Threshold, choose_model, command, emit_json, fail, print_table, progress_bar, stderr_console
 from llmint8_cli.core.methods import DEFAULT_METHOD, DEFAULT_THRESHOLD, check_threshold, parse_methods
 from llmint8_cli.errors import DataError
 from llmint8_cli.evaluation import variants
@@ -61,6 +61,7 @@ def eval_ppl(
     calib_seq_len: CalibSeqLen = QuantizeOptions.calib_seq_len,
     calib_dataset: CalibDataset = QuantizeOptions.calib_dataset,
     smooth_alpha: SmoothAlpha = QuantizeOptions.smooth_alpha,
+    rotation_block: RotationBlock = QuantizeOptions.rotation_block,
     device: Device = "auto",
     dtype: ComputeDtype = "auto",
     data_dir: DataDir = None,
@@ -80,7 +81,8 @@ def eval_ppl(
     run_device = variants.resolve_device(device)
     run_dtype = variants.resolve_dtype(dtype, run_device)
     with console.status(f"loading {model}"):
-        calibration = QuantizeOptions(calib_samples=calib_samples, calib_seq_len=calib_seq_len, calib_dataset=calib_dataset, data_dir=data_dir, smooth_alpha=smooth_alpha)
+        calibration = QuantizeOptions(calib_samples=calib_samples, calib_seq_len=calib_seq_len, calib_dataset=calib_dataset, data_dir=data_dir, smooth_alpha=smooth_alpha,
+                                      rotation_block=rotation_block)
         subject = variants.subject(model, chosen, threshold, run_dtype, run_device, verify=not no_verify, calibration=calibration, held_out=text.source)
     limit = context_length(subject.config)
     if limit is not None and seq_len > limit:
@@ -100,7 +102,7 @@ def eval_ppl(
                 "ppl": round(result.ppl, 4), "nll": round(result.nll, 4),
                 "delta_pct": None if baseline is None else round(100 * (result.ppl / baseline - 1), 3),
                 "seconds": round(seconds, 2), "tokens_per_s": computed_rate(result, seconds),
-                "calibration": subject.calibration_of(name),
+                "calibration": subject.calibration_of(name), **subject.settings_of(name),
                 **({"reused_windows": result.reused} if cache else {}),
                 **({} if math.isfinite(result.ppl) else {"error": NOT_FINITE}),
             }

@@ -13,7 +13,7 @@ import typer
 from llmint8_cli.backends.cpu_kernels import gemm_report
 from llmint8_cli import models
 from llmint8_cli.checkpoint.quantize import QuantizeOptions
-from llmint8_cli.cli.common import METHODS_HELP, CalibDataset, CalibSamples, CalibSeqLen, ComputeDtype, Device, SmoothAlpha, Model, NoVerify, Quiet, Threshold, choose_model, command, emit_json, print_table, stderr_console
+from llmint8_cli.cli.common import METHODS_HELP, CalibDataset, CalibSamples, CalibSeqLen, ComputeDtype, Device, RotationBlock, SmoothAlpha, Model, NoVerify, Quiet, Threshold, choose_model, command, emit_json, print_table, stderr_console
 from llmint8_cli.core.methods import DEFAULT_METHOD, DEFAULT_THRESHOLD, check_threshold, parse_methods
 from llmint8_cli.evaluation import variants, zeroshot
 
@@ -33,6 +33,7 @@ def eval_zeroshot(
     calib_seq_len: CalibSeqLen = QuantizeOptions.calib_seq_len,
     calib_dataset: CalibDataset = QuantizeOptions.calib_dataset,
     smooth_alpha: SmoothAlpha = QuantizeOptions.smooth_alpha,
+    rotation_block: RotationBlock = QuantizeOptions.rotation_block,
     device: Device = "auto",
     dtype: ComputeDtype = "auto",
     no_verify: NoVerify = False,
@@ -49,7 +50,8 @@ def eval_zeroshot(
     run_device = variants.resolve_device(device)
     run_dtype = variants.resolve_dtype(dtype, run_device)
     with console.status(f"loading {model}"):
-        calibration = QuantizeOptions(calib_samples=calib_samples, calib_seq_len=calib_seq_len, calib_dataset=calib_dataset, data_dir=data_dir, smooth_alpha=smooth_alpha)
+        calibration = QuantizeOptions(calib_samples=calib_samples, calib_seq_len=calib_seq_len, calib_dataset=calib_dataset, data_dir=data_dir, smooth_alpha=smooth_alpha,
+                                      rotation_block=rotation_block)
         subject = variants.subject(model, chosen, threshold, run_dtype, run_device, verify=not no_verify, calibration=calibration)
     results, per_document, seconds, caches, notes = {}, {}, {}, {}, list(subject.notes)
     for name, network in subject.variants:
@@ -68,7 +70,8 @@ def eval_zeroshot(
     baseline = results.get(variants.BASELINE)
     document = {"tasks": {}, "data": source, "limit": limit, "num_fewshot": num_fewshot,
                 "device": str(run_device), "dtype": str(run_dtype).removeprefix("torch."), "threshold": threshold,
-                "seconds": seconds, "calibration": {m: subject.calibration_of(m) for m in results}, "notes": notes, **({"caches": caches} if cache_dir else {})}
+                "seconds": seconds, "calibration": {m: subject.calibration_of(m) for m in results},
+                "settings": {m: subject.settings_of(m) for m in results if subject.settings_of(m)}, "notes": notes, **({"caches": caches} if cache_dir else {})}
     columns = ["task", "metric", *(variants.shown_name(m, run_dtype) for m in results), *(["Δ " + m for m in results if m != variants.BASELINE] if baseline else [])]
     rows = []
     for task in names:

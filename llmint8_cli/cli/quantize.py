@@ -7,7 +7,7 @@ from typing import Annotated
 import typer
 
 from llmint8_cli.checkpoint.quantize import QuantizeOptions, quantize_checkpoint
-from llmint8_cli.cli.common import CalibDataset, CalibSamples, CalibSeqLen, DataDir, SmoothAlpha, Quiet, Threshold, command, emit_json, parse_size, progress_bar, stderr_console, warn
+from llmint8_cli.cli.common import CalibDataset, CalibSamples, CalibSeqLen, DataDir, RotationBlock, SmoothAlpha, Quiet, Threshold, command, emit_json, parse_size, progress_bar, stderr_console, warn
 from llmint8_cli.core.methods import DEFAULT_METHOD, DEFAULT_THRESHOLD, METHODS
 
 
@@ -23,6 +23,7 @@ def quantize(
     calib_seq_len: CalibSeqLen = QuantizeOptions.calib_seq_len,
     calib_dataset: CalibDataset = QuantizeOptions.calib_dataset,
     smooth_alpha: SmoothAlpha = QuantizeOptions.smooth_alpha,
+    rotation_block: RotationBlock = QuantizeOptions.rotation_block,
     data_dir: DataDir = None,
     max_shard_size: Annotated[str, typer.Option(help="Largest safetensors shard, e.g. 2GB.")] = "2GB",
     clamp_overflow: Annotated[bool, typer.Option("--clamp-overflow", help="Clamp finite weights beyond the 16-bit range (with a warning) instead of refusing them.")] = False,
@@ -33,7 +34,7 @@ def quantize(
     options = QuantizeOptions(
         method=method, threshold=threshold, dtype=dtype, skip=list(skip or []), calib_samples=calib_samples,
         calib_seq_len=calib_seq_len, calib_dataset=calib_dataset, max_shard_bytes=parse_size(max_shard_size), data_dir=data_dir,
-        clamp_overflow=clamp_overflow, smooth_alpha=smooth_alpha,
+        clamp_overflow=clamp_overflow, smooth_alpha=smooth_alpha, rotation_block=rotation_block,
     )
     console = stderr_console(quiet)
     bar = progress_bar(console)

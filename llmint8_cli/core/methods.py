@@ -83,6 +83,13 @@ def check_threshold(threshold: float) -> float:
     return float(threshold)
 
 
+def check_rotation_block(block: int) -> int:
+    """A rotation block is a power of 4 from 4 to 1024, so that 1/sqrt(block) is an exact power of 2."""
+    if isinstance(block, bool) or not isinstance(block, int) or block not in (4, 16, 64, 256, 1024):
+        raise InvalidArgumentError(f"rotation block must be one of 4, 16, 64, 256, 1024 (a power of 4), got {block!r}")
+    return block
+
+
 def check_alpha(alpha: float) -> float:
     """The smoothing strength: 0 leaves X as it is, 1 moves all of its range into W."""
     if not isinstance(alpha, (int, float)) or math.isnan(alpha) or not 0 <= alpha <= 1:

@@ -53,8 +53,10 @@ int8 part of the product is taken in a rotated basis,
 where X' is X with its 16-bit columns set to 0 and W' is W with its stored columns set to 0. Per
 token, a value that is large against the rest of its row is spread over its block, so the row's
 absmax (its int8 step) falls close to the row's typical size. The blocks cover k from the left,
-ROTATION_BLOCK wide while they fit and then in smaller powers of 4 (k = 172: 64, 64, 16, 16, 4,
-4, 4); a power of 4 keeps 1/sqrt(b) a power of 2, and the butterflies (a + b, a - b, in a fixed
+b wide while they fit and then in smaller powers of 4 (b = 64, k = 172: 64, 64, 16, 16, 4, 4,
+4). The block b is a power of 4 chosen at quantize time (ROTATION_BLOCK unless `--rotation-block`
+says otherwise) and stored with the weight: a wider block spreads a large value thinner (v/sqrt(b)
+per feature). A power of 4 keeps 1/sqrt(b) a power of 2, and the butterflies (a + b, a - b, in a fixed
 order) are exact IEEE operations, so every backend can produce the same bits. X' R is quantized
 row-wise and W' R per output row, which is what the checkpoint stores; the outlier columns stay
 in the original basis (stored ones exact, run-time ones are columns of the dequantized int8 W
@@ -69,11 +71,11 @@ from dataclasses import dataclass
 
 import torch
 
-from llmint8_cli.core.methods import Method
+from llmint8_cli.core.methods import Method, check_rotation_block
 from llmint8_cli.errors import InvalidArgumentError, InvalidWeightError
 
 INT8_MAX = 127
-ROTATION_BLOCK = 64  # the Hadamard block of the rotation methods (a power of 4: 1/sqrt(b) is exact)
+ROTATION_BLOCK = 64  # the default Hadamard block of the rotation methods (a power of 4: 1/sqrt(b) is exact)
 
 
 @dataclass
@@ -93,7 +95,7 @@ class QuantizedWeight:
     outlier_idx: torch.Tensor  # int64 [j], sorted, unique
     outlier_weight: torch.Tensor  # 16-bit [n, j]: exact W[:, outlier_idx]
     smooth: torch.Tensor | None = None  # fp32 [k]: m, X's multiplier (smoothing methods only)
-    rotated: bool = False  # the int8 part holds W' R (rotation methods)
+    rotation_block: int = 0  # rotation methods: the int8 part holds W' R, R's blocks this wide; 0 = not rotated
 
 
 def divide(numerator, denominator: torch.Tensor) -> torch.Tensor:
@@ -197,9 +199,9 @@ def smooth_activations(x: torch.Tensor, smooth: torch.Tensor | None) -> torch.Te
     return x if smooth is None else x.float() * smooth
 
 
-def rotation_blocks(k: int) -> list[tuple[int, int]]:
-    """(start, size) of R's diagonal blocks over k features: ROTATION_BLOCK wide, then smaller powers of 4."""
-    blocks, start, size = [], 0, ROTATION_BLOCK
+def rotation_blocks(k: int, block: int = ROTATION_BLOCK) -> list[tuple[int, int]]:
+    """(start, size) of R's diagonal blocks over k features: `block` wide, then smaller powers of 4."""
+    blocks, start, size = [], 0, check_rotation_block(block)
     while start < k:
         while size > k - start:
             size //= 4
@@ -220,11 +222,11 @@ def hadamard(v: torch.Tensor, size: int) -> torch.Tensor:
     return v.reshape(shape) * (1.0 / math.isqrt(size))
 
 
-def rotate(v: torch.Tensor) -> torch.Tensor:
+def rotate(v: torch.Tensor, block: int = ROTATION_BLOCK) -> torch.Tensor:
     """v [..., k] R in fp32 (R symmetric and orthonormal, so rotate(rotate(v)) = v up to rounding)."""
     v = v.float()
     parts, runs = [], {}
-    for start, size in rotation_blocks(v.shape[-1]):  # consecutive blocks of one size in one call
+    for start, size in rotation_blocks(v.shape[-1], block):  # consecutive blocks of one size in one call
         runs.setdefault(size, [start, 0])[1] += size
     for size, (start, width) in runs.items():
         chunk = v[..., start : start + width]
@@ -248,10 +250,12 @@ def check_smooth(weight: torch.Tensor, method: Method, smooth: torch.Tensor | No
     return smooth
 
 
-def quantize_weight(weight: torch.Tensor, method: Method, outlier_idx: torch.Tensor | None = None, smooth: torch.Tensor | None = None) -> QuantizedWeight:
+def quantize_weight(weight: torch.Tensor, method: Method, outlier_idx: torch.Tensor | None = None, smooth: torch.Tensor | None = None,
+                    rotation_block: int = ROTATION_BLOCK) -> QuantizedWeight:
     """Quantize W [n, k] for a method; stored outlier columns stay exact and out of the scales.
 
     Smoothing methods quantize W / m (`smooth` = m); the stored columns, where m is 1, stay W.
+    Rotation methods quantize W' R with R's blocks `rotation_block` wide (other methods ignore it).
     """
     check_weight(weight)
     if not method.quantized:
@@ -261,10 +265,11 @@ def quantize_weight(weight: torch.Tensor, method: Method, outlier_idx: torch.Ten
     w = smooth_weight(weight, smooth).detach().float()
     if idx.numel():
         w = w.index_fill(1, idx, 0.0)
-    if method.rotation:
-        w = rotate(w)
+    block = check_rotation_block(rotation_block) if method.rotation else 0
+    if block:
+        w = rotate(w, block)
     int8 = quantize(w, method.weight, method.zeropoint)
-    return QuantizedWeight(int8, idx, weight.detach()[:, idx].contiguous(), smooth, method.rotation)
+    return QuantizedWeight(int8, idx, weight.detach()[:, idx].contiguous(), smooth, block)
 
 
 def decomposed_columns(x: torch.Tensor, method: Method, threshold: float, stored_idx: torch.Tensor) -> torch.Tensor:
@@ -275,15 +280,17 @@ def decomposed_columns(x: torch.Tensor, method: Method, threshold: float, stored
     return torch.unique(torch.cat([stored_idx.to(runtime.device), runtime]))
 
 
-def quantize_activations(x: torch.Tensor, method: Method, threshold: float, stored_idx: torch.Tensor, groups: int = 1) -> tuple[Quantized, torch.Tensor]:
+def quantize_activations(x: torch.Tensor, method: Method, threshold: float, stored_idx: torch.Tensor, groups: int = 1,
+                         rotation_block: int = ROTATION_BLOCK) -> tuple[Quantized, torch.Tensor]:
     """Quantize X [m, k] (rows from `groups` sequences) after taking out its 16-bit columns.
 
-    Returns (int8 X, the columns that take the 16-bit path). Rotation methods quantize X' R.
+    Returns (int8 X, the columns that take the 16-bit path). Rotation methods quantize X' R, R's
+    blocks `rotation_block` wide (the weight's).
     """
     fp_idx = decomposed_columns(x, method, threshold, stored_idx)
     x_int = x.float().index_fill(1, fp_idx, 0.0) if fp_idx.numel() else x
     if method.rotation:
-        x_int = rotate(x_int)
+        x_int = rotate(x_int, rotation_block)
     return quantize(x_int, method.activation, method.zeropoint, groups), fp_idx
 
 
@@ -303,10 +310,10 @@ def int8_accumulate(qx: Quantized, qw: Quantized) -> torch.Tensor:
     return (a @ b.T).to(torch.int32)
 
 
-def unrotated_columns(qt: Quantized, columns: torch.Tensor) -> torch.Tensor:
+def unrotated_columns(qt: Quantized, columns: torch.Tensor, block: int) -> torch.Tensor:
     """Columns of dequantize(qt) R in fp32 (the int8 W of a rotation method in the original basis); only their blocks are rotated back."""
     out = torch.empty(qt.q.shape[0], columns.numel(), dtype=torch.float32, device=qt.q.device)
-    for start, size in rotation_blocks(qt.q.shape[1]):
+    for start, size in rotation_blocks(qt.q.shape[1], block):
         inside = (columns >= start) & (columns < start + size)
         if bool(inside.any()):
             block = hadamard(dequantize(qt, torch.arange(start, start + size, device=qt.q.device)), size)
@@ -316,7 +323,7 @@ def unrotated_columns(qt: Quantized, columns: torch.Tensor) -> torch.Tensor:
 
 def outlier_weight_columns(qweight: QuantizedWeight, fp_idx: torch.Tensor) -> torch.Tensor:
     """W[:, fp_idx] in fp32: exact for stored outlier columns, dequantized int8 otherwise (rotated back for rotation methods)."""
-    cols = unrotated_columns(qweight.int8, fp_idx) if qweight.rotated else dequantize(qweight.int8, fp_idx)
+    cols = unrotated_columns(qweight.int8, fp_idx, qweight.rotation_block) if qweight.rotation_block else dequantize(qweight.int8, fp_idx)
     stored = qweight.outlier_idx
     if stored.numel():
         is_stored = torch.isin(fp_idx, stored)
@@ -347,7 +354,7 @@ def linear_call(x: torch.Tensor, qweight: QuantizedWeight, method: Method, thres
     """One matmul call: outliers are detected over all of x's rows (of X · m for smoothing methods)."""
     k = x.shape[-1]
     x2 = smooth_activations(x.reshape(-1, k), qweight.smooth)
-    qx, fp_idx = quantize_activations(x2, method, threshold, qweight.outlier_idx, sequence_count(x))
+    qx, fp_idx = quantize_activations(x2, method, threshold, qweight.outlier_idx, sequence_count(x), qweight.rotation_block or ROTATION_BLOCK)
     acc = int8_accumulate(qx, qweight.int8)
     out = acc.float() * (qx.scale[:, None] * qweight.int8.scale[None, :])
     if fp_idx.numel():

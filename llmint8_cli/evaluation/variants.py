@@ -20,11 +20,12 @@ import torch
 from llmint8_cli import models
 from llmint8_cli.backends import cpu_kernels
 from llmint8_cli.checkpoint import bitsandbytes
-from llmint8_cli.checkpoint.format import is_llmint8_checkpoint, read_quantization_config
+from llmint8_cli.checkpoint.format import is_llmint8_checkpoint, read_quantization_config, stored_rotation_block
 from llmint8_cli.checkpoint.load import load
 from llmint8_cli.checkpoint.quantize import QuantizeOptions, calibrate
 from llmint8_cli.activations import ActivationStats
-from llmint8_cli.core.methods import DEFAULT_SMOOTH_ALPHA, Method, get_method
+from llmint8_cli.core.methods import DEFAULT_SMOOTH_ALPHA, Method, check_rotation_block, get_method
+from llmint8_cli.core.reference import ROTATION_BLOCK
 from llmint8_cli.errors import InvalidArgumentError, LLMInt8Error
 from llmint8_cli.nn.convert import quantizable_layers, quantize_model
 
@@ -79,6 +80,7 @@ class Subject:
     baseline_source: models.ModelSource | None = None  # a stored folder's recorded 16-bit source
     calibration: dict | None = None  # how the decomposition methods found their stored columns
     stored: bool = False  # an llmint8 folder, evaluated as written (its files key its caches)
+    rotation_block: int = ROTATION_BLOCK  # the Hadamard block width of the rotation methods
     _fingerprints: dict = field(default_factory=dict, repr=False)
 
     def calibration_of(self, method: str) -> dict | None:
@@ -90,6 +92,10 @@ class Subject:
         """Part of a cache folder's name for on-the-fly variants: run-time detection only, or the calibration set used."""
         info = self.calibration or {}
         return f"calib{info['samples']}x{info['seq_len']}-{info['dataset']}" if info.get("samples") and not self.stored else ""
+
+    def settings_of(self, method: str) -> dict:
+        """A variant's settings beyond method and threshold, for the JSON (the rotation block of a rotation method)."""
+        return {"rotation_block": self.rotation_block} if get_method(method).rotation else {}
 
     def source_of(self, variant: str) -> models.ModelSource:
         """The files a variant is computed from: a stored folder's baseline is its 16-bit source."""
@@ -126,6 +132,7 @@ def subject(spec: str, methods: list[Method], threshold: float, dtype: torch.dty
     base = models.load_model(source, dtype=dtype).to(device)
     ordered = [BASELINE] + [m.name for m in methods if m.name != BASELINE]
     outliers, input_max, info = {}, {}, None
+    rotation_block = check_rotation_block(calibration.rotation_block) if calibration else ROTATION_BLOCK
     calibrated = calibration is not None and calibration.calib_samples > 0
     smoothing = [m.name for m in methods if m.smoothing]
     if smoothing and not calibrated:
@@ -141,13 +148,14 @@ def subject(spec: str, methods: list[Method], threshold: float, dtype: torch.dty
         if not method.quantized:
             return base
         return quantize_model(copy.deepcopy(base), name, threshold, outliers=outliers if method.decomposition else None,
-                              input_max=input_max if method.smoothing else None, alpha=calibration.smooth_alpha if calibration else DEFAULT_SMOOTH_ALPHA)
+                              input_max=input_max if method.smoothing else None, alpha=calibration.smooth_alpha if calibration else DEFAULT_SMOOTH_ALPHA,
+                              rotation_block=rotation_block)
 
     def generate() -> Iterator[tuple[str, torch.nn.Module]]:
         for name in ordered:
             yield name, variant(name)
 
-    return Subject(source.label, source, tokenizer, base.config, generate(), [], calibration=info)
+    return Subject(source.label, source, tokenizer, base.config, generate(), [], calibration=info, rotation_block=rotation_block)
 
 
 def calibration_line(subject: Subject) -> str:
@@ -203,7 +211,8 @@ def _stored(folder: str, dtype: torch.dtype, device: torch.device, verify: bool,
             yield BASELINE, models.load_model(baseline, dtype=dtype).to(device)
         yield block["method"], quantized
 
-    return Subject(folder, models.ModelSource("folder", str(folder)), tokenizer, quantized.config, generate(), notes, baseline, calibration=calibration, stored=True)
+    return Subject(folder, models.ModelSource("folder", str(folder)), tokenizer, quantized.config, generate(), notes, baseline, calibration=calibration, stored=True,
+                   rotation_block=stored_rotation_block(block) or ROTATION_BLOCK)
 
 
 def cache_folder(cache_dir: str, subject: Subject, method: str, threshold: float, dtype: torch.dtype, device: torch.device) -> Path:
@@ -218,6 +227,8 @@ def cache_folder(cache_dir: str, subject: Subject, method: str, threshold: float
         setting += f"-{subject.calibration_key}"
         if get_method(method).smoothing:
             setting += f"-a{subject.calibration['smoothing_alpha']:g}"
+    if get_method(method).rotation and subject.rotation_block != ROTATION_BLOCK:
+        setting += f"-r{subject.rotation_block}"
     source = subject.source_of(method)
     model = "".join(c if c.isalnum() or c in "._-" else "_" for c in Path(source.label).name)
     folder = Path(cache_dir) / f"{model}-{subject.fingerprint_of(source)}" / f"{setting}-{str(dtype).removeprefix('torch.')}-{device.type}"

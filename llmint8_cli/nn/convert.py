@@ -8,7 +8,8 @@ from collections.abc import Iterable, Iterator, Mapping
 import torch
 from torch import nn
 
-from llmint8_cli.core.methods import DEFAULT_METHOD, DEFAULT_SMOOTH_ALPHA, DEFAULT_THRESHOLD, check_alpha, check_threshold, get_method
+from llmint8_cli.core.methods import DEFAULT_METHOD, DEFAULT_SMOOTH_ALPHA, DEFAULT_THRESHOLD, check_alpha, check_rotation_block, check_threshold, get_method
+from llmint8_cli.core.reference import ROTATION_BLOCK
 from llmint8_cli.errors import InvalidArgumentError
 from llmint8_cli.nn.linear import Int8Linear
 
@@ -54,13 +55,14 @@ def quantize_model(
     outliers: Mapping[str, torch.Tensor] | None = None,
     input_max: Mapping[str, torch.Tensor] | None = None,
     alpha: float = DEFAULT_SMOOTH_ALPHA,
+    rotation_block: int = ROTATION_BLOCK,
 ) -> nn.Module:
     """Replace the model's linear layers by Int8Linear in place and return the model.
 
     Embeddings, norms and the LM head stay 16-bit (tied weights stay tied). `outliers` maps a
     layer name to its calibrated outlier columns and `input_max` to its calibrated max |x| per
-    input feature (what smoothing methods need, with `alpha`); `method="fp16"` leaves the model
-    untouched.
+    input feature (what smoothing methods need, with `alpha`); rotation methods rotate in Hadamard
+    blocks `rotation_block` wide; `method="fp16"` leaves the model untouched.
     """
     spec = get_method(method)
     check_threshold(threshold)
@@ -68,12 +70,14 @@ def quantize_model(
         return model
     outliers, input_max = outliers or {}, input_max or {}
     layers = list(quantizable_layers(model, skip))
+    if spec.rotation:
+        check_rotation_block(rotation_block)
     if spec.smoothing:
         check_alpha(alpha)
         missing = [name for name, _ in layers if name not in input_max]
         if missing:
             raise InvalidArgumentError(f"method {method!r} needs calibrated input ranges; none for {missing[0]} (calibrate first)")
     for name, module in layers:
-        layer = Int8Linear.from_linear(as_linear(module), method, threshold, outliers.get(name), input_max.get(name), alpha)
+        layer = Int8Linear.from_linear(as_linear(module), method, threshold, outliers.get(name), input_max.get(name), alpha, rotation_block)
         replace_module(model, name, layer)
     return model

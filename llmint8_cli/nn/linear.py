@@ -7,7 +7,7 @@ from torch import nn
 
 from llmint8_cli.backends import backend_for
 from llmint8_cli.core import reference
-from llmint8_cli.core.methods import DEFAULT_METHOD, DEFAULT_SMOOTH_ALPHA, DEFAULT_THRESHOLD, check_alpha, check_threshold, get_method
+from llmint8_cli.core.methods import DEFAULT_METHOD, DEFAULT_SMOOTH_ALPHA, DEFAULT_THRESHOLD, check_alpha, check_rotation_block, check_threshold, get_method
 from llmint8_cli.core.reference import Quantized, QuantizedWeight
 from llmint8_cli.errors import InvalidArgumentError
 
@@ -18,7 +18,8 @@ class Int8Linear(nn.Module):
     The buffers are exactly the checkpoint tensors: `weight` int8 [out, in], `weight_scale` fp32
     [out], `weight_zero` int32 [out] (zeropoint methods only), `outlier_idx` int32 [k],
     `outlier_weight` 16-bit [out, k] and `input_smooth` fp32 [in] (smoothing methods only: X's
-    multiplier m; `weight` then holds W / m). The backend's prepared weight is built on first use and
+    multiplier m; `weight` then holds W / m). Rotation methods hold W' R in `weight`, R's Hadamard
+    blocks `rotation_block` wide. The backend's prepared weight is built on first use and
     rebuilt whenever the buffers move or are replaced.
     """
 
@@ -31,6 +32,7 @@ class Int8Linear(nn.Module):
         method: str = DEFAULT_METHOD,
         threshold: float = DEFAULT_THRESHOLD,
         num_outliers: int = 0,
+        rotation_block: int = reference.ROTATION_BLOCK,
         dtype: torch.dtype = torch.float16,
         device: torch.device | str | None = None,
     ) -> None:
@@ -39,6 +41,7 @@ class Int8Linear(nn.Module):
         if not self.method.quantized:
             raise InvalidArgumentError(f"method {method!r} keeps nn.Linear; Int8Linear needs a quantizing method")
         self.threshold = check_threshold(threshold)
+        self.rotation_block = check_rotation_block(rotation_block) if self.method.rotation else 0
         self.in_features, self.out_features = in_features, out_features
         self.register_buffer("weight", torch.zeros(out_features, in_features, dtype=torch.int8, device=device))
         self.register_buffer("weight_scale", torch.zeros(out_features, dtype=torch.float32, device=device))
@@ -60,10 +63,12 @@ class Int8Linear(nn.Module):
         outlier_idx: torch.Tensor | None = None,
         input_max: torch.Tensor | None = None,
         alpha: float = DEFAULT_SMOOTH_ALPHA,
+        rotation_block: int = reference.ROTATION_BLOCK,
     ) -> "Int8Linear":
         """Quantize an nn.Linear; `outlier_idx` are calibrated columns kept exactly in 16-bit.
 
-        Smoothing methods need `input_max`, each input feature's calibrated max |x|, and `alpha`.
+        Smoothing methods need `input_max`, each input feature's calibrated max |x|, and `alpha`;
+        rotation methods take their Hadamard block width from `rotation_block`.
         """
         spec = get_method(method)
         smooth = None
@@ -72,10 +77,10 @@ class Int8Linear(nn.Module):
                 raise InvalidArgumentError(f"method {method!r} needs input_max, the calibrated max |x| of each input feature")
             stored = reference.stored_outlier_index(linear.weight, spec, outlier_idx)
             smooth = reference.smoothing_factors(input_max, linear.weight, check_alpha(alpha), stored)
-        qweight = backend_for(linear.weight.device).quantize_weight(linear.weight, spec, outlier_idx, smooth)
+        qweight = backend_for(linear.weight.device).quantize_weight(linear.weight, spec, outlier_idx, smooth, rotation_block)
         layer = cls(
             linear.in_features, linear.out_features, linear.bias is not None,
-            method=method, threshold=threshold, num_outliers=qweight.outlier_idx.numel(),
+            method=method, threshold=threshold, num_outliers=qweight.outlier_idx.numel(), rotation_block=rotation_block,
             dtype=linear.weight.dtype, device=linear.weight.device,
         )
         layer.weight.copy_(qweight.int8.q)
@@ -93,7 +98,7 @@ class Int8Linear(nn.Module):
     def quantized_weight(self) -> QuantizedWeight:
         """The buffers as the reference's QuantizedWeight (no copies)."""
         int8 = Quantized(self.weight, self.weight_scale, self.weight_zero)
-        return QuantizedWeight(int8, self.outlier_idx.long(), self.outlier_weight, self.input_smooth, self.method.rotation)
+        return QuantizedWeight(int8, self.outlier_idx.long(), self.outlier_weight, self.input_smooth, self.rotation_block)
 
     def _prepared_for(self, x: torch.Tensor):
         backend = backend_for(x.device)
@@ -111,4 +116,5 @@ class Int8Linear(nn.Module):
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
             f"method={self.method.name}, threshold={self.threshold}, stored_outliers={self.outlier_idx.numel()}"
+            + (f", rotation_block={self.rotation_block}" if self.rotation_block else "")
         )
