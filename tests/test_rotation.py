@@ -202,3 +202,10 @@ def test_the_rotation_block_keys_the_cache_and_is_in_the_json(tmp_path):
         assert json.loads(result.stdout)["results"]["llm.int8-rotate"]["rotation_block"] == block
     folders = sorted(p.name for p in next(tmp_path.iterdir()).iterdir())
     assert folders == ["fp16-float32-cpu", "llm.int8-rotate-t6-float32-cpu", "llm.int8-rotate-t6-r256-float32-cpu"]
+
+
+def test_bench_times_the_rotation_at_the_block_asked_for():
+    result = RUNNER.invoke(app, ["bench", "--shapes", "64x512", "--tokens", "2", "--outlier-cols", "2", "--rotation-block", "256", "--repeat", "1", "-q"])
+    assert result.exit_code == 0, result.stderr
+    names = [row["row"] for row in json.loads(result.stdout)["rows"]]
+    assert "llm.int8-rotate (2 outliers, 256-wide blocks)" in names and "llm.int8 (2 outliers)" in names

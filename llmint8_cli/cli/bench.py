@@ -14,7 +14,7 @@ from llmint8_cli.cli.common import (
     PIPED_MODEL_HELP, CalibDataset, CalibSamples, CalibSeqLen, ComputeDtype, DataDir, Device, NoVerify, Quiet, RotationBlock, SmoothAlpha, Threshold, choose_model, command, emit_json, print_table, progress_bar,
     stderr_console,
 )
-from llmint8_cli.core.methods import DEFAULT_METHOD, DEFAULT_THRESHOLD, check_threshold, get_method
+from llmint8_cli.core.methods import DEFAULT_METHOD, DEFAULT_THRESHOLD, check_rotation_block, check_threshold, get_method
 from llmint8_cli.errors import InvalidArgumentError
 from llmint8_cli.evaluation import speed, variants
 
@@ -98,11 +98,12 @@ def bench(
             raise InvalidArgumentError(f"--threshold is for model mode; layer mode plants outliers of about 20 and uses {DEFAULT_THRESHOLD}")
         shape_list, token_list, outliers = parse_shapes(shapes), parse_ints(tokens, "--tokens", minimum=1), parse_ints(outlier_cols, "--outlier-cols")
         check_layer_sizes(shape_list, outliers)
+        block = check_rotation_block(rotation_block)
         rows, notes = [], []
         with progress_bar(console) as bar:
             task = bar.add_task("layers", total=len(shape_list) * len(token_list) * (4 + len(outliers) + len(speed.PEERS)))
             for out_f, in_f in shape_list:
-                rows += speed.bench_layer(out_f, in_f, token_list, outliers, repeat, run_device, progress=lambda: bar.advance(task), notes=notes)
+                rows += speed.bench_layer(out_f, in_f, token_list, outliers, repeat, run_device, progress=lambda: bar.advance(task), notes=notes, rotation_block=block)
         document.update({"mode": "layer", "repeat": repeat, "rows": rows, "notes": notes})
         title = f"llmint8 bench · layers · {document['machine']['cpu']} · {document['machine']['threads']} threads · {run_device}"
         cells = [[

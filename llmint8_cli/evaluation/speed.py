@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from llmint8_cli.core.reference import ROTATION_BLOCK
 from llmint8_cli.nn.linear import Int8Linear
 
 FLOAT_ROWS = ("fp32", "bfloat16", "float16")
@@ -81,7 +82,8 @@ def tensor_bytes(tensor: torch.Tensor) -> int:
     return tensor.numel() * tensor.element_size()
 
 
-def layer_rows(out_features: int, in_features: int, outlier_counts: list[int], device: torch.device, with_peers: bool, notes: list[str]) -> list[tuple[str, nn.Module, torch.dtype, int]]:
+def layer_rows(out_features: int, in_features: int, outlier_counts: list[int], device: torch.device, with_peers: bool, notes: list[str],
+               rotation_block: int = ROTATION_BLOCK) -> list[tuple[str, nn.Module, torch.dtype, int]]:
     """(row name, layer, activation dtype, outlier columns) for one weight shape; a peer that is
     not installed gets a line in `notes` instead of a row."""
     torch.manual_seed(0)
@@ -99,8 +101,9 @@ def layer_rows(out_features: int, in_features: int, outlier_counts: list[int], d
         ranges = activations(128, in_features, count, torch.float32, device).abs().amax(dim=0)  # its calibration
         smooth = Int8Linear.from_linear(half, "llm.int8-smooth", outlier_idx=outlier_columns(count, in_features), input_max=ranges)
         rows.append((f"llm.int8-smooth ({count} outliers)", smooth, act, count))
-        rotate = Int8Linear.from_linear(half, "llm.int8-rotate", outlier_idx=outlier_columns(count, in_features))
-        rows.append((f"llm.int8-rotate ({count} outliers)", rotate, act, count))
+        rotate = Int8Linear.from_linear(half, "llm.int8-rotate", outlier_idx=outlier_columns(count, in_features), rotation_block=rotation_block)
+        width = "" if rotation_block == ROTATION_BLOCK else f", {rotation_block}-wide blocks"
+        rows.append((f"llm.int8-rotate ({count} outliers{width})", rotate, act, count))
     if with_peers:
         for name, make, outliers in PEERS:
             try:
@@ -151,11 +154,12 @@ def activations(tokens: int, in_features: int, outliers: int, dtype: torch.dtype
 
 
 @torch.inference_mode()
-def bench_layer(out_features: int, in_features: int, tokens: list[int], outlier_counts: list[int], repeat: int, device: torch.device, with_peers: bool = True, progress=None, notes: list[str] | None = None) -> list[dict]:
+def bench_layer(out_features: int, in_features: int, tokens: list[int], outlier_counts: list[int], repeat: int, device: torch.device, with_peers: bool = True, progress=None,
+                notes: list[str] | None = None, rotation_block: int = ROTATION_BLOCK) -> list[dict]:
     """Every row at every token count; `speedup_vs_16bit` against bf16 (CPU) or fp16 (GPU), and
     `speedup_vs_best_float` against the fastest of fp32/bf16/fp16 at that count (a CPU without
     native 16-bit matmul runs fp32 fastest)."""
-    rows = layer_rows(out_features, in_features, outlier_counts, device, with_peers, notes if notes is not None else [])
+    rows = layer_rows(out_features, in_features, outlier_counts, device, with_peers, notes if notes is not None else [], rotation_block)
     fp32_layer = rows[0][1]
     sixteen_name = "bfloat16" if device.type == "cpu" else "float16"
     results = []
