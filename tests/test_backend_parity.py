@@ -225,3 +225,27 @@ def test_native_kernels_run_on_torchs_threads():
         assert cpu_kernels.native_kernels().threads_used(64) == 2
     finally:
         torch.set_num_threads(threads)
+
+
+@pytest.mark.skipif("llmint8-amx" not in CPU_PATHS, reason="no AMX-INT8 on this CPU")
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("method_name", ["llm.int8", "llm.int8-rotate"])
+@pytest.mark.parametrize("stored_columns", [2, 12])  # the epilogue's own loop, and its GEMM for many columns
+def test_amx_epilogue_in_blocks_gives_the_bits_of_the_whole_row_epilogue(monkeypatch, dtype, method_name, stored_columns):
+    """amx_linear finishes each 32 x 32 block of the product in cache; every element must get the
+    bits dequantize_sequences gives it after another exact path, with tails in m, n and k."""
+    method, cpu = get_method(method_name), next(b for b in BACKENDS if b.name == "cpu")
+    g = torch.Generator().manual_seed(5)
+    k, n = 200, 72  # 3 tiles and a half in k, 4.5 W tiles in n
+    x = torch.randn(3, 13, k, generator=g)  # 3 sequences of 13 rows: 39 rows, tiles of 16 do not split them
+    stored = torch.arange(stored_columns) * (k // stored_columns)
+    x[..., stored] *= 15
+    x[1, :, 7] *= 20  # a run-time outlier column in one sequence
+    qweight = quantized((torch.randn(n, k, generator=g) / k**0.5).to(dtype), method, stored, x)
+    bias = torch.randn(n, generator=g).to(dtype)
+    outputs = {}
+    for name in ("llmint8-amx", next(p for p in CPU_PATHS if p != "llmint8-amx")):
+        monkeypatch.setenv(cpu_kernels.FORCE_ENV, name)
+        outputs[name] = cpu.linear(x.to(dtype), cpu.prepare(qweight, method), method, 6.0, bias)
+    amx, other = outputs.values()
+    assert amx.dtype == dtype and torch.equal(amx, other)

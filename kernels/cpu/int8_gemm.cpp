@@ -19,6 +19,8 @@
 #include <cstring>
 #include <vector>
 
+#include "amx_gemm.h"
+
 #if defined(__AVX2__)
 #include <immintrin.h>
 #endif
@@ -506,100 +508,153 @@ void store_row<c10::Half>(c10::Half* y, const float* v, int64_t n) {
 }
 #endif
 
-// dequantize_sequences: acc [m, n] (int32, or float32 holding float(int32) as the prepacked
-// oneDNN path returns it) -> Y [m, n] in x's dtype, computed in float32 in one pass per row:
+// The epilogue of the row-wise linear: acc [m, n] (int32, or float32 holding float(int32) as the
+// prepacked oneDNN path returns it) -> Y [m, n] in x's dtype, computed in float32:
 //   Y[i, :] = acc[i, :] * (sx[i] * sw) + sum over the 16-bit columns t of x[i, t] * W[:, t] + bias.
 // The 16-bit columns of each group are W's stored columns where it has them (stored [j, n]
 // float32, a row per stored column; pos [k] the slot of column t, -1 for none: exact) and otherwise W's int8 column times
 // the row scales, as the reference dequantizes a column that is an outlier only in this call.
-// Every row sees the same float operations whatever it is batched with, so a sequence gets the
-// same bits alone or in a batch; one pass keeps a large m from streaming Y through memory thrice.
-torch::Tensor dequantize_sequences(torch::Tensor acc, torch::Tensor sx, torch::Tensor x, torch::Tensor masks, torch::Tensor w_q,
-                                   torch::Tensor w_scale, torch::Tensor stored, torch::Tensor pos, c10::optional<torch::Tensor> bias,
-                                   bool wide_in_bf16, c10::optional<torch::Tensor> smooth) {
-  const int64_t m = acc.size(0), n = acc.size(1), groups = masks.size(0), k = masks.size(1), rows = m / groups;
-  TORCH_CHECK(acc.is_contiguous() && (acc.dtype() == torch::kInt32 || acc.dtype() == torch::kFloat32), "contiguous int32 or float32 acc expected");
-  TORCH_CHECK(x.is_contiguous() && x.size(0) == m && x.size(1) == k && w_scale.numel() == n && pos.numel() == k, "dequantize_sequences: shapes do not match");
-  TORCH_CHECK(w_q.dtype() == torch::kInt8 && w_q.is_contiguous() && w_q.size(0) == n && w_q.size(1) == k, "contiguous int8 [n, k] weight expected");
-  TORCH_CHECK(w_scale.dtype() == torch::kFloat32 && w_scale.is_contiguous() && pos.dtype() == torch::kInt32 && pos.is_contiguous(), "float32 scales and int32 slots expected");
-  auto out = torch::empty({m, n}, x.options());
-  const float* SM = smooth_data(smooth, k);
-  const float* SX = sx.data_ptr<float>();
-  const float* SW = w_scale.data_ptr<float>();
-  const bool* M = masks.data_ptr<bool>();
-  const int32_t* POS = pos.data_ptr<int32_t>();
-  const int8_t* WQ = w_q.data_ptr<int8_t>();
-  TORCH_CHECK(stored.dtype() == torch::kFloat32 && stored.is_contiguous() && stored.size(1) == n, "float32 [j, n] stored rows expected");
-  const float* ST = stored.data_ptr<float>();
-  const int64_t slots = stored.size(0);
-  torch::Tensor bias_f;
-  if (bias.has_value()) bias_f = bias->to(torch::kFloat32).contiguous();
-  const float* B = bias.has_value() ? bias_f.data_ptr<float>() : nullptr;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "dequantize_sequences", [&] {
-    const scalar_t* X = x.data_ptr<scalar_t>();
-    scalar_t* Y = out.data_ptr<scalar_t>();
-    for (int64_t g = 0; g < groups; ++g) {
-      std::vector<int64_t> columns;
-      for (int64_t t = 0; t < k; ++t)
-        if (M[g * k + t]) columns.push_back(t);
-      const int64_t j = static_cast<int64_t>(columns.size());
+// Each element sees the same float operations (no contraction into FMA: -ffp-contract=off) whether
+// a whole row is finished at once (dequantize_sequences) or a 32 x 32 block as the AMX kernel
+// computes it (amx_linear), so a sequence gets the same bits alone or in a batch, on any path.
+template <typename T>
+class Epilogue {
+ public:
+  Epilogue(int64_t m, int64_t n, const torch::Tensor& sx, const torch::Tensor& x, const torch::Tensor& masks, const torch::Tensor& w_q,
+           const torch::Tensor& w_scale, const torch::Tensor& stored, const torch::Tensor& pos, const c10::optional<torch::Tensor>& bias,
+           bool wide_in_bf16, const c10::optional<torch::Tensor>& smooth, torch::Tensor& out)
+      : n_(n), k_(masks.size(1)), rows_(m / masks.size(0)) {
+    TORCH_CHECK(x.is_contiguous() && x.size(0) == m && x.size(1) == k_ && w_scale.numel() == n && pos.numel() == k_ && sx.numel() == m,
+                "dequantize_sequences: shapes do not match");
+    TORCH_CHECK(w_q.dtype() == torch::kInt8 && w_q.is_contiguous() && w_q.size(0) == n && w_q.size(1) == k_, "contiguous int8 [n, k] weight expected");
+    TORCH_CHECK(w_scale.dtype() == torch::kFloat32 && w_scale.is_contiguous() && pos.dtype() == torch::kInt32 && pos.is_contiguous(), "float32 scales and int32 slots expected");
+    TORCH_CHECK(stored.dtype() == torch::kFloat32 && stored.is_contiguous() && stored.size(1) == n, "float32 [j, n] stored rows expected");
+    TORCH_CHECK(sx.dtype() == torch::kFloat32 && sx.is_contiguous() && masks.dtype() == torch::kBool && masks.is_contiguous(), "float32 row scales and bool masks expected");
+    SM_ = smooth_data(smooth, k_);
+    SX_ = sx.data_ptr<float>();
+    SW_ = w_scale.data_ptr<float>();
+    X_ = x.data_ptr<T>();
+    Y_ = out.data_ptr<T>();
+    if (bias.has_value()) bias_ = bias->to(torch::kFloat32).contiguous();
+    B_ = bias.has_value() ? bias_.data_ptr<float>() : nullptr;
+    const bool* M = masks.data_ptr<bool>();
+    const int32_t* POS = pos.data_ptr<int32_t>();
+    const int8_t* WQ = w_q.data_ptr<int8_t>();
+    const float* ST = stored.data_ptr<float>();
+    const int64_t slots = stored.size(0);
+    groups_.resize(masks.size(0));
+    for (int64_t g = 0; g < masks.size(0); ++g) {
+      Group& G = groups_[g];
+      for (int64_t t = 0; t < k_; ++t)
+        if (M[g * k_ + t]) G.columns.push_back(t);
+      const int64_t j = static_cast<int64_t>(G.columns.size());
       // W[:, O_g]^T in float32, a row per column. Where O_g is exactly the stored set (a calibrated
       // checkpoint, most calls) the stored rows serve as they are, in slot order.
-      const bool exactly_stored = j == slots && std::all_of(columns.begin(), columns.end(), [&](int64_t t) { return POS[t] >= 0; });
-      if (exactly_stored) std::sort(columns.begin(), columns.end(), [&](int64_t a, int64_t b) { return POS[a] < POS[b]; });
-      std::vector<float> gathered;
+      const bool exactly_stored = j == slots && std::all_of(G.columns.begin(), G.columns.end(), [&](int64_t t) { return POS[t] >= 0; });
+      if (exactly_stored) std::sort(G.columns.begin(), G.columns.end(), [&](int64_t a, int64_t b) { return POS[a] < POS[b]; });
       if (!exactly_stored) {
-        gathered.resize(j * n);
+        G.gathered.resize(j * n);
         for (int64_t c = 0; c < j; ++c) {
-          const int64_t t = columns[c], slot = POS[t];
-          if (slot >= 0) std::copy(ST + slot * n, ST + (slot + 1) * n, gathered.data() + c * n);
-          else for (int64_t r = 0; r < n; ++r) gathered[c * n + r] = static_cast<float>(WQ[r * k + t]) * SW[r];
+          const int64_t t = G.columns[c], slot = POS[t];
+          if (slot >= 0) std::copy(ST + slot * n, ST + (slot + 1) * n, G.gathered.data() + c * n);
+          else for (int64_t r = 0; r < n; ++r) G.gathered[c * n + r] = static_cast<float>(WQ[r * k_ + t]) * SW_[r];
         }
       }
-      const float* WO = exactly_stored ? ST : gathered.data();
+      G.WO = exactly_stored ? ST : G.gathered.data();
       // Few columns (the paper's usual handful): float32 multiply-adds in the row loop. Many (a
       // calibrated checkpoint stores dozens, some layers most of k): one GEMM per group through
       // torch, in bf16 when asked (x is bf16 already; the weight rows round to bf16, within the
       // bf16 output's tolerance, 2-3x faster than float32 on AVX512-BF16/AMX), else float32.
-      torch::Tensor wide;
-      if (j > kLoopColumns) {  // in bf16 where the caller says the CPU has native bf16 and x is bf16, else float32
+      if (j > kLoopColumns) {
         const auto compute = wide_in_bf16 ? torch::kBFloat16 : torch::kFloat32;
-        const auto picked = torch::tensor(columns, x.options().dtype(torch::kLong));
-        auto x_out = x.narrow(0, g * rows, rows).index_select(1, picked);
-        if (SM != nullptr) x_out = x_out.to(torch::kFloat32) * smooth->index_select(0, picked);
+        const auto picked = torch::tensor(G.columns, x.options().dtype(torch::kLong));
+        auto x_out = x.narrow(0, g * rows_, rows_).index_select(1, picked);
+        if (SM_ != nullptr) x_out = x_out.to(torch::kFloat32) * smooth->index_select(0, picked);
         x_out = x_out.to(compute);
-        auto w_out = torch::from_blob(const_cast<float*>(WO), {j, n}, out.options().dtype(torch::kFloat32)).to(compute);
-        wide = at::mm(x_out, w_out).to(torch::kFloat32);
+        auto w_out = torch::from_blob(const_cast<float*>(G.WO), {j, n}, out.options().dtype(torch::kFloat32)).to(compute);
+        G.wide = at::mm(x_out, w_out).to(torch::kFloat32);
+        G.WIDE = G.wide.template data_ptr<float>();
       }
-      const float* WIDE = wide.defined() ? wide.data_ptr<float>() : nullptr;  // [rows, n], row i - g * rows
-      auto rows_of = [&](auto* A) {
-        at::parallel_for(g * rows, (g + 1) * rows, 1, [&](int64_t r0, int64_t r1) {
-          std::vector<float> line(n);
-          for (int64_t i = r0; i < r1; ++i) {
-            const auto* a = A + i * n;
-            const float s = SX[i];
-            for (int64_t col = 0; col < n; ++col) line[col] = static_cast<float>(a[col]) * (s * SW[col]);
-            if (WIDE != nullptr) {
-              for (int64_t col = 0; col < n; ++col) line[col] += WIDE[(i - g * rows) * n + col];
-            } else {
-              for (int64_t c = 0; c < j; ++c) {
-                const float xv = SM != nullptr ? static_cast<float>(X[i * k + columns[c]]) * SM[columns[c]] : static_cast<float>(X[i * k + columns[c]]);
-                const float* w = WO + c * n;
-                for (int64_t col = 0; col < n; ++col) line[col] += xv * w[col];
-              }
-            }
-            if (B != nullptr)
-              for (int64_t col = 0; col < n; ++col) line[col] += B[col];
-            store_row(Y + i * n, line.data(), n);
-          }
-        });
-      };
-      if (acc.dtype() == torch::kInt32) rows_of(acc.data_ptr<int32_t>());
-      else rows_of(acc.data_ptr<float>());
     }
+  }
+
+  // Y[i0:i1, c0:c1] from acc, which points at acc[i0, c0], rows `ld` apart.
+  template <typename A>
+  void finish(const A* acc, int64_t ld, int64_t i0, int64_t i1, int64_t c0, int64_t c1) const {
+    thread_local std::vector<float> line;
+    line.resize(c1 - c0);
+    float* v = line.data() - c0;  // v[col] for col in [c0, c1)
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t g = i / rows_;
+      const Group& G = groups_[g];
+      const A* a = acc + (i - i0) * ld - c0;
+      const float s = SX_[i];
+      for (int64_t col = c0; col < c1; ++col) v[col] = static_cast<float>(a[col]) * (s * SW_[col]);
+      if (G.WIDE != nullptr) {
+        const float* wide = G.WIDE + (i - g * rows_) * n_;
+        for (int64_t col = c0; col < c1; ++col) v[col] += wide[col];
+      } else {
+        for (size_t c = 0; c < G.columns.size(); ++c) {
+          const int64_t t = G.columns[c];
+          const float xv = SM_ != nullptr ? static_cast<float>(X_[i * k_ + t]) * SM_[t] : static_cast<float>(X_[i * k_ + t]);
+          const float* w = G.WO + c * n_;
+          for (int64_t col = c0; col < c1; ++col) v[col] += xv * w[col];
+        }
+      }
+      if (B_ != nullptr)
+        for (int64_t col = c0; col < c1; ++col) v[col] += B_[col];
+      store_row(Y_ + i * n_ + c0, v + c0, c1 - c0);
+    }
+  }
+
+ private:
+  struct Group {
+    std::vector<int64_t> columns;  // the 16-bit columns of the group, in the order of WO's rows
+    std::vector<float> gathered;   // WO when it is not exactly the stored rows
+    const float* WO = nullptr;     // W[:, columns]^T, float32 [j, n]
+    torch::Tensor wide;            // float32 [rows, n]: X[:, columns] W[:, columns]^T when j > kLoopColumns
+    const float* WIDE = nullptr;   // its data, or none
+  };
+  int64_t n_, k_, rows_;
+  const float *SM_ = nullptr, *SX_ = nullptr, *SW_ = nullptr, *B_ = nullptr;
+  const T* X_ = nullptr;
+  T* Y_ = nullptr;
+  torch::Tensor bias_;
+  std::vector<Group> groups_;
+};
+
+torch::Tensor dequantize_sequences(torch::Tensor acc, torch::Tensor sx, torch::Tensor x, torch::Tensor masks, torch::Tensor w_q,
+                                   torch::Tensor w_scale, torch::Tensor stored, torch::Tensor pos, c10::optional<torch::Tensor> bias,
+                                   bool wide_in_bf16, c10::optional<torch::Tensor> smooth) {
+  TORCH_CHECK(acc.dim() == 2 && acc.is_contiguous() && (acc.dtype() == torch::kInt32 || acc.dtype() == torch::kFloat32), "contiguous int32 or float32 acc expected");
+  const int64_t m = acc.size(0), n = acc.size(1);
+  auto out = torch::empty({m, n}, x.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "dequantize_sequences", [&] {
+    const Epilogue<scalar_t> epilogue(m, n, sx, x, masks, w_q, w_scale, stored, pos, bias, wide_in_bf16, smooth, out);
+    at::parallel_for(0, m, 1, [&](int64_t r0, int64_t r1) {
+      if (acc.dtype() == torch::kInt32) epilogue.finish(acc.data_ptr<int32_t>() + r0 * n, n, r0, r1, 0, n);
+      else epilogue.finish(acc.data_ptr<float>() + r0 * n, n, r0, r1, 0, n);
+    });
   });
   return out;
 }
+
+// amx_gemm then dequantize_sequences in one pass: each 32 x 32 block of the int32 product is
+// finished while it is in L1, so the int32 product never goes through memory.
+torch::Tensor amx_linear(torch::Tensor q, torch::Tensor packed, int64_t n, torch::Tensor sx, torch::Tensor x, torch::Tensor masks,
+                         torch::Tensor w_q, torch::Tensor w_scale, torch::Tensor stored, torch::Tensor pos, c10::optional<torch::Tensor> bias,
+                         bool wide_in_bf16, c10::optional<torch::Tensor> smooth) {
+  const int64_t m = q.size(0);
+  auto out = torch::empty({m, n}, x.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "amx_linear", [&] {
+    const Epilogue<scalar_t> epilogue(m, n, sx, x, masks, w_q, w_scale, stored, pos, bias, wide_in_bf16, smooth, out);
+    amx_gemm_blocks(q, packed, n, [&](int64_t row, int64_t rows, int64_t col, int64_t cols, const int32_t* block, int64_t ld) {
+      epilogue.finish(block, ld, row, row + rows, col, col + cols);
+    });
+  });
+  return out;
+}
+
 
 // How many of torch's threads a parallel_for of `tasks` chunks runs on. The build must say so:
 // ATen's OpenMP parallel_for is a header template, and compiled without OpenMP it runs on the
@@ -631,4 +686,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
   module.def("lane_widths", &lane_widths, "the activation kernel's lane widths in this build, widest first");
   module.def("threads_used", &threads_used, "how many threads a parallel_for over `tasks` chunks runs on");
   module.def("has_avx2", &has_avx2, "whether the kernel was built with AVX2");
+  module.def("has_amx", &has_amx, "whether this build, CPU and kernel run AMX-INT8 tiles");
+  module.def("amx_pack", &amx_pack, "an int8 weight [n, k] reordered into AMX tiles, once");
+  module.def("amx_gemm", &amx_gemm, "exact int8 x int8 -> int32 GEMM on AMX tiles, C = A W^T");
+  module.def("amx_linear", &amx_linear, "amx_gemm and dequantize_sequences in one pass");
 }

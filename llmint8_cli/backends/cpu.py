@@ -125,12 +125,16 @@ class CpuBackend(Backend):
         if method.rotation:
             return self._rotated_linear(x, x2, prepared, threshold, bias, groups)
         q, sx, masks = native.quantize_sequences(x2, prepared.stored_mask, threshold if method.decomposition else math.inf, groups, smooth)
-        acc = prepared.gemm.run(q, prepared.packed)
-        out = native.dequantize_sequences(
-            acc, sx, x2, masks, prepared.qweight.int8.q, prepared.scale, prepared.stored_rows, prepared.stored_pos, bias,
+        out = self._finish(x, q, sx, x2, masks, prepared, bias, smooth)
+        return out.reshape(*x.shape[:-1], out.shape[-1])
+
+    @staticmethod
+    def _finish(x, q, sx, x2, masks, prepared: PreparedWeight, bias, smooth) -> torch.Tensor:
+        """The int8 product and the native epilogue (scales, 16-bit columns, bias), fused where the path can."""
+        return prepared.gemm.linear(
+            q, prepared.packed, sx, x2, masks, prepared.qweight.int8.q, prepared.scale, prepared.stored_rows, prepared.stored_pos, bias,
             x.dtype == torch.bfloat16 and cpu_kernels.native_bf16(), smooth,
         )
-        return out.reshape(*x.shape[:-1], out.shape[-1])
 
     @staticmethod
     def _rotated_linear(x, x2, prepared: PreparedWeight, threshold: float, bias, groups: int) -> torch.Tensor:
@@ -139,11 +143,8 @@ class CpuBackend(Backend):
         native, (m, k) = native_kernels(), x2.shape
         block = prepared.qweight.rotation_block
         q, sx, masks, runtime_only = native.quantize_rotated_sequences(x2, prepared.stored_mask, threshold, groups, block)
-        acc = prepared.gemm.run(q, prepared.packed)
-        out = native.dequantize_sequences(  # the stored columns, the same for every sequence: one mask row
-            acc, sx, x2, prepared.stored_mask.view(1, k), prepared.qweight.int8.q, prepared.scale, prepared.stored_rows, prepared.stored_pos, bias,
-            x.dtype == torch.bfloat16 and cpu_kernels.native_bf16(), None,
-        )
+        # the stored columns, the same for every sequence: one mask row
+        out = CpuBackend._finish(x, q, sx, x2, prepared.stored_mask.view(1, k), prepared, bias, None)
         if runtime_only:  # rare once calibrated
             runtime = masks > prepared.stored_mask
             for g in torch.nonzero(runtime.any(dim=1)).flatten().tolist():

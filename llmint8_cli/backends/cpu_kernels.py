@@ -9,6 +9,8 @@ Paths (each exact; they differ only in speed, which depends on the CPU far more 
   uses it.
 - `onednn-nk` / `onednn-kn`: `torch._int_mm` (oneDNN) on W [n, k] as a transposed view, or on a
   copy laid out [k, n]; oneDNN prefers one or the other depending on the CPU and m.
+- `llmint8-amx`: llmint8's own AMX-INT8 tile kernel (kernels/cpu/amx_gemm.cpp) on a weight
+  reordered once into tiles; Intel Sapphire Rapids and later, Linux 5.16+.
 - `llmint8-avx2`: llmint8's own kernel (kernels/cpu/int8_gemm.cpp, compiled on first use into
   torch's extension cache, ~30 s once); `llmint8-scalar` where it builds without AVX2.
 A path is offered only where it proves exact on this CPU (`exact_here`): without VNNI, oneDNN's
@@ -43,12 +45,14 @@ LEGACY_NAMES = {"torch": "onednn-nk", "native": "llmint8-avx2"}  # earlier value
 
 
 @functools.cache
-def native_build() -> tuple[str, list[str], str]:
-    """The native kernels' source, compiler flags and build name (named by content: checkouts with
+def native_build() -> tuple[list[str], list[str], str]:
+    """The native kernels' sources, compiler flags and build name (named by content: checkouts with
     the same source share one build, two versions never rebuild each other's at every first call,
     and a new kernel gets measured afresh by `decision`)."""
-    source = resources.files("llmint8_cli.kernels") / "cpu" / "int8_gemm.cpp"
-    flags, capability = ["-O3"], torch.backends.cpu.get_cpu_capability()
+    folder = resources.files("llmint8_cli.kernels") / "cpu"
+    sources, header = [folder / "int8_gemm.cpp", folder / "amx_gemm.cpp"], folder / "amx_gemm.h"
+    # no FMA contraction: an element gets the same float operations in every epilogue and path
+    flags, capability = ["-O3", "-ffp-contract=off"], torch.backends.cpu.get_cpu_capability()
     if capability in ("AVX2", "AVX512"):
         flags += ["-mavx2", "-mfma", "-mf16c"]
     if capability == "AVX512":  # torch says so only where F, BW, VL and DQ are all present
@@ -57,8 +61,8 @@ def native_build() -> tuple[str, list[str], str]:
         # at::parallel_for is inline OpenMP: without the flag every kernel runs on one thread.
         # Not linked (no -fopenmp at link time): GOMP_* resolve to torch's own libgomp.
         flags += ["-fopenmp"]
-    digest = hashlib.sha256(source.read_bytes() + " ".join(flags).encode()).hexdigest()[:12]
-    return str(source), flags, f"llmint8_cpu_kernels_{digest}"
+    digest = hashlib.sha256(b"".join(f.read_bytes() for f in [*sources, header]) + " ".join(flags).encode()).hexdigest()[:12]
+    return [str(s) for s in sources], flags, f"llmint8_cpu_kernels_{digest}"
 
 
 @functools.cache
@@ -67,8 +71,8 @@ def native_kernels():
     try:
         from torch.utils import cpp_extension
 
-        source, flags, name = native_build()
-        return cpp_extension.load(name=name, sources=[source], extra_cflags=flags, verbose=False)
+        sources, flags, name = native_build()
+        return cpp_extension.load(name=name, sources=sources, extra_cflags=flags, verbose=False)
     except Exception as exc:  # no compiler, no ninja, read-only cache...
         print(f"llmint8: native CPU kernels unavailable ({type(exc).__name__}); using oneDNN and the torch reference", file=sys.stderr)
         return None
@@ -81,6 +85,7 @@ class GemmPath:
     name: str
     int32: bool = True  # False: the product comes back as float32 = float(int32 sum)
     own_layout: bool = False  # True: `pack` makes a copy of W (more memory); False: W as stored
+    finishes_layer: bool = False  # True: `linear` runs the product and the native epilogue in one pass
 
     def runs(self) -> bool:
         """Whether this build and CPU can run the path at all."""
@@ -136,6 +141,24 @@ class Native(GemmPath):
         return native_kernels().int8_gemm(a.contiguous(), packed)
 
 
+class NativeAmx(GemmPath):
+    def runs(self) -> bool:
+        native = native_kernels()
+        return native is not None and native.has_amx()
+
+    def pack(self, q):
+        return native_kernels().amx_pack(q.contiguous()), q.shape[0]
+
+    def run(self, a, packed):
+        tiles, n = packed
+        return native_kernels().amx_gemm(a.contiguous(), tiles, n)
+
+    def linear(self, a, packed, *epilogue):
+        """dequantize_sequences(run(a, packed), *epilogue), each block finished while in cache."""
+        tiles, n = packed
+        return native_kernels().amx_linear(a.contiguous(), tiles, n, *epilogue)
+
+
 def exactness_probe() -> tuple[torch.Tensor, torch.Tensor]:
     """Operands that expose a path that is not exact: the extremes ±127 side by side (a pair of
     u8 x s8 products reaches 2 x 255 x 127 = 64770, beyond int16) and random values."""
@@ -160,7 +183,7 @@ def exact_here(name: str) -> bool:
 PATHS = {
     p.name: p for p in (
         OneDnnPrepacked("onednn-prepacked", int32=False, own_layout=True), IntMmNK("onednn-nk"), IntMmKN("onednn-kn", own_layout=True),
-        Native("llmint8-avx2"), Native("llmint8-scalar"),
+        NativeAmx("llmint8-amx", own_layout=True, finishes_layer=True), Native("llmint8-avx2"), Native("llmint8-scalar"),
     )
 }
 
@@ -188,10 +211,19 @@ class GemmPlan:
     def pack(self, q: torch.Tensor) -> dict:
         return {p.name: p.pack(q) for p in self.paths}
 
+    def path_for(self, m: int) -> GemmPath:
+        return PATHS[next(name for top, name in self.steps if top is None or m <= top)]
+
     def run(self, a: torch.Tensor, packed: dict) -> torch.Tensor:
-        m = a.shape[0]
-        name = next(name for top, name in self.steps if top is None or m <= top)
-        return PATHS[name].run(a, packed[name])
+        path = self.path_for(a.shape[0])
+        return path.run(a, packed[path.name])
+
+    def linear(self, a: torch.Tensor, packed: dict, *epilogue) -> torch.Tensor:
+        """The row-wise linear's product and native epilogue (dequantize_sequences' arguments after acc)."""
+        path = self.path_for(a.shape[0])
+        if path.finishes_layer:
+            return path.linear(a, packed[path.name], *epilogue)
+        return native_kernels().dequantize_sequences(path.run(a, packed[path.name]), *epilogue)
 
 
 @functools.cache
