@@ -37,6 +37,7 @@ constexpr int64_t kTileBytes = 64;  // k per tile step
 constexpr int64_t kTile = kTileRows * kTileBytes;
 constexpr int64_t kSlabRows = 256;  // rows of A kept in L2 while a thread's W panels pass
 constexpr int64_t kPanel = 2 * kTileRows;  // columns of C per W panel (two W tiles)
+constexpr int64_t kPrefetchTiles = 2;  // W tiles (k steps) fetched ahead
 constexpr int64_t kStripPanels = 4;  // W panels per strip of C handed to the sink: slab rows x 128 int32 in L2
 
 int64_t tiles(int64_t size, int64_t width) { return (size + width - 1) / width; }
@@ -72,7 +73,7 @@ __attribute__((target("amx-tile"))) void load_tile_config() {
 // One block of C over the whole of k, ROWS A tiles x COLS W tiles, stored to `c` (rows ldc apart).
 // Tiles 0-3 accumulate C, 4-5 hold A, 6-7 hold W (tile numbers must be immediates).
 template <int ROWS, int COLS>
-__attribute__((target("amx-tile,amx-int8"))) void block(const int8_t* a, const int8_t* w, int64_t k_tiles, int32_t* c, int64_t ldc) {
+__attribute__((target("amx-tile,amx-int8"))) void block(const int8_t* a, const int8_t* w, int64_t k_tiles, int32_t* c, int64_t ldc, bool fetch_w) {
   const int8_t* a1 = a + k_tiles * kTile;
   const int8_t* w1 = w + k_tiles * kTile;
   _tile_zero(0);
@@ -80,6 +81,11 @@ __attribute__((target("amx-tile,amx-int8"))) void block(const int8_t* a, const i
   if constexpr (ROWS == 2) _tile_zero(2);
   if constexpr (ROWS == 2 && COLS == 2) _tile_zero(3);
   for (int64_t t = 0; t < k_tiles; ++t) {
+    if (fetch_w)  // W's first pass through the slab comes from memory: ask for it ahead (1.1-1.3x at m <= 128)
+      for (int64_t line = 0; line < kTile; line += 64) {
+        _mm_prefetch(reinterpret_cast<const char*>(w + (t + kPrefetchTiles) * kTile + line), _MM_HINT_T0);
+        if constexpr (COLS == 2) _mm_prefetch(reinterpret_cast<const char*>(w1 + (t + kPrefetchTiles) * kTile + line), _MM_HINT_T0);
+      }
     _tile_loadd(4, a + t * kTile, kTileBytes);
     _tile_loadd(6, w + t * kTile, kTileBytes);
     if constexpr (ROWS == 2) _tile_loadd(5, a1 + t * kTile, kTileBytes);
@@ -169,11 +175,11 @@ void amx_gemm_blocks(const torch::Tensor& a, const torch::Tensor& packed, int64_
           for (int64_t r = r0; r < r1; r += 2) {
             const int8_t* rows_a = A + r * k_tiles * kTile;
             int32_t* c = strip.data() + (r - r0) * kTileRows * ld + (p - s0) * kPanel;
-            const bool two_rows = r + 1 < r1;
-            if (two_rows && two_cols) block<2, 2>(rows_a, w, k_tiles, c, ld);
-            else if (two_rows) block<2, 1>(rows_a, w, k_tiles, c, ld);
-            else if (two_cols) block<1, 2>(rows_a, w, k_tiles, c, ld);
-            else block<1, 1>(rows_a, w, k_tiles, c, ld);
+            const bool two_rows = r + 1 < r1, fetch_w = r == r0;
+            if (two_rows && two_cols) block<2, 2>(rows_a, w, k_tiles, c, ld, fetch_w);
+            else if (two_rows) block<2, 1>(rows_a, w, k_tiles, c, ld, fetch_w);
+            else if (two_cols) block<1, 2>(rows_a, w, k_tiles, c, ld, fetch_w);
+            else block<1, 1>(rows_a, w, k_tiles, c, ld, fetch_w);
           }
         }
         const int64_t row = r0 * kTileRows, col = s0 * kPanel;

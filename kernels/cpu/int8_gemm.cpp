@@ -30,6 +30,7 @@ namespace {
 constexpr int64_t kBlockN = 32;  // rows of W per block: 32 x k bytes stay in L2
 constexpr int64_t kPrefetch = 256;  // bytes: Zen 3's hardware prefetcher falls behind on 4-6 short rows at once
 constexpr int64_t kLoopColumns = 8;  // up to this many 16-bit columns the epilogue multiplies them itself
+constexpr int64_t kLoopRows = 4;  // ... and any number of them for sequences this short (decoding): torch's GEMM reorders W at every call
 
 inline int32_t dot_scalar(const int8_t* a, const int8_t* w, int64_t from, int64_t k) {
   int32_t s = 0;
@@ -482,6 +483,13 @@ std::vector<torch::Tensor> quantize_sequences(torch::Tensor x, torch::Tensor sto
   return {q, sx, masks};
 }
 
+inline float bf16_to_float(uint16_t bits) {
+  const uint32_t u = static_cast<uint32_t>(bits) << 16;
+  float f;
+  std::memcpy(&f, &u, sizeof(f));
+  return f;
+}
+
 // A row of float32 results in the output dtype, rounded to nearest even as c10's conversions
 // round; written so that the compiler vectorizes the bf16 case, and with F16C for fp16.
 template <typename T>
@@ -522,13 +530,14 @@ class Epilogue {
  public:
   Epilogue(int64_t m, int64_t n, const torch::Tensor& sx, const torch::Tensor& x, const torch::Tensor& masks, const torch::Tensor& w_q,
            const torch::Tensor& w_scale, const torch::Tensor& stored, const torch::Tensor& pos, const c10::optional<torch::Tensor>& bias,
-           bool wide_in_bf16, const c10::optional<torch::Tensor>& smooth, torch::Tensor& out)
+           const c10::optional<torch::Tensor>& stored_bf16, const c10::optional<torch::Tensor>& smooth, torch::Tensor& out)
       : n_(n), k_(masks.size(1)), rows_(m / masks.size(0)) {
     TORCH_CHECK(x.is_contiguous() && x.size(0) == m && x.size(1) == k_ && w_scale.numel() == n && pos.numel() == k_ && sx.numel() == m,
                 "dequantize_sequences: shapes do not match");
     TORCH_CHECK(w_q.dtype() == torch::kInt8 && w_q.is_contiguous() && w_q.size(0) == n && w_q.size(1) == k_, "contiguous int8 [n, k] weight expected");
     TORCH_CHECK(w_scale.dtype() == torch::kFloat32 && w_scale.is_contiguous() && pos.dtype() == torch::kInt32 && pos.is_contiguous(), "float32 scales and int32 slots expected");
     TORCH_CHECK(stored.dtype() == torch::kFloat32 && stored.is_contiguous() && stored.size(1) == n, "float32 [j, n] stored rows expected");
+    TORCH_CHECK(!stored_bf16.has_value() || (stored_bf16->dtype() == torch::kBFloat16 && stored_bf16->sizes() == stored.sizes()), "bf16 stored rows of the float32 ones' shape expected");
     TORCH_CHECK(sx.dtype() == torch::kFloat32 && sx.is_contiguous() && masks.dtype() == torch::kBool && masks.is_contiguous(), "float32 row scales and bool masks expected");
     SM_ = smooth_data(smooth, k_);
     SX_ = sx.data_ptr<float>();
@@ -543,6 +552,8 @@ class Epilogue {
     const float* ST = stored.data_ptr<float>();
     const int64_t slots = stored.size(0);
     groups_.resize(masks.size(0));
+    std::vector<int64_t> shared_columns;  // consecutive groups with the same columns (decoding a batch) share the GEMM's operands
+    torch::Tensor x_picked, w_out;
     for (int64_t g = 0; g < masks.size(0); ++g) {
       Group& G = groups_[g];
       for (int64_t t = 0; t < k_; ++t)
@@ -561,59 +572,92 @@ class Epilogue {
         }
       }
       G.WO = exactly_stored ? ST : G.gathered.data();
-      // Few columns (the paper's usual handful): float32 multiply-adds in the row loop. Many (a
-      // calibrated checkpoint stores dozens, some layers most of k): one GEMM per group through
-      // torch, in bf16 when asked (x is bf16 already; the weight rows round to bf16, within the
-      // bf16 output's tolerance, 2-3x faster than float32 on AVX512-BF16/AMX), else float32.
-      if (j > kLoopColumns) {
-        const auto compute = wide_in_bf16 ? torch::kBFloat16 : torch::kFloat32;
-        const auto picked = torch::tensor(G.columns, x.options().dtype(torch::kLong));
-        auto x_out = x.narrow(0, g * rows_, rows_).index_select(1, picked);
-        if (SM_ != nullptr) x_out = x_out.to(torch::kFloat32) * smooth->index_select(0, picked);
-        x_out = x_out.to(compute);
-        auto w_out = torch::from_blob(const_cast<float*>(G.WO), {j, n}, out.options().dtype(torch::kFloat32)).to(compute);
-        G.wide = at::mm(x_out, w_out).to(torch::kFloat32);
+      // Few columns (the paper's usual handful) or short sequences: float32 multiply-adds in the row
+      // loop. Many (a calibrated checkpoint stores dozens, some layers most of k): one GEMM per group through
+      // torch, in bf16 when the caller passes the stored rows in bf16 (x is bf16 already; the
+      // weight rows round to bf16, within the bf16 output's tolerance, 2-3x faster than float32
+      // on AVX512-BF16/AMX; converted once at load, not at every call), else float32.
+      if (j > kLoopColumns && rows_ > kLoopRows) {  // rows_, not m: a sequence takes the same branch alone or in a batch
+        if (!w_out.defined() || G.columns != shared_columns) {  // X[:, O_g] of every row, and W[:, O_g]^T, in the compute dtype
+          const auto compute = stored_bf16.has_value() ? torch::kBFloat16 : torch::kFloat32;
+          const auto picked = torch::tensor(G.columns, x.options().dtype(torch::kLong));
+          x_picked = x.index_select(1, picked);
+          if (SM_ != nullptr) x_picked = x_picked.to(torch::kFloat32) * smooth->index_select(0, picked);
+          x_picked = x_picked.to(compute);
+          w_out = exactly_stored && stored_bf16.has_value()
+                      ? *stored_bf16
+                      : torch::from_blob(const_cast<float*>(G.WO), {j, n}, out.options().dtype(torch::kFloat32)).to(compute);
+          shared_columns = G.columns;
+        }
+        G.wide = at::mm(x_picked.narrow(0, g * rows_, rows_), w_out).to(torch::kFloat32);  // per group: its bits do not depend on the batch
         G.WIDE = G.wide.template data_ptr<float>();
+      } else if (j > kLoopColumns && exactly_stored && stored_bf16.has_value()) {
+        G.WO16 = reinterpret_cast<const uint16_t*>(stored_bf16->data_ptr<at::BFloat16>());
       }
+    }
+    same_until_.resize(groups_.size());
+    for (int64_t g = static_cast<int64_t>(groups_.size()) - 1; g >= 0; --g) {
+      const bool joins_next = g + 1 < static_cast<int64_t>(groups_.size()) && groups_[g].WIDE == nullptr &&
+                              groups_[g + 1].WIDE == nullptr && groups_[g].columns == groups_[g + 1].columns;
+      same_until_[g] = joins_next ? same_until_[g + 1] : g + 1;
     }
   }
 
-  // Y[i0:i1, c0:c1] from acc, which points at acc[i0, c0], rows `ld` apart.
+  // Y[i0:i1, c0:c1] from acc, which points at acc[i0, c0], rows `ld` apart. Rows go in runs of
+  // up to kRun of groups with the same 16-bit columns (a batch of decoded sequences), so that each row of W's 16-bit columns is read once per run, not
+  // once per row (it is megabytes where a calibrated layer stores most of k); each element still
+  // sums its terms in the same order.
   template <typename A>
   void finish(const A* acc, int64_t ld, int64_t i0, int64_t i1, int64_t c0, int64_t c1) const {
-    thread_local std::vector<float> line;
-    line.resize(c1 - c0);
-    float* v = line.data() - c0;  // v[col] for col in [c0, c1)
-    for (int64_t i = i0; i < i1; ++i) {
-      const int64_t g = i / rows_;
+    constexpr int64_t kRun = 8;
+    const int64_t width = c1 - c0;
+    thread_local std::vector<float> lines;
+    lines.resize(kRun * width);
+    for (int64_t r0 = i0; r0 < i1;) {
+      const int64_t g = r0 / rows_, r1 = std::min({i1, r0 + kRun, same_until_[g] * rows_});
       const Group& G = groups_[g];
-      const A* a = acc + (i - i0) * ld - c0;
-      const float s = SX_[i];
-      for (int64_t col = c0; col < c1; ++col) v[col] = static_cast<float>(a[col]) * (s * SW_[col]);
-      if (G.WIDE != nullptr) {
-        const float* wide = G.WIDE + (i - g * rows_) * n_;
-        for (int64_t col = c0; col < c1; ++col) v[col] += wide[col];
-      } else {
-        for (size_t c = 0; c < G.columns.size(); ++c) {
-          const int64_t t = G.columns[c];
-          const float xv = SM_ != nullptr ? static_cast<float>(X_[i * k_ + t]) * SM_[t] : static_cast<float>(X_[i * k_ + t]);
-          const float* w = G.WO + c * n_;
-          for (int64_t col = c0; col < c1; ++col) v[col] += xv * w[col];
+      for (int64_t i = r0; i < r1; ++i) {
+        float* v = lines.data() + (i - r0) * width - c0;  // v[col] for col in [c0, c1)
+        const A* a = acc + (i - i0) * ld - c0;
+        const float s = SX_[i];
+        for (int64_t col = c0; col < c1; ++col) v[col] = static_cast<float>(a[col]) * (s * SW_[col]);
+        if (G.WIDE != nullptr) {
+          const float* wide = G.WIDE + (i - g * rows_) * n_;  // WIDE: the run has one group
+          for (int64_t col = c0; col < c1; ++col) v[col] += wide[col];
         }
       }
-      if (B_ != nullptr)
-        for (int64_t col = c0; col < c1; ++col) v[col] += B_[col];
-      store_row(Y_ + i * n_ + c0, v + c0, c1 - c0);
+      if (G.WIDE == nullptr)
+        for (size_t c = 0; c < G.columns.size(); ++c) {
+          const int64_t t = G.columns[c];
+          const float* w = G.WO + c * n_;
+          const uint16_t* w16 = G.WO16 != nullptr ? G.WO16 + c * n_ : nullptr;
+          for (int64_t i = r0; i < r1; ++i) {
+            const float xv = SM_ != nullptr ? static_cast<float>(X_[i * k_ + t]) * SM_[t] : static_cast<float>(X_[i * k_ + t]);
+            float* v = lines.data() + (i - r0) * width - c0;
+            if (w16 != nullptr)
+              for (int64_t col = c0; col < c1; ++col) v[col] += xv * bf16_to_float(w16[col]);
+            else
+              for (int64_t col = c0; col < c1; ++col) v[col] += xv * w[col];
+          }
+        }
+      for (int64_t i = r0; i < r1; ++i) {
+        float* v = lines.data() + (i - r0) * width;
+        if (B_ != nullptr)
+          for (int64_t col = 0; col < width; ++col) v[col] += B_[c0 + col];
+        store_row(Y_ + i * n_ + c0, v, width);
+      }
+      r0 = r1;
     }
   }
 
  private:
   struct Group {
     std::vector<int64_t> columns;  // the 16-bit columns of the group, in the order of WO's rows
-    std::vector<float> gathered;   // WO when it is not exactly the stored rows
+    std::vector<float> gathered;   // WO when it is not exactly the stored rows (the same values in groups with the same columns)
     const float* WO = nullptr;     // W[:, columns]^T, float32 [j, n]
-    torch::Tensor wide;            // float32 [rows, n]: X[:, columns] W[:, columns]^T when j > kLoopColumns
+    torch::Tensor wide;            // float32 [rows, n]: X[:, columns] W[:, columns]^T for many columns and rows
     const float* WIDE = nullptr;   // its data, or none
+    const uint16_t* WO16 = nullptr;  // WO in bf16 for many columns of a short sequence (read from memory at half the bytes), or none
   };
   int64_t n_, k_, rows_;
   const float *SM_ = nullptr, *SX_ = nullptr, *SW_ = nullptr, *B_ = nullptr;
@@ -621,16 +665,17 @@ class Epilogue {
   T* Y_ = nullptr;
   torch::Tensor bias_;
   std::vector<Group> groups_;
+  std::vector<int64_t> same_until_;  // per group: the end of the run of following groups with its columns (itself alone if it has WIDE)
 };
 
 torch::Tensor dequantize_sequences(torch::Tensor acc, torch::Tensor sx, torch::Tensor x, torch::Tensor masks, torch::Tensor w_q,
                                    torch::Tensor w_scale, torch::Tensor stored, torch::Tensor pos, c10::optional<torch::Tensor> bias,
-                                   bool wide_in_bf16, c10::optional<torch::Tensor> smooth) {
+                                   c10::optional<torch::Tensor> stored_bf16, c10::optional<torch::Tensor> smooth) {
   TORCH_CHECK(acc.dim() == 2 && acc.is_contiguous() && (acc.dtype() == torch::kInt32 || acc.dtype() == torch::kFloat32), "contiguous int32 or float32 acc expected");
   const int64_t m = acc.size(0), n = acc.size(1);
   auto out = torch::empty({m, n}, x.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "dequantize_sequences", [&] {
-    const Epilogue<scalar_t> epilogue(m, n, sx, x, masks, w_q, w_scale, stored, pos, bias, wide_in_bf16, smooth, out);
+    const Epilogue<scalar_t> epilogue(m, n, sx, x, masks, w_q, w_scale, stored, pos, bias, stored_bf16, smooth, out);
     at::parallel_for(0, m, 1, [&](int64_t r0, int64_t r1) {
       if (acc.dtype() == torch::kInt32) epilogue.finish(acc.data_ptr<int32_t>() + r0 * n, n, r0, r1, 0, n);
       else epilogue.finish(acc.data_ptr<float>() + r0 * n, n, r0, r1, 0, n);
@@ -643,11 +688,11 @@ torch::Tensor dequantize_sequences(torch::Tensor acc, torch::Tensor sx, torch::T
 // finished while it is in L1, so the int32 product never goes through memory.
 torch::Tensor amx_linear(torch::Tensor q, torch::Tensor packed, int64_t n, torch::Tensor sx, torch::Tensor x, torch::Tensor masks,
                          torch::Tensor w_q, torch::Tensor w_scale, torch::Tensor stored, torch::Tensor pos, c10::optional<torch::Tensor> bias,
-                         bool wide_in_bf16, c10::optional<torch::Tensor> smooth) {
+                         c10::optional<torch::Tensor> stored_bf16, c10::optional<torch::Tensor> smooth) {
   const int64_t m = q.size(0);
   auto out = torch::empty({m, n}, x.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "amx_linear", [&] {
-    const Epilogue<scalar_t> epilogue(m, n, sx, x, masks, w_q, w_scale, stored, pos, bias, wide_in_bf16, smooth, out);
+    const Epilogue<scalar_t> epilogue(m, n, sx, x, masks, w_q, w_scale, stored, pos, bias, stored_bf16, smooth, out);
     amx_gemm_blocks(q, packed, n, [&](int64_t row, int64_t rows, int64_t col, int64_t cols, const int32_t* block, int64_t ld) {
       epilogue.finish(block, ld, row, row + rows, col, col + cols);
     });

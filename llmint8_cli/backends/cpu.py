@@ -32,6 +32,7 @@ class PreparedWeight:
     zero: torch.Tensor | None  # int32 [n]
     row_sum: torch.Tensor  # int32 [n]: sum over k of qw, for zero-point corrections
     stored_rows: torch.Tensor  # fp32 [j, n]: the exact stored outlier columns of W, one per row
+    stored_rows_bf16: torch.Tensor | None  # the same in bf16, where the CPU multiplies bf16 natively (the epilogue's GEMM for many columns)
     stored_mask: torch.Tensor  # bool [k]: True at the stored outlier columns
     stored_pos: torch.Tensor  # int32 [k]: row of a column in stored_rows, -1 if not stored
 
@@ -82,7 +83,9 @@ class CpuBackend(Backend):
         stored_pos = torch.full((k,), -1, dtype=torch.int32, device=q.q.device)
         stored_pos[stored] = torch.arange(stored.numel(), dtype=torch.int32, device=q.q.device)
         packed = gemm.pack(q.q) if on_cpu else q.q.contiguous()
-        return PreparedWeight(qweight, gemm, packed, q.scale, q.zero, row_sum, qweight.outlier_weight.float().t().contiguous(), stored_mask, stored_pos)
+        stored_rows = qweight.outlier_weight.float().t().contiguous()
+        stored_rows_bf16 = stored_rows.bfloat16() if on_cpu and cpu_kernels.native_bf16() else None
+        return PreparedWeight(qweight, gemm, packed, q.scale, q.zero, row_sum, stored_rows, stored_rows_bf16, stored_mask, stored_pos)
 
     def quantize_activations(self, x: torch.Tensor, method: Method, threshold: float, stored_idx: torch.Tensor, groups: int = 1,
                              rotation_block: int = reference.ROTATION_BLOCK) -> tuple[Quantized, torch.Tensor]:
@@ -133,7 +136,7 @@ class CpuBackend(Backend):
         """The int8 product and the native epilogue (scales, 16-bit columns, bias), fused where the path can."""
         return prepared.gemm.linear(
             q, prepared.packed, sx, x2, masks, prepared.qweight.int8.q, prepared.scale, prepared.stored_rows, prepared.stored_pos, bias,
-            x.dtype == torch.bfloat16 and cpu_kernels.native_bf16(), smooth,
+            prepared.stored_rows_bf16 if x.dtype == torch.bfloat16 else None, smooth,
         )
 
     @staticmethod
