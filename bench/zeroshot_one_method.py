@@ -5,31 +5,34 @@ full-set job that takes hours uses one core at a time. Run the baseline with
 `llmint8 eval-zeroshot ... --methods fp16 --cache-dir C` in one process and this script for the
 method in another (one thread each); then the real command, run once more, reads both back:
 
-    python bench/zeroshot_one_method.py MODEL TASKS METHOD CACHE_DIR [DATA_DIR] [BATCH_SIZE] [THRESHOLD] [SHARD]
+    python bench/zeroshot_one_method.py MODEL TASKS METHOD CACHE_DIR [DATA_DIR] [BATCH_SIZE] [THRESHOLD] [SHARD] [ROTATION_BLOCK]
 
 The cache path, the calibration (the command's default) and the lm-eval call are the command's
 own (variants.cache_folder, variants.subject, zeroshot.evaluate); THRESHOLD is the command's --threshold (default 6.0). SHARD "K/N" runs only
 the documents whose index is K modulo N, so N processes fill one cache side by side (SQLite
-serialises their writes). Prints the method's metrics (of the shard) as JSON.
+serialises their writes). ROTATION_BLOCK is the command's --rotation-block (default 64). Prints
+the method's metrics (of the shard) as JSON.
 """
 import contextlib
 import json
 import sys
 
 from llmint8_cli.checkpoint.quantize import QuantizeOptions
-from llmint8_cli.core.methods import DEFAULT_THRESHOLD, check_threshold, parse_methods
+from llmint8_cli.core.methods import DEFAULT_THRESHOLD, check_rotation_block, check_threshold, parse_methods
+from llmint8_cli.core.reference import ROTATION_BLOCK
 from llmint8_cli.evaluation import variants, zeroshot
 
 
 def main(model: str, tasks: str, method: str, cache_dir: str, data_dir: str = "../shared/data", batch_size: str = "32",
-         threshold: str = str(DEFAULT_THRESHOLD), shard: str = "0/1") -> None:
+         threshold: str = str(DEFAULT_THRESHOLD), shard: str = "0/1", rotation_block: str = str(ROTATION_BLOCK)) -> None:
     outlier_threshold = check_threshold(float(threshold))
     names = zeroshot.parse_tasks(tasks, local=True)
     manager, task_names, _ = zeroshot.task_manager(names, data_dir, use_local=True)
     samples = shard_samples(shard, manager, task_names)
     device = variants.resolve_device("auto")
     dtype = variants.resolve_dtype("auto", device)
-    calibration = QuantizeOptions(data_dir=data_dir)  # the command's default: calibrated as quantize calibrates
+    # the command's default: calibrated as quantize calibrates
+    calibration = QuantizeOptions(data_dir=data_dir, rotation_block=check_rotation_block(int(rotation_block)))
     subject = variants.subject(model, parse_methods(method), outlier_threshold, dtype, device, calibration=calibration)
     for name, network in subject.variants:
         if name == variants.BASELINE:
@@ -55,6 +58,6 @@ def shard_samples(shard: str, manager, task_names: dict[str, str]) -> dict[str, 
 
 
 if __name__ == "__main__":
-    if not 5 <= len(sys.argv) <= 9:
-        sys.exit("usage: python bench/zeroshot_one_method.py MODEL TASKS METHOD CACHE_DIR [DATA_DIR] [BATCH_SIZE] [THRESHOLD] [SHARD]")
+    if not 5 <= len(sys.argv) <= 10:
+        sys.exit("usage: python bench/zeroshot_one_method.py MODEL TASKS METHOD CACHE_DIR [DATA_DIR] [BATCH_SIZE] [THRESHOLD] [SHARD] [ROTATION_BLOCK]")
     main(*sys.argv[1:])
