@@ -7,11 +7,12 @@
 // products into a 16 x 16 tile of int32: signed x signed, no pairs in int16, so every sum is
 // exact. W is reordered once into such tiles (`amx_pack`); A is copied into 16-row tiles at each
 // call (a few % of the time), zero-padded to whole tiles in m and k. Eight tile registers give a
-// 2 x 2 block of C tiles (32 x 32 int32) fed by two A and two W tiles per step of 64 in k; the
-// block goes to a caller's sink while it is in L1 (amx_linear finishes the layer's output there).
+// 2 x 2 block of C tiles (32 x 32 int32) fed by two A and two W tiles per step of 64 in k.
 // Threads split W's 32-column panels; each thread walks A in 256-row slabs that stay in L2 while
-// its panels pass over them. Measured on a 2-core Xeon (AMX), 4096 x 4096: 2.7-3.3 tera-ops/s, about
-// 3x oneDNN's int8 matmul there (bench/results/2026-12-05-amx-int8-gemm.md).
+// its panels pass over them, and hands each finished strip (slab rows x 128 columns, in L2) to a
+// caller's sink (amx_linear finishes the layer's output there). On a 2-core AMX Xeon, 4096 x 4096,
+// m = 16-128: 1.3-1.5x oneDNN's fastest int8 path in the same process
+// (bench/results/2026-12-05-amx-int8-gemm.md).
 
 #include "amx_gemm.h"
 
