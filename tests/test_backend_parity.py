@@ -138,6 +138,30 @@ def test_a_sequence_gets_the_same_bits_alone_or_in_a_batch(backend, method_name)
         assert torch.equal(batched[i], backend.linear(x[i : i + 1], prepared, method, 1.5, bias)[0]), i
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_decoding_a_batch_with_many_stored_columns(backend, dtype):
+    """Sequences of one token with more stored columns than the epilogue's own loop takes at full
+    length (the CPU multiplies them in runs of sequences that share them): each matches the
+    reference, and gets the same bits alone as in the batch, also where one sequence has a
+    run-time column of its own and breaks the run."""
+    method = get_method("llm.int8")
+    g = torch.Generator().manual_seed(11)
+    k, n = 96, 80
+    stored = torch.arange(12) * 8
+    x = torch.randn(8, 1, k, generator=g)
+    x[..., stored] *= 15
+    x[5, :, 3] = 30.0  # a run-time outlier column in one sequence only
+    x, w, bias = x.to(dtype), (torch.randn(n, k, generator=g) / k**0.5).to(dtype), torch.randn(n, generator=g).to(dtype)
+    qweight = quantized(w, method, stored, x)
+    prepared = backend.prepare(qweight, method)
+    batched = backend.linear(x, prepared, method, 6.0, bias)
+    ref = R.linear(x, qweight, method, 6.0, bias)
+    err = (batched.float() - ref.float()).abs().max()
+    assert err <= TOLERANCE[dtype] * max(float(ref.float().abs().max()), 1.0), err
+    for i in range(len(x)):
+        assert torch.equal(batched[i], backend.linear(x[i : i + 1], prepared, method, 6.0, bias)[0]), i
+
+
 @pytest.mark.parametrize("name", CPU_PATHS)
 def test_every_cpu_gemm_path_gives_the_int32_sums(name):
     """Sums beyond 2^24: an int32 path is exact, the float32 path equals float(int32) bit for bit."""

@@ -523,7 +523,7 @@ void store_row<c10::Half>(c10::Half* y, const float* v, int64_t n) {
 // float32, a row per stored column; pos [k] the slot of column t, -1 for none: exact) and otherwise W's int8 column times
 // the row scales, as the reference dequantizes a column that is an outlier only in this call.
 // Each element sees the same float operations (no contraction into FMA: -ffp-contract=off) whether
-// a whole row is finished at once (dequantize_sequences) or a 32 x 32 block as the AMX kernel
+// a whole row is finished at once (dequantize_sequences) or a strip of columns as the AMX kernel
 // computes it (amx_linear), so a sequence gets the same bits alone or in a batch, on any path.
 template <typename T>
 class Epilogue {
@@ -684,8 +684,8 @@ torch::Tensor dequantize_sequences(torch::Tensor acc, torch::Tensor sx, torch::T
   return out;
 }
 
-// amx_gemm then dequantize_sequences in one pass: each 32 x 32 block of the int32 product is
-// finished while it is in L1, so the int32 product never goes through memory.
+// amx_gemm then dequantize_sequences in one pass: each strip of the int32 product (up to 256 rows
+// x 128 columns) is finished while it is in L2, so the int32 product never goes through memory.
 torch::Tensor amx_linear(torch::Tensor q, torch::Tensor packed, int64_t n, torch::Tensor sx, torch::Tensor x, torch::Tensor masks,
                          torch::Tensor w_q, torch::Tensor w_scale, torch::Tensor stored, torch::Tensor pos, c10::optional<torch::Tensor> bias,
                          c10::optional<torch::Tensor> stored_bf16, c10::optional<torch::Tensor> smooth) {
