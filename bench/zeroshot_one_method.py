@@ -8,9 +8,9 @@ method in another (one thread each); then the real command, run once more, reads
     python bench/zeroshot_one_method.py MODEL TASKS METHOD CACHE_DIR [DATA_DIR] [BATCH_SIZE] [THRESHOLD] [SHARD] [ROTATION_BLOCK]
 
 The cache path, the calibration (the command's default) and the lm-eval call are the command's
-own (variants.cache_folder, variants.subject, zeroshot.evaluate); THRESHOLD is the command's --threshold (default 6.0). SHARD "K/N" runs only
+own (variants.cache_folder, variants.subject, zeroshot.evaluate); THRESHOLD is the command's --threshold ("default": the method's own). SHARD "K/N" runs only
 the documents whose index is K modulo N, so N processes fill one cache side by side (SQLite
-serialises their writes). ROTATION_BLOCK is the command's --rotation-block (default 64). Prints
+serialises their writes). ROTATION_BLOCK is the command's --rotation-block (default 256). Prints
 the method's metrics (of the shard) as JSON.
 """
 import contextlib
@@ -18,14 +18,14 @@ import json
 import sys
 
 from llmint8_cli.checkpoint.quantize import QuantizeOptions
-from llmint8_cli.core.methods import DEFAULT_THRESHOLD, check_rotation_block, check_threshold, parse_methods
+from llmint8_cli.core.methods import check_rotation_block, parse_methods
 from llmint8_cli.core.reference import ROTATION_BLOCK
 from llmint8_cli.evaluation import variants, zeroshot
 
 
 def main(model: str, tasks: str, method: str, cache_dir: str, data_dir: str = "../shared/data", batch_size: str = "32",
-         threshold: str = str(DEFAULT_THRESHOLD), shard: str = "0/1", rotation_block: str = str(ROTATION_BLOCK)) -> None:
-    outlier_threshold = check_threshold(float(threshold))
+         threshold: str = "default", shard: str = "0/1", rotation_block: str = str(ROTATION_BLOCK)) -> None:
+    outlier_threshold = None if threshold == "default" else float(threshold)  # checked by variants.subject
     names = zeroshot.parse_tasks(tasks, local=True)
     manager, task_names, _ = zeroshot.task_manager(names, data_dir, use_local=True)
     samples = shard_samples(shard, manager, task_names)
@@ -37,7 +37,7 @@ def main(model: str, tasks: str, method: str, cache_dir: str, data_dir: str = ".
     for name, network in subject.variants:
         if name == variants.BASELINE:
             continue  # the generator quantizes lazily: skipping the baseline costs nothing
-        folder = variants.cache_folder(cache_dir, subject, name, outlier_threshold, dtype, device)
+        folder = variants.cache_folder(cache_dir, subject, name, dtype, device)
         with contextlib.redirect_stdout(sys.stderr):  # lm-eval prints; stdout stays JSON
             evaluation = zeroshot.evaluate(network, subject.tokenizer, manager, task_names, None, 0, int(batch_size), str(device), folder, samples)
         print(json.dumps({name: evaluation.results, "batch_size": evaluation.batch_size}))

@@ -45,9 +45,10 @@ class ActivationStats:
             handles.append(model.get_submodule(name).register_forward_pre_hook(hook))
         return handles
 
-    def outlier_columns(self) -> dict[str, torch.Tensor]:
-        """Sorted indices of the columns that reached the threshold, per layer."""
-        return {name: torch.nonzero(m >= self.threshold).flatten() for name, m in self.col_max.items()}
+    def outlier_columns(self, threshold: float | None = None) -> dict[str, torch.Tensor]:
+        """Sorted indices of the columns that reached the threshold (the collector's, or a higher one), per layer."""
+        threshold = self.threshold if threshold is None else threshold
+        return {name: torch.nonzero(m >= threshold).flatten() for name, m in self.col_max.items()}
 
 
 def decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:

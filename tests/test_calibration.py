@@ -1,6 +1,7 @@
 """On-the-fly evaluation calibrates as `quantize` does, so that its numbers are the folder's."""
 
 import json
+from dataclasses import replace
 
 import pytest
 import torch
@@ -67,5 +68,23 @@ def test_a_stored_folder_keeps_its_cache_names(tmp_path):
     quantize_checkpoint(str(STORIES), tmp_path / "int8", CALIBRATION)
     subject = variants.subject(str(tmp_path / "int8"), [get_method("llm.int8")], 6.0, torch.float32, torch.device("cpu"), calibration=CALIBRATION)
     assert subject.calibration_of("llm.int8")["samples"] == 4 and subject.calibration_key == ""
-    folder = variants.cache_folder(str(tmp_path / "cache"), subject, "llm.int8", 6.0, torch.float32, torch.device("cpu"))
+    folder = variants.cache_folder(str(tmp_path / "cache"), subject, "llm.int8", torch.float32, torch.device("cpu"))
     assert folder.name == "llm.int8-t6-float32-cpu"
+
+
+@needs_stories
+@needs_data
+def test_each_method_runs_at_its_own_default_threshold(tmp_path):
+    rotate = get_method("llm.int8-rotate")
+    summary = quantize_checkpoint(str(STORIES), tmp_path / "rot", replace(CALIBRATION, method=rotate.name))
+    assert summary["threshold"] == rotate.default_threshold == 60.0
+    subject = variants.subject(str(STORIES), [get_method("llm.int8"), rotate], None, torch.float32, torch.device("cpu"), calibration=CALIBRATION)
+    assert subject.thresholds == {"llm.int8": 6.0, "llm.int8-rotate": 60.0}
+    built = dict(subject.variants)
+    assert stored_columns(built[rotate.name]) == stored_columns(load(tmp_path / "rot"))  # one calibration pass, each method's own columns
+    assert {m.threshold for m in built[rotate.name].modules() if isinstance(m, Int8Linear)} == {60.0}
+    at_6, at_60 = (subject.calibration_of(name)["outlier_columns_total"] for name in ("llm.int8", rotate.name))
+    assert at_6 > at_60 == summary["outlier_columns_total"]
+    names = [variants.cache_folder(str(tmp_path / "cache"), subject, name, torch.float32, torch.device("cpu")).name for name in ("llm.int8", rotate.name)]
+    assert names == ["llm.int8-t6-calib4x128-ptb-float32-cpu", "llm.int8-rotate-t60-calib4x128-ptb-r256-float32-cpu"]
+    assert f"{at_6} at threshold 6, {at_60} at threshold 60" in variants.calibration_line(subject)

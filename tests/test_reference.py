@@ -123,6 +123,15 @@ def test_nan_and_inf_propagate_like_the_16bit_layer():
         assert torch.isfinite(y[[0, 2]]).all(), name
 
 
+def test_only_the_rotation_moves_the_default_threshold():
+    """The paper's nine and llm.int8-smooth keep 6.0; llm.int8-rotate needs 16-bit only for extreme features."""
+    defaults = {name: method.threshold_or_default(None) for name, method in METHODS.items()}
+    assert defaults.pop("llm.int8-rotate") == 60.0 and set(defaults.values()) == {6.0}
+    assert get_method("llm.int8-rotate").threshold_or_default(6) == 6.0 and get_method("llm.int8").threshold_or_default(20.0) == 20.0
+    with pytest.raises(InvalidArgumentError, match="positive finite"):
+        get_method("llm.int8-rotate").threshold_or_default(-1.0)
+
+
 def test_bad_inputs_raise_typed_errors():
     with pytest.raises(InvalidArgumentError, match="unknown method"):
         get_method("int4")

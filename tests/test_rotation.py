@@ -114,20 +114,22 @@ def test_rotation_needs_no_calibration(tmp_path):  # planted outliers: test_smoo
     src = save_tiny(tiny_model("llama"), tmp_path / "src")
     result = RUNNER.invoke(app, ["quantize", str(src), str(tmp_path / "out"), "--method", "llm.int8-rotate", "--calib-samples", "0", "-q"])
     assert result.exit_code == 0, result.stderr
-    assert json.loads((tmp_path / "out" / "config.json").read_text())["quantization_config"]["format_version"] == 3
+    config = json.loads((tmp_path / "out" / "config.json").read_text())["quantization_config"]
+    assert json.loads(result.stdout)["rotation_block"] == 256
+    assert config["format_version"] == 4 and config["rotation"] == {"block": 256} and config["threshold"] == 60.0  # the method's defaults
 
 
 @needs_stories
 @needs_data
 def test_a_rotated_folder_is_the_model_quantized_in_memory(tmp_path):
-    """quantize -> load gives bit for bit the fp16 source rotated in memory with the same calibration."""
+    """quantize -> load gives bit for bit the fp16 source rotated in memory with the same calibration (64-wide blocks: version 3)."""
     from test_smoothing import assert_folder_is_the_model_quantized_in_memory
 
-    options = QuantizeOptions(method="llm.int8-rotate", calib_samples=4, calib_seq_len=128, calib_dataset="ptb", data_dir=str(DATA))
+    options = QuantizeOptions(method="llm.int8-rotate", calib_samples=4, calib_seq_len=128, calib_dataset="ptb", data_dir=str(DATA), rotation_block=64)
     out = tmp_path / "out"
     quantize_checkpoint(str(STORIES), out, options)
     config = json.loads((out / "config.json").read_text())["quantization_config"]
-    assert config["format_version"] == 3 and config["method"] == "llm.int8-rotate"
+    assert config["format_version"] == 3 and config["method"] == "llm.int8-rotate" and config["rotation"] == {"block": 64}
     with safe_open(str(out / "model.safetensors"), "pt") as f:
         assert not any(key.endswith(".input_smooth") for key in f.keys())
     assert_folder_is_the_model_quantized_in_memory(out, options, tmp_path)
@@ -163,13 +165,13 @@ def test_the_native_activation_kernel_gives_the_references_bits(dtype, block):
 @needs_stories
 @needs_data
 def test_a_folder_with_256_wide_blocks_is_the_model_quantized_in_memory(tmp_path):
-    """--rotation-block 256 is stored (format 4, which version-3 readers refuse) and read back."""
+    """The default 256-wide block is stored (format 4, which version-3 readers refuse) and read back."""
     from test_smoothing import assert_folder_is_the_model_quantized_in_memory
 
     from llmint8_cli.checkpoint.load import load
 
     out = tmp_path / "out"
-    result = RUNNER.invoke(app, ["quantize", str(STORIES), str(out), "--method", "llm.int8-rotate", "--rotation-block", "256", "--calib-samples", "4",
+    result = RUNNER.invoke(app, ["quantize", str(STORIES), str(out), "--method", "llm.int8-rotate", "--calib-samples", "4",
                                  "--calib-seq-len", "128", "--calib-dataset", "ptb", "--data-dir", str(DATA), "-q"])
     assert result.exit_code == 0, result.stderr
     config = json.loads((out / "config.json").read_text())["quantization_config"]
@@ -201,11 +203,11 @@ def test_the_rotation_block_keys_the_cache_and_is_in_the_json(tmp_path):
         assert result.exit_code == 0, result.stderr
         assert json.loads(result.stdout)["results"]["llm.int8-rotate"]["rotation_block"] == block
     folders = sorted(p.name for p in next(tmp_path.iterdir()).iterdir())
-    assert folders == ["fp16-float32-cpu", "llm.int8-rotate-t6-float32-cpu", "llm.int8-rotate-t6-r256-float32-cpu"]
+    assert folders == ["fp16-float32-cpu", "llm.int8-rotate-t60-float32-cpu", "llm.int8-rotate-t60-r256-float32-cpu"]  # 64 predates the block in names
 
 
 def test_bench_times_the_rotation_at_the_block_asked_for():
-    result = RUNNER.invoke(app, ["bench", "--shapes", "64x512", "--tokens", "2", "--outlier-cols", "2", "--rotation-block", "256", "--repeat", "1", "-q"])
+    result = RUNNER.invoke(app, ["bench", "--shapes", "64x512", "--tokens", "2", "--outlier-cols", "2", "--rotation-block", "64", "--repeat", "1", "-q"])
     assert result.exit_code == 0, result.stderr
     names = [row["row"] for row in json.loads(result.stdout)["rows"]]
-    assert "llm.int8-rotate (2 outliers, 256-wide blocks)" in names and "llm.int8 (2 outliers)" in names
+    assert "llm.int8-rotate (2 outliers, 64-wide blocks)" in names and "llm.int8 (2 outliers)" in names

@@ -8,8 +8,9 @@ OUT/
 Per quantized linear <name>: <name>.weight int8 [out, in], <name>.weight_scale fp32 [out],
 <name>.weight_zero int32 [out] (zeropoint methods), <name>.outlier_idx int32 [k],
 <name>.outlier_weight 16-bit [out, k], <name>.input_smooth fp32 [in] (smoothing methods, format
-version 2), <name>.bias 16-bit [out] where the layer has one. Rotation methods (format version 3)
-store the int8 weight in the block-Hadamard basis of core/reference.py.
+version 2), <name>.bias 16-bit [out] where the layer has one. Rotation methods store the int8
+weight in the block-Hadamard basis of core/reference.py (format version 3 for 64-wide blocks, 4 with
+`rotation.block` for any other width).
 """
 
 from __future__ import annotations
@@ -21,13 +22,13 @@ import torch
 
 from llmint8_cli.checkpoint.writer import sha256_file
 from llmint8_cli.core.methods import check_rotation_block, check_threshold, get_method
-from llmint8_cli.core.reference import ROTATION_BLOCK
+from llmint8_cli.core.reference import FIRST_ROTATION_BLOCK, ROTATION_BLOCK
 from llmint8_cli.errors import CheckpointError, InvalidArgumentError
 
 FORMAT_VERSION = 1  # the paper's methods
 SMOOTHING_FORMAT_VERSION = 2  # adds <name>.input_smooth (llm.int8-smooth); older readers refuse it
 ROTATION_FORMAT_VERSION = 3  # int8 weights in a rotated basis (llm.int8-rotate), 64-wide blocks; older readers refuse it
-ROTATION_BLOCK_FORMAT_VERSION = 4  # a rotation block other than 64 (`rotation.block`); version-3 readers would assume 64
+ROTATION_BLOCK_FORMAT_VERSION = 4  # a rotation block other than 64 (`rotation.block`, default 256); version-3 readers would assume 64
 VERSIONS = (FORMAT_VERSION, SMOOTHING_FORMAT_VERSION, ROTATION_FORMAT_VERSION, ROTATION_BLOCK_FORMAT_VERSION)
 QUANT_METHOD = "llmint8"
 MANIFEST = "llmint8_manifest.json"
@@ -38,7 +39,7 @@ def format_version(method: str, rotation_block: int = ROTATION_BLOCK) -> int:
     """The oldest format that can hold a method's checkpoint."""
     spec = get_method(method)
     if spec.rotation:
-        return ROTATION_FORMAT_VERSION if rotation_block == ROTATION_BLOCK else ROTATION_BLOCK_FORMAT_VERSION
+        return ROTATION_FORMAT_VERSION if rotation_block == FIRST_ROTATION_BLOCK else ROTATION_BLOCK_FORMAT_VERSION
     return SMOOTHING_FORMAT_VERSION if spec.smoothing else FORMAT_VERSION
 
 
@@ -49,7 +50,7 @@ def stored_rotation_block(block: dict) -> int:
     rotation = block.get("rotation", {})
     if not isinstance(rotation, dict):
         raise InvalidArgumentError("rotation is not an object")
-    return check_rotation_block(rotation.get("block", ROTATION_BLOCK))
+    return check_rotation_block(rotation.get("block", FIRST_ROTATION_BLOCK))
 
 
 def quantization_config(method: str, threshold: float, skip: list[str], quantized: list[str], dtype: torch.dtype, calibration: dict,

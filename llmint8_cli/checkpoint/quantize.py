@@ -12,7 +12,7 @@ import json
 import os
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -25,7 +25,7 @@ from llmint8_cli.checkpoint.output import check_free_space, check_output, copy_s
 from llmint8_cli.checkpoint.sources import ModelSource, TensorSource, open_folder
 from llmint8_cli.checkpoint.writer import Entry, Group, write_tensors
 from llmint8_cli.core import reference
-from llmint8_cli.core.methods import DEFAULT_METHOD, DEFAULT_SMOOTH_ALPHA, DEFAULT_THRESHOLD, check_alpha, check_rotation_block, check_threshold, get_method
+from llmint8_cli.core.methods import DEFAULT_METHOD, DEFAULT_SMOOTH_ALPHA, check_alpha, check_rotation_block, get_method
 from llmint8_cli.errors import InvalidArgumentError, InvalidWeightError, ModelLoadError
 from llmint8_cli.evaluation.perplexity import make_windows, tokenize
 from llmint8_cli.nn.convert import Conv1D, quantizable_layers
@@ -36,7 +36,7 @@ DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 @dataclass
 class QuantizeOptions:
     method: str = DEFAULT_METHOD
-    threshold: float = DEFAULT_THRESHOLD
+    threshold: float | None = None  # None: the method's own (Method.default_threshold)
     dtype: str = "auto"  # fp16 | bf16 | auto (the source's 16-bit dtype, fp32 sources -> fp16)
     skip: list[str] = field(default_factory=list)
     calib_samples: int = 32
@@ -175,7 +175,8 @@ def calibrate(model, tensors: TensorSource, mapping: dict[str, str], layer_names
                 set_module_tensor_to_device(model, name, "cpu", value=fetch(name))
     windows = sum(len(batch) for batch in batches)
     on_batch = (lambda done: progress("calibrate", done, windows)) if progress else None
-    stats = activations.collect(model, batches, layer_names, options.threshold, streamer, on_batch)
+    threshold = get_method(options.method).threshold_or_default(options.threshold)
+    stats = activations.collect(model, batches, layer_names, threshold, streamer, on_batch)
     return stats, info
 
 
@@ -284,7 +285,7 @@ def quantize_checkpoint(src: str, out: str | os.PathLike, options: QuantizeOptio
     method = get_method(options.method)
     if not method.quantized:
         raise InvalidArgumentError("method 'fp16' quantizes nothing; choose one of the 8-bit methods")
-    check_threshold(options.threshold)
+    options = replace(options, threshold=method.threshold_or_default(options.threshold))
     check_alpha(options.smooth_alpha)
     check_rotation_block(options.rotation_block)
     if method.smoothing and options.calib_samples <= 0:
@@ -352,6 +353,7 @@ def quantize_checkpoint(src: str, out: str | os.PathLike, options: QuantizeOptio
     size = sum(files.values())
     return {
         "source": str(src), "output": str(out), "method": method.name, "threshold": options.threshold,
+        **({"rotation_block": options.rotation_block} if method.rotation else {}),
         "dtype": str(dtype).removeprefix("torch."), "files": files, "size_bytes": size,
         "fp16_size_bytes": fp16_bytes, "ratio_vs_fp16": round(size / fp16_bytes, 4),
         "quantized_layers": len(layers), "calibration": calibration,

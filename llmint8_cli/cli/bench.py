@@ -14,7 +14,7 @@ from llmint8_cli.cli.common import (
     PIPED_MODEL_HELP, CalibDataset, CalibSamples, CalibSeqLen, ComputeDtype, DataDir, Device, NoVerify, Quiet, RotationBlock, SmoothAlpha, Threshold, choose_model, command, emit_json, print_table, progress_bar,
     stderr_console,
 )
-from llmint8_cli.core.methods import DEFAULT_METHOD, DEFAULT_THRESHOLD, check_rotation_block, check_threshold, get_method
+from llmint8_cli.core.methods import DEFAULT_METHOD, check_rotation_block, get_method
 from llmint8_cli.errors import InvalidArgumentError
 from llmint8_cli.evaluation import speed, variants
 
@@ -72,7 +72,7 @@ def bench(
     tokens: Annotated[str, typer.Option(help="Layer mode: token counts m per call.")] = "1,16,128,512,2048",
     outlier_cols: Annotated[str, typer.Option(help="Layer mode: outlier feature columns for the llm.int8 rows.")] = "0,6,64",
     method: Annotated[str, typer.Option(help="Model mode: quantization method.")] = DEFAULT_METHOD,
-    threshold: Threshold = DEFAULT_THRESHOLD,
+    threshold: Threshold = None,
     calib_samples: CalibSamples = QuantizeOptions.calib_samples,
     calib_seq_len: CalibSeqLen = QuantizeOptions.calib_seq_len,
     calib_dataset: CalibDataset = QuantizeOptions.calib_dataset,
@@ -94,8 +94,8 @@ def bench(
     run_device = variants.resolve_device(device)
     document = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), "device": str(run_device), "machine": speed.machine()}
     if model is None:
-        if threshold != DEFAULT_THRESHOLD:
-            raise InvalidArgumentError(f"--threshold is for model mode; layer mode plants outliers of about 20 and uses {DEFAULT_THRESHOLD}")
+        if threshold is not None:
+            raise InvalidArgumentError("--threshold is for model mode; layer mode plants outliers of about 20 and runs each method at its default threshold")
         shape_list, token_list, outliers = parse_shapes(shapes), parse_ints(tokens, "--tokens", minimum=1), parse_ints(outlier_cols, "--outlier-cols")
         check_layer_sizes(shape_list, outliers)
         block = check_rotation_block(rotation_block)
@@ -121,7 +121,7 @@ def bench(
         calibration = QuantizeOptions(calib_samples=calib_samples, calib_seq_len=calib_seq_len, calib_dataset=calib_dataset, data_dir=data_dir, smooth_alpha=smooth_alpha,
                                       rotation_block=rotation_block)
         with console.status(f"loading {model}"):
-            subject = variants.subject(model, [get_method(method)], check_threshold(threshold), run_dtype, run_device, verify=not no_verify, calibration=calibration)
+            subject = variants.subject(model, [get_method(method)], threshold, run_dtype, run_device, verify=not no_verify, calibration=calibration)
         notes = list(subject.notes)
         console.print(variants.calibration_line(subject))
         baseline = next(short for short, full in variants.DTYPES.items() if full == run_dtype)  # the 16-bit row, named by what ran
@@ -139,7 +139,7 @@ def bench(
             results = speed.bench_models(networks, lengths, batches, new_tokens, repeat, run_device)
         speed.add_speedups(results, baseline)
         document.update({
-            "mode": "model", "threshold": threshold,
+            "mode": "model", "threshold": subject.threshold_of(method),
             "calibration": calibrations, "settings": {name: subject.settings_of(name) for name in calibrations if subject.settings_of(name)},
             "dtype": str(run_dtype).removeprefix("torch."), "prompt_tokens": lengths, "batches": batches,
             "new_tokens": new_tokens, "repeat": repeat, "results": results, "notes": notes,

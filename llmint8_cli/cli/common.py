@@ -42,7 +42,7 @@ NoVerify = Annotated[bool, typer.Option("--no-verify", help="Skip the sha256 che
 Device = Annotated[str, typer.Option(help="cpu, cuda, cuda:N or auto.")]
 ComputeDtype = Annotated[str, typer.Option("--dtype", help="Compute dtype: fp32, fp16, bf16, or auto: fp16 on GPU; on CPU fp32 for evaluation, and for bench bf16 where the CPU has native bf16 matmul.")]
 DataDir = Annotated[str | None, typer.Option(help="Local data folder (layout of shared/data); default $LLMINT8_DATA_DIR or ./shared/data.")]
-Threshold = Annotated[float, typer.Option(help="Outlier threshold |x| of the decomposition.")]
+Threshold = Annotated[float | None, typer.Option(help="Outlier threshold |x| of the decomposition (default: the method's own, 6.0; 60 for llm.int8-rotate).", show_default=False)]
 CalibSamples = Annotated[int, typer.Option(min=0, help="Calibration windows that find the outlier columns stored in 16-bit (as quantize does); 0 = run-time detection only.")]
 CalibSeqLen = Annotated[int, typer.Option(min=2, help="Tokens per calibration window.")]
 SmoothAlpha = Annotated[float, typer.Option(min=0.0, max=1.0, help="llm.int8-smooth: how much of each input feature's calibrated range moves into W (SmoothQuant's alpha).")]

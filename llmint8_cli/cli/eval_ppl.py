@@ -13,7 +13,7 @@ from llmint8_cli.backends.cpu_kernels import gemm_report
 from llmint8_cli import models
 from llmint8_cli.checkpoint.quantize import QuantizeOptions
 from llmint8_cli.cli.common import EXIT_NOT_FINITE, METHODS_HELP, CalibDataset, CalibSamples, CalibSeqLen, RotationBlock, SmoothAlpha, ComputeDtype, DataDir, Device, Model, NoVerify, Quiet, Threshold, choose_model, command, emit_json, fail, print_table, progress_bar, stderr_console
-from llmint8_cli.core.methods import DEFAULT_METHOD, DEFAULT_THRESHOLD, check_threshold, parse_methods
+from llmint8_cli.core.methods import DEFAULT_METHOD, parse_methods
 from llmint8_cli.errors import DataError
 from llmint8_cli.evaluation import variants
 from llmint8_cli.evaluation.perplexity import WindowCache, make_windows, perplexity, tokenize
@@ -53,7 +53,7 @@ def eval_ppl(
     stride: Annotated[int | None, typer.Option(help="Start a window every N tokens (default: no overlap); overlapping tokens are scored once.")] = None,
     max_tokens: Annotated[int | None, typer.Option(min=1, help="Use only the first N tokens of the text.")] = None,
     methods: Annotated[str, typer.Option(help=METHODS_HELP)] = DEFAULT_METHOD,
-    threshold: Threshold = DEFAULT_THRESHOLD,
+    threshold: Threshold = None,
     batch_size: Annotated[int, typer.Option(min=1, help="Windows per forward pass (results do not depend on it).")] = 1,
     bos: Annotated[str, typer.Option(help=BOS_HELP)] = "window",
     cache_dir: Annotated[str | None, typer.Option(help="Keep each window's NLL here as it is computed: a stopped run, or a later run of other methods, reuses them.")] = None,
@@ -72,7 +72,6 @@ def eval_ppl(
     console = stderr_console(quiet)
     model = choose_model(model, console, models.DEFAULT_MODEL)
     chosen = parse_methods(methods)
-    check_threshold(threshold)
     if bos not in ("window", "text"):
         raise DataError(f"--bos must be 'window' or 'text', got {bos!r}")
     if seq_len < 2:
@@ -94,7 +93,7 @@ def eval_ppl(
         for name, network in subject.variants:
             task = bar.add_task(f"{variants.shown_name(name, run_dtype):>14}", total=len(windows.input_ids))
             started = time.time()
-            cache = WindowCache(variants.cache_folder(cache_dir, subject, name, threshold, run_dtype, run_device), windows) if cache_dir else None
+            cache = WindowCache(variants.cache_folder(cache_dir, subject, name, run_dtype, run_device), windows) if cache_dir else None
             result = perplexity(network, windows, batch_size, lambda n, t=task: bar.advance(t, n), cache)
             seconds = time.time() - started
             baseline = result.ppl if name == variants.BASELINE else baseline
@@ -116,7 +115,7 @@ def eval_ppl(
             "bos": bos, "bos_per_window": windows.bos_per_window, "max_tokens": max_tokens,
             "windows": len(windows.input_ids), "scored_tokens": windows.scored_tokens,
         },
-        "threshold": threshold, "device": str(run_device), "dtype": str(run_dtype).removeprefix("torch."),
+        "thresholds": subject.thresholds, "device": str(run_device), "dtype": str(run_dtype).removeprefix("torch."),
         "results": results, "notes": subject.notes,
     }
     cells = [[

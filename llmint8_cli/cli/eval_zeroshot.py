@@ -14,7 +14,7 @@ from llmint8_cli.backends.cpu_kernels import gemm_report
 from llmint8_cli import models
 from llmint8_cli.checkpoint.quantize import QuantizeOptions
 from llmint8_cli.cli.common import METHODS_HELP, CalibDataset, CalibSamples, CalibSeqLen, ComputeDtype, Device, RotationBlock, SmoothAlpha, Model, NoVerify, Quiet, Threshold, choose_model, command, emit_json, print_table, stderr_console
-from llmint8_cli.core.methods import DEFAULT_METHOD, DEFAULT_THRESHOLD, check_threshold, parse_methods
+from llmint8_cli.core.methods import DEFAULT_METHOD, parse_methods
 from llmint8_cli.evaluation import variants, zeroshot
 
 
@@ -23,7 +23,7 @@ def eval_zeroshot(
     model: Model = None,
     tasks: Annotated[str, typer.Option(help=f"Comma-separated lm-eval tasks; offline or with --data-dir: {', '.join(zeroshot.TASKS)} (lambada = LAMBADA-OpenAI), from local files.")] = "winogrande,hellaswag,piqa,lambada",
     methods: Annotated[str, typer.Option(help=METHODS_HELP)] = DEFAULT_METHOD,
-    threshold: Threshold = DEFAULT_THRESHOLD,
+    threshold: Threshold = None,
     limit: Annotated[int | None, typer.Option(min=1, help="Only the first N documents of each task.")] = None,
     num_fewshot: Annotated[int, typer.Option(min=0, help="Few-shot examples per prompt.")] = 0,
     batch_size: Annotated[int, typer.Option(min=1, help="Requests per forward pass.")] = 8,
@@ -45,7 +45,6 @@ def eval_zeroshot(
     local = zeroshot.use_local_tasks(data_dir)
     names = zeroshot.parse_tasks(tasks, local)
     chosen = parse_methods(methods)
-    check_threshold(threshold)
     manager, task_names, source = zeroshot.task_manager(names, data_dir, local)
     run_device = variants.resolve_device(device)
     run_dtype = variants.resolve_dtype(dtype, run_device)
@@ -57,7 +56,7 @@ def eval_zeroshot(
     for name, network in subject.variants:
         console.print(f"[bold]{variants.shown_name(name, run_dtype)}[/]: {', '.join(names)}")
         started = time.time()
-        folder = variants.cache_folder(cache_dir, subject, name, threshold, run_dtype, run_device) if cache_dir else None
+        folder = variants.cache_folder(cache_dir, subject, name, run_dtype, run_device) if cache_dir else None
         chatter = sys.stderr if console.is_terminal else io.StringIO()  # lm-eval's bars and logs: on a terminal only; stdout is for our JSON
         with contextlib.redirect_stdout(chatter), contextlib.redirect_stderr(chatter):
             evaluation = zeroshot.evaluate(network, subject.tokenizer, manager, task_names, limit, num_fewshot, batch_size, str(run_device), folder)
@@ -69,7 +68,7 @@ def eval_zeroshot(
         del network
     baseline = results.get(variants.BASELINE)
     document = {"tasks": {}, "data": source, "limit": limit, "num_fewshot": num_fewshot,
-                "device": str(run_device), "dtype": str(run_dtype).removeprefix("torch."), "threshold": threshold,
+                "device": str(run_device), "dtype": str(run_dtype).removeprefix("torch."), "thresholds": subject.thresholds,
                 "seconds": seconds, "calibration": {m: subject.calibration_of(m) for m in results},
                 "settings": {m: subject.settings_of(m) for m in results if subject.settings_of(m)}, "notes": notes, **({"caches": caches} if cache_dir else {})}
     columns = ["task", "metric", *(variants.shown_name(m, run_dtype) for m in results), *(["Δ " + m for m in results if m != variants.BASELINE] if baseline else [])]

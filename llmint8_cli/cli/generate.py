@@ -12,22 +12,24 @@ from llmint8_cli import models
 from llmint8_cli.checkpoint.format import is_llmint8_checkpoint
 from llmint8_cli.checkpoint.load import load
 from llmint8_cli.cli.common import ComputeDtype, Device, NoVerify, Quiet, Threshold, command, emit_json, stderr_console
-from llmint8_cli.core.methods import DEFAULT_METHOD, DEFAULT_THRESHOLD, check_threshold, get_method
+from llmint8_cli.core.methods import DEFAULT_METHOD, get_method
 from llmint8_cli.errors import InvalidArgumentError
 from llmint8_cli.evaluation import variants
 from llmint8_cli.nn.convert import quantize_model
 
 
-def load_for_generation(spec: str, method: str, threshold: float, dtype: torch.dtype, device: torch.device, verify: bool):
-    """(model, tokenizer, method that runs): an llmint8 folder as stored, a 16-bit model quantized on the fly."""
+def load_for_generation(spec: str, method: str, threshold: float | None, dtype: torch.dtype, device: torch.device, verify: bool):
+    """(model, tokenizer, method and threshold that run): an llmint8 folder as stored, a 16-bit model quantized on the fly."""
     if is_llmint8_checkpoint(spec):
         from transformers import AutoTokenizer
 
         model = load(spec, dtype=dtype, verify_files=verify)
-        return model.to(device), AutoTokenizer.from_pretrained(spec), model.config.quantization_config.method
+        block = model.config.quantization_config
+        return model.to(device), AutoTokenizer.from_pretrained(spec), block.method, block.threshold
     source = models.resolve(spec)
+    threshold = get_method(method).threshold_or_default(threshold)
     model = quantize_model(models.load_model(source, dtype=dtype), method, threshold)
-    return model.to(device), models.load_tokenizer(source), method
+    return model.to(device), models.load_tokenizer(source), method, threshold
 
 
 @command
@@ -38,7 +40,7 @@ def generate(
     temperature: Annotated[float, typer.Option(min=0.0, help="0: greedy (deterministic); above 0: sampled at this temperature.")] = 0.0,
     seed: Annotated[int, typer.Option(help="Random seed for sampling.")] = 0,
     method: Annotated[str, typer.Option(help="For a 16-bit model: the method it is quantized with on the fly (fp16 keeps it 16-bit).")] = DEFAULT_METHOD,
-    threshold: Threshold = DEFAULT_THRESHOLD,
+    threshold: Threshold = None,
     device: Device = "auto",
     dtype: ComputeDtype = "auto",
     no_verify: NoVerify = False,
@@ -46,14 +48,13 @@ def generate(
 ) -> None:
     """Greedy or sampled text; the text and tokens/s on stderr, JSON on stdout."""
     console = stderr_console(quiet)
-    get_method(method)
-    check_threshold(threshold)
+    get_method(method).threshold_or_default(threshold)
     if not prompt.strip():
         raise InvalidArgumentError("PROMPT is empty")
     run_device = variants.resolve_device(device)
     run_dtype = variants.resolve_dtype(dtype, run_device, inference=True)
     with console.status(f"loading {model}"):
-        network, tokenizer, ran = load_for_generation(model, method, threshold, run_dtype, run_device, not no_verify)
+        network, tokenizer, ran, threshold = load_for_generation(model, method, threshold, run_dtype, run_device, not no_verify)
     ids = tokenizer(prompt, return_tensors="pt").input_ids.to(run_device)
     sampling = {"do_sample": True, "temperature": temperature} if temperature > 0 else {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
     torch.manual_seed(seed)

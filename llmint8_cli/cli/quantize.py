@@ -8,7 +8,7 @@ import typer
 
 from llmint8_cli.checkpoint.quantize import QuantizeOptions, quantize_checkpoint
 from llmint8_cli.cli.common import CalibDataset, CalibSamples, CalibSeqLen, DataDir, RotationBlock, SmoothAlpha, Quiet, Threshold, command, emit_json, parse_size, progress_bar, stderr_console, warn
-from llmint8_cli.core.methods import DEFAULT_METHOD, DEFAULT_THRESHOLD, METHODS
+from llmint8_cli.core.methods import DEFAULT_METHOD, METHODS
 
 
 @command
@@ -16,7 +16,7 @@ def quantize(
     src: Annotated[str, typer.Argument(help="Model folder (safetensors or .bin; a bitsandbytes 8-bit folder converts without re-rounding), .gguf file, alias (smollm2-135m, gemma3-270m), short name (opt-1.3b) or Hub id.")],
     out: Annotated[str, typer.Argument(help="Output folder (written atomically).")],
     method: Annotated[str, typer.Option(help=f"One of: {', '.join(m for m in METHODS if m != 'fp16')}.")] = DEFAULT_METHOD,
-    threshold: Threshold = DEFAULT_THRESHOLD,
+    threshold: Threshold = None,
     dtype: Annotated[str, typer.Option(help="16-bit dtype of the unquantized tensors: fp16, bf16, or auto (the source's; fp32 -> fp16).")] = "auto",
     skip: Annotated[list[str] | None, typer.Option(help="Glob of module names to keep 16-bit (repeatable), e.g. '*.mlp.down_proj'.")] = None,
     calib_samples: CalibSamples = QuantizeOptions.calib_samples,

@@ -13,7 +13,8 @@ from dataclasses import dataclass
 from llmint8_cli.errors import InvalidArgumentError
 
 DEFAULT_METHOD = "llm.int8"
-DEFAULT_THRESHOLD = 6.0
+DEFAULT_THRESHOLD = 6.0  # the paper's; every method's default but llm.int8-rotate's
+ROTATE_THRESHOLD = 60.0  # after a 256-wide rotation only extreme features need 16-bit (bench/results/2026-12-05-rotation-block-256.md)
 DEFAULT_SMOOTH_ALPHA = 0.5  # SmoothQuant's migration strength; measured best of 0.3/0.5/0.7 on SmolLM2
 PAPER_METHODS = 9  # the first nine of METHODS are the paper's Table 1 (`--methods paper`)
 
@@ -28,6 +29,11 @@ class Method:
     decomposition: bool = False
     smoothing: bool = False  # per-input-feature smoothing calibrated at quantize time (not in the paper)
     rotation: bool = False  # the int8 part in a block-Hadamard basis (not in the paper)
+    default_threshold: float = DEFAULT_THRESHOLD  # the outlier threshold when none is given
+
+    def threshold_or_default(self, threshold: float | None) -> float:
+        """The threshold a run of this method uses: the one given (checked), else the method's own."""
+        return self.default_threshold if threshold is None else check_threshold(threshold)
 
     @property
     def quantized(self) -> bool:
@@ -52,7 +58,8 @@ METHODS: dict[str, Method] = {
         Method("llm.int8", "vector-wise absmax + decomposition (LLM.int8())", "row", "row", decomposition=True),
         Method("llm.int8-zp", "vector-wise zeropoint + decomposition", "row", "row", zeropoint=True, decomposition=True),
         Method("llm.int8-smooth", "llm.int8 + calibrated per-feature smoothing (beyond the paper)", "row", "row", decomposition=True, smoothing=True),
-        Method("llm.int8-rotate", "llm.int8 with the int8 part in a block-Hadamard basis (beyond the paper)", "row", "row", decomposition=True, rotation=True),
+        Method("llm.int8-rotate", "llm.int8 with the int8 part in a block-Hadamard basis (beyond the paper)", "row", "row", decomposition=True, rotation=True,
+               default_threshold=ROTATE_THRESHOLD),
     )
 }
 

@@ -75,7 +75,8 @@ from llmint8_cli.core.methods import Method, check_rotation_block
 from llmint8_cli.errors import InvalidArgumentError, InvalidWeightError
 
 INT8_MAX = 127
-ROTATION_BLOCK = 64  # the default Hadamard block of the rotation methods (a power of 4: 1/sqrt(b) is exact)
+ROTATION_BLOCK = 256  # the default Hadamard block (a power of 4: 1/sqrt(b) is exact); bench/results/2026-12-05-rotation-block-256.md
+FIRST_ROTATION_BLOCK = 64  # the default until 2026-12-06: version-3 folders and cache names that carry no block hold it
 
 
 @dataclass

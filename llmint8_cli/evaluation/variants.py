@@ -25,7 +25,7 @@ from llmint8_cli.checkpoint.load import load
 from llmint8_cli.checkpoint.quantize import QuantizeOptions, calibrate
 from llmint8_cli.activations import ActivationStats
 from llmint8_cli.core.methods import DEFAULT_SMOOTH_ALPHA, Method, check_rotation_block, get_method
-from llmint8_cli.core.reference import ROTATION_BLOCK
+from llmint8_cli.core.reference import FIRST_ROTATION_BLOCK, ROTATION_BLOCK
 from llmint8_cli.errors import InvalidArgumentError, LLMInt8Error
 from llmint8_cli.nn.convert import quantizable_layers, quantize_model
 
@@ -81,11 +81,19 @@ class Subject:
     calibration: dict | None = None  # how the decomposition methods found their stored columns
     stored: bool = False  # an llmint8 folder, evaluated as written (its files key its caches)
     rotation_block: int = ROTATION_BLOCK  # the Hadamard block width of the rotation methods
+    thresholds: dict[str, float] = field(default_factory=dict)  # the outlier threshold each quantized variant runs at
+    stored_columns: dict[str, int] = field(default_factory=dict)  # on the fly: each decomposition variant's calibrated 16-bit columns
     _fingerprints: dict = field(default_factory=dict, repr=False)
+
+    def threshold_of(self, method: str) -> float | None:
+        """The outlier threshold a variant runs at (None: the 16-bit baseline)."""
+        return self.thresholds.get(method)
 
     def calibration_of(self, method: str) -> dict | None:
         """The calibration a variant's stored outlier columns come from (None: it stores none)."""
-        return self.calibration if self.calibration is not None and get_method(method).decomposition else None
+        if self.calibration is None or not get_method(method).decomposition:
+            return None
+        return {**self.calibration, "outlier_columns_total": self.stored_columns[method]} if method in self.stored_columns else self.calibration
 
     @property
     def calibration_key(self) -> str:
@@ -108,14 +116,14 @@ class Subject:
         return self._fingerprints[source]
 
 
-def subject(spec: str, methods: list[Method], threshold: float, dtype: torch.dtype, device: torch.device, verify: bool = True,
+def subject(spec: str, methods: list[Method], threshold: float | None, dtype: torch.dtype, device: torch.device, verify: bool = True,
             calibration: QuantizeOptions | None = None, held_out: str | None = None) -> Subject:
     """What to evaluate; `verify` checks an llmint8 folder's files against its manifest.
 
     A 16-bit model's decomposition methods are calibrated as `llmint8 quantize` calibrates them
     (`calibration`, its options; None or 0 samples: run-time detection only), so that their
-    numbers are those of the folder quantize would write. `held_out` is the evaluation text's
-    source: calibrating on it is refused.
+    numbers are those of the folder quantize would write. `threshold` None runs each method at
+    its own default. `held_out` is the evaluation text's source: calibrating on it is refused.
     """
     if is_llmint8_checkpoint(spec):
         return _stored(spec, dtype, device, verify, held_out)
@@ -131,15 +139,18 @@ def subject(spec: str, methods: list[Method], threshold: float, dtype: torch.dty
     tokenizer = models.load_tokenizer(source)
     base = models.load_model(source, dtype=dtype).to(device)
     ordered = [BASELINE] + [m.name for m in methods if m.name != BASELINE]
-    outliers, input_max, info = {}, {}, None
+    thresholds = {m.name: m.threshold_or_default(threshold) for m in methods if m.quantized}
+    outliers, input_max, info, stats = {}, {}, None, None
     rotation_block = check_rotation_block(calibration.rotation_block) if calibration else ROTATION_BLOCK
     calibrated = calibration is not None and calibration.calib_samples > 0
     smoothing = [m.name for m in methods if m.smoothing]
     if smoothing and not calibrated:
         raise InvalidArgumentError(f"method {smoothing[0]!r} is calibrated: --calib-samples must be at least 1")
-    if calibrated and any(m.decomposition for m in methods):
-        stats, info = calibrate_on_the_fly(base, tokenizer, replace(calibration, threshold=threshold), held_out)
-        outliers, input_max = stats.outlier_columns(), stats.col_max
+    decomposing = [m.name for m in methods if m.decomposition]
+    if calibrated and decomposing:  # one pass; each method's stored columns at its own threshold
+        stats, info = calibrate_on_the_fly(base, tokenizer, replace(calibration, threshold=min(thresholds[n] for n in decomposing)), held_out)
+        outliers = {n: stats.outlier_columns(thresholds[n]) for n in decomposing}
+        input_max = stats.col_max
         if smoothing:
             info["smoothing_alpha"] = calibration.smooth_alpha
 
@@ -147,7 +158,7 @@ def subject(spec: str, methods: list[Method], threshold: float, dtype: torch.dty
         method = get_method(name)
         if not method.quantized:
             return base
-        return quantize_model(copy.deepcopy(base), name, threshold, outliers=outliers if method.decomposition else None,
+        return quantize_model(copy.deepcopy(base), name, thresholds[name], outliers=outliers.get(name),
                               input_max=input_max if method.smoothing else None, alpha=calibration.smooth_alpha if calibration else DEFAULT_SMOOTH_ALPHA,
                               rotation_block=rotation_block)
 
@@ -155,7 +166,9 @@ def subject(spec: str, methods: list[Method], threshold: float, dtype: torch.dty
         for name in ordered:
             yield name, variant(name)
 
-    return Subject(source.label, source, tokenizer, base.config, generate(), [], calibration=info, rotation_block=rotation_block)
+    stored_columns = {n: sum(int(v.numel()) for v in columns.values()) for n, columns in outliers.items()}
+    return Subject(source.label, source, tokenizer, base.config, generate(), [], calibration=info, rotation_block=rotation_block, thresholds=thresholds,
+                   stored_columns=stored_columns)
 
 
 def calibration_line(subject: Subject) -> str:
@@ -163,7 +176,15 @@ def calibration_line(subject: Subject) -> str:
     info = subject.calibration or {}
     if not info.get("samples"):
         return "outlier columns: run-time detection only (no calibration)"
-    stored = f", {info['outlier_columns_total']} stored outlier columns" if "outlier_columns_total" in info else ""
+    counts = {}  # stored columns by threshold: methods at the same threshold store the same columns
+    for name, columns in subject.stored_columns.items():
+        counts.setdefault(subject.threshold_of(name), columns)
+    if len(counts) > 1:
+        stored = ", stored outlier columns " + ", ".join(f"{n} at threshold {t:g}" for t, n in sorted(counts.items()))
+    elif counts:
+        stored = f", {next(iter(counts.values()))} stored outlier columns"
+    else:
+        stored = f", {info['outlier_columns_total']} stored outlier columns" if "outlier_columns_total" in info else ""
     smoothing = f", smoothing alpha {info['smoothing_alpha']:g}" if "smoothing_alpha" in info else ""
     return f"calibration of the decomposition methods: {info['samples']} windows × {info['seq_len']} tokens of {info['dataset']}{stored}{smoothing}"
 
@@ -183,7 +204,6 @@ def calibrate_on_the_fly(base, tokenizer, options: QuantizeOptions, held_out: st
         options = replace(options, calib_dataset=other)
     with torch.no_grad():
         stats, info = calibrate(base, None, {}, [name for name, _ in quantizable_layers(base)], tokenizer, options, streaming=False)
-    info["outlier_columns_total"] = sum(int(v.numel()) for v in stats.outlier_columns().values())
     if note:
         info["note"] = note
     return stats, info
@@ -212,22 +232,22 @@ def _stored(folder: str, dtype: torch.dtype, device: torch.device, verify: bool,
         yield block["method"], quantized
 
     return Subject(folder, models.ModelSource("folder", str(folder)), tokenizer, quantized.config, generate(), notes, baseline, calibration=calibration, stored=True,
-                   rotation_block=stored_rotation_block(block) or ROTATION_BLOCK)
+                   rotation_block=stored_rotation_block(block) or ROTATION_BLOCK, thresholds={block["method"]: block["threshold"]})
 
 
-def cache_folder(cache_dir: str, subject: Subject, method: str, threshold: float, dtype: torch.dtype, device: torch.device) -> Path:
+def cache_folder(cache_dir: str, subject: Subject, method: str, dtype: torch.dtype, device: torch.device) -> Path:
     """The folder (created) where one variant's evaluation results are kept, so that a stopped run resumes.
 
     Everything that changes the model's outputs is in the path: the model's files (fingerprint),
-    the method and threshold, the compute dtype and the device type. A stored folder's 16-bit
+    the method, threshold and rotation block, the compute dtype and the device type. A stored folder's 16-bit
     baseline is keyed by its source, so it is shared with the runs on the 16-bit model.
     """
-    setting = method if method == BASELINE else f"{method}-t{threshold:g}"
+    setting = method if method == BASELINE else f"{method}-t{subject.threshold_of(method):g}"
     if subject.calibration_of(method) and subject.calibration_key:  # stored columns change the outputs
         setting += f"-{subject.calibration_key}"
         if get_method(method).smoothing:
             setting += f"-a{subject.calibration['smoothing_alpha']:g}"
-    if get_method(method).rotation and subject.rotation_block != ROTATION_BLOCK:
+    if get_method(method).rotation and subject.rotation_block != FIRST_ROTATION_BLOCK:  # older caches name no block
         setting += f"-r{subject.rotation_block}"
     source = subject.source_of(method)
     model = "".join(c if c.isalnum() or c in "._-" else "_" for c in Path(source.label).name)

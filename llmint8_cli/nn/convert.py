@@ -8,7 +8,7 @@ from collections.abc import Iterable, Iterator, Mapping
 import torch
 from torch import nn
 
-from llmint8_cli.core.methods import DEFAULT_METHOD, DEFAULT_SMOOTH_ALPHA, DEFAULT_THRESHOLD, check_alpha, check_rotation_block, check_threshold, get_method
+from llmint8_cli.core.methods import DEFAULT_METHOD, DEFAULT_SMOOTH_ALPHA, check_alpha, check_rotation_block, get_method
 from llmint8_cli.core.reference import ROTATION_BLOCK
 from llmint8_cli.errors import InvalidArgumentError
 from llmint8_cli.nn.linear import Int8Linear
@@ -50,7 +50,7 @@ def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
 def quantize_model(
     model: nn.Module,
     method: str = DEFAULT_METHOD,
-    threshold: float = DEFAULT_THRESHOLD,
+    threshold: float | None = None,
     skip: Iterable[str] = (),
     outliers: Mapping[str, torch.Tensor] | None = None,
     input_max: Mapping[str, torch.Tensor] | None = None,
@@ -62,10 +62,11 @@ def quantize_model(
     Embeddings, norms and the LM head stay 16-bit (tied weights stay tied). `outliers` maps a
     layer name to its calibrated outlier columns and `input_max` to its calibrated max |x| per
     input feature (what smoothing methods need, with `alpha`); rotation methods rotate in Hadamard
-    blocks `rotation_block` wide; `method="fp16"` leaves the model untouched.
+    blocks `rotation_block` wide; `threshold` None is the method's own (6.0, or 60 for
+    llm.int8-rotate); `method="fp16"` leaves the model untouched.
     """
     spec = get_method(method)
-    check_threshold(threshold)
+    threshold = spec.threshold_or_default(threshold)
     if not spec.quantized:
         return model
     outliers, input_max = outliers or {}, input_max or {}

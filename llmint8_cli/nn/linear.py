@@ -7,7 +7,7 @@ from torch import nn
 
 from llmint8_cli.backends import backend_for
 from llmint8_cli.core import reference
-from llmint8_cli.core.methods import DEFAULT_METHOD, DEFAULT_SMOOTH_ALPHA, DEFAULT_THRESHOLD, check_alpha, check_rotation_block, check_threshold, get_method
+from llmint8_cli.core.methods import DEFAULT_METHOD, DEFAULT_SMOOTH_ALPHA, check_alpha, check_rotation_block, get_method
 from llmint8_cli.core.reference import Quantized, QuantizedWeight
 from llmint8_cli.errors import InvalidArgumentError
 
@@ -30,7 +30,7 @@ class Int8Linear(nn.Module):
         bias: bool = True,
         *,
         method: str = DEFAULT_METHOD,
-        threshold: float = DEFAULT_THRESHOLD,
+        threshold: float | None = None,
         num_outliers: int = 0,
         rotation_block: int = reference.ROTATION_BLOCK,
         dtype: torch.dtype = torch.float16,
@@ -40,7 +40,7 @@ class Int8Linear(nn.Module):
         self.method = get_method(method)
         if not self.method.quantized:
             raise InvalidArgumentError(f"method {method!r} keeps nn.Linear; Int8Linear needs a quantizing method")
-        self.threshold = check_threshold(threshold)
+        self.threshold = self.method.threshold_or_default(threshold)
         self.rotation_block = check_rotation_block(rotation_block) if self.method.rotation else 0
         self.in_features, self.out_features = in_features, out_features
         self.register_buffer("weight", torch.zeros(out_features, in_features, dtype=torch.int8, device=device))
@@ -59,7 +59,7 @@ class Int8Linear(nn.Module):
         cls,
         linear: nn.Linear,
         method: str = DEFAULT_METHOD,
-        threshold: float = DEFAULT_THRESHOLD,
+        threshold: float | None = None,
         outlier_idx: torch.Tensor | None = None,
         input_max: torch.Tensor | None = None,
         alpha: float = DEFAULT_SMOOTH_ALPHA,
