@@ -321,7 +321,20 @@ void hadamard(float* v, int64_t size) {
       x = butterfly_lanes<0xF0>(x, _mm256_permute2f128_ps(x, x, 0x01));
       _mm256_storeu_ps(v + j, x);
     }
-    for (half = 8; half < size; half *= 2)
+    // two stages per pass over the block (pairs half apart, then 2 * half apart, each sum and
+    // difference the reference's own), then a last single stage where the count is odd
+    for (half = 8; 4 * half <= size; half *= 4)
+      for (int64_t j0 = 0; j0 < size; j0 += 4 * half)
+        for (int64_t j = j0; j < j0 + half; j += 8) {
+          const __m256 a = _mm256_loadu_ps(v + j), b = _mm256_loadu_ps(v + j + half);
+          const __m256 c = _mm256_loadu_ps(v + j + 2 * half), d = _mm256_loadu_ps(v + j + 3 * half);
+          const __m256 ab = _mm256_add_ps(a, b), a_b = _mm256_sub_ps(a, b), cd = _mm256_add_ps(c, d), c_d = _mm256_sub_ps(c, d);
+          _mm256_storeu_ps(v + j, _mm256_add_ps(ab, cd));
+          _mm256_storeu_ps(v + j + half, _mm256_add_ps(a_b, c_d));
+          _mm256_storeu_ps(v + j + 2 * half, _mm256_sub_ps(ab, cd));
+          _mm256_storeu_ps(v + j + 3 * half, _mm256_sub_ps(a_b, c_d));
+        }
+    for (; half < size; half *= 2)
       for (int64_t j0 = 0; j0 < size; j0 += 2 * half)
         for (int64_t j = j0; j < j0 + half; j += 8) {
           const __m256 a = _mm256_loadu_ps(v + j), b = _mm256_loadu_ps(v + j + half);
