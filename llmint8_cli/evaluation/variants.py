@@ -179,12 +179,11 @@ def calibration_line(subject: Subject) -> str:
     counts = {}  # stored columns by threshold: methods at the same threshold store the same columns
     for name, columns in subject.stored_columns.items():
         counts.setdefault(subject.threshold_of(name), columns)
+    stored = ""  # a stored folder's count is in its quantize summary
     if len(counts) > 1:
         stored = ", stored outlier columns " + ", ".join(f"{n} at threshold {t:g}" for t, n in sorted(counts.items()))
     elif counts:
         stored = f", {next(iter(counts.values()))} stored outlier columns"
-    else:
-        stored = f", {info['outlier_columns_total']} stored outlier columns" if "outlier_columns_total" in info else ""
     smoothing = f", smoothing alpha {info['smoothing_alpha']:g}" if "smoothing_alpha" in info else ""
     return f"calibration of the decomposition methods: {info['samples']} windows × {info['seq_len']} tokens of {info['dataset']}{stored}{smoothing}"
 
