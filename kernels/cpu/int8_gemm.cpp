@@ -133,6 +133,7 @@ struct ScalarLanes {
   static void mark(int32_t* hit, F v, float limit) { *hit |= !(std::fabs(v) < limit) ? -1 : 0; }
   static F zero() { return 0.0f; }
   static F mul(F v, const float* m) { return v * *m; }
+  static F add_scaled(F s, float x, const float* w) { return s + x * *w; }  // multiply, then add: never fused
   static F only_kept(F v, const int32_t* keep) { return *keep ? v : 0.0f; }
   static void store(float* p, F v) { *p = v; }
   static F max_kept(F best, F v, const int32_t* keep) { return *keep ? std::max(best, std::fabs(v)) : best; }
@@ -166,6 +167,7 @@ struct Avx2Lanes {
   }
   static F zero() { return _mm256_setzero_ps(); }
   static F mul(F v, const float* m) { return _mm256_mul_ps(v, _mm256_loadu_ps(m)); }
+  static F add_scaled(F s, float x, const float* w) { return _mm256_add_ps(s, _mm256_mul_ps(_mm256_set1_ps(x), _mm256_loadu_ps(w))); }
   static F only_kept(F v, const int32_t* keep) { return _mm256_and_ps(v, kept(keep)); }
   static void store(float* p, F v) { _mm256_storeu_ps(p, v); }
   static F max_kept(F best, F v, const int32_t* keep) { return _mm256_max_ps(best, _mm256_and_ps(absolute(v), kept(keep))); }
@@ -207,6 +209,7 @@ struct Avx512Lanes {
   }
   static F zero() { return _mm512_setzero_ps(); }
   static F mul(F v, const float* m) { return _mm512_mul_ps(v, _mm512_loadu_ps(m)); }
+  static F add_scaled(F s, float x, const float* w) { return _mm512_add_ps(s, _mm512_mul_ps(_mm512_set1_ps(x), _mm512_loadu_ps(w))); }
   static F only_kept(F v, const int32_t* keep) { return _mm512_castsi512_ps(_mm512_and_si512(_mm512_castps_si512(v), kept(keep))); }
   static void store(float* p, F v) { _mm512_storeu_ps(p, v); }
   static F max_kept(F best, F v, const int32_t* keep) {
@@ -622,7 +625,6 @@ class Epilogue {
   // sums its terms in the same order.
   template <typename A>
   void finish(const A* acc, int64_t ld, int64_t i0, int64_t i1, int64_t c0, int64_t c1) const {
-    constexpr int64_t kRun = 8;
     const int64_t width = c1 - c0;
     thread_local std::vector<float> lines;
     lines.resize(kRun * width);
@@ -639,13 +641,15 @@ class Epilogue {
           for (int64_t col = c0; col < c1; ++col) v[col] += wide[col];
         }
       }
-      if (G.WIDE == nullptr)
+      if (G.WIDE == nullptr && static_cast<int64_t>(G.columns.size()) <= kLoopColumns)
+        add_few_columns<WideLanes>(G, lines.data(), width, r0, r1, c0, c1);
+      else if (G.WIDE == nullptr)
         for (size_t c = 0; c < G.columns.size(); ++c) {
           const int64_t t = G.columns[c];
           const float* w = G.WO + c * n_;
           const uint16_t* w16 = G.WO16 != nullptr ? G.WO16 + c * n_ : nullptr;
           for (int64_t i = r0; i < r1; ++i) {
-            const float xv = SM_ != nullptr ? static_cast<float>(X_[i * k_ + t]) * SM_[t] : static_cast<float>(X_[i * k_ + t]);
+            const float xv = x_value(i, t);
             float* v = lines.data() + (i - r0) * width - c0;
             if (w16 != nullptr)
               for (int64_t col = c0; col < c1; ++col) v[col] += xv * bf16_to_float(w16[col]);
@@ -664,6 +668,13 @@ class Epilogue {
   }
 
  private:
+  static constexpr int64_t kRun = 8;
+
+  // The float32 value of x[i, t] the 16-bit product takes (x * m for llm.int8-smooth).
+  float x_value(int64_t i, int64_t t) const {
+    return SM_ != nullptr ? static_cast<float>(X_[i * k_ + t]) * SM_[t] : static_cast<float>(X_[i * k_ + t]);
+  }
+
   struct Group {
     std::vector<int64_t> columns;  // the 16-bit columns of the group, in the order of WO's rows
     std::vector<float> gathered;   // WO when it is not exactly the stored rows (the same values in groups with the same columns)
@@ -672,6 +683,35 @@ class Epilogue {
     const float* WIDE = nullptr;   // its data, or none
     const uint16_t* WO16 = nullptr;  // WO in bf16 for many columns of a short sequence (read from memory at half the bytes), or none
   };
+
+  // Up to kLoopColumns 16-bit columns (the paper's handful): each element's terms are summed in
+  // registers, in column order (the bits of the column-by-column loop in `finish`), so the row
+  // is loaded and stored once instead of once per column; a block of W's columns serves the run.
+  template <typename L>
+  void add_few_columns(const Group& G, float* lines, int64_t width, int64_t r0, int64_t r1, int64_t c0, int64_t c1) const {
+    constexpr int64_t kVectors = 4, kBlock = kVectors * L::kWidth;
+    const int64_t j = static_cast<int64_t>(G.columns.size());
+    if (j == 0) return;
+    float xs[kRun][kLoopColumns];
+    for (int64_t i = r0; i < r1; ++i)
+      for (int64_t c = 0; c < j; ++c) xs[i - r0][c] = x_value(i, G.columns[c]);
+    int64_t col = c0;
+    for (; col + kBlock <= c1; col += kBlock)
+      for (int64_t i = r0; i < r1; ++i) {
+        float* v = lines + (i - r0) * width + (col - c0);
+        typename L::F sum[kVectors];
+        for (int64_t u = 0; u < kVectors; ++u) sum[u] = L::load(v + u * L::kWidth);
+        for (int64_t c = 0; c < j; ++c)
+          for (int64_t u = 0; u < kVectors; ++u) sum[u] = L::add_scaled(sum[u], xs[i - r0][c], G.WO + c * n_ + col + u * L::kWidth);
+        for (int64_t u = 0; u < kVectors; ++u) L::store(v + u * L::kWidth, sum[u]);
+      }
+    for (; col < c1; ++col)
+      for (int64_t i = r0; i < r1; ++i) {
+        float& v = lines[(i - r0) * width + (col - c0)];
+        for (int64_t c = 0; c < j; ++c) v = ScalarLanes::add_scaled(v, xs[i - r0][c], G.WO + c * n_ + col);
+      }
+  }
+
   int64_t n_, k_, rows_;
   const float *SM_ = nullptr, *SX_ = nullptr, *SW_ = nullptr, *B_ = nullptr;
   const T* X_ = nullptr;
