@@ -139,16 +139,17 @@ def test_a_sequence_gets_the_same_bits_alone_or_in_a_batch(backend, method_name)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_decoding_a_batch_with_many_stored_columns(backend, dtype):
+@pytest.mark.parametrize("k, n, columns, batch", [(96, 80, 12, 8), (256, 640, 128, 64)])  # the second: a heavy 16-bit part, split over columns when alone
+def test_decoding_a_batch_with_many_stored_columns(backend, dtype, k, n, columns, batch):
     """Sequences of one token with more stored columns than the epilogue's own loop takes at full
-    length (the CPU multiplies them in runs of sequences that share them): each matches the
-    reference, and gets the same bits alone as in the batch, also where one sequence has a
-    run-time column of its own and breaks the run."""
+    length (the CPU multiplies them in runs of sequences that share them, and splits a lone
+    sequence's columns over threads where the work is heavy): each matches the reference, and gets
+    the same bits alone as in the batch, also where one sequence has a run-time column of its own
+    and breaks the run."""
     method = get_method("llm.int8")
     g = torch.Generator().manual_seed(11)
-    k, n = 96, 80
-    stored = torch.arange(12) * 8
-    x = torch.randn(8, 1, k, generator=g)
+    stored = torch.arange(columns) * (k // columns)
+    x = torch.randn(batch, 1, k, generator=g)
     x[..., stored] *= 15
     x[5, :, 3] = 30.0  # a run-time outlier column in one sequence only
     x, w, bias = x.to(dtype), (torch.randn(n, k, generator=g) / k**0.5).to(dtype), torch.randn(n, generator=g).to(dtype)

@@ -31,6 +31,10 @@ constexpr int64_t kBlockN = 32;  // rows of W per block: 32 x k bytes stay in L2
 constexpr int64_t kPrefetch = 256;  // bytes: Zen 3's hardware prefetcher falls behind on 4-6 short rows at once
 constexpr int64_t kLoopColumns = 8;  // up to this many 16-bit columns the epilogue multiplies them itself
 constexpr int64_t kLoopRows = 4;  // ... and any number of them for sequences this short (decoding): torch's GEMM reorders W at every call
+constexpr int64_t kParallelRows = 16;  // the activation side splits a sequence of more rows than this over threads
+constexpr int64_t kRun = 8;  // rows the epilogue finishes together: a run shares each read of W's 16-bit columns
+constexpr int64_t kEpilogueColumns = 64;  // the narrowest column tile the epilogue splits a row into
+constexpr int64_t kParallelWork = int64_t(1) << 16;  // multiply-adds below which splitting the columns costs more than it saves
 
 inline int32_t dot_scalar(const int8_t* a, const int8_t* w, int64_t from, int64_t k) {
   int32_t s = 0;
@@ -286,7 +290,7 @@ void quantize_rows_with(const T* X, int64_t m, int64_t k, float limit, bool* M, 
   mark_columns<L>(X, m, k, limit, M, SM);
   std::vector<int32_t> keep(k);
   for (int64_t t = 0; t < k; ++t) keep[t] = M[t] ? 0 : -1;
-  at::parallel_for(0, m, 16, [&](int64_t r0, int64_t r1) {  // the row stays in cache
+  at::parallel_for(0, m, kParallelRows, [&](int64_t r0, int64_t r1) {  // the row stays in cache
     for (int64_t i = r0; i < r1; ++i) quantize_row<L>(X + i * k, k, keep.data(), SM, Q + i * k, S + i);
   });
 }
@@ -368,7 +372,7 @@ void quantize_rotated_with(const T* X, int64_t m, int64_t k, float limit, bool* 
   const std::vector<int32_t> keep(k, -1);
   std::vector<int32_t> unmarked(k);  // all bits set where the column stays int8, 0 where it is 16-bit
   for (int64_t t = 0; t < k; ++t) unmarked[t] = M[t] ? 0 : -1;
-  at::parallel_for(0, m, 16, [&](int64_t r0, int64_t r1) {
+  at::parallel_for(0, m, kParallelRows, [&](int64_t r0, int64_t r1) {
     std::vector<float> v(k);
     for (int64_t i = r0; i < r1; ++i) {
       const T* row = X + i * k;
@@ -429,6 +433,20 @@ std::vector<torch::Tensor> quantize_rows(torch::Tensor x, torch::Tensor exclude,
   return {q, scale, mask};
 }
 
+// Runs quantize_group(g) for each of `groups` sequences of `rows` rows. Short sequences (a batch
+// being decoded) run side by side, one per thread, their own parallel_for then inline: a parallel
+// region per sequence costs more than its rows. Longer ones each split their rows over the threads.
+template <typename F>
+void for_each_group(int64_t groups, int64_t rows, const F& quantize_group) {
+  if (rows > kParallelRows) {
+    for (int64_t g = 0; g < groups; ++g) quantize_group(g);
+    return;
+  }
+  at::parallel_for(0, groups, 1, [&](int64_t g0, int64_t g1) {
+    for (int64_t g = g0; g < g1; ++g) quantize_group(g);
+  });
+}
+
 // quantize_rotated_sequences: as quantize_sequences, for llm.int8-rotate: q holds X'R of each
 // group (its 16-bit columns set to 0 before the rotation), sx its row scales.
 // Returns q, the row scales, each sequence's 16-bit columns, and how many of those are outliers of
@@ -447,11 +465,11 @@ std::tuple<torch::Tensor, torch::Tensor, torch::Tensor, int64_t> quantize_rotate
   const bool* stored = stored_c.data_ptr<bool>();
   bool* M = masks.data_ptr<bool>();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "quantize_rotated_sequences", [&] {
-    for (int64_t g = 0; g < groups; ++g) {
+    for_each_group(groups, rows, [&](int64_t g) {
       std::copy(stored, stored + k, M + g * k);
       quantize_rotated_with<WideLanes, scalar_t>(x.data_ptr<scalar_t>() + g * rows * k, rows, k, static_cast<float>(threshold), M + g * k,
                                                  q.data_ptr<int8_t>() + g * rows * k, sx.data_ptr<float>() + g * rows, block);
-    }
+    });
   });
   int64_t runtime_only = 0;
   for (int64_t g = 0; g < groups; ++g)
@@ -490,11 +508,11 @@ std::vector<torch::Tensor> quantize_sequences(torch::Tensor x, torch::Tensor sto
   bool* M = masks.data_ptr<bool>();
   const float* SM = smooth_data(smooth, k);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "quantize_sequences", [&] {
-    for (int64_t g = 0; g < groups; ++g) {
+    for_each_group(groups, rows, [&](int64_t g) {
       std::copy(stored, stored + k, M + g * k);
       quantize_rows_into<scalar_t>(x.data_ptr<scalar_t>() + g * rows * k, rows, k, static_cast<float>(threshold), M + g * k,
                                    q.data_ptr<int8_t>() + g * rows * k, sx.data_ptr<float>() + g * rows, SM);
-    }
+    });
   });
   return {q, sx, masks};
 }
@@ -619,6 +637,13 @@ class Epilogue {
     }
   }
 
+  // The epilogue's float work: per row, a scale and a multiply-add per 16-bit column it sums itself.
+  int64_t multiply_adds() const {
+    int64_t total = 0;
+    for (const Group& G : groups_) total += rows_ * n_ * (1 + (G.WIDE == nullptr ? static_cast<int64_t>(G.columns.size()) : 0));
+    return total;
+  }
+
   // Y[i0:i1, c0:c1] from acc, which points at acc[i0, c0], rows `ld` apart. Rows go in runs of
   // up to kRun of groups with the same 16-bit columns (a batch of decoded sequences), so that each row of W's 16-bit columns is read once per run, not
   // once per row (it is megabytes where a calibrated layer stores most of k); each element still
@@ -668,8 +693,6 @@ class Epilogue {
   }
 
  private:
-  static constexpr int64_t kRun = 8;
-
   // The float32 value of x[i, t] the 16-bit product takes (x * m for llm.int8-smooth).
   float x_value(int64_t i, int64_t t) const {
     return SM_ != nullptr ? static_cast<float>(X_[i * k_ + t]) * SM_[t] : static_cast<float>(X_[i * k_ + t]);
@@ -729,9 +752,22 @@ torch::Tensor dequantize_sequences(torch::Tensor acc, torch::Tensor sx, torch::T
   auto out = torch::empty({m, n}, x.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "dequantize_sequences", [&] {
     const Epilogue<scalar_t> epilogue(m, n, sx, x, masks, w_q, w_scale, stored, pos, bias, stored_bf16, smooth, out);
-    at::parallel_for(0, m, 1, [&](int64_t r0, int64_t r1) {
-      if (acc.dtype() == torch::kInt32) epilogue.finish(acc.data_ptr<int32_t>() + r0 * n, n, r0, r1, 0, n);
-      else epilogue.finish(acc.data_ptr<float>() + r0 * n, n, r0, r1, 0, n);
+    // Tiles of up to kRun rows (a run shares each read of W's 16-bit columns). Where there are few
+    // such tiles (decoding) and the 16-bit part is heavy (a calibrated layer that stores many
+    // columns), the columns are split too, or one thread would do it alone; the row tile is the
+    // fast index, so each thread's share holds every row tile. An element's operations do not
+    // depend on its tile.
+    const int64_t row_tiles = (m + kRun - 1) / kRun, enough = 4 * at::get_num_threads();
+    const bool split = row_tiles < enough && epilogue.multiply_adds() >= kParallelWork;
+    const int64_t column_tiles = split ? std::max<int64_t>(1, std::min((enough + row_tiles - 1) / row_tiles, n / kEpilogueColumns)) : 1;
+    const int64_t width = (n + column_tiles - 1) / column_tiles;
+    at::parallel_for(0, row_tiles * column_tiles, 1, [&](int64_t t0, int64_t t1) {
+      for (int64_t t = t0; t < t1; ++t) {
+        const int64_t r0 = t % row_tiles * kRun, r1 = std::min(m, r0 + kRun);
+        const int64_t c0 = t / row_tiles * width, c1 = std::min(n, c0 + width);
+        if (acc.dtype() == torch::kInt32) epilogue.finish(acc.data_ptr<int32_t>() + r0 * n + c0, n, r0, r1, c0, c1);
+        else epilogue.finish(acc.data_ptr<float>() + r0 * n + c0, n, r0, r1, c0, c1);
+      }
     });
   });
   return out;
