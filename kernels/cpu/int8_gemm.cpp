@@ -553,9 +553,9 @@ void store_row<c10::Half>(c10::Half* y, const float* v, int64_t n) {
 // The epilogue of the row-wise linear: acc [m, n] (int32, or float32 holding float(int32) as the
 // prepacked oneDNN path returns it) -> Y [m, n] in x's dtype, computed in float32:
 //   Y[i, :] = acc[i, :] * (sx[i] * sw) + sum over the 16-bit columns t of x[i, t] * W[:, t] + bias.
-// The 16-bit columns of each group are W's stored columns where it has them (stored [j, n]
-// float32, a row per stored column; pos [k] the slot of column t, -1 for none: exact) and otherwise W's int8 column times
-// the row scales, as the reference dequantizes a column that is an outlier only in this call.
+// The 16-bit columns of each group are W's stored columns (stored [j, n] float32, a row per stored
+// column; pos [k] the slot of column t, -1 for none: exact), all of them, then the group's own
+// (outliers of this call only): W's int8 column times the row scales, as the reference dequantizes them.
 // Each element sees the same float operations (no contraction into FMA: -ffp-contract=off) whether
 // a whole row is finished at once (dequantize_sequences) or a strip of columns as the AMX kernel
 // computes it (amx_linear), so a sequence gets the same bits alone or in a batch, on any path.
@@ -583,51 +583,47 @@ class Epilogue {
     const bool* M = masks.data_ptr<bool>();
     const int32_t* POS = pos.data_ptr<int32_t>();
     const int8_t* WQ = w_q.data_ptr<int8_t>();
-    const float* ST = stored.data_ptr<float>();
-    const int64_t slots = stored.size(0);
+    ST_ = stored.data_ptr<float>();
+    slots_ = stored.size(0);
+    ST16_ = stored_bf16.has_value() ? reinterpret_cast<const uint16_t*>(stored_bf16->data_ptr<at::BFloat16>()) : nullptr;
+    std::vector<int64_t> stored_columns(slots_);  // the stored columns in slot order: W's stored rows as they are
+    for (int64_t t = 0; t < k_; ++t)
+      if (POS[t] >= 0) stored_columns[POS[t]] = t;
+    // Many columns (a calibrated checkpoint stores dozens, some layers most of k) on sequences
+    // longer than a few rows: a GEMM per group through torch, in bf16 when the caller passes the
+    // stored rows in bf16 (x is bf16 already; the weight rows round to bf16, within the bf16
+    // output's tolerance, 2-3x faster than float32 on AVX512-BF16/AMX; converted once at load),
+    // else float32. X's stored columns are gathered once for every group.
+    const auto compute = stored_bf16.has_value() ? torch::kBFloat16 : torch::kFloat32;
+    const torch::Tensor stored_w = stored_bf16.has_value() ? *stored_bf16 : stored;
+    torch::Tensor x_stored;
     groups_.resize(masks.size(0));
-    std::vector<int64_t> shared_columns;  // consecutive groups with the same columns (decoding a batch) share the GEMM's operands
-    torch::Tensor x_picked, w_out;
     for (int64_t g = 0; g < masks.size(0); ++g) {
       Group& G = groups_[g];
-      for (int64_t t = 0; t < k_; ++t)
-        if (M[g * k_ + t]) G.columns.push_back(t);
-      const int64_t j = static_cast<int64_t>(G.columns.size());
-      // W[:, O_g]^T in float32, a row per column. Where O_g is exactly the stored set (a calibrated
-      // checkpoint, most calls) the stored rows serve as they are, in slot order.
-      const bool exactly_stored = j == slots && std::all_of(G.columns.begin(), G.columns.end(), [&](int64_t t) { return POS[t] >= 0; });
-      if (exactly_stored) std::sort(G.columns.begin(), G.columns.end(), [&](int64_t a, int64_t b) { return POS[a] < POS[b]; });
-      if (!exactly_stored) {
-        G.gathered.resize(j * n);
-        for (int64_t c = 0; c < j; ++c) {
-          const int64_t t = G.columns[c], slot = POS[t];
-          if (slot >= 0) std::copy(ST + slot * n, ST + (slot + 1) * n, G.gathered.data() + c * n);
-          else for (int64_t r = 0; r < n; ++r) G.gathered[c * n + r] = static_cast<float>(WQ[r * k_ + t]) * SW_[r];
-        }
+      G.columns = stored_columns;
+      for (int64_t t = 0; t < k_; ++t) {
+        TORCH_CHECK(M[g * k_ + t] || POS[t] < 0, "dequantize_sequences: a group's 16-bit columns must include the stored ones");
+        if (M[g * k_ + t] && POS[t] < 0) G.columns.push_back(t);
       }
-      G.WO = exactly_stored ? ST : G.gathered.data();
-      // Few columns (the paper's usual handful) or short sequences: float32 multiply-adds in the row
-      // loop. Many (a calibrated checkpoint stores dozens, some layers most of k): one GEMM per group through
-      // torch, in bf16 when the caller passes the stored rows in bf16 (x is bf16 already; the
-      // weight rows round to bf16, within the bf16 output's tolerance, 2-3x faster than float32
-      // on AVX512-BF16/AMX; converted once at load, not at every call), else float32.
-      if (j > kLoopColumns && rows_ > kLoopRows) {  // rows_, not m: a sequence takes the same branch alone or in a batch
-        if (!w_out.defined() || G.columns != shared_columns) {  // X[:, O_g] of every row, and W[:, O_g]^T, in the compute dtype
-          const auto compute = stored_bf16.has_value() ? torch::kBFloat16 : torch::kFloat32;
-          const auto picked = torch::tensor(G.columns, x.options().dtype(torch::kLong));
-          x_picked = x.index_select(1, picked);
-          if (SM_ != nullptr) x_picked = x_picked.to(torch::kFloat32) * smooth->index_select(0, picked);
-          x_picked = x_picked.to(compute);
-          w_out = exactly_stored && stored_bf16.has_value()
-                      ? *stored_bf16
-                      : torch::from_blob(const_cast<float*>(G.WO), {j, n}, out.options().dtype(torch::kFloat32)).to(compute);
-          shared_columns = G.columns;
-        }
-        G.wide = at::mm(x_picked.narrow(0, g * rows_, rows_), w_out).to(torch::kFloat32);  // per group: its bits do not depend on the batch
-        G.WIDE = G.wide.template data_ptr<float>();
-      } else if (j > kLoopColumns && exactly_stored && stored_bf16.has_value()) {
-        G.WO16 = reinterpret_cast<const uint16_t*>(stored_bf16->data_ptr<at::BFloat16>());
+      // W[:, t]^T of the group's own columns (outliers of this call only), as the reference
+      // dequantizes them: the int8 column times the row scales.
+      const int64_t own = static_cast<int64_t>(G.columns.size()) - slots_;
+      G.own_rows.resize(own * n);
+      for (int64_t c = 0; c < own; ++c)
+        for (int64_t r = 0; r < n; ++r) G.own_rows[c * n + r] = static_cast<float>(WQ[r * k_ + G.columns[slots_ + c]]) * SW_[r];
+      if (static_cast<int64_t>(G.columns.size()) <= kLoopColumns || rows_ <= kLoopRows) continue;  // rows_, not m: a sequence takes the same branch alone or in a batch
+      const int64_t r0 = g * rows_, r1 = r0 + rows_;
+      if (slots_ > 0) {
+        if (!x_stored.defined()) x_stored = gather_columns(0, m, stored_columns, compute);
+        G.wide = at::mm(x_stored.narrow(0, r0, rows_), stored_w).to(torch::kFloat32);  // per group: its bits do not depend on the batch
       }
+      if (own > 0) {
+        const std::vector<int64_t> own_columns(G.columns.begin() + slots_, G.columns.end());
+        const auto own_w = torch::from_blob(G.own_rows.data(), {own, n}, torch::dtype(torch::kFloat32)).to(compute);
+        const auto part = at::mm(gather_columns(r0, r1, own_columns, compute), own_w).to(torch::kFloat32);
+        G.wide = G.wide.defined() ? G.wide.add_(part) : part;
+      }
+      G.WIDE = G.wide.template data_ptr<float>();
     }
     same_until_.resize(groups_.size());
     for (int64_t g = static_cast<int64_t>(groups_.size()) - 1; g >= 0; --g) {
@@ -668,11 +664,11 @@ class Epilogue {
       }
       if (G.WIDE == nullptr && static_cast<int64_t>(G.columns.size()) <= kLoopColumns)
         add_few_columns<WideLanes>(G, lines.data(), width, r0, r1, c0, c1);
-      else if (G.WIDE == nullptr)
-        for (size_t c = 0; c < G.columns.size(); ++c) {
+      else if (G.WIDE == nullptr)  // many columns of a short sequence: the stored ones read in bf16 where given (half the bytes)
+        for (int64_t c = 0; c < static_cast<int64_t>(G.columns.size()); ++c) {
           const int64_t t = G.columns[c];
-          const float* w = G.WO + c * n_;
-          const uint16_t* w16 = G.WO16 != nullptr ? G.WO16 + c * n_ : nullptr;
+          const float* w = weight_row(G, c);
+          const uint16_t* w16 = ST16_ != nullptr && c < slots_ ? ST16_ + c * n_ : nullptr;
           for (int64_t i = r0; i < r1; ++i) {
             const float xv = x_value(i, t);
             float* v = lines.data() + (i - r0) * width - c0;
@@ -699,13 +695,35 @@ class Epilogue {
   }
 
   struct Group {
-    std::vector<int64_t> columns;  // the 16-bit columns of the group, in the order of WO's rows
-    std::vector<float> gathered;   // WO when it is not exactly the stored rows (the same values in groups with the same columns)
-    const float* WO = nullptr;     // W[:, columns]^T, float32 [j, n]
+    std::vector<int64_t> columns;  // the 16-bit columns: the stored ones in slot order, then the group's own in index order
+    std::vector<float> own_rows;   // W[:, own]^T, float32 [own, n], for the own columns (after the stored ones)
     torch::Tensor wide;            // float32 [rows, n]: X[:, columns] W[:, columns]^T for many columns and rows
     const float* WIDE = nullptr;   // its data, or none
-    const uint16_t* WO16 = nullptr;  // WO in bf16 for many columns of a short sequence (read from memory at half the bytes), or none
   };
+
+  // W[:, columns[c]]^T in float32: a stored row as it is, or the group's own dequantized row.
+  const float* weight_row(const Group& G, int64_t c) const {
+    return c < slots_ ? ST_ + c * n_ : G.own_rows.data() + (c - slots_) * n_;
+  }
+
+  // X[r0:r1, cols] as the 16-bit product takes it (x_value), a [r1 - r0, cols] tensor of `dtype`.
+  torch::Tensor gather_columns(int64_t r0, int64_t r1, const std::vector<int64_t>& cols, at::ScalarType dtype) const {
+    const int64_t j = static_cast<int64_t>(cols.size());
+    auto picked = torch::empty({r1 - r0, j}, torch::dtype(dtype));
+    AT_DISPATCH_SWITCH(dtype, "gather_columns", AT_DISPATCH_CASE(at::kFloat, [&] { gather_into<scalar_t>(picked, r0, r1, cols); })
+                                                    AT_DISPATCH_CASE(at::kBFloat16, [&] { gather_into<scalar_t>(picked, r0, r1, cols); }));
+    return picked;
+  }
+
+  template <typename O>
+  void gather_into(torch::Tensor& picked, int64_t r0, int64_t r1, const std::vector<int64_t>& cols) const {
+    O* out = picked.data_ptr<O>();
+    const int64_t j = static_cast<int64_t>(cols.size());
+    at::parallel_for(r0, r1, kParallelRows, [&](int64_t a, int64_t b) {
+      for (int64_t i = a; i < b; ++i)
+        for (int64_t c = 0; c < j; ++c) out[(i - r0) * j + c] = static_cast<O>(x_value(i, cols[c]));
+    });
+  }
 
   // Up to kLoopColumns 16-bit columns (the paper's handful): each element's terms are summed in
   // registers, in column order (the bits of the column-by-column loop in `finish`), so the row
@@ -725,18 +743,19 @@ class Epilogue {
         typename L::F sum[kVectors];
         for (int64_t u = 0; u < kVectors; ++u) sum[u] = L::load(v + u * L::kWidth);
         for (int64_t c = 0; c < j; ++c)
-          for (int64_t u = 0; u < kVectors; ++u) sum[u] = L::add_scaled(sum[u], xs[i - r0][c], G.WO + c * n_ + col + u * L::kWidth);
+          for (int64_t u = 0; u < kVectors; ++u) sum[u] = L::add_scaled(sum[u], xs[i - r0][c], weight_row(G, c) + col + u * L::kWidth);
         for (int64_t u = 0; u < kVectors; ++u) L::store(v + u * L::kWidth, sum[u]);
       }
     for (; col < c1; ++col)
       for (int64_t i = r0; i < r1; ++i) {
         float& v = lines[(i - r0) * width + (col - c0)];
-        for (int64_t c = 0; c < j; ++c) v = ScalarLanes::add_scaled(v, xs[i - r0][c], G.WO + c * n_ + col);
+        for (int64_t c = 0; c < j; ++c) v = ScalarLanes::add_scaled(v, xs[i - r0][c], weight_row(G, c) + col);
       }
   }
 
-  int64_t n_, k_, rows_;
-  const float *SM_ = nullptr, *SX_ = nullptr, *SW_ = nullptr, *B_ = nullptr;
+  int64_t n_, k_, rows_, slots_ = 0;
+  const float *SM_ = nullptr, *SX_ = nullptr, *SW_ = nullptr, *B_ = nullptr, *ST_ = nullptr;
+  const uint16_t* ST16_ = nullptr;  // the stored rows in bf16, or none
   const T* X_ = nullptr;
   T* Y_ = nullptr;
   torch::Tensor bias_;
