@@ -123,6 +123,10 @@ void copy_to_tiles(const int8_t* src, int64_t rows, int64_t k, int8_t* dst) {
         for (int64_t r = 0; r < kTileRows; ++r) {
           const int64_t row = g * kTileRows + r;
           int8_t* out = tile + r * kTileBytes;
+          if (row < rows && width == kTileBytes) {  // a constant size: one 64-byte move, not a call
+            std::memcpy(out, src + row * k + t * kTileBytes, kTileBytes);
+            continue;
+          }
           if (row < rows) std::memcpy(out, src + row * k + t * kTileBytes, width);
           std::memset(out + (row < rows ? width : 0), 0, row < rows ? kTileBytes - width : kTileBytes);
         }

@@ -136,6 +136,9 @@ struct ScalarLanes {
   static F load(const T* p) { return static_cast<float>(*p); }
   static void mark(int32_t* hit, F v, float limit) { *hit |= !(std::fabs(v) < limit) ? -1 : 0; }
   static F zero() { return 0.0f; }
+  static F splat(float s) { return s; }
+  static F times(F a, F b) { return a * b; }
+  static F plus(F v, const float* p) { return v + *p; }
   static F mul(F v, const float* m) { return v * *m; }
   static F add_scaled(F s, float x, const float* w) { return s + x * *w; }  // multiply, then add: never fused
   static F only_kept(F v, const int32_t* keep) { return *keep ? v : 0.0f; }
@@ -153,6 +156,7 @@ struct Avx2Lanes {
   static constexpr int64_t kWidth = 8;
   using F = __m256;
   static F load(const float* p) { return _mm256_loadu_ps(p); }
+  static F load(const int32_t* p) { return _mm256_cvtepi32_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))); }
   static F load(const c10::Half* p) { return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
   static F load(const c10::BFloat16* p) {
     const __m256i wide = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
@@ -170,6 +174,9 @@ struct Avx2Lanes {
     _mm256_storeu_ps(h, _mm256_or_ps(_mm256_loadu_ps(h), _mm256_cmp_ps(absolute(v), _mm256_set1_ps(limit), _CMP_NLT_UQ)));
   }
   static F zero() { return _mm256_setzero_ps(); }
+  static F splat(float s) { return _mm256_set1_ps(s); }
+  static F times(F a, F b) { return _mm256_mul_ps(a, b); }
+  static F plus(F v, const float* p) { return _mm256_add_ps(v, _mm256_loadu_ps(p)); }
   static F mul(F v, const float* m) { return _mm256_mul_ps(v, _mm256_loadu_ps(m)); }
   static F add_scaled(F s, float x, const float* w) { return _mm256_add_ps(s, _mm256_mul_ps(_mm256_set1_ps(x), _mm256_loadu_ps(w))); }
   static F only_kept(F v, const int32_t* keep) { return _mm256_and_ps(v, kept(keep)); }
@@ -195,6 +202,7 @@ struct Avx512Lanes {
   static constexpr int64_t kWidth = 16;
   using F = __m512;
   static F load(const float* p) { return _mm512_loadu_ps(p); }
+  static F load(const int32_t* p) { return _mm512_cvtepi32_ps(_mm512_loadu_si512(p)); }
   static F load(const c10::Half* p) { return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))); }
   static F load(const c10::BFloat16* p) {
     const __m512i wide = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
@@ -212,6 +220,9 @@ struct Avx512Lanes {
     _mm512_mask_storeu_epi32(hit, flag, _mm512_set1_epi32(-1));
   }
   static F zero() { return _mm512_setzero_ps(); }
+  static F splat(float s) { return _mm512_set1_ps(s); }
+  static F times(F a, F b) { return _mm512_mul_ps(a, b); }
+  static F plus(F v, const float* p) { return _mm512_add_ps(v, _mm512_loadu_ps(p)); }
   static F mul(F v, const float* m) { return _mm512_mul_ps(v, _mm512_loadu_ps(m)); }
   static F add_scaled(F s, float x, const float* w) { return _mm512_add_ps(s, _mm512_mul_ps(_mm512_set1_ps(x), _mm512_loadu_ps(w))); }
   static F only_kept(F v, const int32_t* keep) { return _mm512_castsi512_ps(_mm512_and_si512(_mm512_castps_si512(v), kept(keep))); }
@@ -652,32 +663,32 @@ class Epilogue {
     for (int64_t r0 = i0; r0 < i1;) {
       const int64_t g = r0 / rows_, r1 = std::min({i1, r0 + kRun, same_until_[g] * rows_});
       const Group& G = groups_[g];
+      if (G.WIDE != nullptr || static_cast<int64_t>(G.columns.size()) <= kLoopColumns) {
+        finish_in_registers<WideLanes>(G, acc, ld, i0, r0, r1, c0, c1);
+        r0 = r1;
+        continue;
+      }
+      // many columns of a short sequence: column by column over the run, the stored ones read in
+      // bf16 where given (half the bytes)
       for (int64_t i = r0; i < r1; ++i) {
         float* v = lines.data() + (i - r0) * width - c0;  // v[col] for col in [c0, c1)
         const A* a = acc + (i - i0) * ld - c0;
         const float s = SX_[i];
         for (int64_t col = c0; col < c1; ++col) v[col] = static_cast<float>(a[col]) * (s * SW_[col]);
-        if (G.WIDE != nullptr) {
-          const float* wide = G.WIDE + (i - g * rows_) * n_;  // WIDE: the run has one group
-          for (int64_t col = c0; col < c1; ++col) v[col] += wide[col];
+      }
+      for (int64_t c = 0; c < static_cast<int64_t>(G.columns.size()); ++c) {
+        const int64_t t = G.columns[c];
+        const float* w = weight_row(G, c);
+        const uint16_t* w16 = ST16_ != nullptr && c < slots_ ? ST16_ + c * n_ : nullptr;
+        for (int64_t i = r0; i < r1; ++i) {
+          const float xv = x_value(i, t);
+          float* v = lines.data() + (i - r0) * width - c0;
+          if (w16 != nullptr)
+            for (int64_t col = c0; col < c1; ++col) v[col] += xv * bf16_to_float(w16[col]);
+          else
+            for (int64_t col = c0; col < c1; ++col) v[col] += xv * w[col];
         }
       }
-      if (G.WIDE == nullptr && static_cast<int64_t>(G.columns.size()) <= kLoopColumns)
-        add_few_columns<WideLanes>(G, lines.data(), width, r0, r1, c0, c1);
-      else if (G.WIDE == nullptr)  // many columns of a short sequence: the stored ones read in bf16 where given (half the bytes)
-        for (int64_t c = 0; c < static_cast<int64_t>(G.columns.size()); ++c) {
-          const int64_t t = G.columns[c];
-          const float* w = weight_row(G, c);
-          const uint16_t* w16 = ST16_ != nullptr && c < slots_ ? ST16_ + c * n_ : nullptr;
-          for (int64_t i = r0; i < r1; ++i) {
-            const float xv = x_value(i, t);
-            float* v = lines.data() + (i - r0) * width - c0;
-            if (w16 != nullptr)
-              for (int64_t col = c0; col < c1; ++col) v[col] += xv * bf16_to_float(w16[col]);
-            else
-              for (int64_t col = c0; col < c1; ++col) v[col] += xv * w[col];
-          }
-        }
       for (int64_t i = r0; i < r1; ++i) {
         float* v = lines.data() + (i - r0) * width;
         if (B_ != nullptr)
@@ -725,32 +736,40 @@ class Epilogue {
     });
   }
 
-  // Up to kLoopColumns 16-bit columns (the paper's handful): each element's terms are summed in
-  // registers, in column order (the bits of the column-by-column loop in `finish`), so the row
-  // is loaded and stored once instead of once per column; a block of W's columns serves the run.
-  template <typename L>
-  void add_few_columns(const Group& G, float* lines, int64_t width, int64_t r0, int64_t r1, int64_t c0, int64_t c1) const {
-    constexpr int64_t kVectors = 4, kBlock = kVectors * L::kWidth;
-    const int64_t j = static_cast<int64_t>(G.columns.size());
-    if (j == 0) return;
+  // Up to kLoopColumns 16-bit columns (the paper's handful), or their product already in WIDE:
+  // each element's terms in registers, in the order of the loop above (scale, then WIDE or each
+  // column in order, then bias: the same float operations), one pass instead of one per term.
+  // Columns go in chunks that serve every row of the run, so W's rows are read once per chunk.
+  template <typename L, typename A>
+  void finish_in_registers(const Group& G, const A* acc, int64_t ld, int64_t i0, int64_t r0, int64_t r1, int64_t c0, int64_t c1) const {
+    constexpr int64_t kChunk = 256;
+    const int64_t j = G.WIDE != nullptr ? 0 : static_cast<int64_t>(G.columns.size());
     float xs[kRun][kLoopColumns];
+    const float* w[kLoopColumns];
+    for (int64_t c = 0; c < j; ++c) w[c] = weight_row(G, c);
     for (int64_t i = r0; i < r1; ++i)
       for (int64_t c = 0; c < j; ++c) xs[i - r0][c] = x_value(i, G.columns[c]);
-    int64_t col = c0;
-    for (; col + kBlock <= c1; col += kBlock)
+    alignas(64) float line[kChunk];
+    for (int64_t b0 = c0; b0 < c1; b0 += kChunk) {
+      const int64_t b1 = std::min(c1, b0 + kChunk);
       for (int64_t i = r0; i < r1; ++i) {
-        float* v = lines + (i - r0) * width + (col - c0);
-        typename L::F sum[kVectors];
-        for (int64_t u = 0; u < kVectors; ++u) sum[u] = L::load(v + u * L::kWidth);
-        for (int64_t c = 0; c < j; ++c)
-          for (int64_t u = 0; u < kVectors; ++u) sum[u] = L::add_scaled(sum[u], xs[i - r0][c], weight_row(G, c) + col + u * L::kWidth);
-        for (int64_t u = 0; u < kVectors; ++u) L::store(v + u * L::kWidth, sum[u]);
+        const A* a = acc + (i - i0) * ld - c0;  // a[col] for col in [c0, c1)
+        const float* wide = G.WIDE != nullptr ? G.WIDE + (i - (r0 / rows_) * rows_) * n_ : nullptr;  // WIDE: the run has one group
+        int64_t col = b0;
+        for (; col + L::kWidth <= b1; col += L::kWidth) L::store(line + (col - b0), element<L>(a, col, SX_[i], wide, xs[i - r0], w, j));
+        for (; col < b1; ++col) ScalarLanes::store(line + (col - b0), element<ScalarLanes>(a, col, SX_[i], wide, xs[i - r0], w, j));
+        store_row(Y_ + i * n_ + b0, line, b1 - b0);
       }
-    for (; col < c1; ++col)
-      for (int64_t i = r0; i < r1; ++i) {
-        float& v = lines[(i - r0) * width + (col - c0)];
-        for (int64_t c = 0; c < j; ++c) v = ScalarLanes::add_scaled(v, xs[i - r0][c], weight_row(G, c) + col);
-      }
+    }
+  }
+
+  template <typename L, typename A>
+  typename L::F element(const A* a, int64_t col, float s, const float* wide, const float* xs, const float* const* w, int64_t j) const {
+    typename L::F v = L::times(L::load(a + col), L::mul(L::splat(s), SW_ + col));
+    if (wide != nullptr) v = L::plus(v, wide + col);
+    for (int64_t c = 0; c < j; ++c) v = L::add_scaled(v, xs[c], w[c] + col);
+    if (B_ != nullptr) v = L::plus(v, B_ + col);
+    return v;
   }
 
   int64_t n_, k_, rows_, slots_ = 0;
