@@ -140,7 +140,7 @@ struct ScalarLanes {
   static F times(F a, F b) { return a * b; }
   static F plus(F v, const float* p) { return v + *p; }
   static F mul(F v, const float* m) { return v * *m; }
-  static F add_scaled(F s, float x, const float* w) { return s + x * *w; }  // multiply, then add: never fused
+  static F add_product(F s, float x, F w) { return s + x * w; }  // multiply, then add: never fused
   static F only_kept(F v, const int32_t* keep) { return *keep ? v : 0.0f; }
   static void store(float* p, F v) { *p = v; }
   static F max_kept(F best, F v, const int32_t* keep) { return *keep ? std::max(best, std::fabs(v)) : best; }
@@ -178,7 +178,7 @@ struct Avx2Lanes {
   static F times(F a, F b) { return _mm256_mul_ps(a, b); }
   static F plus(F v, const float* p) { return _mm256_add_ps(v, _mm256_loadu_ps(p)); }
   static F mul(F v, const float* m) { return _mm256_mul_ps(v, _mm256_loadu_ps(m)); }
-  static F add_scaled(F s, float x, const float* w) { return _mm256_add_ps(s, _mm256_mul_ps(_mm256_set1_ps(x), _mm256_loadu_ps(w))); }
+  static F add_product(F s, float x, F w) { return _mm256_add_ps(s, _mm256_mul_ps(_mm256_set1_ps(x), w)); }
   static F only_kept(F v, const int32_t* keep) { return _mm256_and_ps(v, kept(keep)); }
   static void store(float* p, F v) { _mm256_storeu_ps(p, v); }
   static F max_kept(F best, F v, const int32_t* keep) { return _mm256_max_ps(best, _mm256_and_ps(absolute(v), kept(keep))); }
@@ -224,7 +224,7 @@ struct Avx512Lanes {
   static F times(F a, F b) { return _mm512_mul_ps(a, b); }
   static F plus(F v, const float* p) { return _mm512_add_ps(v, _mm512_loadu_ps(p)); }
   static F mul(F v, const float* m) { return _mm512_mul_ps(v, _mm512_loadu_ps(m)); }
-  static F add_scaled(F s, float x, const float* w) { return _mm512_add_ps(s, _mm512_mul_ps(_mm512_set1_ps(x), _mm512_loadu_ps(w))); }
+  static F add_product(F s, float x, F w) { return _mm512_add_ps(s, _mm512_mul_ps(_mm512_set1_ps(x), w)); }
   static F only_kept(F v, const int32_t* keep) { return _mm512_castsi512_ps(_mm512_and_si512(_mm512_castps_si512(v), kept(keep))); }
   static void store(float* p, F v) { _mm512_storeu_ps(p, v); }
   static F max_kept(F best, F v, const int32_t* keep) {
@@ -528,13 +528,6 @@ std::vector<torch::Tensor> quantize_sequences(torch::Tensor x, torch::Tensor sto
   return {q, sx, masks};
 }
 
-inline float bf16_to_float(uint16_t bits) {
-  const uint32_t u = static_cast<uint32_t>(bits) << 16;
-  float f;
-  std::memcpy(&f, &u, sizeof(f));
-  return f;
-}
-
 // A row of float32 results in the output dtype, rounded to nearest even as c10's conversions
 // round; written so that the compiler vectorizes the bf16 case, and with F16C for fp16.
 template <typename T>
@@ -596,7 +589,7 @@ class Epilogue {
     const int8_t* WQ = w_q.data_ptr<int8_t>();
     ST_ = stored.data_ptr<float>();
     slots_ = stored.size(0);
-    ST16_ = stored_bf16.has_value() ? reinterpret_cast<const uint16_t*>(stored_bf16->data_ptr<at::BFloat16>()) : nullptr;
+    ST16_ = stored_bf16.has_value() ? stored_bf16->data_ptr<at::BFloat16>() : nullptr;
     std::vector<int64_t> stored_columns(slots_);  // the stored columns in slot order: W's stored rows as they are
     for (int64_t t = 0; t < k_; ++t)
       if (POS[t] >= 0) stored_columns[POS[t]] = t;
@@ -657,44 +650,9 @@ class Epilogue {
   // sums its terms in the same order.
   template <typename A>
   void finish(const A* acc, int64_t ld, int64_t i0, int64_t i1, int64_t c0, int64_t c1) const {
-    const int64_t width = c1 - c0;
-    thread_local std::vector<float> lines;
-    lines.resize(kRun * width);
     for (int64_t r0 = i0; r0 < i1;) {
       const int64_t g = r0 / rows_, r1 = std::min({i1, r0 + kRun, same_until_[g] * rows_});
-      const Group& G = groups_[g];
-      if (G.WIDE != nullptr || static_cast<int64_t>(G.columns.size()) <= kLoopColumns) {
-        finish_in_registers<WideLanes>(G, acc, ld, i0, r0, r1, c0, c1);
-        r0 = r1;
-        continue;
-      }
-      // many columns of a short sequence: column by column over the run, the stored ones read in
-      // bf16 where given (half the bytes)
-      for (int64_t i = r0; i < r1; ++i) {
-        float* v = lines.data() + (i - r0) * width - c0;  // v[col] for col in [c0, c1)
-        const A* a = acc + (i - i0) * ld - c0;
-        const float s = SX_[i];
-        for (int64_t col = c0; col < c1; ++col) v[col] = static_cast<float>(a[col]) * (s * SW_[col]);
-      }
-      for (int64_t c = 0; c < static_cast<int64_t>(G.columns.size()); ++c) {
-        const int64_t t = G.columns[c];
-        const float* w = weight_row(G, c);
-        const uint16_t* w16 = ST16_ != nullptr && c < slots_ ? ST16_ + c * n_ : nullptr;
-        for (int64_t i = r0; i < r1; ++i) {
-          const float xv = x_value(i, t);
-          float* v = lines.data() + (i - r0) * width - c0;
-          if (w16 != nullptr)
-            for (int64_t col = c0; col < c1; ++col) v[col] += xv * bf16_to_float(w16[col]);
-          else
-            for (int64_t col = c0; col < c1; ++col) v[col] += xv * w[col];
-        }
-      }
-      for (int64_t i = r0; i < r1; ++i) {
-        float* v = lines.data() + (i - r0) * width;
-        if (B_ != nullptr)
-          for (int64_t col = 0; col < width; ++col) v[col] += B_[c0 + col];
-        store_row(Y_ + i * n_ + c0, v, width);
-      }
+      finish_run<WideLanes>(groups_[g], acc, ld, i0, r0, r1, c0, c1);
       r0 = r1;
     }
   }
@@ -736,45 +694,125 @@ class Epilogue {
     });
   }
 
-  // Up to kLoopColumns 16-bit columns (the paper's handful), or their product already in WIDE:
-  // each element's terms in registers, in the order of the loop above (scale, then WIDE or each
-  // column in order, then bias: the same float operations), one pass instead of one per term.
-  // Columns go in chunks that serve every row of the run, so W's rows are read once per chunk.
+  static constexpr int64_t kChunk = 256;  // output columns whose partial sums wait in `line`
+  static constexpr int64_t kColumnBlock = 64;  // 16-bit columns whose W rows stay in L1 for a chunk
+
+  template <typename A>
+  struct Run {
+    const A* acc;  // row r0 + r, column col: acc + r * ld + col
+    int64_t ld, r0;
+    const float* wide;  // WIDE's row r0 + r: wide + r * n, or null
+    const float* xs;  // xs[r * j + c]
+    int64_t j;
+    const float* const* w32;
+    const c10::BFloat16* const* w16;
+  };
+
+  // A run of rows (one group, or groups with the same 16-bit columns), columns [c0, c1): each
+  // element's terms in registers and always in this order: the scale, WIDE, each 16-bit column in
+  // order (those of a group with WIDE are in it), the bias. The same float operations for every
+  // element whatever its tile, run or batch. A vector of output columns holds all rows of the run,
+  // so each W row is read once per run; columns go in blocks whose W rows stay in L1 while a chunk
+  // of output columns passes, the partial sums waiting in `line` between blocks (a float stored
+  // and loaded back is the same float).
   template <typename L, typename A>
-  void finish_in_registers(const Group& G, const A* acc, int64_t ld, int64_t i0, int64_t r0, int64_t r1, int64_t c0, int64_t c1) const {
-    constexpr int64_t kChunk = 256;
-    const int64_t j = G.WIDE != nullptr ? 0 : static_cast<int64_t>(G.columns.size());
-    float xs[kRun][kLoopColumns];
-    const float* w[kLoopColumns];
-    for (int64_t c = 0; c < j; ++c) w[c] = weight_row(G, c);
-    for (int64_t i = r0; i < r1; ++i)
-      for (int64_t c = 0; c < j; ++c) xs[i - r0][c] = x_value(i, G.columns[c]);
-    alignas(64) float line[kChunk];
-    for (int64_t b0 = c0; b0 < c1; b0 += kChunk) {
-      const int64_t b1 = std::min(c1, b0 + kChunk);
-      for (int64_t i = r0; i < r1; ++i) {
-        const A* a = acc + (i - i0) * ld - c0;  // a[col] for col in [c0, c1)
-        const float* wide = G.WIDE != nullptr ? G.WIDE + (i - (r0 / rows_) * rows_) * n_ : nullptr;  // WIDE: the run has one group
-        int64_t col = b0;
-        for (; col + L::kWidth <= b1; col += L::kWidth) L::store(line + (col - b0), element<L>(a, col, SX_[i], wide, xs[i - r0], w, j));
-        for (; col < b1; ++col) ScalarLanes::store(line + (col - b0), element<ScalarLanes>(a, col, SX_[i], wide, xs[i - r0], w, j));
-        store_row(Y_ + i * n_ + b0, line, b1 - b0);
-      }
+  void finish_run(const Group& G, const A* acc, int64_t ld, int64_t i0, int64_t r0, int64_t r1, int64_t c0, int64_t c1) const {
+    const int64_t rows = r1 - r0, j = G.WIDE != nullptr ? 0 : static_cast<int64_t>(G.columns.size());
+    thread_local std::vector<float> xs;  // xs[r * j + c]: the row's value in column c
+    thread_local std::vector<const float*> w32;  // W's row of column c in float32, or null ...
+    thread_local std::vector<const c10::BFloat16*> w16;  // ... in bf16 (a stored column where the caller gives them: half the bytes)
+    xs.resize(rows * j);
+    w32.assign(j, nullptr);
+    w16.assign(j, nullptr);
+    for (int64_t c = 0; c < j; ++c) {
+      if (ST16_ != nullptr && c < slots_ && j > kLoopColumns) w16[c] = ST16_ + c * n_;
+      else w32[c] = weight_row(G, c);
+      for (int64_t r = 0; r < rows; ++r) xs[r * j + c] = x_value(r0 + r, G.columns[c]);
+    }
+    const float* wide = G.WIDE != nullptr ? G.WIDE + (r0 - (r0 / rows_) * rows_) * n_ : nullptr;  // WIDE: the run has one group
+    // in pieces of 8, 4, 2 and 1 rows, whose sums the compiler keeps in registers
+    for (int64_t r = 0; r < rows;) {
+      const Run<A> run{acc + (r0 + r - i0) * ld - c0, ld, r0 + r, wide != nullptr ? wide + r * n_ : nullptr, xs.data() + r * j, j, w32.data(), w16.data()};
+      const int64_t left = rows - r;
+      if (left >= 8) finish_rows<8, L>(run, c0, c1), r += 8;
+      else if (left >= 4) finish_rows<4, L>(run, c0, c1), r += 4;
+      else if (left >= 2) finish_rows<2, L>(run, c0, c1), r += 2;
+      else finish_rows<1, L>(run, c0, c1), r += 1;
     }
   }
 
-  template <typename L, typename A>
-  typename L::F element(const A* a, int64_t col, float s, const float* wide, const float* xs, const float* const* w, int64_t j) const {
-    typename L::F v = L::times(L::load(a + col), L::mul(L::splat(s), SW_ + col));
-    if (wide != nullptr) v = L::plus(v, wide + col);
-    for (int64_t c = 0; c < j; ++c) v = L::add_scaled(v, xs[c], w[c] + col);
-    if (B_ != nullptr) v = L::plus(v, B_ + col);
-    return v;
+  template <int64_t R, typename L, typename A>
+  void finish_rows(const Run<A>& run, int64_t c0, int64_t c1) const {
+    if constexpr (R == 1)
+      if (run.j > kLoopColumns) return finish_row_by_columns(run, c0, c1);
+    alignas(64) float line[R][kChunk];
+    for (int64_t b0 = c0; b0 < c1; b0 += kChunk) {
+      const int64_t b1 = std::min(c1, b0 + kChunk);
+      for (int64_t cb = 0; cb == 0 || cb < run.j; cb += kColumnBlock) {
+        const int64_t ce = std::min(run.j, cb + kColumnBlock);
+        int64_t col = b0;
+        for (; col + L::kWidth <= b1; col += L::kWidth) step<R, L>(run, col, cb, ce, line, col - b0);
+        for (; col < b1; ++col) step<R, ScalarLanes>(run, col, cb, ce, line, col - b0);
+      }
+      for (int64_t r = 0; r < R; ++r) store_row(Y_ + (run.r0 + r) * n_ + b0, line[r], b1 - b0);
+    }
+  }
+
+
+
+  // One row and many 16-bit columns (decoding one sequence): columns outer, so that each W row
+  // streams through contiguously (a vector of all rows gains nothing with one row). The same float
+  // operations as `step`, in the same order; plain loops that the compiler vectorizes.
+  template <typename A>
+  void finish_row_by_columns(const Run<A>& run, int64_t c0, int64_t c1) const {
+    alignas(64) float line[kChunk];
+    const float s = SX_[run.r0];
+    for (int64_t b0 = c0; b0 < c1; b0 += kChunk) {
+      const int64_t width = std::min(c1, b0 + kChunk) - b0;
+      const A* a = run.acc + b0;
+      const float* sw = SW_ + b0;
+      for (int64_t u = 0; u < width; ++u) line[u] = static_cast<float>(a[u]) * (s * sw[u]);
+      for (int64_t c = 0; c < run.j; ++c) {
+        const float x = run.xs[c];
+        if (run.w16[c] != nullptr) {
+          const c10::BFloat16* w = run.w16[c] + b0;
+          for (int64_t u = 0; u < width; ++u) line[u] += x * static_cast<float>(w[u]);
+        } else {
+          const float* w = run.w32[c] + b0;
+          for (int64_t u = 0; u < width; ++u) line[u] += x * w[u];
+        }
+      }
+      if (B_ != nullptr)
+        for (int64_t u = 0; u < width; ++u) line[u] += B_[b0 + u];
+      store_row(Y_ + run.r0 * n_ + b0, line, width);
+    }
+  }
+
+  // One vector of output columns at `col` for R rows, 16-bit columns [cb, ce).
+  template <int64_t R, typename L, typename A>
+  void step(const Run<A>& run, int64_t col, int64_t cb, int64_t ce, float (*line)[kChunk], int64_t at) const {
+    typename L::F v[R];
+    for (int64_t r = 0; r < R; ++r) {
+      if (cb > 0) {
+        v[r] = L::load(line[r] + at);
+        continue;
+      }
+      v[r] = L::times(L::load(run.acc + r * run.ld + col), L::mul(L::splat(SX_[run.r0 + r]), SW_ + col));
+      if (run.wide != nullptr) v[r] = L::plus(v[r], run.wide + r * n_ + col);
+    }
+    for (int64_t c = cb; c < ce; ++c) {
+      const typename L::F w = run.w16[c] != nullptr ? L::load(run.w16[c] + col) : L::load(run.w32[c] + col);
+      for (int64_t r = 0; r < R; ++r) v[r] = L::add_product(v[r], run.xs[r * run.j + c], w);
+    }
+    for (int64_t r = 0; r < R; ++r) {
+      if (ce == run.j && B_ != nullptr) v[r] = L::plus(v[r], B_ + col);
+      L::store(line[r] + at, v[r]);
+    }
   }
 
   int64_t n_, k_, rows_, slots_ = 0;
   const float *SM_ = nullptr, *SX_ = nullptr, *SW_ = nullptr, *B_ = nullptr, *ST_ = nullptr;
-  const uint16_t* ST16_ = nullptr;  // the stored rows in bf16, or none
+  const c10::BFloat16* ST16_ = nullptr;  // the stored rows in bf16, or none
   const T* X_ = nullptr;
   T* Y_ = nullptr;
   torch::Tensor bias_;
