@@ -711,10 +711,10 @@ class Epilogue {
   // A run of rows (one group, or groups with the same 16-bit columns), columns [c0, c1): each
   // element's terms in registers and always in this order: the scale, WIDE, each 16-bit column in
   // order (those of a group with WIDE are in it), the bias. The same float operations for every
-  // element whatever its tile, run or batch. A vector of output columns holds all rows of the run,
-  // so each W row is read once per run; columns go in blocks whose W rows stay in L1 while a chunk
-  // of output columns passes, the partial sums waiting in `line` between blocks (a float stored
-  // and loaded back is the same float).
+  // element whatever its tile, run or batch. A vector of output columns holds up to 8 rows of the
+  // run in registers, so each W row is read once per 8 rows; columns go in blocks whose W rows stay
+  // in L1 while a chunk of output columns passes, the partial sums waiting in `line` between
+  // blocks (a float stored and loaded back is the same float).
   template <typename L, typename A>
   void finish_run(const Group& G, const A* acc, int64_t ld, int64_t i0, int64_t r0, int64_t r1, int64_t c0, int64_t c1) const {
     const int64_t rows = r1 - r0, j = G.WIDE != nullptr ? 0 : static_cast<int64_t>(G.columns.size());
@@ -835,8 +835,9 @@ torch::Tensor dequantize_sequences(torch::Tensor acc, torch::Tensor sx, torch::T
     // depend on its tile.
     const int64_t row_tiles = (m + kRun - 1) / kRun, enough = 4 * at::get_num_threads();
     const bool split = row_tiles < enough && epilogue.multiply_adds() >= kParallelWork;
-    const int64_t column_tiles = split ? std::max<int64_t>(1, std::min((enough + row_tiles - 1) / row_tiles, n / kEpilogueColumns)) : 1;
-    const int64_t width = (n + column_tiles - 1) / column_tiles;
+    const int64_t wanted = split ? std::max<int64_t>(1, std::min((enough + row_tiles - 1) / row_tiles, n / kEpilogueColumns)) : 1;
+    const int64_t width = ((n + wanted - 1) / wanted + 15) / 16 * 16;  // whole vectors of 16 lanes: no scalar tails inside a row
+    const int64_t column_tiles = (n + width - 1) / width;
     at::parallel_for(0, row_tiles * column_tiles, 1, [&](int64_t t0, int64_t t1) {
       for (int64_t t = t0; t < t1; ++t) {
         const int64_t r0 = t % row_tiles * kRun, r1 = std::min(m, r0 + kRun);
