@@ -765,27 +765,26 @@ class Epilogue {
   // operations as `step`, in the same order; plain loops that the compiler vectorizes.
   template <typename A>
   void finish_row_by_columns(const Run<A>& run, int64_t c0, int64_t c1) const {
-    alignas(64) float line[kChunk];
+    const int64_t width = c1 - c0;
+    thread_local std::vector<float> line;
+    line.resize(width);
+    float* v = line.data();
+    const A* a = run.acc + c0;
     const float s = SX_[run.r0];
-    for (int64_t b0 = c0; b0 < c1; b0 += kChunk) {
-      const int64_t width = std::min(c1, b0 + kChunk) - b0;
-      const A* a = run.acc + b0;
-      const float* sw = SW_ + b0;
-      for (int64_t u = 0; u < width; ++u) line[u] = static_cast<float>(a[u]) * (s * sw[u]);
-      for (int64_t c = 0; c < run.j; ++c) {
-        const float x = run.xs[c];
-        if (run.w16[c] != nullptr) {
-          const c10::BFloat16* w = run.w16[c] + b0;
-          for (int64_t u = 0; u < width; ++u) line[u] += x * static_cast<float>(w[u]);
-        } else {
-          const float* w = run.w32[c] + b0;
-          for (int64_t u = 0; u < width; ++u) line[u] += x * w[u];
-        }
+    for (int64_t u = 0; u < width; ++u) v[u] = static_cast<float>(a[u]) * (s * SW_[c0 + u]);
+    for (int64_t c = 0; c < run.j; ++c) {
+      const float x = run.xs[c];
+      if (run.w16[c] != nullptr) {
+        const c10::BFloat16* w = run.w16[c] + c0;
+        for (int64_t u = 0; u < width; ++u) v[u] += x * static_cast<float>(w[u]);
+      } else {
+        const float* w = run.w32[c] + c0;
+        for (int64_t u = 0; u < width; ++u) v[u] += x * w[u];
       }
-      if (B_ != nullptr)
-        for (int64_t u = 0; u < width; ++u) line[u] += B_[b0 + u];
-      store_row(Y_ + run.r0 * n_ + b0, line, width);
     }
+    if (B_ != nullptr)
+      for (int64_t u = 0; u < width; ++u) v[u] += B_[c0 + u];
+    store_row(Y_ + run.r0 * n_ + c0, v, width);
   }
 
   // One vector of output columns at `col` for R rows, 16-bit columns [cb, ce).
@@ -833,9 +832,10 @@ torch::Tensor dequantize_sequences(torch::Tensor acc, torch::Tensor sx, torch::T
     // columns), the columns are split too, or one thread would do it alone; the row tile is the
     // fast index, so each thread's share holds every row tile. An element's operations do not
     // depend on its tile.
-    const int64_t row_tiles = (m + kRun - 1) / kRun, enough = 4 * at::get_num_threads();
-    const bool split = row_tiles < enough && epilogue.multiply_adds() >= kParallelWork;
-    const int64_t wanted = split ? std::max<int64_t>(1, std::min((enough + row_tiles - 1) / row_tiles, n / kEpilogueColumns)) : 1;
+    const int64_t row_tiles = (m + kRun - 1) / kRun, threads = at::get_num_threads();
+    const bool split = row_tiles < threads && epilogue.multiply_adds() >= kParallelWork;
+    // as few column tiles as keep every thread busy: each streams longer pieces of W's rows
+    const int64_t wanted = split ? std::max<int64_t>(1, std::min((threads + row_tiles - 1) / row_tiles, n / kEpilogueColumns)) : 1;
     const int64_t width = ((n + wanted - 1) / wanted + 15) / 16 * 16;  // whole vectors of 16 lanes: no scalar tails inside a row
     const int64_t column_tiles = (n + width - 1) / width;
     at::parallel_for(0, row_tiles * column_tiles, 1, [&](int64_t t0, int64_t t1) {
