@@ -652,7 +652,9 @@ class Epilogue {
   void finish(const A* acc, int64_t ld, int64_t i0, int64_t i1, int64_t c0, int64_t c1) const {
     for (int64_t r0 = i0; r0 < i1;) {
       const int64_t g = r0 / rows_, r1 = std::min({i1, r0 + kRun, same_until_[g] * rows_});
-      finish_run<WideLanes>(groups_[g], acc, ld, i0, r0, r1, c0, c1);
+      const Group& G = groups_[g];
+      if (G.WIDE != nullptr || static_cast<int64_t>(G.columns.size()) <= kLoopColumns) finish_in_registers<WideLanes>(G, acc, ld, i0, r0, r1, c0, c1);
+      else finish_run<WideLanes>(G, acc, ld, i0, r0, r1, c0, c1);
       r0 = r1;
     }
   }
@@ -694,6 +696,41 @@ class Epilogue {
     });
   }
 
+  // Up to kLoopColumns 16-bit columns (the paper's handful), or their product already in WIDE:
+  // each element's terms in registers (the scale, WIDE or each column in order, the bias), one
+  // pass instead of one per term, row by row; a chunk of output columns serves every row of the
+  // run, so W's rows are read once per chunk.
+  template <typename L, typename A>
+  void finish_in_registers(const Group& G, const A* acc, int64_t ld, int64_t i0, int64_t r0, int64_t r1, int64_t c0, int64_t c1) const {
+    const int64_t j = G.WIDE != nullptr ? 0 : static_cast<int64_t>(G.columns.size());
+    float xs[kRun][kLoopColumns];
+    const float* w[kLoopColumns];
+    for (int64_t c = 0; c < j; ++c) w[c] = weight_row(G, c);
+    for (int64_t i = r0; i < r1; ++i)
+      for (int64_t c = 0; c < j; ++c) xs[i - r0][c] = x_value(i, G.columns[c]);
+    alignas(64) float line[kChunk];
+    for (int64_t b0 = c0; b0 < c1; b0 += kChunk) {
+      const int64_t b1 = std::min(c1, b0 + kChunk);
+      for (int64_t i = r0; i < r1; ++i) {
+        const A* a = acc + (i - i0) * ld - c0;  // a[col] for col in [c0, c1)
+        const float* wide = G.WIDE != nullptr ? G.WIDE + (i - (r0 / rows_) * rows_) * n_ : nullptr;  // WIDE: the run has one group
+        int64_t col = b0;
+        for (; col + L::kWidth <= b1; col += L::kWidth) L::store(line + (col - b0), element<L>(a, col, SX_[i], wide, xs[i - r0], w, j));
+        for (; col < b1; ++col) ScalarLanes::store(line + (col - b0), element<ScalarLanes>(a, col, SX_[i], wide, xs[i - r0], w, j));
+        store_row(Y_ + i * n_ + b0, line, b1 - b0);
+      }
+    }
+  }
+
+  template <typename L, typename A>
+  typename L::F element(const A* a, int64_t col, float s, const float* wide, const float* xs, const float* const* w, int64_t j) const {
+    typename L::F v = L::times(L::load(a + col), L::mul(L::splat(s), SW_ + col));
+    if (wide != nullptr) v = L::plus(v, wide + col);
+    for (int64_t c = 0; c < j; ++c) v = L::add_product(v, xs[c], L::load(w[c] + col));
+    if (B_ != nullptr) v = L::plus(v, B_ + col);
+    return v;
+  }
+
   static constexpr int64_t kChunk = 256;  // output columns whose partial sums wait in `line`
   static constexpr int64_t kColumnBlock = 64;  // 16-bit columns whose W rows stay in L1 for a chunk
 
@@ -701,20 +738,18 @@ class Epilogue {
   struct Run {
     const A* acc;  // row r0 + r, column col: acc + r * ld + col
     int64_t ld, r0;
-    const float* wide;  // WIDE's row r0 + r: wide + r * n, or null
     const float* xs;  // xs[r * j + c]
     int64_t j;
     const float* const* w32;
     const c10::BFloat16* const* w16;
   };
 
-  // A run of rows (one group, or groups with the same 16-bit columns), columns [c0, c1): each
-  // element's terms in registers and always in this order: the scale, WIDE, each 16-bit column in
-  // order (those of a group with WIDE are in it), the bias. The same float operations for every
-  // element whatever its tile, run or batch. A vector of output columns holds up to 8 rows of the
-  // run in registers, so each W row is read once per 8 rows; columns go in blocks whose W rows stay
-  // in L1 while a chunk of output columns passes, the partial sums waiting in `line` between
-  // blocks (a float stored and loaded back is the same float).
+  // Many 16-bit columns of a short sequence (or a decoded batch's run of sequences sharing them),
+  // columns [c0, c1): the terms of an element in the same order as finish_in_registers (the scale,
+  // each column in order, the bias). A vector of output columns holds up to 8 rows in registers,
+  // so each W row is read once per 8 rows; columns go in blocks whose W rows stay in L1 while a
+  // chunk of output columns passes, the partial sums waiting in `line` between blocks (a float
+  // stored and loaded back is the same float).
   template <typename L, typename A>
   void finish_run(const Group& G, const A* acc, int64_t ld, int64_t i0, int64_t r0, int64_t r1, int64_t c0, int64_t c1) const {
     const int64_t rows = r1 - r0, j = G.WIDE != nullptr ? 0 : static_cast<int64_t>(G.columns.size());
@@ -729,10 +764,9 @@ class Epilogue {
       else w32[c] = weight_row(G, c);
       for (int64_t r = 0; r < rows; ++r) xs[r * j + c] = x_value(r0 + r, G.columns[c]);
     }
-    const float* wide = G.WIDE != nullptr ? G.WIDE + (r0 - (r0 / rows_) * rows_) * n_ : nullptr;  // WIDE: the run has one group
     // in pieces of 8, 4, 2 and 1 rows, whose sums the compiler keeps in registers
     for (int64_t r = 0; r < rows;) {
-      const Run<A> run{acc + (r0 + r - i0) * ld - c0, ld, r0 + r, wide != nullptr ? wide + r * n_ : nullptr, xs.data() + r * j, j, w32.data(), w16.data()};
+      const Run<A> run{acc + (r0 + r - i0) * ld - c0, ld, r0 + r, xs.data() + r * j, j, w32.data(), w16.data()};
       const int64_t left = rows - r;
       if (left >= 8) finish_rows<8, L>(run, c0, c1), r += 8;
       else if (left >= 4) finish_rows<4, L>(run, c0, c1), r += 4;
@@ -797,7 +831,6 @@ class Epilogue {
         continue;
       }
       v[r] = L::times(L::load(run.acc + r * run.ld + col), L::mul(L::splat(SX_[run.r0 + r]), SW_ + col));
-      if (run.wide != nullptr) v[r] = L::plus(v[r], run.wide + r * n_ + col);
     }
     for (int64_t c = cb; c < ce; ++c) {
       const typename L::F w = run.w16[c] != nullptr ? L::load(run.w16[c] + col) : L::load(run.w32[c] + col);
