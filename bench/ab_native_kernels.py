@@ -3,7 +3,8 @@
 This machine's speed wanders by 2x from one minute to the next (a shared VM), so a change to the
 native kernels is judged by timing both builds in turn on the same inputs: the earlier sources are
 taken with `git show REV:...`, built under another name, and each case reports whether the two
-builds give the same bits and the median over 5 rounds of (time of REV) / (time now):
+builds give the same bits and the median over 5 rounds of (time of REV) / (time now), each round
+30 calls of each taking turns (evaluation.speed.time_interleaved):
 
     python bench/ab_native_kernels.py REV
 
@@ -16,15 +17,16 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
 from torch.utils import cpp_extension
 
 from llmint8_cli.backends.cpu_kernels import native_build, native_kernels
+from llmint8_cli.evaluation.speed import time_interleaved
 
 FILES = ("int8_gemm.cpp", "amx_gemm.cpp", "amx_gemm.h")
+CPU = torch.device("cpu")
 
 
 def build_of(revision: str):
@@ -38,23 +40,14 @@ def build_of(revision: str):
     return cpp_extension.load(name=f"llmint8_ab_{commit}", sources=[str(folder / n) for n in FILES[:2]], extra_cflags=flags)
 
 
-def median_ms(call, runs: int = 30) -> float:
-    call()
-    times = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        call()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1e3
-
-
 def compare(label: str, then, now, call) -> None:
     """call(module) runs the case on one build; both builds' outputs and times side by side."""
     first, second = call(then), call(now)
     same = all(torch.equal(a, b) for a, b in zip(first, second)) if isinstance(first, (list, tuple)) else torch.equal(first, second)
-    ratios = [median_ms(lambda: call(then)) / median_ms(lambda: call(now)) for _ in range(5)]
+    rounds = [time_interleaved({"then": lambda: call(then), "now": lambda: call(now)}, 30, CPU) for _ in range(5)]
+    ratios = [r["then"].median_ms / r["now"].median_ms for r in rounds]
     print(f"{label:64s} {'same bits' if same else 'other bits'}  then/now {statistics.median(ratios):.2f} "
-          f"({min(ratios):.2f}-{max(ratios):.2f}), now {median_ms(lambda: call(now)):.3f} ms", flush=True)
+          f"({min(ratios):.2f}-{max(ratios):.2f}), now {statistics.median(r['now'].median_ms for r in rounds):.3f} ms", flush=True)
 
 
 def epilogue_case(m: int, k: int, n: int, stored: int, g: torch.Generator):

@@ -744,15 +744,15 @@ class Epilogue {
     const c10::BFloat16* const* w16;
   };
 
-  // Many 16-bit columns of a short sequence (or a decoded batch's run of sequences sharing them),
-  // columns [c0, c1): the terms of an element in the same order as finish_in_registers (the scale,
+  // More than kLoopColumns 16-bit columns on a short sequence (or a decoded batch's run of
+  // sequences sharing them), columns [c0, c1): the terms of an element in the same order as finish_in_registers (the scale,
   // each column in order, the bias). A vector of output columns holds up to 8 rows in registers,
   // so each W row is read once per 8 rows; columns go in blocks whose W rows stay in L1 while a
   // chunk of output columns passes, the partial sums waiting in `line` between blocks (a float
   // stored and loaded back is the same float).
   template <typename L, typename A>
   void finish_run(const Group& G, const A* acc, int64_t ld, int64_t i0, int64_t r0, int64_t r1, int64_t c0, int64_t c1) const {
-    const int64_t rows = r1 - r0, j = G.WIDE != nullptr ? 0 : static_cast<int64_t>(G.columns.size());
+    const int64_t rows = r1 - r0, j = static_cast<int64_t>(G.columns.size());
     thread_local std::vector<float> xs;  // xs[r * j + c]: the row's value in column c
     thread_local std::vector<const float*> w32;  // W's row of column c in float32, or null ...
     thread_local std::vector<const c10::BFloat16*> w16;  // ... in bf16 (a stored column where the caller gives them: half the bytes)
@@ -760,7 +760,7 @@ class Epilogue {
     w32.assign(j, nullptr);
     w16.assign(j, nullptr);
     for (int64_t c = 0; c < j; ++c) {
-      if (ST16_ != nullptr && c < slots_ && j > kLoopColumns) w16[c] = ST16_ + c * n_;
+      if (ST16_ != nullptr && c < slots_) w16[c] = ST16_ + c * n_;
       else w32[c] = weight_row(G, c);
       for (int64_t r = 0; r < rows; ++r) xs[r * j + c] = x_value(r0 + r, G.columns[c]);
     }
@@ -777,12 +777,11 @@ class Epilogue {
 
   template <int64_t R, typename L, typename A>
   void finish_rows(const Run<A>& run, int64_t c0, int64_t c1) const {
-    if constexpr (R == 1)
-      if (run.j > kLoopColumns) return finish_row_by_columns(run, c0, c1);
+    if constexpr (R == 1) return finish_row_by_columns(run, c0, c1);
     alignas(64) float line[R][kChunk];
     for (int64_t b0 = c0; b0 < c1; b0 += kChunk) {
       const int64_t b1 = std::min(c1, b0 + kChunk);
-      for (int64_t cb = 0; cb == 0 || cb < run.j; cb += kColumnBlock) {
+      for (int64_t cb = 0; cb < run.j; cb += kColumnBlock) {
         const int64_t ce = std::min(run.j, cb + kColumnBlock);
         int64_t col = b0;
         for (; col + L::kWidth <= b1; col += L::kWidth) step<R, L>(run, col, cb, ce, line, col - b0);
@@ -791,8 +790,6 @@ class Epilogue {
       for (int64_t r = 0; r < R; ++r) store_row(Y_ + (run.r0 + r) * n_ + b0, line[r], b1 - b0);
     }
   }
-
-
 
   // One row and many 16-bit columns (decoding one sequence): columns outer, so that each W row
   // streams through contiguously (a vector of all rows gains nothing with one row). The same float
