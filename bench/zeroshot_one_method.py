@@ -9,8 +9,8 @@ method in another (one thread each); then the real command, run once more, reads
 
 The cache path, the calibration (the command's default) and the lm-eval call are the command's
 own (variants.cache_folder, variants.subject, zeroshot.evaluate); THRESHOLD is the command's --threshold ("default": the method's own). SHARD "K/N" runs only
-the documents whose index is K modulo N, so N processes fill one cache side by side (SQLite
-serialises their writes). ROTATION_BLOCK is the command's --rotation-block (default 256). Prints
+the documents whose index is K modulo N, so N processes fill one cache side by side (each answer
+is one short line appended in one write to the JSON-lines cache). ROTATION_BLOCK is the command's --rotation-block (default 256). Prints
 the method's metrics (of the shard) as JSON.
 """
 import contextlib
@@ -27,19 +27,25 @@ def main(model: str, tasks: str, method: str, cache_dir: str, data_dir: str = ".
          threshold: str = "default", shard: str = "0/1", rotation_block: str = str(ROTATION_BLOCK)) -> None:
     outlier_threshold = None if threshold == "default" else float(threshold)  # checked by variants.subject
     names = zeroshot.parse_tasks(tasks, local=True)
-    manager, task_names, _ = zeroshot.task_manager(names, data_dir, use_local=True)
+    with zeroshot.task_configs() as configs:
+        evaluate_shard(model, names, method, cache_dir, data_dir, int(batch_size), outlier_threshold, shard, int(rotation_block), configs)
+
+
+def evaluate_shard(model: str, names: list[str], method: str, cache_dir: str, data_dir: str, batch_size: int, outlier_threshold: float | None,
+                   shard: str, rotation_block: int, configs) -> None:
+    manager, task_names, _ = zeroshot.task_manager(names, data_dir, True, configs)
     samples = shard_samples(shard, manager, task_names)
     device = variants.resolve_device("auto")
     dtype = variants.resolve_dtype("auto", device)
     # the command's default: calibrated as quantize calibrates
-    calibration = QuantizeOptions(data_dir=data_dir, rotation_block=check_rotation_block(int(rotation_block)))
+    calibration = QuantizeOptions(data_dir=data_dir, rotation_block=check_rotation_block(rotation_block))
     subject = variants.subject(model, parse_methods(method), outlier_threshold, dtype, device, calibration=calibration)
     for name, network in subject.variants:
         if name == variants.BASELINE:
             continue  # the generator quantizes lazily: skipping the baseline costs nothing
         folder = variants.cache_folder(cache_dir, subject, name, dtype, device)
         with contextlib.redirect_stdout(sys.stderr):  # lm-eval prints; stdout stays JSON
-            evaluation = zeroshot.evaluate(network, subject.tokenizer, manager, task_names, None, 0, int(batch_size), str(device), folder, samples)
+            evaluation = zeroshot.evaluate(network, subject.tokenizer, manager, task_names, None, 0, batch_size, str(device), folder, samples)
         print(json.dumps({name: evaluation.results, "batch_size": evaluation.batch_size}))
 
 

@@ -7,6 +7,7 @@ loads its quantizers), so that
 
 from llmint8_cli import hf_hook
 from llmint8_cli.checkpoint.load import load
+from llmint8_cli.checkpoint.manifest import write_manifest
 from llmint8_cli.core.methods import DEFAULT_METHOD, DEFAULT_THRESHOLD, METHODS
 from llmint8_cli.errors import LLMInt8Error
 from llmint8_cli.nn import Int8Linear, quantize_model
@@ -15,4 +16,4 @@ __version__ = "0.1.0"
 
 hf_hook.install()
 
-__all__ = ["DEFAULT_METHOD", "DEFAULT_THRESHOLD", "METHODS", "Int8Linear", "LLMInt8Error", "load", "quantize_model", "__version__"]
+__all__ = ["DEFAULT_METHOD", "DEFAULT_THRESHOLD", "METHODS", "Int8Linear", "LLMInt8Error", "load", "quantize_model", "write_manifest", "__version__"]

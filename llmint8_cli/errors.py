@@ -27,3 +27,13 @@ class OutputExistsError(LLMInt8Error):
 
 class DataError(LLMInt8Error):
     """Evaluation data that is missing, empty or too short for the protocol."""
+
+
+MESSAGE_CHARACTERS = 300
+
+
+def one_line(exc: BaseException) -> str:
+    """A library exception's message on one line (its lines joined, cut at 300 characters; its
+    type name if it has none): a one-line error must stay one line without losing its point."""
+    text = " ".join(line.strip() for line in str(exc).splitlines() if line.strip()) or type(exc).__name__
+    return text if len(text) <= MESSAGE_CHARACTERS else text[: MESSAGE_CHARACTERS - 3] + "..."

@@ -14,9 +14,10 @@ from pathlib import Path
 import torch
 
 from llmint8_cli.checkpoint.format import config_block
-from llmint8_cli.errors import ModelLoadError
+from llmint8_cli.errors import ModelLoadError, one_line
 
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "vocab.json", "spiece.model", "vocab.txt")
 
 
 def _smollm2_gguf() -> Path:
@@ -198,12 +199,41 @@ def load_tokenizer(source: ModelSource):
 
     require_hub(source)
     name, kwargs = source.from_pretrained_args()
+    if source.kind == "folder" and not any((Path(name) / file).is_file() for file in TOKENIZER_FILES):
+        raise ModelLoadError(
+            f"{name}: no tokenizer in the folder (none of {', '.join(TOKENIZER_FILES)}); save_pretrained of a model writes none: "
+            "copy the tokenizer files of the model it came from into it"
+        )
     try:
         return AutoTokenizer.from_pretrained(name, **kwargs)
     except Exception as exc:  # transformers raises many types; report one line
         if source.kind == "hub":
             raise _hub_error(source, exc) from None
-        raise ModelLoadError(f"{source.location}: cannot load the tokenizer ({exc})".splitlines()[0]) from None
+        raise ModelLoadError(f"{source.location}: cannot load the tokenizer ({one_line(exc)})") from None
+
+
+def context_length(config) -> int | None:
+    """The longest sequence a model's positions reach (None where its config does not say)."""
+    for attr in ("max_position_embeddings", "n_positions", "max_sequence_length"):
+        value = getattr(config, attr, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def build_skeleton(factory, config_path):
+    """The model `factory` builds from a config, its parameters on the meta device (buffers real,
+    as transformers computes them); a config whose sizes cannot be built, absurd ones included, is
+    one line naming the config."""
+    from accelerate import init_empty_weights
+
+    try:
+        with init_empty_weights(include_buffers=False):
+            model = factory()
+    except (RuntimeError, MemoryError, OverflowError, ValueError, TypeError, AttributeError) as exc:
+        raise ModelLoadError(f"{config_path}: transformers cannot build the model it describes ({one_line(exc)})") from None
+    model.tie_weights()  # on meta, ties are only made here: tied tensors then share one source key
+    return model
 
 
 def load_model(source: ModelSource, dtype: torch.dtype | None = None, device_map=None):
@@ -221,6 +251,5 @@ def load_model(source: ModelSource, dtype: torch.dtype | None = None, device_map
     except Exception as exc:
         if source.kind == "hub":
             raise _hub_error(source, exc) from None
-        message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ModelLoadError(f"{source.location}: cannot load as a causal LM ({message})") from None
+        raise ModelLoadError(f"{source.location}: cannot load as a causal LM ({one_line(exc)})") from None
     return model.eval()

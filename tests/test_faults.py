@@ -12,7 +12,7 @@ import pytest
 from typer.testing import CliRunner
 
 from conftest import ROOT, save_tiny, tiny_model
-from llmint8_cli.checkpoint import format as fmt
+from llmint8_cli.checkpoint.manifest import MANIFEST, PARTIAL_MARKER
 from llmint8_cli.checkpoint import output
 from llmint8_cli.cli import app
 
@@ -69,13 +69,13 @@ def test_force_replaces_only_an_llmint8_output_or_an_empty_folder(tmp_path, src)
 
     empty = tmp_path / "empty"
     empty.mkdir()
-    assert quantize(src, empty, "--force").exit_code == 0 and (empty / fmt.MANIFEST).is_file()
-    first = (empty / fmt.MANIFEST).read_bytes()
+    assert quantize(src, empty, "--force").exit_code == 0 and (empty / MANIFEST).is_file()
+    first = (empty / MANIFEST).read_bytes()
     result = quantize(src, empty, "--force", "--method", "absmax")
     assert result.exit_code == 0, result.stderr
     assert json.loads((empty / "config.json").read_text())["quantization_config"]["method"] == "absmax"
-    assert (empty / fmt.MANIFEST).read_bytes() != first
-    assert not (empty / fmt.PARTIAL_MARKER).exists()
+    assert (empty / MANIFEST).read_bytes() != first
+    assert not (empty / PARTIAL_MARKER).exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["empty", "models", "other"]
 
 
@@ -159,9 +159,9 @@ def test_sigkill_debris_is_removed_by_the_next_run(tmp_path, src):
     assert killed.returncode == -signal.SIGKILL
     left = debris(out)
     assert len(left) == 1 and not out.exists()
-    assert (out.parent / left[0] / fmt.PARTIAL_MARKER).is_file()
+    assert (out.parent / left[0] / PARTIAL_MARKER).is_file()
     assert quantize(src, out).exit_code == 0
-    assert debris(out) == [] and (out / fmt.MANIFEST).is_file()
+    assert debris(out) == [] and (out / MANIFEST).is_file()
 
 
 def test_stale_cleanup_spares_live_writers_and_foreign_folders(tmp_path):
@@ -169,16 +169,16 @@ def test_stale_cleanup_spares_live_writers_and_foreign_folders(tmp_path):
     live = output.make_temporary(out)  # this process: alive
     gone = tmp_path / f".out.tmp-999999999-1-{'ab' * 4}"  # a pid beyond pid_max: gone
     gone.mkdir()
-    (gone / fmt.PARTIAL_MARKER).write_text("")
+    (gone / PARTIAL_MARKER).write_text("")
     reused = tmp_path / f".out.tmp-{os.getpid()}-1-{'cd' * 4}"  # our pid, another start time: gone
     reused.mkdir()
-    (reused / fmt.PARTIAL_MARKER).write_text("")
+    (reused / PARTIAL_MARKER).write_text("")
     foreign = tmp_path / f".out.tmp-999999999-1-{'ef' * 4}"  # our name pattern, but no marker: not ours
     foreign.mkdir()
     (foreign / "data.bin").write_bytes(b"x")
     other_out = tmp_path / f".other.tmp-999999999-1-{'ab' * 4}"
     other_out.mkdir()
-    (other_out / fmt.PARTIAL_MARKER).write_text("")
+    (other_out / PARTIAL_MARKER).write_text("")
     removed = output.remove_stale(out)
     expected = [gone, reused] if output._process_start(os.getpid()) else [gone]
     assert sorted(removed) == sorted(expected)

@@ -17,6 +17,7 @@ import llmint8_cli
 from conftest import ROOT, STORIES, needs_data, needs_stories, save_tiny, tiny_model
 from llmint8_cli import Int8Linear, quantize_model
 from llmint8_cli.checkpoint import bitsandbytes, format as fmt
+from llmint8_cli.checkpoint.manifest import MANIFEST
 from llmint8_cli.checkpoint.hf_quantizer import attach
 from llmint8_cli.checkpoint.quantize import QuantizeOptions, quantize_checkpoint
 from llmint8_cli.cli import app
@@ -49,7 +50,7 @@ def test_transformers_loads_llmint8_folders_bit_identically(tmp_path):
     from transformers import AutoModelForCausalLM
 
     folder, in_memory = saved_with_uneven_outliers(tmp_path / "saved")
-    assert (folder / fmt.MANIFEST).is_file()  # save_pretrained wrote a folder load() accepts
+    assert (folder / MANIFEST).is_file()  # save_pretrained wrote a folder load() accepts
     ours = llmint8_cli.load(folder, dtype=torch.float32)
     theirs = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, device_map="cpu")
     counts = {n: m.outlier_idx.numel() for n, m in theirs.named_modules() if isinstance(m, Int8Linear)}

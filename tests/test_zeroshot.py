@@ -20,8 +20,8 @@ def first_docs(relative: str, count: int = 5) -> list[dict]:
         return [json.loads(next(handle)) for _ in range(count)]
 
 
-def local_tasks(names):
-    manager, task_names, _ = zeroshot.task_manager(names, str(DATA), use_local=True)
+def local_tasks(names, folder):
+    manager, task_names, _ = zeroshot.task_manager(names, str(DATA), True, folder)
     tasks = manager.load(list(task_names.values()))["tasks"]
     return {ours: tasks[theirs] for ours, theirs in task_names.items()}
 
@@ -37,12 +37,12 @@ def builtin_yaml(relative: str) -> dict:
 
 
 @needs_data
-def test_prompts_and_metrics_equal_lm_evals_own_tasks():
+def test_prompts_and_metrics_equal_lm_evals_own_tasks(tmp_path):
     from datasets import Dataset
     from lm_eval.tasks.hellaswag import utils as hellaswag_utils
     from lm_eval.tasks.winogrande import preprocess_winogrande as wino
 
-    tasks = local_tasks(list(zeroshot.TASKS))
+    tasks = local_tasks(list(zeroshot.TASKS), tmp_path)
 
     hs = tasks["hellaswag"]
     processed = hellaswag_utils.process_docs(Dataset.from_list(first_docs("hellaswag/validation.jsonl")))
@@ -105,7 +105,7 @@ def test_paired_delta_stderr_counts_only_changed_answers():
     assert zeroshot.paired_delta_stderr(baseline, {0: 1.0, 1: 1.0}) is None  # not the same documents
 
 
-def stories_lambada_perplexity(variant: str):
+def stories_lambada_perplexity(variant: str, folder: Path):
     """perplexity(limit, batch_size, samples): one stories260K variant on local LAMBADA through zeroshot.evaluate."""
     import torch
 
@@ -114,7 +114,7 @@ def stories_lambada_perplexity(variant: str):
 
     subject = variants.subject(str(STORIES), parse_methods("llm.int8"), 6.0, torch.float32, torch.device("cpu"))
     network = dict(subject.variants)[variant]
-    manager, names, _ = zeroshot.task_manager(["lambada"], str(DATA), use_local=True)
+    manager, names, _ = zeroshot.task_manager(["lambada"], str(DATA), True, folder)
 
     def perplexity(limit=6, batch_size=4, samples=None):
         return zeroshot.evaluate(network, subject.tokenizer, manager, names, limit, 0, batch_size, "cpu", samples=samples).results["lambada"]["perplexity"]
@@ -124,8 +124,8 @@ def stories_lambada_perplexity(variant: str):
 
 @needs_stories
 @needs_data
-def test_int8_answers_do_not_depend_on_batch_size(monkeypatch):
-    perplexity = stories_lambada_perplexity("llm.int8")
+def test_int8_answers_do_not_depend_on_batch_size(monkeypatch, tmp_path):
+    perplexity = stories_lambada_perplexity("llm.int8", tmp_path)
     one = perplexity(batch_size=1)
     assert perplexity(batch_size=6) == one
     monkeypatch.setattr(zeroshot, "sequence_wide", lambda model: False)  # lm-eval's own padded batches
@@ -134,11 +134,11 @@ def test_int8_answers_do_not_depend_on_batch_size(monkeypatch):
 
 @needs_stories
 @needs_data
-def test_samples_select_documents_by_index():
+def test_samples_select_documents_by_index(tmp_path):
     """The document selection that lets several processes fill one cache (bench/zeroshot_one_method.py)."""
     from llmint8_cli.evaluation.variants import BASELINE
 
-    perplexity = stories_lambada_perplexity(BASELINE)
+    perplexity = stories_lambada_perplexity(BASELINE, tmp_path)
     first_six = perplexity()
     assert perplexity(None, samples={"lambada": list(range(6))}) == first_six
     assert perplexity(None, samples={"lambada": [0, 2, 4]}) != first_six
@@ -154,7 +154,7 @@ def test_lm_eval_model_type_loads_llmint8_checkpoints(tmp_path):
 
     out = tmp_path / "int8"
     quantize_checkpoint(str(STORIES), out, QuantizeOptions(calib_samples=0))
-    manager, names, _ = zeroshot.task_manager(["piqa"], str(DATA), use_local=True)
+    manager, names, _ = zeroshot.task_manager(["piqa"], str(DATA), True, tmp_path)
     output = lm_eval.simple_evaluate(model="llmint8", model_args=f"path={out},device=cpu", tasks=list(names.values()), limit=4, task_manager=manager)
     assert 0 <= output["results"]["piqa_local"]["acc,none"] <= 1
     assert LLMInt8LM(path=str(out), device="cpu", batch_size=4).batch_size == 1  # no padded batches (see zeroshot.sequence_wide)
@@ -176,7 +176,7 @@ def test_cache_dir_resumes_without_running_the_model_again(tmp_path, monkeypatch
     first = RUNNER.invoke(app, args)
     assert first.exit_code == 0, first.stderr
     caches = json.loads(first.stdout)["caches"]
-    assert caches["fp16"] != caches["llm.int8"] and all(Path(c + "_rank0.db").is_file() for c in caches.values())
+    assert caches["fp16"] != caches["llm.int8"] and all(c.endswith(".jsonl") and Path(c).is_file() for c in caches.values())
     stored = tmp_path / "stories-int8"
     assert RUNNER.invoke(app, ["quantize", str(STORIES), str(stored), "--calib-samples", "0", "-q"]).exit_code == 0
     from_folder = RUNNER.invoke(app, ["eval-zeroshot", str(stored), *args[2:]])

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from llmint8_cli.checkpoint import format as fmt
+from llmint8_cli.checkpoint import manifest
 from llmint8_cli.checkpoint.output import check_output, copy_side_files, writing
 from llmint8_cli.checkpoint.sources import open_folder
 from llmint8_cli.checkpoint.writer import Entry, Group, write_tensors
@@ -76,7 +77,7 @@ def write_folder(out: Path, force: bool, groups: list[Group], config: dict, src:
         hashes = write_tensors(tmp, groups, max_shard_bytes)
         (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         copy_side_files(src, tmp)
-        fmt.write_manifest(tmp, hashes)
+        manifest.write_manifest(tmp, hashes)
 
 
 def export(folder: str, dest: str, force: bool = False, max_shard_bytes: int = 2 << 30, verify: bool = True) -> dict:
@@ -95,7 +96,7 @@ def export(folder: str, dest: str, force: bool = False, max_shard_bytes: int = 2
     if method.rotation:
         raise CheckpointError(f"{src}: method {method.name} stores W in a rotated basis and rotates X; bitsandbytes 8-bit has no such step (export llm.int8)")
     if verify:
-        fmt.verify(src)
+        manifest.verify(src)
     out = check_output(Path(dest).expanduser().absolute(), src, force)
     tensors = open_folder(src)
     quantized = set(block["quantized_modules"])
@@ -139,6 +140,20 @@ def export(folder: str, dest: str, force: bool = False, max_shard_bytes: int = 2
     }
 
 
+def check_layer(src: Path, tensors, layer: str) -> None:
+    """A bitsandbytes layer's tensors as bitsandbytes writes them, from the headers: int8 [out, in]
+    rows, floating SCB [out] and a scalar weight_format; the values are checked as they are read."""
+    weight, scb = f"{layer}.weight", f"{layer}.SCB"
+    if weight not in tensors.keys() or tensors.dtype(weight) != torch.int8 or len(tensors.shape(weight)) != 2:
+        raise CheckpointError(f"{src}: tensor {weight} is missing or not an int8 matrix")
+    if not tensors.dtype(scb).is_floating_point or tuple(tensors.shape(scb)) != tensors.shape(weight)[:1]:
+        raise CheckpointError(f"{src}: tensor {scb} is {str(tensors.dtype(scb)).removeprefix('torch.')} {list(tensors.shape(scb))}, "
+                              f"bitsandbytes stores a float vector of one row maximum per output row ({tensors.shape(weight)[0]})")
+    fmt_key = f"{layer}.weight_format"
+    if fmt_key in tensors.keys() and (tensors.dtype(fmt_key).is_floating_point or torch.Size(tensors.shape(fmt_key)).numel() != 1):
+        raise CheckpointError(f"{src}: tensor {fmt_key} is not an integer scalar")
+
+
 def import_folder(folder: str, out: str, force: bool = False, max_shard_bytes: int = 2 << 30) -> dict:
     """A bitsandbytes 8-bit folder as an llmint8 folder: the int8 rows kept, scale = SCB / 127."""
     from llmint8_cli.checkpoint.quantize import to_sixteen_bit
@@ -149,6 +164,8 @@ def import_folder(folder: str, out: str, force: bool = False, max_shard_bytes: i
     layers = sorted(key.removesuffix(".SCB") for key in tensors.keys() if key.endswith(".SCB"))
     if not layers:
         raise CheckpointError(f"{src}: a bitsandbytes 8-bit config, but no <layer>.SCB tensors in its weights")
+    for layer in layers:
+        check_layer(src, tensors, layer)
     out_path = check_output(Path(out).expanduser().absolute(), src, force)
     stated = json.loads((src / "config.json").read_text()).get("dtype")
     dtype = torch.bfloat16 if stated == "bfloat16" else torch.float16
@@ -166,8 +183,11 @@ def import_folder(folder: str, out: str, force: bool = False, max_shard_bytes: i
                 fmt_value = tensors.get(f"{layer}.weight_format") if f"{layer}.weight_format" in tensors.keys() else torch.zeros(())
                 if int(fmt_value) != 0:
                     raise CheckpointError(f"{src}: {layer}.weight_format is {int(fmt_value)}; only row-major int8 weights (0) are supported")
+                scb = tensors.get(f"{layer}.SCB").float()
+                if not bool((torch.isfinite(scb) & (scb >= 0)).all()):
+                    raise CheckpointError(f"{src}: tensor {layer}.SCB holds NaN, Inf or negative row maxima")
                 return {
-                    key: tensors.get(key), f"{layer}.weight_scale": tensors.get(f"{layer}.SCB").float() / 127,
+                    key: tensors.get(key), f"{layer}.weight_scale": scb / 127,
                     f"{layer}.outlier_idx": torch.zeros(0, dtype=torch.int32), f"{layer}.outlier_weight": torch.zeros(out_f, 0, dtype=dtype),
                 }
 

@@ -20,7 +20,6 @@ from pathlib import Path
 
 import torch
 
-from llmint8_cli.checkpoint.writer import sha256_file
 from llmint8_cli.core.methods import check_rotation_block, check_threshold, get_method
 from llmint8_cli.core.reference import FIRST_ROTATION_BLOCK, ROTATION_BLOCK
 from llmint8_cli.errors import CheckpointError, InvalidArgumentError
@@ -31,8 +30,7 @@ ROTATION_FORMAT_VERSION = 3  # int8 weights in a rotated basis (llm.int8-rotate)
 ROTATION_BLOCK_FORMAT_VERSION = 4  # a rotation block other than 64 (`rotation.block`, default 256); version-3 readers would assume 64
 VERSIONS = (FORMAT_VERSION, SMOOTHING_FORMAT_VERSION, ROTATION_FORMAT_VERSION, ROTATION_BLOCK_FORMAT_VERSION)
 QUANT_METHOD = "llmint8"
-MANIFEST = "llmint8_manifest.json"
-PARTIAL_MARKER = ".llmint8-partial"  # present while a folder is being written; never in the manifest
+STORED_DTYPES = ("float16", "bfloat16", "float32")  # of the 16-bit tensors (float32 after save_pretrained of an fp32-loaded model)
 
 
 def format_version(method: str, rotation_block: int = ROTATION_BLOCK) -> int:
@@ -67,27 +65,6 @@ def quantization_config(method: str, threshold: float, skip: list[str], quantize
     }
 
 
-def write_manifest(folder: Path, hashes: dict[str, str]) -> None:
-    files = {}
-    for path in sorted(p for p in folder.iterdir() if p.is_file() and p.name not in (MANIFEST, PARTIAL_MARKER)):
-        files[path.name] = {"size": path.stat().st_size, "sha256": hashes.get(path.name) or sha256_file(path)}
-    (folder / MANIFEST).write_text(json.dumps({"format_version": FORMAT_VERSION, "files": files}, indent=1) + "\n")
-
-
-def verify(folder: Path) -> None:
-    """Refuse a checkpoint whose files do not match the manifest (missing, resized or altered)."""
-    try:
-        manifest = json.loads((folder / MANIFEST).read_text())["files"]
-    except (OSError, json.JSONDecodeError, KeyError):
-        raise CheckpointError(f"{folder}: missing or unreadable {MANIFEST} (use --no-verify to skip the check)") from None
-    for name, expected in manifest.items():
-        path = folder / name
-        if not path.is_file():
-            raise CheckpointError(f"{path}: listed in the manifest but missing")
-        if path.stat().st_size != expected["size"] or sha256_file(path) != expected["sha256"]:
-            raise CheckpointError(f"{path}: sha256 does not match the manifest (corrupted or modified; --no-verify to skip)")
-
-
 def config_block(folder) -> dict | None:
     """The quantization_config of a folder's config.json, whatever its method; None if it has none."""
     try:
@@ -101,8 +78,6 @@ def read_quantization_config(folder: Path) -> dict | None:
     """The quantization_config block of an llmint8 folder, or None for any other folder."""
     block = config_block(folder)
     if block is not None and block.get("quant_method") == QUANT_METHOD:
-        if block.get("format_version") not in VERSIONS:
-            raise CheckpointError(f"{folder}: llmint8 format version {block.get('format_version')} is not supported (expected one of {', '.join(map(str, VERSIONS))})")
         check_block(Path(folder) / "config.json", block)
         return block
     return None
@@ -110,6 +85,8 @@ def read_quantization_config(folder: Path) -> dict | None:
 
 def check_block(config_path: Path, block: dict) -> None:
     """The fields a loader reads, checked here so that a bad one is reported with the file it came from."""
+    if block.get("format_version") not in VERSIONS:
+        raise CheckpointError(f"{config_path}: llmint8 format version {block.get('format_version')!r} is not supported (expected one of {', '.join(map(str, VERSIONS))})")
     try:
         method = block.get("method")
         if not isinstance(method, str) or not get_method(method).quantized:
@@ -121,6 +98,11 @@ def check_block(config_path: Path, block: dict) -> None:
         for key in ("quantized_modules", "skip_modules"):
             if not (isinstance(block.get(key), list) and all(isinstance(name, str) for name in block[key])):
                 raise InvalidArgumentError(f"{key} is not a list of module names")
+        if block.get("dtype") not in STORED_DTYPES:
+            raise InvalidArgumentError(f"dtype {block.get('dtype')!r} is not one of {', '.join(STORED_DTYPES)}")
+        for key in ("calibration", "smoothing"):
+            if not isinstance(block.get(key, {}), dict):
+                raise InvalidArgumentError(f"{key} is not an object")
     except InvalidArgumentError as exc:
         raise CheckpointError(f"{config_path}: quantization_config: {exc}") from None
 

@@ -5,10 +5,13 @@
 int8 rows into 16-bit Linear weights: a silently wrong model. The quantizer builds Int8Linear
 shells sized from the checkpoint files (the number of stored outlier columns differs per layer)
 before transformers loads the tensors into them by name, so the model equals `llmint8_cli.load`.
+It verifies the folder against its manifest first and the loaded values after, as `load` does;
+LLMINT8_NO_VERIFY=1 skips the manifest check (the value checks always run).
 """
 
 from __future__ import annotations
 
+import os
 import types
 from pathlib import Path
 
@@ -16,7 +19,9 @@ from transformers.quantizers.auto import AUTO_QUANTIZATION_CONFIG_MAPPING, AUTO_
 from transformers.quantizers.base import HfQuantizer
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
-from llmint8_cli.checkpoint.format import QUANT_METHOD, check_block, write_manifest
+from llmint8_cli.checkpoint.format import QUANT_METHOD, check_block
+from llmint8_cli.checkpoint.manifest import NO_VERIFY_ENV, verify, write_manifest
+from llmint8_cli.errors import CheckpointError
 
 
 class LLMInt8Config(QuantizationConfigMixin):
@@ -37,13 +42,21 @@ class LLMInt8HfQuantizer(HfQuantizer):
     requires_calibration = True  # only pre-quantized folders
 
     def _process_model_before_weight_loading(self, model, checkpoint_files=None, dtype=None, **kwargs):
-        from llmint8_cli.checkpoint.load import install_shells, outlier_counts
+        """Verify the folder as `llmint8_cli.load` does (LLMINT8_NO_VERIFY=1 skips the hashes), then shells."""
+        from llmint8_cli.checkpoint.load import install_shells, stored_tensors
 
-        block = self.quantization_config.to_dict()
-        counts = outlier_counts([Path(f) for f in checkpoint_files or []], block["quantized_modules"])
-        install_shells(model, block, counts, dtype or model.dtype)
+        files = [Path(f) for f in checkpoint_files or []]
+        if not files:
+            raise CheckpointError("an llmint8 folder without safetensors weights")
+        self.folder = files[0].parent
+        if os.environ.get(NO_VERIFY_ENV, "0").lower() in ("0", "", "false", "no"):
+            verify(self.folder)
+        install_shells(model, self.quantization_config.to_dict(), stored_tensors(files), dtype or model.dtype, self.folder)
 
     def _process_model_after_weight_loading(self, model, **kwargs):
+        from llmint8_cli.checkpoint.load import check_loaded
+
+        check_loaded(model, self.folder)
         keep_saving_valid(model)
         return model
 
@@ -57,16 +70,28 @@ class LLMInt8HfQuantizer(HfQuantizer):
 
 def keep_saving_valid(model) -> None:
     """`save_pretrained` of this model writes an llmint8 folder `load` accepts: the block records
-    the dtype the 16-bit tensors are saved in, and the manifest is written after the files."""
+    the dtype the 16-bit tensors are saved in, and the manifest, written after the files, lists
+    the files this save wrote (not a user's own files already in the folder, which `--force`
+    must never count as ours)."""
     save = type(model).save_pretrained
 
     def save_pretrained(self, save_directory, *args, **kwargs):
         block = self.config.quantization_config
         block.dtype = str(self.dtype).removeprefix("torch.")
+        folder = Path(save_directory)
+        before = file_states(folder)
         save(self, save_directory, *args, **kwargs)
-        write_manifest(Path(save_directory), {})
+        written = {name for name, state in file_states(folder).items() if before.get(name) != state}
+        write_manifest(folder, names=written)
 
     model.save_pretrained = types.MethodType(save_pretrained, model)
+
+
+def file_states(folder: Path) -> dict[str, tuple[int, int]]:
+    """{file name: (size, modification time in ns)} of a folder's files (empty if it does not exist)."""
+    if not folder.is_dir():
+        return {}
+    return {p.name: (p.stat().st_size, p.stat().st_mtime_ns) for p in folder.iterdir() if p.is_file()}
 
 
 def attach(model, block: dict) -> None:

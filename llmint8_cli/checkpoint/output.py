@@ -3,25 +3,47 @@
 Rules that keep a user's data safe:
 - SRC and OUT may not overlap in either direction (real paths, symlinks followed): replacing OUT
   must never remove the source, and writing into the source would modify it.
-- `--force` replaces only an earlier llmint8 output (it has our manifest) or an empty folder.
-- A temporary folder is named `.OUT.tmp-<pid>-<process start>-<random>` and holds a marker file
+- `--force` replaces a folder only when it is empty or every entry in it is a file that its
+  manifest lists, unchanged (manifest.foreign_entry); anything else is refused, naming the entry.
+- A temporary folder is named `.OUT.tmp-<pid>-<process start>-<random>` (a long OUT name is
+  shortened there, so the name stays within the file system's 255 bytes) and holds a marker file
   while it is incomplete; a run removes the temporary folders of its OUT whose writer is gone
-  (killed with SIGKILL, or a machine that went down), so nothing is left behind for good.
+  (killed with SIGKILL, or a machine that went down), so nothing is left behind for good. An old
+  OUT set aside by a writer that died before the new one took its place is put back.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import re
 import secrets
 import shutil
 from pathlib import Path
 
-from llmint8_cli.checkpoint import format as fmt
+from llmint8_cli.checkpoint.manifest import MANIFEST, PARTIAL_MARKER, foreign_entry
 from llmint8_cli.errors import CheckpointError, InvalidArgumentError, OutputExistsError
 
 _WORKING = re.compile(r"\.(?P<name>.+)\.(?P<kind>tmp|old)-(?P<pid>\d+)-(?P<start>\d+)-[0-9a-f]{8}")
+_NAME_BYTES = 160  # of OUT's name inside a working name; the rest (~60 bytes) keeps it under 255
+
+
+def _tag(name: str) -> str:
+    """OUT's name as it appears in its working folders' names: a long one cut, with a hash of the whole."""
+    if len(name.encode()) <= _NAME_BYTES:
+        return name
+    cut = name.encode()[: _NAME_BYTES - 17].decode(errors="ignore")
+    return f"{cut}~{hashlib.sha256(name.encode()).hexdigest()[:16]}"
+
+
+def human_size(count: float) -> str:
+    """Bytes as a person reads them: 812 B, 3.4 KiB, 120.5 MiB, 13.2 GiB."""
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if count < 1024 or unit == "GiB":
+            return f"{count:.0f} {unit}" if unit == "B" else f"{count:.1f} {unit}"
+        count /= 1024
+    raise AssertionError("unreachable")
 
 
 def _process_start(pid: int) -> int:
@@ -66,8 +88,9 @@ def check_output(out: Path, source_path: Path | None, force: bool) -> Path:
         raise OutputExistsError(f"{out} exists already; pass --force to replace an earlier llmint8 output")
     if not real.is_dir():
         raise OutputExistsError(f"{out} exists and is not a folder; --force replaces only an earlier llmint8 output")
-    if any(real.iterdir()) and not (real / fmt.MANIFEST).is_file():
-        raise OutputExistsError(f"{out} holds files that are not an llmint8 output; --force replaces only an earlier llmint8 output or an empty folder")
+    foreign = foreign_entry(real)
+    if foreign is not None:
+        raise OutputExistsError(f"{out} is not an llmint8 output that --force may replace (only those, or an empty folder): {foreign}; nothing was changed")
     return real
 
 
@@ -75,7 +98,8 @@ def remove_stale(out: Path) -> list[Path]:
     """Remove the temporary folders of OUT left by writers that are gone; returns what was removed.
 
     Only folders of our naming scheme are touched, and only those that are ours for sure: a
-    temporary folder with its marker, or an old OUT being replaced (an llmint8 output or empty).
+    temporary folder with its marker, or an old OUT set aside for replacement (all of its entries
+    ours). Such an old OUT is put back instead where its writer died before OUT was in place again.
     """
     removed = []
     try:
@@ -84,12 +108,13 @@ def remove_stale(out: Path) -> list[Path]:
         return removed
     for path in entries:
         match = _WORKING.fullmatch(path.name)
-        if not match or match["name"] != out.name or path.is_symlink() or not path.is_dir():
+        if not match or match["name"] != _tag(out.name) or path.is_symlink() or not path.is_dir():
             continue
         if _writer_alive(int(match["pid"]), int(match["start"])):
             continue
-        ours = (path / fmt.PARTIAL_MARKER).is_file() or (path / fmt.MANIFEST).is_file() or not any(path.iterdir())
-        if ours:
+        if match["kind"] == "old" and not os.path.lexists(out):
+            path.rename(out)
+        elif (path / PARTIAL_MARKER).is_file() if match["kind"] == "tmp" else foreign_entry(path) is None:
             shutil.rmtree(path, ignore_errors=True)
             removed.append(path)
     return removed
@@ -97,7 +122,7 @@ def remove_stale(out: Path) -> list[Path]:
 
 def _working_name(out: Path, kind: str) -> Path:
     pid = os.getpid()
-    return out.parent / f".{out.name}.{kind}-{pid}-{_process_start(pid)}-{secrets.token_hex(4)}"
+    return out.parent / f".{_tag(out.name)}.{kind}-{pid}-{_process_start(pid)}-{secrets.token_hex(4)}"
 
 
 def make_temporary(out: Path) -> Path:
@@ -106,7 +131,7 @@ def make_temporary(out: Path) -> Path:
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp.mkdir()
-        (tmp / fmt.PARTIAL_MARKER).write_text(f"llmint8 quantize, pid {os.getpid()}: an incomplete output, removed by the next run\n")
+        (tmp / PARTIAL_MARKER).write_text(f"llmint8 quantize, pid {os.getpid()}: an incomplete output, removed by the next run\n")
     except OSError as exc:
         shutil.rmtree(tmp, ignore_errors=True)
         raise CheckpointError(f"cannot write to {out.parent}: {exc.strerror or exc}") from None
@@ -119,7 +144,7 @@ def check_free_space(tmp: Path, needed: int) -> None:
     except OSError:  # the OS does not tell: the write itself will say
         return
     if free < needed:
-        raise CheckpointError(f"not enough free space in {tmp.parent}: the output needs about {needed / 2**20:.0f} MiB, {free / 2**20:.0f} MiB free")
+        raise CheckpointError(f"not enough free space in {tmp.parent}: the output needs about {human_size(needed)}, {human_size(free)} free")
 
 
 def install(tmp: Path, out: Path, force: bool) -> None:
@@ -127,7 +152,7 @@ def install(tmp: Path, out: Path, force: bool) -> None:
 
     OUT is checked again here: another run may have written it while this one worked.
     """
-    (tmp / fmt.PARTIAL_MARKER).unlink()
+    (tmp / PARTIAL_MARKER).unlink()
     old = None
     if os.path.lexists(out):
         check_output(out, None, force)
@@ -144,7 +169,7 @@ WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf", ".pt", ".pth", ".ckpt", ".h5
 def copy_side_files(folder: Path, dest: Path) -> None:
     """A model folder's tokenizer, generation and template files; not its weights, config or manifest."""
     for path in folder.iterdir():
-        if path.is_file() and not path.name.endswith((*WEIGHT_SUFFIXES, ".index.json")) and path.name not in ("config.json", fmt.MANIFEST):
+        if path.is_file() and not path.name.endswith((*WEIGHT_SUFFIXES, ".index.json")) and path.name not in ("config.json", MANIFEST):
             shutil.copyfile(path, dest / path.name)
 
 

@@ -21,12 +21,13 @@ from llmint8_cli import activations, data, models
 from llmint8_cli.backends import backend_for
 from llmint8_cli.checkpoint import bitsandbytes
 from llmint8_cli.checkpoint import format as fmt
+from llmint8_cli.checkpoint.manifest import write_manifest
 from llmint8_cli.checkpoint.output import check_free_space, check_output, copy_side_files, writing
 from llmint8_cli.checkpoint.sources import ModelSource, TensorSource, open_folder
 from llmint8_cli.checkpoint.writer import Entry, Group, write_tensors
 from llmint8_cli.core import reference
 from llmint8_cli.core.methods import DEFAULT_METHOD, DEFAULT_SMOOTH_ALPHA, check_alpha, check_rotation_block, get_method
-from llmint8_cli.errors import InvalidArgumentError, InvalidWeightError, ModelLoadError
+from llmint8_cli.errors import InvalidArgumentError, InvalidWeightError, ModelLoadError, one_line
 from llmint8_cli.evaluation.perplexity import make_windows, tokenize
 from llmint8_cli.nn.convert import Conv1D, quantizable_layers
 
@@ -84,21 +85,15 @@ def load_config(source: models.ModelSource):
     try:
         return AutoConfig.from_pretrained(name, **kwargs)
     except Exception as exc:
-        message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ModelLoadError(f"{source.location}: unsupported or unreadable config ({message})") from None
+        raise ModelLoadError(f"{source.location}: unsupported or unreadable config ({one_line(exc)})") from None
 
 
-def empty_model(config, dtype: torch.dtype):
-    from accelerate import init_empty_weights
+def empty_model(config, dtype: torch.dtype, config_path):
     from transformers import AutoModelForCausalLM
 
-    try:
-        with init_empty_weights(include_buffers=False):
-            model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    except ValueError:
-        raise ModelLoadError(f"unsupported architecture {getattr(config, 'model_type', '?')!r}: transformers has no causal LM for it") from None
-    model.tie_weights()  # on meta, ties are only made here: tied tensors then share one source key
-    return model
+    if type(config) not in AutoModelForCausalLM._model_mapping:
+        raise ModelLoadError(f"unsupported architecture {getattr(config, 'model_type', '?')!r}: transformers has no causal LM for it")
+    return models.build_skeleton(lambda: AutoModelForCausalLM.from_config(config, dtype=dtype), config_path)
 
 
 def target_dtype(option: str, source_dtype: torch.dtype) -> torch.dtype:
@@ -119,6 +114,10 @@ def match_keys(model: torch.nn.Module, tensors: TensorSource) -> dict[str, str]:
             if candidate in names:
                 mapping[candidate] = key
                 break
+    expected = model.state_dict()
+    for name, key in mapping.items():
+        if tuple(tensors.shape(key)) != tuple(expected[name].shape):
+            raise ModelLoadError(f"tensor {key} has shape {list(tensors.shape(key))}, but the model config.json describes needs {list(expected[name].shape)}")
     aliases: dict[int, list[str]] = {}
     for name, param in model.named_parameters(remove_duplicate=False):
         aliases.setdefault(id(param), []).append(name)
@@ -148,7 +147,7 @@ def calibration_batches(tokenizer, options: QuantizeOptions) -> tuple[list[torch
     ids, bos_id = tokenize(tokenizer, text.text[:chars], "window")
     if len(ids) < needed:
         ids, bos_id = tokenize(tokenizer, text.text, "window")
-    windows = make_windows(ids, options.calib_seq_len, bos_id=bos_id)
+    windows = make_windows(ids, options.calib_seq_len, bos_id=bos_id, source=f"calibration text {text.source}")
     samples = windows.input_ids[: options.calib_samples]
     batches = list(samples.split(options.calib_batch_size))
     info = {"dataset": text.name, "source": text.source, "samples": len(samples), "seq_len": options.calib_seq_len}
@@ -308,7 +307,7 @@ def quantize_checkpoint(src: str, out: str | os.PathLike, options: QuantizeOptio
         config = load_config(source)
         tensors = open_folder(Path(source.location))
         src_dtype = source_dtype(tensors, config)
-        model = empty_model(config, torch.float32)
+        model = empty_model(config, torch.float32, Path(source.location) / "config.json")
         streaming = True
     dtype = target_dtype(options.dtype, src_dtype)
     mapping = match_keys(model, tensors)
@@ -347,7 +346,7 @@ def quantize_checkpoint(src: str, out: str | os.PathLike, options: QuantizeOptio
         config_dict.update({"dtype": str(dtype).removeprefix("torch."), "quantization_config": block})
         (tmp / "config.json").write_text(json.dumps(config_dict, indent=2, sort_keys=True) + "\n")
         side_files(source, tmp, model, tokenizer)
-        fmt.write_manifest(tmp, hashes)
+        write_manifest(tmp, hashes)
     seconds = time.time() - started
     files = {p.name: p.stat().st_size for p in sorted(out.iterdir())}
     size = sum(files.values())

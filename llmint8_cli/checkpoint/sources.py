@@ -6,12 +6,13 @@ import json
 import math
 import pickle
 import struct
+import zipfile
 from pathlib import Path
 
 import torch
 
 from llmint8_cli.checkpoint.writer import SAFETENSORS_DTYPES
-from llmint8_cli.errors import ModelLoadError
+from llmint8_cli.errors import ModelLoadError, one_line
 
 
 class TensorSource:
@@ -146,12 +147,12 @@ class TorchBinSource(DictSource):
         files = sorted(folder.glob("pytorch_model*.bin"))
         self._tensors: dict[str, torch.Tensor] = {}
         for path in files:
-            try:
-                state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            try:  # mmap needs the zip format of torch >= 1.6; an older file is read whole
+                state = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
             except pickle.UnpicklingError:
                 raise ModelLoadError(f"{path}: refusing to load: the file holds pickled objects other than tensors (possible code)") from None
             except Exception as exc:
-                raise ModelLoadError(f"{path}: unreadable PyTorch checkpoint ({str(exc).splitlines()[0]})") from None
+                raise ModelLoadError(f"{path}: unreadable PyTorch checkpoint ({one_line(exc)})") from None
             if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
                 raise ModelLoadError(f"{path}: not a state dict of tensors")
             self._tensors.update(state)

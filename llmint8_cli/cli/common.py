@@ -31,7 +31,7 @@ try:
 except ImportError:
     from click import exceptions as click_errors
 
-from llmint8_cli.errors import InvalidArgumentError, LLMInt8Error
+from llmint8_cli.errors import InvalidArgumentError, LLMInt8Error, one_line
 
 EXIT_BAD_INPUT = 2
 EXIT_NOT_FINITE = 3
@@ -96,10 +96,21 @@ def json_safe(value):
 
 
 def emit_json(command: str, model: str | None, document: dict) -> None:
-    """One JSON document on stdout; it opens with the command and the model, for jq and for the next command in a pipe."""
+    """One JSON document on stdout; it opens with the command and the model, for jq and for the next command in a pipe.
+
+    A stdout that is closed, a pipe whose reader is gone or a full disk is a one-line error: the
+    result was not delivered, so the exit code must not say it was.
+    """
     head = {"command": command, "model": model}
-    sys.stdout.write(json.dumps(json_safe({**head, **document}), indent=2, allow_nan=False) + "\n")
-    sys.stdout.flush()
+    text = json.dumps(json_safe({**head, **document}), indent=2, allow_nan=False) + "\n"
+    try:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+    except (AttributeError, OSError, ValueError) as exc:  # None (closed at start), EPIPE, ENOSPC, closed file
+        with contextlib.suppress(OSError, ValueError, AttributeError):  # later flushes (at exit) go nowhere, silently
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        why = "it is closed" if sys.stdout is None or isinstance(exc, (AttributeError, ValueError)) else (exc.strerror or str(exc))
+        raise InvalidArgumentError(f"cannot write the JSON result to stdout: {why}") from None
 
 
 def stdin_is_piped() -> bool:
@@ -111,8 +122,13 @@ def stdin_is_piped() -> bool:
     return stat.S_ISFIFO(mode) or stat.S_ISREG(mode)
 
 
+STDIN_LIMIT = 1 << 20  # characters: an llmint8 JSON document is a few KiB; more is not one
+
+
 def model_from_stdin(text: str) -> str:
     """The model an earlier llmint8 command hands on: quantize's output folder, else its model."""
+    if len(text) > STDIN_LIMIT:
+        raise InvalidArgumentError(f"stdin holds more than {STDIN_LIMIT >> 20} MiB: not an llmint8 JSON document; pass MODEL instead")
     if not text.strip():
         raise InvalidArgumentError("stdin is empty: the command before this one in the pipe wrote no JSON (did it fail?)")
     try:
@@ -133,7 +149,7 @@ def choose_model(given: str | None, console: Console, default: str | None = None
         return given
     if stdin_is_piped():
         console.print("reading MODEL from the JSON document on stdin")
-        model = model_from_stdin(sys.stdin.read())
+        model = model_from_stdin(sys.stdin.read(STDIN_LIMIT + 1))
         console.print(f"model from stdin: {model}")
         return model
     if default is not None:
@@ -272,7 +288,7 @@ def command(function: Callable) -> Callable:
         except Exception as exc:  # an internal error: still one line unless debugging
             if os.environ.get("LLMINT8_DEBUG"):
                 raise
-            fail(f"internal error: {type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''} (LLMINT8_DEBUG=1 shows the traceback)", 1)
+            fail(f"internal error: {type(exc).__name__}: {one_line(exc)} (LLMINT8_DEBUG=1 shows the traceback)", 1)
 
     return wrapper
 

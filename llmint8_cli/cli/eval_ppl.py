@@ -31,14 +31,6 @@ BOS_HELP = (
 )
 
 
-def context_length(config) -> int | None:
-    for attr in ("max_position_embeddings", "n_positions", "max_sequence_length"):
-        value = getattr(config, attr, None)
-        if isinstance(value, int) and value > 0:
-            return value
-    return None
-
-
 def computed_rate(result, seconds: float) -> float | None:
     """Scored tokens per second over the windows this run computed (cached ones took no time)."""
     computed = result.windows - result.reused
@@ -83,11 +75,11 @@ def eval_ppl(
         calibration = QuantizeOptions(calib_samples=calib_samples, calib_seq_len=calib_seq_len, calib_dataset=calib_dataset, data_dir=data_dir, smooth_alpha=smooth_alpha,
                                       rotation_block=rotation_block)
         subject = variants.subject(model, chosen, threshold, run_dtype, run_device, verify=not no_verify, calibration=calibration, held_out=text.source)
-    limit = context_length(subject.config)
+    limit = models.context_length(subject.config)
     if limit is not None and seq_len > limit:
         raise DataError(f"--seq-len {seq_len} is longer than the model's context ({limit} tokens)")
     ids, bos_id = tokenize(subject.tokenizer, text.text, bos)
-    windows = make_windows(ids, seq_len, stride, bos_id, max_tokens)
+    windows = make_windows(ids, seq_len, stride, bos_id, max_tokens, text.source)
     results, baseline = {}, None
     with progress_bar(console) as bar:
         for name, network in subject.variants:

@@ -13,9 +13,9 @@ import typer
 from llmint8_cli.backends.cpu_kernels import gemm_report
 from llmint8_cli import models
 from llmint8_cli.checkpoint.quantize import QuantizeOptions
-from llmint8_cli.cli.common import METHODS_HELP, CalibDataset, CalibSamples, CalibSeqLen, ComputeDtype, Device, RotationBlock, SmoothAlpha, Model, NoVerify, Quiet, Threshold, choose_model, command, emit_json, print_table, stderr_console
+from llmint8_cli.cli.common import METHODS_HELP, CalibDataset, CalibSamples, CalibSeqLen, ComputeDtype, Device, RotationBlock, SmoothAlpha, Model, NoVerify, Quiet, Threshold, choose_model, command, emit_json, print_table, stderr_console, warn
 from llmint8_cli.core.methods import DEFAULT_METHOD, parse_methods
-from llmint8_cli.evaluation import variants, zeroshot
+from llmint8_cli.evaluation import request_cache, variants, zeroshot
 
 
 @command
@@ -45,27 +45,32 @@ def eval_zeroshot(
     local = zeroshot.use_local_tasks(data_dir)
     names = zeroshot.parse_tasks(tasks, local)
     chosen = parse_methods(methods)
-    manager, task_names, source = zeroshot.task_manager(names, data_dir, local)
-    run_device = variants.resolve_device(device)
-    run_dtype = variants.resolve_dtype(dtype, run_device)
-    with console.status(f"loading {model}"):
-        calibration = QuantizeOptions(calib_samples=calib_samples, calib_seq_len=calib_seq_len, calib_dataset=calib_dataset, data_dir=data_dir, smooth_alpha=smooth_alpha,
-                                      rotation_block=rotation_block)
-        subject = variants.subject(model, chosen, threshold, run_dtype, run_device, verify=not no_verify, calibration=calibration)
-    results, per_document, seconds, caches, notes = {}, {}, {}, {}, list(subject.notes)
-    for name, network in subject.variants:
-        console.print(f"[bold]{variants.shown_name(name, run_dtype)}[/]: {', '.join(names)}")
-        started = time.time()
-        folder = variants.cache_folder(cache_dir, subject, name, run_dtype, run_device) if cache_dir else None
-        chatter = sys.stderr if console.is_terminal else io.StringIO()  # lm-eval's bars and logs: on a terminal only; stdout is for our JSON
-        with contextlib.redirect_stdout(chatter), contextlib.redirect_stderr(chatter):
-            evaluation = zeroshot.evaluate(network, subject.tokenizer, manager, task_names, limit, num_fewshot, batch_size, str(run_device), folder)
-        results[name], per_document[name], caches[name] = evaluation.results, evaluation.per_document, evaluation.cache
-        if evaluation.batch_size != batch_size:
-            notes.append(f"{name}: one request per forward pass (its outlier columns or tensor scales span a sequence, "
-                         "and lm-eval pads batches without a mask)")
-        seconds[name] = round(time.time() - started, 1)
-        del network
+    with zeroshot.task_configs() as configs:  # removed at the end, also on Ctrl-C or SIGTERM
+        manager, task_names, source = zeroshot.task_manager(names, data_dir, local, configs)
+        run_device = variants.resolve_device(device)
+        run_dtype = variants.resolve_dtype(dtype, run_device)
+        with console.status(f"loading {model}"):
+            calibration = QuantizeOptions(calib_samples=calib_samples, calib_seq_len=calib_seq_len, calib_dataset=calib_dataset, data_dir=data_dir, smooth_alpha=smooth_alpha,
+                                          rotation_block=rotation_block)
+            subject = variants.subject(model, chosen, threshold, run_dtype, run_device, verify=not no_verify, calibration=calibration)
+        results, per_document, seconds, caches, notes = {}, {}, {}, {}, list(subject.notes)
+        for name, network in subject.variants:
+            console.print(f"[bold]{variants.shown_name(name, run_dtype)}[/]: {', '.join(names)}")
+            started = time.time()
+            folder = variants.cache_folder(cache_dir, subject, name, run_dtype, run_device) if cache_dir else None
+            for legacy in request_cache.legacy_caches(folder) if folder else []:
+                notes.append(f"{legacy}: a pickled lm-eval cache of an earlier llmint8, not read (a pickle can run code); "
+                             "its answers are computed again (bench/convert_request_caches.py converts one you trust)")
+                warn(notes[-1])
+            chatter = sys.stderr if console.is_terminal else io.StringIO()  # lm-eval's bars and logs: on a terminal only; stdout is for our JSON
+            with contextlib.redirect_stdout(chatter), contextlib.redirect_stderr(chatter):
+                evaluation = zeroshot.evaluate(network, subject.tokenizer, manager, task_names, limit, num_fewshot, batch_size, str(run_device), folder)
+            results[name], per_document[name], caches[name] = evaluation.results, evaluation.per_document, evaluation.cache
+            if evaluation.batch_size != batch_size:
+                notes.append(f"{name}: one request per forward pass (its outlier columns or tensor scales span a sequence, "
+                             "and lm-eval pads batches without a mask)")
+            seconds[name] = round(time.time() - started, 1)
+            del network
     baseline = results.get(variants.BASELINE)
     document = {"tasks": {}, "data": source, "limit": limit, "num_fewshot": num_fewshot,
                 "device": str(run_device), "dtype": str(run_dtype).removeprefix("torch."), "thresholds": subject.thresholds,

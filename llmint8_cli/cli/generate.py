@@ -38,7 +38,7 @@ def generate(
     prompt: Annotated[str, typer.Argument(help="The text to continue.")],
     max_new_tokens: Annotated[int, typer.Option(min=1, help="Tokens to generate at most (fewer if the model ends the text).")] = 32,
     temperature: Annotated[float, typer.Option(min=0.0, help="0: greedy (deterministic); above 0: sampled at this temperature.")] = 0.0,
-    seed: Annotated[int, typer.Option(help="Random seed for sampling.")] = 0,
+    seed: Annotated[int, typer.Option(min=0, max=2**64 - 1, help="Random seed for sampling (0 to 2^64-1).")] = 0,
     method: Annotated[str, typer.Option(help="For a 16-bit model: the method it is quantized with on the fly (fp16 keeps it 16-bit).")] = DEFAULT_METHOD,
     threshold: Threshold = None,
     device: Device = "auto",
@@ -56,6 +56,9 @@ def generate(
     with console.status(f"loading {model}"):
         network, tokenizer, ran, threshold = load_for_generation(model, method, threshold, run_dtype, run_device, not no_verify)
     ids = tokenizer(prompt, return_tensors="pt").input_ids.to(run_device)
+    limit = models.context_length(network.config)
+    if limit is not None and ids.shape[1] + max_new_tokens > limit:
+        raise InvalidArgumentError(f"the prompt's {ids.shape[1]} tokens and --max-new-tokens {max_new_tokens} exceed the model's context ({limit} tokens)")
     sampling = {"do_sample": True, "temperature": temperature} if temperature > 0 else {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
     torch.manual_seed(seed)
     started = time.perf_counter()

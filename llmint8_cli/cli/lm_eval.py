@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import importlib
 import sys
+from pathlib import Path
 
 import typer
 
 from llmint8_cli import models
-from llmint8_cli.cli.common import fail
-from llmint8_cli.errors import LLMInt8Error
+from llmint8_cli.cli.common import command
+from llmint8_cli.errors import InvalidArgumentError, LLMInt8Error, one_line
 from llmint8_cli.evaluation import zeroshot
 
 LOCAL_TASKS = {spec.builtin: name for name, spec in zeroshot.TASKS.items()}
@@ -31,8 +32,19 @@ def option_value(args: list[str], option: str) -> tuple[int, str] | None:
     return None
 
 
-def with_local_tasks(args: list[str]) -> tuple[list[str], str | None]:
-    """Offline: the known tasks renamed to their `_local` configs and `--include_path` added."""
+def refuse_pickled_caches(args: list[str]) -> None:
+    """lm-eval's --use_cache (a SqliteDict of pickles) and --cache_requests (dill files) read pickles
+    back, and a crafted one runs code; llmint8 keeps answers as data (eval-zeroshot --cache-dir)."""
+    requests = option_value(args, "--cache_requests")
+    if option_value(args, "--use_cache") is not None or "--use_cache" in args:
+        raise InvalidArgumentError("--use_cache stores lm-eval's answers as pickles, which can run code when read back; "
+                                   "llmint8 eval-zeroshot --cache-dir keeps them as JSON lines instead")
+    if requests is not None and requests[1] in ("true", "refresh"):
+        raise InvalidArgumentError("--cache_requests stores lm-eval's requests as pickles, which can run code when read back; leave it out")
+
+
+def with_local_tasks(args: list[str], folder: Path) -> tuple[list[str], str | None]:
+    """Offline: the known tasks renamed to their `_local` configs (written to `folder`) and `--include_path` added."""
     found = option_value(args, "--tasks")
     if found is None or models.hub_online() or option_value(args, "--include_path"):
         return args, None
@@ -41,7 +53,7 @@ def with_local_tasks(args: list[str]) -> tuple[list[str], str | None]:
     ours = [LOCAL_TASKS[n] for n in names if n in LOCAL_TASKS]
     if not ours:
         return args, None
-    folder, base = zeroshot.write_local_configs(ours, None)
+    base = zeroshot.write_local_configs(ours, None, folder)
     renamed = ",".join(f"{n}_local" if n in LOCAL_TASKS else n for n in names)
     args = list(args)
     args[index] = renamed if args[index] == value else f"--tasks={renamed}"
@@ -57,18 +69,27 @@ def on_this_machine(args: list[str]) -> list[str]:
     return args
 
 
+@command
 def lm_eval(ctx: typer.Context) -> None:
-    """lm-eval's command line (`lm_eval ARGS`) with llmint8 folders loadable; `llmint8 lm-eval -h` is lm-eval's help."""
+    """lm-eval's command line (`lm_eval ARGS`) with llmint8 folders loadable; `llmint8 lm-eval -h` is lm-eval's help.
+
+    Our errors (a bad llmint8 folder) and lm-eval's own (a bad argument it raises on) end as one
+    line, exit 2; lm-eval's usage errors keep lm-eval's own usage message and exit code.
+    """
     try:
         importlib.import_module("llmint8_cli.evaluation.lm_eval_plugin")  # registers --model llmint8
         from lm_eval.__main__ import cli_evaluate
     except ImportError as exc:
-        fail(f"lm-eval is not installed ({exc.name}); pip install 'llmint8[eval]'")
-    try:
-        args, note = with_local_tasks(list(ctx.args))
-    except LLMInt8Error as exc:
-        fail(str(exc))
-    if note:
-        print(f"llmint8: {note}", file=sys.stderr)
-    sys.argv = ["lm_eval", *on_this_machine(args)]
-    cli_evaluate()
+        raise InvalidArgumentError(f"lm-eval is not installed ({exc.name}); pip install 'llmint8[eval]'") from None
+    refuse_pickled_caches(list(ctx.args))
+    with zeroshot.task_configs() as folder:  # removed at the end, also on Ctrl-C or SIGTERM
+        args, note = with_local_tasks(list(ctx.args), folder)
+        if note:
+            print(f"llmint8: {note}", file=sys.stderr)
+        sys.argv = ["lm_eval", *on_this_machine(args)]
+        try:
+            cli_evaluate()
+        except (LLMInt8Error, KeyboardInterrupt, SystemExit):
+            raise
+        except (ValueError, TypeError, KeyError, FileNotFoundError, AssertionError) as exc:  # lm-eval's checks of its arguments
+            raise InvalidArgumentError(f"lm-eval: {one_line(exc)}") from None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Annotated
 
@@ -11,7 +12,7 @@ import typer
 from llmint8_cli import activations, data, models
 from llmint8_cli.cli.common import PIPED_MODEL_HELP, DataDir, Quiet, choose_model, command, emit_json, print_table, stderr_console
 from llmint8_cli.core.methods import DEFAULT_THRESHOLD, check_threshold
-from llmint8_cli.errors import InvalidArgumentError
+from llmint8_cli.errors import InvalidArgumentError, OutputExistsError
 from llmint8_cli.evaluation.perplexity import make_windows, tokenize
 from llmint8_cli.nn.convert import as_linear, quantizable_layers
 
@@ -43,8 +44,28 @@ def plot(report: dict, stats: activations.ActivationStats, layer_names: list[str
     bottom.set_ylabel("% affected")
     bottom.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    partial = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        fig.savefig(partial, dpi=110, format="png")
+        partial.replace(path)  # a PNG appears whole or not at all
+    finally:
+        partial.unlink(missing_ok=True)
+        plt.close(fig)
+
+
+def check_plot_path(path: Path, force: bool) -> None:
+    """Before the analysis runs (minutes): the picture can be written where asked, and replaces nothing without --force."""
+    if path.suffix.lower() != ".png":
+        raise InvalidArgumentError(f"--plot must name a .png file, got {path}")
+    folder = path.parent
+    if not folder.is_dir():
+        raise InvalidArgumentError(f"--plot {path}: the folder {folder} does not exist")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise InvalidArgumentError(f"--plot {path}: the folder {folder} is not writable")
+    if os.path.lexists(path) and not force:
+        raise OutputExistsError(f"--plot {path} exists already; pass --force to replace it")
+    if path.is_dir():
+        raise InvalidArgumentError(f"--plot {path} is a folder")
 
 
 @command
@@ -55,6 +76,7 @@ def outliers(
     seq_len: Annotated[int, typer.Option(min=2, help="Tokens per sequence.")] = 512,
     threshold: Annotated[float, typer.Option(help="Outlier magnitude (paper: 6.0).")] = DEFAULT_THRESHOLD,
     plot_path: Annotated[Path | None, typer.Option("--plot", help="Write a PNG: heat map and share of layers/positions per feature.")] = None,
+    force: Annotated[bool, typer.Option("--force", help="Replace an existing --plot file.")] = False,
     data_dir: DataDir = None,
     quiet: Quiet = False,
 ) -> None:
@@ -62,15 +84,15 @@ def outliers(
     console = stderr_console(quiet)
     model = choose_model(model, console, models.DEFAULT_MODEL)
     check_threshold(threshold)
-    if plot_path is not None and plot_path.suffix.lower() != ".png":
-        raise InvalidArgumentError(f"--plot must name a .png file, got {plot_path}")
+    if plot_path is not None:
+        check_plot_path(plot_path, force)
     text = data.load_text(dataset, data_dir)
     source = models.resolve(model)
     with console.status(f"loading {model}"):
         tokenizer = models.load_tokenizer(source)
         network = models.load_model(source, dtype=torch.float32)
     ids, bos_id = tokenize(tokenizer, text.text[: 16 * samples * seq_len], "window")
-    windows = make_windows(ids, seq_len, bos_id=bos_id).input_ids[:samples]
+    windows = make_windows(ids, seq_len, bos_id=bos_id, source=text.source).input_ids[:samples]
     layers = dict(quantizable_layers(network))
     shapes = {n: tuple(as_linear(m).weight.shape) for n, m in layers.items()}
     with console.status(f"running {len(windows)} sequences of {seq_len} tokens"):

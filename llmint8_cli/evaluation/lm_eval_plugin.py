@@ -9,24 +9,59 @@ from __future__ import annotations
 
 import logging
 
+from lm_eval.api.model import CacheHook
 from lm_eval.api.registry import register_model
 from lm_eval.models.huggingface import HFLM
 
 from llmint8_cli.evaluation import zeroshot
+from llmint8_cli.evaluation.request_cache import RequestCache
 from llmint8_cli.evaluation.variants import resolve_device, resolve_dtype
 
 
+class RequestCacheHook(CacheHook):
+    """lm-eval's hook for answers as they are computed, writing them to our JSON-lines cache."""
+
+    def __init__(self, cache: RequestCache):
+        super().__init__(None)
+        self.cache = cache
+
+    def add_partial(self, attr, req, res) -> None:
+        self.cache.add(attr, req, res)
+
+
 class UnpaddedHFLM(HFLM):
-    """HFLM that runs a sequence-wide int8 model one request per forward pass (zeroshot.sequence_wide).
+    """HFLM that runs a sequence-wide int8 model one request per forward pass (zeroshot.sequence_wide),
+    and answers from `request_cache` what it answered before (request_cache.py: data, no pickles).
 
     `llmint8 eval-zeroshot` and the `llmint8` model type both go through it, so neither pads.
     """
 
-    def __init__(self, pretrained, **kwargs):
+    def __init__(self, pretrained, request_cache: RequestCache | None = None, **kwargs):
         self.unpadded = zeroshot.sequence_wide(pretrained)
         if self.unpadded:
             kwargs["batch_size"] = 1
         super().__init__(pretrained=pretrained, **kwargs)
+        self.request_cache = request_cache
+        if request_cache is not None:
+            self.set_cache_hook(RequestCacheHook(request_cache))
+
+    def _answer(self, kind: str, requests, compute, disable_tqdm: bool):
+        """Cached answers where there are any; the model computes the rest (the hook keeps each)."""
+        if self.request_cache is None:
+            return compute(requests, disable_tqdm=disable_tqdm)
+        known = [None if kind == "generate_until" and r.args[1].get("do_sample") else self.request_cache.get(kind, r.args) for r in requests]
+        missing = [r for r, answer in zip(requests, known) if answer is None]
+        fresh = iter(compute(missing, disable_tqdm=disable_tqdm) if missing else [])
+        return [next(fresh) if answer is None else answer for answer in known]
+
+    def loglikelihood(self, requests, disable_tqdm: bool = False):
+        return self._answer("loglikelihood", requests, super().loglikelihood, disable_tqdm)
+
+    def loglikelihood_rolling(self, requests, disable_tqdm: bool = False):
+        return self._answer("loglikelihood_rolling", requests, super().loglikelihood_rolling, disable_tqdm)
+
+    def generate_until(self, requests, disable_tqdm: bool = False):
+        return self._answer("generate_until", requests, super().generate_until, disable_tqdm)
 
 
 @register_model("llmint8")

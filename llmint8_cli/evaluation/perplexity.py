@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -64,8 +65,9 @@ def tokenize(tokenizer, text: str, bos: str) -> tuple[list[int], int | None]:
     return tokenizer(text).input_ids, None
 
 
-def make_windows(ids: list[int], seq_len: int, stride: int | None = None, bos_id: int | None = None, max_tokens: int | None = None) -> Windows:
-    """Full windows over `ids` (capped at max_tokens) with the labels each one scores."""
+def make_windows(ids: list[int], seq_len: int, stride: int | None = None, bos_id: int | None = None, max_tokens: int | None = None,
+                 source: str = "the text") -> Windows:
+    """Full windows over `ids` (capped at max_tokens) with the labels each one scores; `source` names the text in errors."""
     if seq_len < 2:
         raise DataError(f"seq-len must be at least 2, got {seq_len}")
     if max_tokens is not None:
@@ -75,7 +77,7 @@ def make_windows(ids: list[int], seq_len: int, stride: int | None = None, bos_id
     if not 1 <= step <= span:
         raise DataError(f"stride must be between 1 and {span} for seq-len {seq_len}, got {stride}")
     if len(ids) < span:
-        raise DataError(f"the text has {len(ids)} tokens, shorter than one window of {span}")
+        raise DataError(f"{source} has {len(ids)} tokens{' (after --max-tokens)' if max_tokens is not None else ''}, shorter than one window of {span}")
     stream = torch.tensor(ids, dtype=torch.long)
     starts = torch.arange(0, len(ids) - span + 1, step)
     content = stream[starts[:, None] + torch.arange(span)]
@@ -98,30 +100,45 @@ class PerplexityResult:
     reused: int = 0  # windows whose NLL came from the cache
 
 
+MAX_NLL_PER_TOKEN = 1000.0  # nats: a probability of e^-1000 for every token of a window; no real model is that far off
+
+
 class WindowCache:
     """Each window's NLL appended to a JSON Lines file as it is computed, so a stopped run resumes.
 
-    One file per (variant folder, Windows.digest).
+    One file per (variant folder, Windows.digest). Every line read back is checked: a window index
+    of these windows, and an NLL that a window can have (finite, >= 0, at most MAX_NLL_PER_TOKEN
+    per scored token); anything else is a one-line error naming the line, never a wrong perplexity.
     """
 
     def __init__(self, folder: Path, windows: Windows):
         self.path = Path(folder) / f"ppl-{windows.digest()}.jsonl"
+        self.scored = (windows.labels[:, 1:] != IGNORE).sum(dim=1).tolist()
 
     def load(self) -> dict[int, float]:
         """The windows done so far; a half-written last line is cut off so that appends stay whole."""
         if not self.path.is_file():
             return {}
-        text = self.path.read_text()
+        try:
+            text = self.path.read_text(encoding="utf-8")
+        except UnicodeDecodeError:
+            raise DataError(f"{self.path}: not a UTF-8 text file") from None
         if not text.endswith("\n"):
             text = text[: text.rfind("\n") + 1]
-            self.path.write_text(text)
+            self.path.write_text(text, encoding="utf-8")
         done = {}
-        for line in text.splitlines():
+        for number, line in enumerate(text.splitlines(), 1):
             try:
                 entry = json.loads(line)
-                done[int(entry["window"])] = float(entry["nll"])
-            except (ValueError, KeyError, TypeError):
-                continue
+            except json.JSONDecodeError:
+                raise DataError(f"{self.path}:{number}: not valid JSON") from None
+            window, nll = (entry.get("window"), entry.get("nll")) if isinstance(entry, dict) else (None, None)
+            if type(window) is not int or not 0 <= window < len(self.scored):
+                raise DataError(f"{self.path}:{number}: 'window' must be an index below {len(self.scored)}, got {window!r:.40}")
+            if isinstance(nll, bool) or not isinstance(nll, (int, float)) or not 0 <= nll <= MAX_NLL_PER_TOKEN * self.scored[window]:
+                raise DataError(f"{self.path}:{number}: 'nll' must be a number from 0 to {MAX_NLL_PER_TOKEN:g} per scored token "
+                                f"({self.scored[window]} in window {window}), got {nll!r:.40}")
+            done[window] = float(nll)
         return done
 
     def append(self, nll: dict[int, float]) -> None:
@@ -155,4 +172,5 @@ def perplexity(model, windows: Windows, batch_size: int = 1, progress: Callable[
             progress(len(chosen))
     total = sum(nll[i] for i in range(count))
     tokens = windows.scored_tokens
-    return PerplexityResult(math.exp(total / tokens), total, tokens, count, reused)
+    mean = total / tokens
+    return PerplexityResult(math.inf if mean >= math.log(sys.float_info.max) else math.exp(mean), total, tokens, count, reused)  # NaN stays NaN

@@ -7,10 +7,12 @@ a local JSON Lines file (layout of shared/data/README.md).
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import statistics
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -18,6 +20,8 @@ from unittest import mock
 
 from llmint8_cli import data, models
 from llmint8_cli.errors import DataError, InvalidArgumentError
+from llmint8_cli.evaluation import request_cache
+from llmint8_cli.evaluation.request_cache import RequestCache
 
 
 @dataclass(frozen=True)
@@ -25,15 +29,44 @@ class TaskSpec:
     builtin: str  # lm-eval's task name
     local_file: str  # relative to the data folder
     fields: dict[str, type | tuple[type, ...]]  # what lm-eval's task reads from each row
+    problem: Callable[[dict], str | None]  # what is wrong with a row whose fields have those types (None: nothing)
+    required: tuple[str, ...] = ()  # string fields that may not be empty
+
+
+def _label_in(row: dict, field: str, count: int) -> str | None:
+    value = row[field]
+    if isinstance(value, bool) or str(value).strip() not in {str(i) for i in range(count)}:
+        return f"field {field!r} is {value!r}, not one of {', '.join(map(str, range(count)))}"
+    return None
+
+
+def _winogrande(row: dict) -> str | None:
+    if row["sentence"].count("_") != 1:
+        return "field 'sentence' needs exactly one '_' (where an option goes)"
+    return None if row["answer"] in ("1", "2") else f"field 'answer' is {row['answer']!r}, not 1 or 2"
+
+
+def _hellaswag(row: dict) -> str | None:
+    endings = row["endings"]
+    if len(endings) < 2 or not all(isinstance(e, str) and e.strip() for e in endings):
+        return "field 'endings' needs at least two non-empty strings"
+    return _label_in(row, "label", len(endings))
+
+
+def _lambada(row: dict) -> str | None:
+    return None if " " in row["text"].strip() else "field 'text' needs at least two words (the last one is the target)"
 
 
 TASKS = {
-    "winogrande": TaskSpec("winogrande", "winogrande/validation.jsonl", {"sentence": str, "option1": str, "option2": str, "answer": str}),
+    "winogrande": TaskSpec("winogrande", "winogrande/validation.jsonl", {"sentence": str, "option1": str, "option2": str, "answer": str},
+                           _winogrande, ("sentence", "option1", "option2")),
     "hellaswag": TaskSpec(
-        "hellaswag", "hellaswag/validation.jsonl", {"activity_label": str, "ctx_a": str, "ctx_b": str, "endings": list, "label": (str, int)}
+        "hellaswag", "hellaswag/validation.jsonl", {"activity_label": str, "ctx_a": str, "ctx_b": str, "endings": list, "label": (str, int)},
+        _hellaswag, ("ctx_a",),
     ),
-    "piqa": TaskSpec("piqa", "piqa/validation.jsonl", {"goal": str, "sol1": str, "sol2": str, "label": int}),
-    "lambada": TaskSpec("lambada_openai", "lambada_openai/test.jsonl", {"text": str}),
+    "piqa": TaskSpec("piqa", "piqa/validation.jsonl", {"goal": str, "sol1": str, "sol2": str, "label": int}, lambda row: _label_in(row, "label", 2),
+                     ("goal", "sol1", "sol2")),
+    "lambada": TaskSpec("lambada_openai", "lambada_openai/test.jsonl", {"text": str}, _lambada, ("text",)),
 }
 
 
@@ -61,45 +94,61 @@ def local_data_dir(names: list[str], data_dir) -> Path:
     raise DataError(f"task data not found locally and the Hub is not used: supply {missing} under --data-dir (or $LLMINT8_DATA_DIR)")
 
 
-def check_task_file(path: Path, fields: dict[str, type | tuple[type, ...]]) -> None:
-    """Every row a JSON object with the fields the task reads, else a DataError naming file and row.
+def check_task_file(path: Path, spec: TaskSpec) -> None:
+    """Every row a JSON object with the fields the task reads, each within its domain (a label
+    that names an answer, no empty text), else a DataError naming file and row.
 
-    lm-eval would otherwise fail deep inside `datasets` or a task's Python, naming neither.
+    lm-eval would otherwise fail deep inside `datasets` or a task's Python, naming neither, or
+    score an impossible label as a wrong answer.
     """
-    for number, row in data.read_jsonl(path):
+    rows = data.read_jsonl(path)
+    if not rows:
+        raise DataError(f"{path}: no rows")
+    for number, row in rows:
         if not isinstance(row, dict):
             raise DataError(f"{path}:{number}: not a JSON object")
-        for field, kind in fields.items():
+        for field, kind in spec.fields.items():
             if not isinstance(row.get(field), kind):
                 names = " or ".join(k.__name__ for k in (kind if isinstance(kind, tuple) else (kind,)))
                 raise DataError(f"{path}:{number}: field {field!r} is missing or not a {names}")
+        empty = next((field for field in spec.required if not row[field].strip()), None)
+        problem = f"field {empty!r} is empty" if empty else spec.problem(row)
+        if problem:
+            raise DataError(f"{path}:{number}: {problem}")
 
 
-def write_local_configs(names: list[str], data_dir) -> tuple[Path, Path]:
-    """(a folder of ready task YAMLs `<builtin>_local`, the data folder they read): the templates of
-    configs/lm_eval filled in with lm-eval's task folder and the local data, every file checked first."""
+def write_local_configs(names: list[str], data_dir, folder: Path) -> Path:
+    """Ready task YAMLs `<builtin>_local` in `folder` (a temporary one of the caller's): the
+    templates of configs/lm_eval filled in with lm-eval's task folder and the local data, every
+    file checked first; returns the data folder they read."""
     import lm_eval.tasks
 
     base = local_data_dir(names, data_dir).resolve()
     for name in names:
-        check_task_file(base / TASKS[name].local_file, TASKS[name].fields)
+        check_task_file(base / TASKS[name].local_file, TASKS[name])
     builtin_dir = Path(lm_eval.tasks.__file__).parent
-    folder = Path(tempfile.mkdtemp(prefix="llmint8-tasks-"))
     templates = resources.files("llmint8_cli.configs") / "lm_eval"
     for name in names:
         template = (templates / f"{TASKS[name].builtin}_local.yaml").read_text()
         text = template.replace("{lm_eval_tasks}", str(builtin_dir)).replace("{data_dir}", str(base))
         (folder / f"{TASKS[name].builtin}_local.yaml").write_text(text)
-    return folder, base
+    return base
 
 
-def task_manager(names: list[str], data_dir, use_local: bool):
-    """(lm-eval TaskManager, {our name: lm-eval task name}, description of the data)."""
+@contextlib.contextmanager
+def task_configs():
+    """A temporary folder for the local task YAMLs, removed when the run ends (Ctrl-C and SIGTERM too)."""
+    with tempfile.TemporaryDirectory(prefix="llmint8-tasks-") as folder:
+        yield Path(folder)
+
+
+def task_manager(names: list[str], data_dir, use_local: bool, folder: Path):
+    """(lm-eval TaskManager, {our name: lm-eval task name}, description of the data); local YAMLs go to `folder`."""
     from lm_eval.tasks import TaskManager
 
     if not use_local:
         return TaskManager(), {n: builtin_name(n) for n in names}, "lm-eval built-in tasks (Hugging Face Hub)"
-    folder, base = write_local_configs(names, data_dir)
+    base = write_local_configs(names, data_dir, folder)
     return TaskManager(include_path=str(folder)), {n: f"{TASKS[n].builtin}_local" for n in names}, f"local files under {base}"
 
 
@@ -125,7 +174,7 @@ def sequence_wide(model) -> bool:
 class Evaluation:
     results: dict  # {our task name: {metric: value, metric_stderr: value}}
     batch_size: int  # requests per forward pass actually used
-    cache: str | None  # lm-eval's request-cache prefix (lm-eval adds `_rank0.db`)
+    cache: str | None  # the JSON-lines request cache (request_cache.py)
     per_document: dict  # {our task name: {metric: {doc_id: value}}}, metrics that lm-eval averages
 
 
@@ -156,8 +205,10 @@ def evaluate(model, tokenizer, manager, task_names: dict[str, str], limit: int |
 
     from llmint8_cli.evaluation.lm_eval_plugin import UnpaddedHFLM
 
-    lm = UnpaddedHFLM(model, tokenizer=tokenizer, batch_size=batch_size, device=device)
-    cache = None if cache_folder is None else str(cache_folder / ("lm-eval-unpadded" if lm.unpadded else "lm-eval"))
+    cache = None
+    if cache_folder is not None:
+        cache = RequestCache(cache_folder / (("lm-eval-unpadded" if sequence_wide(model) else "lm-eval") + request_cache.SUFFIX))
+    lm = UnpaddedHFLM(model, request_cache=cache, tokenizer=tokenizer, batch_size=batch_size, device=device)
     # lm-eval records the git commit of the working directory by running git, which writes
     # "fatal: not a git repository" past any redirection outside a repository; it is not ours to record.
     # Its bootstrap stderr (LAMBADA's perplexity) forks a multiprocessing pool from this process,
@@ -166,7 +217,7 @@ def evaluate(model, tokenizer, manager, task_names: dict[str, str], limit: int |
     with mock.patch("lm_eval.evaluator.get_git_commit_hash", lambda: None), mock.patch.dict(os.environ, {"DISABLE_MULTIPROC": "1"}):
         output = simple_evaluate(
             model=lm, tasks=list(task_names.values()), num_fewshot=num_fewshot, limit=limit, task_manager=manager,
-            log_samples=True, verbosity="ERROR", bootstrap_iters=1000, use_cache=cache,
+            log_samples=True, verbosity="ERROR", bootstrap_iters=1000,
             samples=None if samples is None else {task_names[ours]: indices for ours, indices in samples.items()},
         )
     results, per_document = {}, {}
@@ -181,4 +232,4 @@ def evaluate(model, tokenizer, manager, task_names: dict[str, str], limit: int |
             metric, _ = key.split(",", 1)
             metrics[metric] = None if isinstance(value, float) and math.isnan(value) else round(float(value), 6)
         results[ours] = metrics
-    return Evaluation(results, lm.batch_size, cache, per_document)
+    return Evaluation(results, lm.batch_size, None if cache is None else str(cache.path), per_document)

@@ -95,6 +95,23 @@ class Int8Linear(nn.Module):
             layer.bias.data.copy_(linear.bias.detach())
         return layer
 
+    def stored_value_problem(self) -> str | None:
+        """What is wrong with the loaded buffers ("<tensor>: <why>"), or None: the values the
+        forward pass trusts, each within its domain."""
+        idx = self.outlier_idx.long()
+        if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= self.in_features):
+            return f"outlier_idx: index {int(idx.min()) if int(idx.min()) < 0 else int(idx.max())} outside the {self.in_features} input features"
+        if idx.unique().numel() != idx.numel():
+            return "outlier_idx: an input feature is listed twice"
+        if not bool(torch.isfinite(self.weight_scale).all()) or bool((self.weight_scale < 0).any()):
+            return "weight_scale: holds NaN, Inf or negative scales"
+        if self.input_smooth is not None and not bool((torch.isfinite(self.input_smooth) & (self.input_smooth > 0)).all()):
+            return "input_smooth: holds NaN, Inf or non-positive factors"
+        for name, tensor in (("outlier_weight", self.outlier_weight), ("bias", self.bias)):
+            if tensor is not None and not bool(torch.isfinite(tensor).all()):
+                return f"{name}: holds NaN or Inf"
+        return None
+
     def quantized_weight(self) -> QuantizedWeight:
         """The buffers as the reference's QuantizedWeight (no copies)."""
         int8 = Quantized(self.weight, self.weight_scale, self.weight_zero)

@@ -1,0 +1,486 @@
+"""Hostile and careless input, one class of bug per test: data loss under --force, code from a
+cache, tampered folders, impossible values read back, exit 2 (never a traceback), resources."""
+
+import json
+import os
+import pickle
+import shutil
+import signal
+import sqlite3
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from typer.testing import CliRunner
+
+from conftest import DATA, ROOT, STORIES, needs_data, needs_stories, save_tiny, tiny_model
+import llmint8_cli
+from llmint8_cli.checkpoint.manifest import MANIFEST, write_manifest
+from llmint8_cli.cli import app
+from llmint8_cli.errors import CheckpointError, DataError
+
+RUNNER = CliRunner()
+
+
+def run(*args: str):
+    return RUNNER.invoke(app, [*map(str, args)])
+
+
+def assert_one_line_error(result, words: str, code: int = 2) -> None:
+    assert result.exit_code == code, (result.stdout, result.stderr)
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("llmint8: error:") and words in lines[0], result.stderr
+
+
+def tree(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def int8_folder(tmp_path_factory):
+    """A tiny Llama with planted outlier features, quantized (calibration off: no tokenizer needed)."""
+    base = tmp_path_factory.mktemp("hostile")
+    src = save_tiny(tiny_model("llama", outlier_scale=40.0), base / "src")
+    assert run("quantize", src, base / "int8", "--calib-samples", "0", "-q").exit_code == 0
+    return base / "int8"
+
+
+@pytest.fixture
+def copy_of(int8_folder, tmp_path):
+    def make(name: str = "copy") -> Path:
+        return Path(shutil.copytree(int8_folder, tmp_path / name))
+
+    return make
+
+
+# -- data loss -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("command", ["quantize", "export"])
+def test_force_never_deletes_a_folder_that_only_claims_to_be_ours(tmp_path, int8_folder, command):
+    """The issue's case: a project with an empty `{}` manifest dropped in; --force must not touch it."""
+    project = tmp_path / "proj"
+    (project / "src").mkdir(parents=True)
+    (project / "src" / "main.py").write_text("code")
+    (project / MANIFEST).write_text("{}")
+    before = tree(project)
+    source = int8_folder.parent / "src" if command == "quantize" else int8_folder
+    extra = ["--calib-samples", "0"] if command == "quantize" else []
+    assert_one_line_error(run(command, source, project, "--force", *extra, "-q"), "not an llmint8 output that --force may replace")
+    assert tree(project) == before
+
+
+@pytest.mark.parametrize("added", ["NOTES.md", "results/run.json"])
+def test_force_keeps_files_a_user_added_to_an_earlier_output(tmp_path, int8_folder, added):
+    out = Path(shutil.copytree(int8_folder, tmp_path / "out"))
+    (out / added).parent.mkdir(exist_ok=True)
+    (out / added).write_text("mine")
+    before = tree(out)
+    result = run("quantize", int8_folder.parent / "src", out, "--force", "--calib-samples", "0", "-q")
+    assert_one_line_error(result, f"{out / added.split('/')[0]}")
+    assert tree(out) == before
+
+
+def test_force_keeps_an_output_whose_files_were_edited_and_replaces_an_untouched_one(tmp_path, int8_folder):
+    out = Path(shutil.copytree(int8_folder, tmp_path / "out"))
+    config = json.loads((out / "config.json").read_text())
+    (out / "config.json").write_text(json.dumps({**config, "my_note": "tuned"}))
+    before = tree(out)
+    assert_one_line_error(run("quantize", int8_folder.parent / "src", out, "--force", "--calib-samples", "0", "-q"), "changed since it was written")
+    assert tree(out) == before
+    shutil.rmtree(out)
+    shutil.copytree(int8_folder, out)
+    result = run("quantize", int8_folder.parent / "src", out, "--force", "--method", "absmax", "--calib-samples", "0", "-q")
+    assert result.exit_code == 0, result.stderr
+    assert json.loads((out / "config.json").read_text())["quantization_config"]["method"] == "absmax"
+
+
+def test_an_old_output_set_aside_by_a_writer_that_died_is_put_back(tmp_path, int8_folder):
+    from llmint8_cli.checkpoint import output
+
+    out = tmp_path / "out"
+    set_aside = tmp_path / f".out.old-999999999-1-{'ab' * 4}"  # a pid beyond pid_max: its writer is gone
+    shutil.copytree(int8_folder, set_aside)
+    assert output.remove_stale(out) == [] and tree(out) == tree(int8_folder) and not set_aside.exists()
+
+
+def test_a_legal_240_character_output_name_is_written(tmp_path, int8_folder):
+    out = tmp_path / ("o" * 240)
+    result = run("quantize", int8_folder.parent / "src", out, "--calib-samples", "0", "-q")
+    assert result.exit_code == 0, result.stderr
+    assert (out / MANIFEST).is_file() and sorted(p.name for p in tmp_path.iterdir()) == [out.name]
+
+
+# -- code execution ------------------------------------------------------------------------------
+
+
+class RunsCode:
+    """A pickle that creates a file when unpickled (what a crafted cache would carry)."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def crafted_sqlite_cache(path: Path, marker: Path) -> None:
+    """A SqliteDict file as lm-eval writes it (table `unnamed`, pickled values) holding RunsCode."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with sqlite3.connect(path) as db:
+        db.execute("CREATE TABLE unnamed (key TEXT PRIMARY KEY, value BLOB)")
+        db.execute("INSERT INTO unnamed VALUES (?, ?)", ("0" * 64, sqlite3.Binary(pickle.dumps(RunsCode(marker)))))
+
+
+@needs_stories
+@needs_data
+def test_a_crafted_pickle_in_the_cache_folder_never_runs(tmp_path):
+    args = ["eval-zeroshot", STORIES, "--tasks", "piqa", "--limit", "2", "--methods", "fp16", "--data-dir", DATA, "--cache-dir", tmp_path / "cache", "-q"]
+    first = run(*args)
+    assert first.exit_code == 0, first.stderr
+    cache = Path(json.loads(first.stdout)["caches"]["fp16"])
+    assert cache.suffix == ".jsonl" and all(json.loads(line)["kind"] == "loglikelihood" for line in cache.read_text().splitlines())
+    marker = tmp_path / "pwned"
+    crafted_sqlite_cache(cache.with_name("lm-eval_rank0.db"), marker)
+    second = run(*args)
+    assert second.exit_code == 0, second.stderr
+    assert not marker.exists()
+    assert json.loads(second.stdout)["tasks"] == json.loads(first.stdout)["tasks"]
+    assert any("not read (a pickle can run code)" in note for note in json.loads(second.stdout)["notes"])
+
+
+def test_the_cache_converter_refuses_a_crafted_pickle_without_running_it(tmp_path):
+    sys.path.insert(0, str(ROOT / "bench"))
+    try:
+        import convert_request_caches
+    finally:
+        sys.path.remove(str(ROOT / "bench"))
+    marker = tmp_path / "pwned"
+    db = tmp_path / "lm-eval_rank0.db"
+    crafted_sqlite_cache(db, marker)
+    with pytest.raises(DataError, match="refusing global"):
+        convert_request_caches.convert(db)
+    assert not marker.exists() and not (tmp_path / "lm-eval.jsonl").exists()
+    good = tmp_path / "ok" / "lm-eval_rank0.db"
+    good.parent.mkdir()
+    with sqlite3.connect(good) as db:
+        db.execute("CREATE TABLE unnamed (key TEXT PRIMARY KEY, value BLOB)")
+        db.execute("INSERT INTO unnamed VALUES (?, ?)", ("a" * 64, sqlite3.Binary(pickle.dumps((-1.5, True)))))
+    line = json.loads(convert_request_caches.convert(good).read_text())
+    assert line == {"kind": "loglikelihood", "key": "a" * 64, "answer": [-1.5, True]}
+
+
+@pytest.mark.parametrize(
+    ("line", "words"),
+    [
+        ({"kind": "loglikelihood", "key": "a" * 64, "answer": [0.5, True]}, "must be [log-probability <= 0"),
+        ({"kind": "loglikelihood", "key": "a" * 64, "answer": {"__reduce__": 1}}, "must be [log-probability <= 0"),
+        ({"kind": "loglikelihood_rolling", "key": "a" * 64, "answer": float("nan")}, "a finite log-probability"),
+        ({"kind": "exec", "key": "a" * 64, "answer": "x"}, "not a request-cache line"),
+        ({"kind": "generate_until", "key": "../../x", "answer": "x"}, "not a request-cache line"),
+    ],
+)
+def test_a_request_cache_line_outside_its_domain_is_refused_naming_it(tmp_path, line, words):
+    from llmint8_cli.evaluation.request_cache import RequestCache
+
+    path = tmp_path / "lm-eval.jsonl"
+    good = {"kind": "generate_until", "key": "b" * 64, "answer": "fine"}
+    path.write_text(json.dumps(good) + "\n" + json.dumps(line) + "\n")
+    with pytest.raises(DataError) as raised:
+        RequestCache(path)
+    assert "lm-eval.jsonl:2: " in str(raised.value) and words in str(raised.value)
+
+
+@pytest.mark.parametrize("option", [["--use_cache", "x"], ["--cache_requests", "true"], ["--cache_requests=refresh"]])
+def test_lm_eval_options_that_read_pickles_are_refused(option):
+    assert_one_line_error(run("lm-eval", "--model", "hf", "--tasks", "piqa", *option), "pickles")
+
+
+# -- tampering -----------------------------------------------------------------------------------
+
+
+def first_layer(folder: Path) -> str:
+    return json.loads((folder / "config.json").read_text())["quantization_config"]["quantized_modules"][0]
+
+
+def rewrite_tensors(folder: Path, change) -> None:
+    tensors = load_file(folder / "model.safetensors")
+    change(tensors, first_layer(folder))
+    save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+
+
+def flip_int8_byte(folder):
+    rewrite_tensors(folder, lambda t, layer: t[f"{layer}.weight"].view(-1)[0].add_(1))
+
+
+def change_scale(folder):
+    rewrite_tensors(folder, lambda t, layer: t[f"{layer}.weight_scale"].mul_(1.01))
+
+
+def drop_weight_scale(folder):
+    rewrite_tensors(folder, lambda t, layer: t.pop(f"{layer}.weight_scale"))
+
+
+def edit_block(**changes):
+    def edit(folder):
+        config = json.loads((folder / "config.json").read_text())
+        config["quantization_config"].update(changes)
+        (folder / "config.json").write_text(json.dumps(config))
+
+    return edit
+
+
+TAMPERING = {
+    "one int8 byte flipped": (flip_int8_byte, "does not match the manifest"),
+    "a scale changed": (change_scale, "does not match the manifest"),
+    "no manifest": (lambda folder: (folder / MANIFEST).unlink(), "no llmint8_manifest.json"),
+    "an unknown format version": (edit_block(format_version=99), "format version 99 is not supported"),
+    "the method edited": (edit_block(method="vectorwise"), "does not match the manifest"),
+    "weight_scale missing": (drop_weight_scale, "does not match the manifest"),
+    "a file added": (lambda folder: (folder / "tokenizer.json").write_text("{}"), "not listed in llmint8_manifest.json"),
+    "a manifest that lists nothing": (lambda folder: (folder / MANIFEST).write_text('{"format_version": 1, "files": {}}'), "lists no config.json"),
+}
+
+
+@pytest.mark.parametrize("case", list(TAMPERING))
+def test_every_loader_refuses_a_tampered_folder(copy_of, case):
+    from transformers import AutoModelForCausalLM
+
+    tamper, words = TAMPERING[case]
+    folder = copy_of()
+    tamper(folder)
+    with pytest.raises(CheckpointError, match=words):
+        llmint8_cli.load(folder)
+    with pytest.raises(CheckpointError, match=words):
+        AutoModelForCausalLM.from_pretrained(folder)
+
+
+def test_manifest_names_outside_the_folder_are_refused_before_anything_is_hashed(copy_of, monkeypatch):
+    folder = copy_of()
+    manifest = json.loads((folder / MANIFEST).read_text())
+    manifest["files"]["../../etc/passwd"] = {"size": 1, "sha256": "0" * 64}
+    (folder / MANIFEST).write_text(json.dumps(manifest))
+    monkeypatch.setattr("llmint8_cli.checkpoint.manifest.sha256_file", lambda path: pytest.fail(f"hashed {path}"))
+    with pytest.raises(CheckpointError, match="is not a file name inside the folder"):
+        llmint8_cli.load(folder)
+
+
+@pytest.mark.parametrize(
+    ("change", "words"),
+    [
+        (lambda t, layer: t.update({f"{layer}.outlier_idx": torch.tensor([10_000], dtype=torch.int32),
+                                    f"{layer}.outlier_weight": torch.zeros(len(t[f"{layer}.weight"]), 1, dtype=torch.float16)}), "outside the"),
+        (lambda t, layer: t[f"{layer}.weight_scale"].fill_(float("nan")), "weight_scale: holds NaN"),
+        (lambda t, layer: t.pop(f"{layer}.weight_scale"), f"weight_scale missing"),
+        (lambda t, layer: t.update({f"{layer}.weight": t[f"{layer}.weight"][:, :3].contiguous()}), "has shape"),
+    ],
+)
+def test_without_verification_impossible_values_are_still_refused(copy_of, monkeypatch, change, words):
+    """verify=False (LLMINT8_NO_VERIFY=1 for transformers) skips the hashes, never the checks of what is read."""
+    from transformers import AutoModelForCausalLM
+
+    folder = copy_of()
+    rewrite_tensors(folder, change)
+    with pytest.raises(CheckpointError, match=words):
+        llmint8_cli.load(folder, verify_files=False)
+    monkeypatch.setenv("LLMINT8_NO_VERIFY", "1")
+    with pytest.raises(CheckpointError, match=words):
+        AutoModelForCausalLM.from_pretrained(folder)
+
+
+def test_the_verify_escape_loads_a_folder_the_user_changed_on_purpose(copy_of, monkeypatch):
+    from transformers import AutoModelForCausalLM
+
+    folder = copy_of()
+    change_scale(folder)
+    assert llmint8_cli.load(folder, verify_files=False) is not None
+    monkeypatch.setenv("LLMINT8_NO_VERIFY", "1")
+    assert AutoModelForCausalLM.from_pretrained(folder) is not None
+
+
+def test_save_pretrained_lists_only_what_it_wrote_and_write_manifest_relists(tmp_path, int8_folder):
+    folder = tmp_path / "saved"
+    folder.mkdir()
+    (folder / "NOTES.md").write_text("mine")
+    llmint8_cli.load(int8_folder).save_pretrained(folder)
+    assert "NOTES.md" not in json.loads((folder / MANIFEST).read_text())["files"]
+    with pytest.raises(CheckpointError, match="NOTES.md: not listed"):
+        llmint8_cli.load(folder)
+    (folder / "NOTES.md").unlink()
+    assert llmint8_cli.load(folder) is not None
+    shutil.copy(int8_folder / "config.json", tmp_path / "x.json")
+    (folder / "tokenizer_config.json").write_text("{}")  # a tokenizer saved beside it afterwards
+    write_manifest(folder)
+    assert llmint8_cli.load(folder) is not None
+
+
+# -- silently wrong results ----------------------------------------------------------------------
+
+
+@needs_stories
+@needs_data
+@pytest.mark.parametrize(("nll", "code", "words"), [(-5.0, 2, "'nll' must be a number from 0"), (1e300, 2, "'nll' must be a number from 0"), ("800/token", 3, "not finite")])
+def test_impossible_or_overflowing_cached_nlls(tmp_path, nll, code, words):
+    args = ["eval-ppl", STORIES, "--dataset", "ptb", "--seq-len", "64", "--max-tokens", "640", "--methods", "fp16", "--data-dir", DATA, "--cache-dir", tmp_path, "-q"]
+    first = run(*args)
+    assert first.exit_code == 0, first.stderr
+    cache = next(tmp_path.rglob("ppl-*.jsonl"))
+    lines = [json.loads(line) for line in cache.read_text().splitlines()]
+    for entry in lines:
+        entry["nll"] = 800.0 * 62 if nll == "800/token" else entry["nll"]
+    lines[1]["nll"] = lines[1]["nll"] if nll == "800/token" else nll
+    cache.write_text("".join(json.dumps(entry) + "\n" for entry in lines))
+    result = run(*args)
+    assert_one_line_error(result, words, code)
+    if code == 3:
+        assert json.loads(result.stdout)["results"]["fp16"]["ppl"] is None
+    else:
+        assert f"{cache.name}:2:" in result.stderr
+
+
+def test_a_nan_or_misshapen_scb_in_a_bitsandbytes_source_is_refused(tmp_path, int8_folder):
+    assert run("export", int8_folder, tmp_path / "bnb", "-q").exit_code == 0
+    layer = first_layer(int8_folder)
+    for name, change, words in [
+        ("nan", lambda t: t[f"{layer}.SCB"].fill_(float("nan")), f"{layer}.SCB holds NaN"),
+        ("shape", lambda t: t.update({f"{layer}.SCB": t[f"{layer}.SCB"][:3].contiguous()}), f"{layer}.SCB is float32 [3]"),
+        ("dtype", lambda t: t.update({f"{layer}.SCB": t[f"{layer}.SCB"].to(torch.int32)}), "bitsandbytes stores a float vector"),
+    ]:
+        bad = Path(shutil.copytree(tmp_path / "bnb", tmp_path / f"bnb-{name}"))
+        tensors = load_file(bad / "model.safetensors")
+        change(tensors)
+        save_file(tensors, bad / "model.safetensors", metadata={"format": "pt"})
+        assert_one_line_error(run("quantize", bad, tmp_path / f"back-{name}", "-q"), words)
+        assert not (tmp_path / f"back-{name}").exists()
+
+
+# -- exit 2, one line ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("change", "words"),
+    [
+        ({"vocab_size": 10**12}, "transformers cannot build the model it describes"),
+        ({"head_dim": 64}, "has shape"),
+    ],
+)
+def test_a_config_that_contradicts_its_weights_is_one_line(tmp_path, change, words):
+    src = save_tiny(tiny_model("llama"), tmp_path / "src")
+    config = json.loads((src / "config.json").read_text())
+    (src / "config.json").write_text(json.dumps({**config, **change}))
+    assert_one_line_error(run("quantize", src, tmp_path / "out", "--calib-samples", "0", "-q"), words)
+
+
+@needs_stories
+def test_a_source_without_a_tokenizer_says_so_whole(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    AutoModelForCausalLM.from_pretrained(STORIES).save_pretrained(tmp_path / "saved")
+    result = run("quantize", tmp_path / "saved", tmp_path / "out", "--calib-samples", "1", "--calib-seq-len", "16", "-q")
+    assert_one_line_error(result, "no tokenizer in the folder")
+    assert result.stderr.strip().endswith("copy the tokenizer files of the model it came from into it")
+
+
+def test_an_old_non_zip_torch_bin_is_a_valid_source(tmp_path):
+    model = tiny_model("llama")
+    src = save_tiny(model, tmp_path / "src")
+    (src / "model.safetensors").unlink()
+    torch.save(model.state_dict(), src / "pytorch_model.bin", _use_new_zipfile_serialization=False)
+    result = run("quantize", src, tmp_path / "out", "--calib-samples", "0", "-q")
+    assert result.exit_code == 0, result.stderr
+
+
+@needs_stories
+@needs_data
+def test_plot_into_a_missing_or_read_only_folder_fails_before_the_analysis(tmp_path, monkeypatch):
+    monkeypatch.setattr("llmint8_cli.activations.collect", lambda *a, **k: pytest.fail("the analysis ran first"))
+    assert_one_line_error(run("outliers", STORIES, "--plot", tmp_path / "missing" / "o.png", "-q"), "does not exist")
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o500)
+    try:
+        if not os.access(locked, os.W_OK):  # root writes anywhere: the check cannot be staged as root
+            assert_one_line_error(run("outliers", STORIES, "--plot", locked / "o.png", "-q"), "not writable")
+    finally:
+        locked.chmod(0o700)
+    (tmp_path / "o.png").write_bytes(b"mine")
+    assert_one_line_error(run("outliers", STORIES, "--plot", tmp_path / "o.png", "-q"), "exists already")
+
+
+@pytest.mark.parametrize("seed", ["-1", str(2**64)])
+def test_a_seed_out_of_range_is_one_line(seed):
+    assert_one_line_error(run("generate", "unused", "prompt", "--seed", seed), "--seed")
+
+
+def test_a_closed_or_full_stdout_is_one_line(monkeypatch):
+    from llmint8_cli.cli.common import emit_json
+    from llmint8_cli.errors import InvalidArgumentError
+
+    monkeypatch.setattr(sys, "stdout", None)
+    with pytest.raises(InvalidArgumentError, match="it is closed"):
+        emit_json("x", None, {})
+
+
+def test_a_full_stdout_is_exit_2_in_a_real_process(tmp_path, int8_folder):
+    if not Path("/dev/full").exists():
+        pytest.skip("no /dev/full")
+    with open("/dev/full", "w") as full:
+        done = subprocess.run([sys.executable, "-m", "llmint8_cli", "export", str(int8_folder), str(tmp_path / "bnb"), "-q"],
+                              cwd=ROOT, stdout=full, stderr=subprocess.PIPE, text=True, timeout=300)
+    assert done.returncode == 2 and done.stderr.strip().splitlines() == ["llmint8: error: cannot write the JSON result to stdout: No space left on device"]
+
+
+@needs_data
+def test_lm_eval_with_a_bad_llmint8_path_is_one_line(tmp_path):
+    result = run("lm-eval", "--model", "llmint8", "--model_args", f"path={tmp_path / 'nowhere'}", "--tasks", "piqa", "--limit", "1")
+    assert result.exit_code == 2 and "Traceback" not in result.stderr
+    assert [line for line in result.stderr.splitlines() if "error" in line] == [
+        f"llmint8: error: {tmp_path / 'nowhere'}: not an llmint8 checkpoint (no quantization_config with quant_method 'llmint8' in config.json)"
+    ]
+
+
+# -- resources and debris ------------------------------------------------------------------------
+
+
+@needs_stories
+def test_generating_past_the_context_is_refused(monkeypatch):
+    monkeypatch.setattr("transformers.GenerationMixin.generate", lambda *a, **k: pytest.fail("generation started"))
+    assert_one_line_error(run("generate", STORIES, "Once", "--max-new-tokens", "100000", "-q"), "exceed the model's context (2048 tokens)")
+
+
+def test_a_huge_stdin_is_refused_without_reading_it_all():
+    from llmint8_cli.cli.common import STDIN_LIMIT
+
+    result = subprocess.run([sys.executable, "-m", "llmint8_cli", "eval-ppl", "-q"], cwd=ROOT, input="x" * (3 * STDIN_LIMIT),
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and "stdin holds more than 1 MiB" in result.stderr
+
+
+@needs_stories
+@needs_data
+def test_zero_shot_runs_leave_no_task_folder_even_when_terminated(tmp_path):
+    env = {**os.environ, "TMPDIR": str(tmp_path)}
+    args = [sys.executable, "-m", "llmint8_cli", "eval-zeroshot", str(STORIES), "--tasks", "piqa", "--limit", "2", "--methods", "fp16", "--data-dir", str(DATA)]
+    done = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert not list(tmp_path.glob("llmint8-tasks-*"))
+    process = subprocess.Popen([*args, "--limit", "400"], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for line in process.stderr:  # the evaluation has begun once the variant's line is out
+        if "piqa" in line:
+            break
+    assert list(tmp_path.glob("llmint8-tasks-*"))
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(timeout=120) == 143
+    assert not list(tmp_path.glob("llmint8-tasks-*"))
+
+
+def test_messages_name_real_sizes_and_files(tmp_path):
+    from llmint8_cli.checkpoint.output import human_size
+    from llmint8_cli.evaluation.perplexity import make_windows
+
+    assert [human_size(n) for n in (0, 812, 410_409, 13 << 30)] == ["0 B", "812 B", "400.8 KiB", "13.0 GiB"]
+    with pytest.raises(DataError, match="^notes.txt has 5 tokens, shorter than one window of 10$"):
+        make_windows(list(range(5)), 10, source="notes.txt")
