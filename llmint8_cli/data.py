@@ -70,6 +70,28 @@ def read_jsonl(path: Path, limit: int | None = None) -> list[tuple[int, object]]
     return rows
 
 
+def read_appended_jsonl(path: Path) -> list[tuple[int, object]]:
+    """(line number, parsed value) of each line of a file that is appended to line by line (a
+    cache): a last line cut short by a killed writer is dropped from the file, so that later appends
+    stay whole; any other bad line is a DataError naming it. A missing file has no lines."""
+    if not path.is_file():
+        return []
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise DataError(f"{path}: not a UTF-8 text file") from None
+    if not text.endswith("\n"):
+        text = text[: text.rfind("\n") + 1]
+        path.write_text(text, encoding="utf-8")
+    rows = []
+    for number, line in enumerate(text.splitlines(), 1):
+        try:
+            rows.append((number, json.loads(line)))
+        except json.JSONDecodeError:
+            raise DataError(f"{path}:{number}: not valid JSON") from None
+    return rows
+
+
 def text_fields(path: Path, limit: int | None = None) -> list[str]:
     """The string field "text" of every row, or a DataError naming the first row without one."""
     texts = []

@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from llmint8_cli.data import read_appended_jsonl
 from llmint8_cli.errors import DataError
 
 IGNORE = -100
@@ -117,21 +118,8 @@ class WindowCache:
 
     def load(self) -> dict[int, float]:
         """The windows done so far; a half-written last line is cut off so that appends stay whole."""
-        if not self.path.is_file():
-            return {}
-        try:
-            text = self.path.read_text(encoding="utf-8")
-        except UnicodeDecodeError:
-            raise DataError(f"{self.path}: not a UTF-8 text file") from None
-        if not text.endswith("\n"):
-            text = text[: text.rfind("\n") + 1]
-            self.path.write_text(text, encoding="utf-8")
         done = {}
-        for number, line in enumerate(text.splitlines(), 1):
-            try:
-                entry = json.loads(line)
-            except json.JSONDecodeError:
-                raise DataError(f"{self.path}:{number}: not valid JSON") from None
+        for number, entry in read_appended_jsonl(self.path):
             window, nll = (entry.get("window"), entry.get("nll")) if isinstance(entry, dict) else (None, None)
             if type(window) is not int or not 0 <= window < len(self.scored):
                 raise DataError(f"{self.path}:{number}: 'window' must be an index below {len(self.scored)}, got {window!r:.40}")

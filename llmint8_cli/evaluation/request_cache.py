@@ -16,6 +16,7 @@ import re
 from collections.abc import Callable
 from pathlib import Path
 
+from llmint8_cli.data import read_appended_jsonl
 from llmint8_cli.errors import DataError
 
 SUFFIX = ".jsonl"
@@ -58,24 +59,7 @@ class RequestCache:
         self.answers = self._read()
 
     def _read(self) -> dict[str, object]:
-        if not self.path.is_file():
-            return {}
-        try:
-            text = self.path.read_text(encoding="utf-8")
-        except UnicodeDecodeError:
-            raise DataError(f"{self.path}: not a UTF-8 text file") from None
-        if not text.endswith("\n"):  # a line cut short by a kill: dropped, so that appends stay whole
-            text = text[: text.rfind("\n") + 1]
-            self.path.write_text(text, encoding="utf-8")
-        answers = {}
-        for number, line in enumerate(text.splitlines(), 1):
-            try:
-                entry = json.loads(line)
-            except json.JSONDecodeError:
-                raise DataError(f"{self.path}:{number}: not valid JSON") from None
-            key, answer = check_line(self.path, number, entry)
-            answers[key] = answer
-        return answers
+        return dict(check_line(self.path, number, entry) for number, entry in read_appended_jsonl(self.path))
 
     @staticmethod
     def key(kind: str, args) -> str:
