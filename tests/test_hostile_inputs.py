@@ -424,13 +424,15 @@ def test_a_closed_or_full_stdout_is_one_line(monkeypatch):
         emit_json("x", None, {})
 
 
-def test_a_full_stdout_is_exit_2_in_a_real_process(tmp_path, int8_folder):
-    if not Path("/dev/full").exists():
+@pytest.mark.parametrize("stdout", ["full", "closed"])
+def test_a_full_or_closed_stdout_is_exit_2_in_a_real_process(tmp_path, int8_folder, stdout):
+    if stdout == "full" and not Path("/dev/full").exists():
         pytest.skip("no /dev/full")
-    with open("/dev/full", "w") as full:
-        done = subprocess.run([sys.executable, "-m", "llmint8_cli", "export", str(int8_folder), str(tmp_path / "bnb"), "-q"],
-                              cwd=ROOT, stdout=full, stderr=subprocess.PIPE, text=True, timeout=300)
-    assert done.returncode == 2 and done.stderr.strip().splitlines() == ["llmint8: error: cannot write the JSON result to stdout: No space left on device"]
+    with open("/dev/full" if stdout == "full" else os.devnull, "w") as target:
+        done = subprocess.run([sys.executable, "-m", "llmint8_cli", "export", str(int8_folder), str(tmp_path / "bnb"), "-q"], cwd=ROOT, stdout=target,
+                              stderr=subprocess.PIPE, text=True, timeout=300, preexec_fn=(lambda: os.close(1)) if stdout == "closed" else None)
+    why = "No space left on device" if stdout == "full" else "it is closed"
+    assert done.returncode == 2 and done.stderr.strip().splitlines() == [f"llmint8: error: cannot write the JSON result to stdout: {why}"]
 
 
 @needs_data

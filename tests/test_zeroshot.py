@@ -201,13 +201,23 @@ def test_cache_dir_resumes_without_running_the_model_again(tmp_path, monkeypatch
         ("winogrande", ['{"sentence": "_ ran", "option1": "A", "answer": "1"}'], "winogrande/validation.jsonl:1: field 'option2' is missing or not a str"),
         ("hellaswag", ["[1, 2]"], "hellaswag/validation.jsonl:1: not a JSON object"),
         ("lambada", ['{"text": null}'], "lambada_openai/test.jsonl:1: field 'text' is missing or not a str"),
+        ("piqa", ['{"goal": "g", "sol1": "a", "sol2": "b", "label": 2}'], "piqa/validation.jsonl:1: field 'label' is 2, not one of 0, 1"),
+        ("hellaswag", ['{"activity_label": "a", "ctx_a": "c", "ctx_b": "", "endings": ["x", "y"], "label": "3"}'],
+         "hellaswag/validation.jsonl:1: field 'label' is '3', not one of 0, 1"),
+        ("hellaswag", ['{"activity_label": "a", "ctx_a": "c", "ctx_b": "", "endings": ["x", ""], "label": 0}'],
+         "hellaswag/validation.jsonl:1: field 'endings' needs at least two non-empty strings"),
+        ("winogrande", ['{"sentence": "no blank", "option1": "A", "option2": "B", "answer": "1"}'], "winogrande/validation.jsonl:1: field 'sentence' needs exactly one '_' (where an option goes)"),
+        ("winogrande", ['{"sentence": "_ ran", "option1": "A", "option2": "B", "answer": "3"}'], "winogrande/validation.jsonl:1: field 'answer' is '3', not 1 or 2"),
+        ("piqa", ['{"goal": " ", "sol1": "a", "sol2": "b", "label": 0}'], "piqa/validation.jsonl:1: field 'goal' is empty"),
+        ("lambada", ['{"text": "word"}'], "lambada_openai/test.jsonl:1: field 'text' needs at least two words (the last one is the target)"),
+        ("piqa", [], "piqa/validation.jsonl: no rows"),
     ],
 )
 def test_a_bad_task_row_is_a_one_line_error_naming_file_and_row(tmp_path, task, rows, words):
     """Checked before any model loads: lm-eval would fail inside `datasets`, naming neither."""
     path = tmp_path / zeroshot.TASKS[task].local_file
     path.parent.mkdir(parents=True)
-    path.write_text("\n".join(rows) + "\n")
+    path.write_text("".join(row + "\n" for row in rows))
     result = RUNNER.invoke(app, ["eval-zeroshot", "unused/model", "--tasks", task, "--data-dir", str(tmp_path), "-q"])
     assert result.exit_code == 2, result.stderr
     assert result.stderr.strip().splitlines() == [f"llmint8: error: {tmp_path.resolve()}/{words}"]
