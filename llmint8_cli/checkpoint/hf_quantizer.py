@@ -11,7 +11,6 @@ LLMINT8_NO_VERIFY=1 skips the manifest check (the value checks always run).
 
 from __future__ import annotations
 
-import os
 import types
 from pathlib import Path
 
@@ -20,7 +19,7 @@ from transformers.quantizers.base import HfQuantizer
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from llmint8_cli.checkpoint.format import QUANT_METHOD, check_block
-from llmint8_cli.checkpoint.manifest import NO_VERIFY_ENV, verify, write_manifest
+from llmint8_cli.checkpoint.manifest import verification_wanted, verify, write_manifest
 from llmint8_cli.errors import CheckpointError
 
 
@@ -49,7 +48,7 @@ class LLMInt8HfQuantizer(HfQuantizer):
         if not files:
             raise CheckpointError("an llmint8 folder without safetensors weights")
         self.folder = files[0].parent
-        if os.environ.get(NO_VERIFY_ENV, "0").lower() in ("0", "", "false", "no"):
+        if verification_wanted():
             verify(self.folder)
         install_shells(model, self.quantization_config.to_dict(), stored_tensors(files), dtype or model.dtype, self.folder)
 
@@ -95,7 +94,8 @@ def file_states(folder: Path) -> dict[str, tuple[int, int]]:
 
 
 def attach(model, block: dict) -> None:
-    """Make a model built by `llmint8_cli.load` look like one transformers loaded with the quantizer."""
+    """Make a model quantized in memory (quantize_model) look like one transformers loaded with the
+    quantizer, so that save_pretrained writes an llmint8 folder."""
     config = LLMInt8Config(**block)
     model.config.quantization_config = config
     model.hf_quantizer = LLMInt8HfQuantizer(config, pre_quantized=True)

@@ -1,4 +1,5 @@
-"""llmint8_cli.load(OUT): a ready transformers model with Int8Linear layers."""
+"""llmint8_cli.load(OUT): a ready transformers model with Int8Linear layers, and what the
+registered transformers quantizer (hf_quantizer.py) checks while it builds one."""
 
 from __future__ import annotations
 
@@ -8,11 +9,10 @@ from pathlib import Path
 import torch
 
 from llmint8_cli.checkpoint.format import read_quantization_config, stored_rotation_block
-from llmint8_cli.checkpoint.manifest import is_plain_name, verify
+from llmint8_cli.checkpoint.manifest import is_plain_name, verifying
 from llmint8_cli.checkpoint.sources import DTYPES, read_header
 from llmint8_cli.core.reference import ROTATION_BLOCK
-from llmint8_cli.errors import CheckpointError, one_line
-from llmint8_cli.models import build_skeleton
+from llmint8_cli.errors import CheckpointError, LLMInt8Error, one_line
 from llmint8_cli.nn.convert import quantizable_layers, replace_module
 from llmint8_cli.nn.linear import Int8Linear
 
@@ -63,7 +63,10 @@ def install_shells(model, block: dict, stored: dict[str, tuple[tuple[int, ...], 
                 raise CheckpointError(f"{where}: tensor {name}.{key} missing from the checkpoint")
             if not tensor.is_floating_point() and stored[f"{name}.{key}"][1] != tensor.dtype:
                 raise CheckpointError(f"{where}: tensor {name}.{key} is {stored[f'{name}.{key}'][1]}, the format stores {tensor.dtype}")
+    tied = getattr(model, "all_tied_weights_keys", None) or {}  # {alias: the tensor stored once}
     for key, tensor in model.state_dict().items():
+        if key not in stored and key not in tied:
+            raise CheckpointError(f"{where}: tensor {key} missing from the checkpoint")
         if key in stored and stored[key][0] != tuple(tensor.shape):
             raise CheckpointError(f"{where}: tensor {key} has shape {list(stored[key][0])}, the model built from config.json needs {list(tensor.shape)}")
 
@@ -78,60 +81,25 @@ def check_loaded(model, where) -> None:
                 raise CheckpointError(f"{where}: tensor {name}.{problem}")
 
 
-def build_empty(folder: Path, block: dict, dtype: torch.dtype):
-    """The model skeleton on the meta device with Int8Linear shells where the checkpoint has them."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    try:
-        config = AutoConfig.from_pretrained(folder)
-    except Exception as exc:  # transformers raises many types for a bad config
-        raise CheckpointError(f"{folder / 'config.json'}: unreadable config ({one_line(exc)})") from None
-    config.quantization_config = None
-    del config.quantization_config
-    model = build_skeleton(lambda: AutoModelForCausalLM.from_config(config, dtype=dtype), folder / "config.json")
-    install_shells(model, block, stored_tensors(shard_files(folder)), dtype, folder)
-    model.tie_weights()  # ties exist before loading, so the checkpoint's single copy fills both
-    return model
-
-
 def load(path, device_map=None, dtype: torch.dtype | None = None, verify_files: bool = True, max_memory=None):
-    """Load an llmint8 checkpoint folder; `device_map` ("auto", a dict, ...) goes through accelerate.
+    """Load an llmint8 checkpoint folder: transformers' `from_pretrained` through the registered
+    quantizer, so that `load` and `from_pretrained` are one loader and give the same model bit for
+    bit (non-persistent buffers such as rotary tables included, made as transformers makes them).
 
-    `dtype` casts the 16-bit tensors (int8 and scales are never cast), e.g. fp32 for fast CPU runs.
+    `dtype` casts the 16-bit tensors (int8 and scales are never cast), e.g. fp32 for fast CPU runs;
+    `device_map` ("auto", a dict, ...) and `max_memory` are transformers' (accelerate's).
     """
-    from accelerate import dispatch_model, infer_auto_device_map, load_checkpoint_in_model
-
-    from llmint8_cli.checkpoint.hf_quantizer import attach
+    from transformers import AutoModelForCausalLM
 
     folder = Path(path)
     block = read_quantization_config(folder)
     if block is None:
         raise CheckpointError(f"{folder}: not an llmint8 checkpoint (no quantization_config with quant_method 'llmint8' in config.json)")
-    if verify_files:
-        verify(folder)
-    stored = getattr(torch, block["dtype"])
-    dtype = dtype or stored
-    model = build_empty(folder, block, dtype)
-    no_split = getattr(model, "_no_split_modules", None) or []
-    if isinstance(device_map, str) and device_map != "cpu":
-        device_map = infer_auto_device_map(model, max_memory=max_memory, no_split_module_classes=no_split)
-    placement = device_map if isinstance(device_map, dict) else {"": device_map or "cpu"}
-    index = folder / "model.safetensors.index.json"
-    try:
-        load_checkpoint_in_model(model, str(index if index.is_file() else folder / "model.safetensors"), device_map=placement, strict=False)
-    except (ValueError, RuntimeError, OSError) as exc:  # a tensor the header checks could not see wrong (its dtype)
-        raise CheckpointError(f"{folder}: cannot load the weights ({one_line(exc)})") from None
-    model.tie_weights()
-    for module in model.modules():  # 16-bit tensors follow dtype; int8 and fp32 scales never change
-        if isinstance(module, Int8Linear):
-            module.outlier_weight.data = module.outlier_weight.data.to(dtype)
-            if module.bias is not None:
-                module.bias.data = module.bias.data.to(dtype)
-    missing = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.device.type == "meta"]
-    if missing:
-        raise CheckpointError(f"{folder}: tensors missing from the checkpoint: {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}")
-    check_loaded(model, folder)
-    if isinstance(device_map, dict) and len(set(device_map.values())) > 1:
-        model = dispatch_model(model, device_map=device_map)
-    attach(model, block)
+    with verifying(verify_files):
+        try:
+            model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype or getattr(torch, block["dtype"]), device_map=device_map, max_memory=max_memory)
+        except LLMInt8Error:
+            raise
+        except Exception as exc:  # transformers raises many types for a bad folder
+            raise CheckpointError(f"{folder}: cannot load ({one_line(exc)})") from None
     return model.eval()

@@ -9,7 +9,10 @@ read.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import json
+import os
 import re
 import stat
 from pathlib import Path
@@ -23,6 +26,24 @@ MANIFEST_VERSION = 1
 SHA256 = re.compile(r"[0-9a-f]{64}")
 NO_VERIFY_ENV = "LLMINT8_NO_VERIFY"  # from_pretrained's escape: it takes no llmint8 argument
 NO_VERIFY_HINT = f"--no-verify, verify_files=False or {NO_VERIFY_ENV}=1 skip the check"
+
+
+_VERIFYING = contextvars.ContextVar("llmint8_verifying", default=True)
+
+
+@contextlib.contextmanager
+def verifying(enabled: bool):
+    """Whether loads inside the block check the manifest (`load(..., verify_files=False)`)."""
+    token = _VERIFYING.set(enabled)
+    try:
+        yield
+    finally:
+        _VERIFYING.reset(token)
+
+
+def verification_wanted() -> bool:
+    """False inside `verifying(False)` or with LLMINT8_NO_VERIFY=1 (from_pretrained takes no llmint8 argument)."""
+    return _VERIFYING.get() and os.environ.get(NO_VERIFY_ENV, "0").lower() in ("0", "", "false", "no")
 
 
 def write_manifest(folder, hashes: dict[str, str] | None = None, names: set[str] | None = None) -> None:

@@ -104,17 +104,39 @@ def target_dtype(option: str, source_dtype: torch.dtype) -> torch.dtype:
     return DTYPES[option]
 
 
-def match_keys(model: torch.nn.Module, tensors: TensorSource) -> dict[str, str]:
-    """model state-dict name -> source key (allowing the usual base-model prefix differences); one name per tied tensor."""
-    names = set(model.state_dict())
+def key_renamer(model: torch.nn.Module):
+    """source key -> (model state-dict name, the transformers converter that fuses it with others
+    or None), as transformers itself renames checkpoint keys on load (its conversion mapping:
+    GPT-NeoX's `embed_out` is `lm_head`, Mixtral's `block_sparse_moe` is `mlp`, ...), base-model
+    prefix added or dropped as the model needs."""
+    state = model.state_dict()
     prefix = getattr(model, "base_model_prefix", "")
+    try:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
+    except ImportError:  # transformers 4: prefixes only
+        def by_prefix(key: str) -> tuple[str, None]:
+            return next((c for c in (key, f"{prefix}.{key}", key.removeprefix(f"{prefix}.")) if c in state), key), None
+
+        return by_prefix
+    transforms = get_model_conversion_mapping(model)
+    renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
+    converters = [t for t in transforms if isinstance(t, WeightConverter)]
+    return lambda key: rename_source_key(key, renamings, converters, prefix, state)
+
+
+def match_keys(model: torch.nn.Module, tensors: TensorSource) -> dict[str, str]:
+    """model state-dict name -> source key, renamed as transformers renames them; one name per tied tensor."""
+    expected = model.state_dict()
+    rename = key_renamer(model)
     mapping = {}
     for key in tensors.keys():
-        for candidate in (key, f"{prefix}.{key}", key.removeprefix(f"{prefix}.")):
-            if candidate in names:
-                mapping[candidate] = key
-                break
-    expected = model.state_dict()
+        name, fused_by = rename(key)
+        if fused_by is not None:
+            raise ModelLoadError(f"tensor {key}: transformers fuses it with others into {name} on load ({fused_by}); "
+                                 "quantize does not convert fused weights (mixture-of-experts) yet")
+        if name in expected:
+            mapping[name] = key
     for name, key in mapping.items():
         if tuple(tensors.shape(key)) != tuple(expected[name].shape):
             raise ModelLoadError(f"tensor {key} has shape {list(tensors.shape(key))}, but the model config.json describes needs {list(expected[name].shape)}")

@@ -179,7 +179,7 @@ class LoggedProgress(Progress):
         tenths = self._tenths(task_id)
         if tenths > before:
             task = self._tasks[task_id]
-            self.console.print(f"{task.description.strip()}: {task.completed:g}/{task.total:g} ({10 * tenths} %) after {task.elapsed or 0.0:.0f} s")
+            self.console.print(f"{task.description.strip()}: {task.completed:g}/{task.total:g} ({100 * task.completed / task.total:.0f} %) after {task.elapsed or 0.0:.0f} s")
 
 
 def progress_bar(console: Console) -> Progress:
