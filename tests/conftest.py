@@ -22,11 +22,27 @@ needs_stories = pytest.mark.skipif(not (STORIES / "config.json").is_file(), reas
 needs_data = pytest.mark.skipif(not (DATA / "wikitext-2-raw" / "wiki.test.raw").is_file(), reason="needs ../shared/data")
 
 
+ARCHITECTURES = ("llama", "opt", "gpt2", "gemma3", "gpt_neox", "gptj", "bloom", "falcon", "phi", "mistral", "qwen2")
+
+
 def tiny_config(arch: str):
     """A few-thousand-parameter config of each architecture the tests cover (vocab 128)."""
+    import transformers
     from transformers import Gemma3TextConfig, GPT2Config, LlamaConfig, OPTConfig
 
     common = {"vocab_size": 128, "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0}
+    small = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4, **common}
+    others = {
+        "gpt_neox": lambda: transformers.GPTNeoXConfig(intermediate_size=64, max_position_embeddings=256, **small),
+        "gptj": lambda: transformers.GPTJConfig(n_embd=32, n_layer=2, n_head=4, n_positions=256, rotary_dim=4, **common),
+        "bloom": lambda: transformers.BloomConfig(hidden_size=32, n_layer=2, n_head=4, **common),
+        "falcon": lambda: transformers.FalconConfig(max_position_embeddings=256, **small),
+        "phi": lambda: transformers.PhiConfig(intermediate_size=64, max_position_embeddings=256, **small),
+        "mistral": lambda: transformers.MistralConfig(intermediate_size=64, num_key_value_heads=2, max_position_embeddings=256, **small),
+        "qwen2": lambda: transformers.Qwen2Config(intermediate_size=64, num_key_value_heads=2, max_position_embeddings=256, **small),
+    }
+    if arch in others:
+        return others[arch]()
     if arch == "llama":
         return LlamaConfig(hidden_size=32, intermediate_size=72, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, **common)
     if arch == "opt":
@@ -53,6 +69,20 @@ def tiny_model(arch: str, seed: int = 0, outlier_scale: float = 0.0):
 def save_tiny(model, folder: Path, safe: bool = True) -> Path:
     model.save_pretrained(folder, safe_serialization=safe)
     return folder
+
+
+def tiny_tokenizer():
+    """A character-level tokenizer (printable ASCII and newline, 100 ids < 128, BOS first) that needs no download."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    chars = [chr(c) for c in range(32, 127)] + ["\n"]
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3, **{c: i + 4 for i, c in enumerate(chars)}}
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    tokenizer.decoder = decoders.Fuse()
+    tokenizer.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>")
 
 
 @pytest.fixture

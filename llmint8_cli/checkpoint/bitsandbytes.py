@@ -55,8 +55,14 @@ def merge_outlier_columns(q: torch.Tensor, scale: torch.Tensor, idx: torch.Tenso
     return merged, absmax, int(wide.sum())
 
 
-def skip_modules(config: dict, quantized: list[str]) -> list[str]:
-    """bitsandbytes' llm_int8_skip_modules: every linear layer we kept 16-bit, the LM head included."""
+def skip_modules(config: dict, quantized: list[str], src: Path) -> list[str]:
+    """bitsandbytes' llm_int8_skip_modules: every linear layer we kept 16-bit, the LM head included.
+
+    transformers + bitsandbytes replace only modules whose type is exactly nn.Linear, or GPT-2's
+    Conv1D (transformers.integrations.bitsandbytes.replace_with_bnb_linear); a quantized layer of
+    another type (Falcon's FalconLinear) would be loaded as a 16-bit layer holding int8 values, so
+    such a model is refused here.
+    """
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -67,8 +73,13 @@ def skip_modules(config: dict, quantized: list[str]) -> list[str]:
     model_config = AutoConfig.for_model(**plain)
     with init_empty_weights():
         model = AutoModelForCausalLM.from_config(model_config)
-    kept = [name for name, module in model.named_modules() if isinstance(module, (torch.nn.Linear, Conv1D)) and name not in set(quantized)]
-    return kept
+    modules = dict(model.named_modules())
+    unconverted = [name for name in quantized if not (type(modules.get(name)) is torch.nn.Linear or isinstance(modules.get(name), Conv1D))]
+    if unconverted:
+        kind = type(modules.get(unconverted[0])).__name__
+        raise CheckpointError(f"{src}: transformers + bitsandbytes would not quantize {unconverted[0]} (a {kind}, not an nn.Linear) "
+                              f"nor {len(unconverted) - 1} more layers like it: the export would load as a broken model, so it is refused")
+    return [name for name, module in modules.items() if isinstance(module, (torch.nn.Linear, Conv1D)) and name not in set(quantized)]
 
 
 def write_folder(out: Path, force: bool, groups: list[Group], config: dict, src: Path, max_shard_bytes: int) -> None:
@@ -122,7 +133,7 @@ def export(folder: str, dest: str, force: bool = False, max_shard_bytes: int = 2
     config = json.loads((src / "config.json").read_text())
     threshold = block["threshold"] if method.decomposition else 0.0
     config["quantization_config"] = BitsAndBytesConfig(
-        load_in_8bit=True, llm_int8_threshold=threshold, llm_int8_skip_modules=skip_modules(config, block["quantized_modules"]),
+        load_in_8bit=True, llm_int8_threshold=threshold, llm_int8_skip_modules=skip_modules(config, block["quantized_modules"], src),
     ).to_dict()
     write_folder(out, force, groups, config, src, max_shard_bytes)
     notes = []

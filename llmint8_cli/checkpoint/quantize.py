@@ -29,7 +29,7 @@ from llmint8_cli.core import reference
 from llmint8_cli.core.methods import DEFAULT_METHOD, DEFAULT_SMOOTH_ALPHA, check_alpha, check_rotation_block, get_method
 from llmint8_cli.errors import InvalidArgumentError, InvalidWeightError, ModelLoadError, one_line
 from llmint8_cli.evaluation.perplexity import make_windows, tokenize
-from llmint8_cli.nn.convert import Conv1D, quantizable_layers
+from llmint8_cli.nn.convert import Conv1D, parameter_report, quantizable_layers
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -377,7 +377,7 @@ def quantize_checkpoint(src: str, out: str | os.PathLike, options: QuantizeOptio
         **({"rotation_block": options.rotation_block} if method.rotation else {}),
         "dtype": str(dtype).removeprefix("torch."), "files": files, "size_bytes": size,
         "fp16_size_bytes": fp16_bytes, "ratio_vs_fp16": round(size / fp16_bytes, 4),
-        "quantized_layers": len(layers), "calibration": calibration,
+        "quantized_layers": len(layers), "parameters": parameter_report(model, layers.values()), "calibration": calibration,
         "outlier_columns": activations.outlier_summary(outliers),
         "outlier_columns_total": sum(int(v.numel()) for v in outliers.values()),
         "clamped_tensors": clamped,

@@ -12,7 +12,7 @@ from llmint8_cli import data
 from llmint8_cli.backends.cpu_kernels import gemm_report
 from llmint8_cli import models
 from llmint8_cli.checkpoint.quantize import QuantizeOptions
-from llmint8_cli.cli.common import EXIT_NOT_FINITE, METHODS_HELP, CalibDataset, CalibSamples, CalibSeqLen, RotationBlock, SmoothAlpha, ComputeDtype, DataDir, Device, Model, NoVerify, Quiet, Threshold, choose_model, command, emit_json, fail, print_table, progress_bar, stderr_console
+from llmint8_cli.cli.common import EXIT_NOT_FINITE, METHODS_HELP, CalibDataset, CalibSamples, CalibSeqLen, RotationBlock, SmoothAlpha, ComputeDtype, DataDir, Device, Model, NoVerify, Quiet, Threshold, choose_model, command, emit_json, fail, print_table, progress_bar, stderr_console, warn
 from llmint8_cli.core.methods import DEFAULT_METHOD, parse_methods
 from llmint8_cli.errors import DataError
 from llmint8_cli.evaluation import variants
@@ -75,6 +75,8 @@ def eval_ppl(
         calibration = QuantizeOptions(calib_samples=calib_samples, calib_seq_len=calib_seq_len, calib_dataset=calib_dataset, data_dir=data_dir, smooth_alpha=smooth_alpha,
                                       rotation_block=rotation_block)
         subject = variants.subject(model, chosen, threshold, run_dtype, run_device, verify=not no_verify, calibration=calibration, held_out=text.source)
+    for line in subject.warnings:
+        warn(line)
     limit = models.context_length(subject.config)
     if limit is not None and seq_len > limit:
         raise DataError(f"--seq-len {seq_len} is longer than the model's context ({limit} tokens)")
@@ -108,7 +110,7 @@ def eval_ppl(
             "windows": len(windows.input_ids), "scored_tokens": windows.scored_tokens,
         },
         "thresholds": subject.thresholds, "device": str(run_device), "dtype": str(run_dtype).removeprefix("torch."),
-        "results": results, "notes": subject.notes,
+        "results": results, "notes": subject.notes, "parameters": subject.parameters,
     }
     cells = [[
         variants.shown_name(name, run_dtype), f"{row['ppl']:.3f}", "" if row["delta_pct"] is None else f"{row['delta_pct']:+.2f} %",

@@ -53,6 +53,8 @@ def eval_zeroshot(
             calibration = QuantizeOptions(calib_samples=calib_samples, calib_seq_len=calib_seq_len, calib_dataset=calib_dataset, data_dir=data_dir, smooth_alpha=smooth_alpha,
                                           rotation_block=rotation_block)
             subject = variants.subject(model, chosen, threshold, run_dtype, run_device, verify=not no_verify, calibration=calibration)
+        for line in subject.warnings:
+            warn(line)
         results, per_document, seconds, caches, notes = {}, {}, {}, {}, list(subject.notes)
         for name, network in subject.variants:
             console.print(f"[bold]{variants.shown_name(name, run_dtype)}[/]: {', '.join(names)}")
@@ -75,7 +77,8 @@ def eval_zeroshot(
     document = {"tasks": {}, "data": source, "limit": limit, "num_fewshot": num_fewshot,
                 "device": str(run_device), "dtype": str(run_dtype).removeprefix("torch."), "thresholds": subject.thresholds,
                 "seconds": seconds, "calibration": {m: subject.calibration_of(m) for m in results},
-                "settings": {m: subject.settings_of(m) for m in results if subject.settings_of(m)}, "notes": notes, **({"caches": caches} if cache_dir else {})}
+                "settings": {m: subject.settings_of(m) for m in results if subject.settings_of(m)}, "notes": notes, "parameters": subject.parameters,
+                **({"caches": caches} if cache_dir else {})}
     columns = ["task", "metric", *(variants.shown_name(m, run_dtype) for m in results), *(["Δ " + m for m in results if m != variants.BASELINE] if baseline else [])]
     rows = []
     for task in names:

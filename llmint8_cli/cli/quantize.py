@@ -9,6 +9,7 @@ import typer
 from llmint8_cli.checkpoint.quantize import QuantizeOptions, quantize_checkpoint
 from llmint8_cli.cli.common import CalibDataset, CalibSamples, CalibSeqLen, DataDir, RotationBlock, SmoothAlpha, Quiet, Threshold, command, emit_json, parse_size, progress_bar, stderr_console, warn
 from llmint8_cli.core.methods import DEFAULT_METHOD, METHODS
+from llmint8_cli.nn.convert import kept_line
 
 
 @command
@@ -54,6 +55,8 @@ def quantize(
     finally:
         if tasks:  # a bar never started would still print an empty line
             bar.stop()
+    if summary.get("parameters") and kept_line(summary["parameters"]):
+        warn(kept_line(summary["parameters"]))
     if summary["clamped_tensors"]:
         warn(f"clamped to the {summary['dtype']} range: {', '.join(summary['clamped_tensors'])}")
     if summary.get("from") == "bitsandbytes":

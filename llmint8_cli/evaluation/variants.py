@@ -27,7 +27,8 @@ from llmint8_cli.activations import ActivationStats
 from llmint8_cli.core.methods import DEFAULT_SMOOTH_ALPHA, Method, check_rotation_block, get_method
 from llmint8_cli.core.reference import FIRST_ROTATION_BLOCK, ROTATION_BLOCK
 from llmint8_cli.errors import InvalidArgumentError, LLMInt8Error
-from llmint8_cli.nn.convert import quantizable_layers, quantize_model
+from llmint8_cli.nn.convert import kept_line, parameter_report, quantizable_layers, quantize_model
+from llmint8_cli.nn.linear import Int8Linear
 
 BASELINE = "fp16"
 DEFAULT_CALIBRATION = QuantizeOptions().calib_dataset
@@ -83,6 +84,13 @@ class Subject:
     rotation_block: int = ROTATION_BLOCK  # the Hadamard block width of the rotation methods
     thresholds: dict[str, float] = field(default_factory=dict)  # the outlier threshold each quantized variant runs at
     stored_columns: dict[str, int] = field(default_factory=dict)  # on the fly: each decomposition variant's calibrated 16-bit columns
+    parameters: dict = field(default_factory=dict)  # nn.convert.parameter_report: the int8 share and what stays 16-bit unasked
+
+    @property
+    def warnings(self) -> list[str]:
+        """What a user must see on stderr, even with -q: matrices that stay 16-bit unasked."""
+        line = kept_line(self.parameters) if self.parameters else None
+        return [line] if line else []
     _fingerprints: dict = field(default_factory=dict, repr=False)
 
     def threshold_of(self, method: str) -> float | None:
@@ -167,8 +175,9 @@ def subject(spec: str, methods: list[Method], threshold: float | None, dtype: to
             yield name, variant(name)
 
     stored_columns = {n: sum(int(v.numel()) for v in columns.values()) for n, columns in outliers.items()}
+    parameters = parameter_report(base, [module for _, module in quantizable_layers(base)])
     return Subject(source.label, source, tokenizer, base.config, generate(), [], calibration=info, rotation_block=rotation_block, thresholds=thresholds,
-                   stored_columns=stored_columns)
+                   stored_columns=stored_columns, parameters=parameters)
 
 
 def calibration_line(subject: Subject) -> str:
@@ -230,8 +239,9 @@ def _stored(folder: str, dtype: torch.dtype, device: torch.device, verify: bool,
             yield BASELINE, models.load_model(baseline, dtype=dtype).to(device)
         yield block["method"], quantized
 
+    parameters = parameter_report(quantized, [m for m in quantized.modules() if isinstance(m, Int8Linear)])
     return Subject(folder, models.ModelSource("folder", str(folder)), tokenizer, quantized.config, generate(), notes, baseline, calibration=calibration, stored=True,
-                   rotation_block=stored_rotation_block(block) or ROTATION_BLOCK, thresholds={block["method"]: block["threshold"]})
+                   rotation_block=stored_rotation_block(block) or ROTATION_BLOCK, thresholds={block["method"]: block["threshold"]}, parameters=parameters)
 
 
 def cache_folder(cache_dir: str, subject: Subject, method: str, dtype: torch.dtype, device: torch.device) -> Path:

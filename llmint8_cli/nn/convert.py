@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import fnmatch
+import re
 from collections.abc import Iterable, Iterator, Mapping
 
 import torch
@@ -40,6 +41,39 @@ def quantizable_layers(model: nn.Module, skip: Iterable[str] = ()) -> Iterator[t
         if any(fnmatch.fnmatchcase(name, p) for p in patterns):
             continue
         yield name, module
+
+
+def kept_in_16_bit(model: nn.Module) -> dict[str, int]:
+    """Weight matrices that stay 16-bit for no reason a user chose: not a linear layer (those are
+    quantized or --skip'ped), not an embedding or the LM head (the paper's rule). Mixture-of-experts
+    blocks keep their experts as 3-D tensors and their router as a matrix, for example.
+    {module name, layer numbers as *: parameters}."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    kept: dict[str, int] = {}
+    for name, module in model.named_modules():
+        if isinstance(module, (nn.Linear, Conv1D, Int8Linear, nn.Embedding)) or module is head:
+            continue
+        count = sum(p.numel() for p in module.parameters(recurse=False) if p.dim() >= 2)
+        if count:
+            pattern = re.sub(r"\.\d+(?=\.|$)", ".*", name)
+            kept[pattern] = kept.get(pattern, 0) + count
+    return kept
+
+
+def parameter_report(model: nn.Module, int8_layers: Iterable[nn.Module]) -> dict:
+    """How many of the model's parameters are int8, and which matrices stay 16-bit unasked (for the JSON)."""
+    total = sum(p.numel() for p in model.parameters())  # tied tensors once
+    int8 = sum(m.weight.numel() for m in int8_layers)
+    return {"total": total, "int8": int8, "int8_share": round(int8 / max(total, 1), 4), "kept_16bit": kept_in_16_bit(model)}
+
+
+def kept_line(report: dict) -> str | None:
+    """One stderr line naming what stays 16-bit unasked, with its share of the parameters; None if nothing does."""
+    kept = report["kept_16bit"]
+    if not kept:
+        return None
+    parts = ", ".join(f"{name} ({100 * count / report['total']:.1f} % of parameters)" for name, count in sorted(kept.items(), key=lambda item: -item[1]))
+    return f"kept in 16-bit because llmint8 quantizes linear layers only: {parts}; {100 * report['int8_share']:.1f} % of parameters are int8"
 
 
 def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:

@@ -1,0 +1,78 @@
+"""Every architecture users bring, end to end on a tiny random model with planted outlier features:
+quantize (calibrated) -> load == from_pretrained bit for bit -> eval-ppl -> generate -> a
+bitsandbytes export that plain transformers + bitsandbytes load (or a one-line refusal)."""
+
+import importlib.util
+import json
+import math
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+import llmint8_cli
+from conftest import ARCHITECTURES, save_tiny, tiny_model, tiny_tokenizer
+from llmint8_cli.cli import app
+from llmint8_cli.nn.linear import Int8Linear
+
+RUNNER = CliRunner()
+TEXT = (
+    "The quick brown fox jumps over the lazy dog. A stitch in time saves nine. Every cloud has a silver lining.\n"
+    "Large language models keep a few hidden features far larger than the rest; LLM.int8() keeps them in 16-bit.\n"
+) * 12
+BITSANDBYTES_REFUSES = {"falcon": "FalconLinear"}  # transformers + bitsandbytes replace exact nn.Linear only
+
+
+def run(*args) -> dict:
+    result = RUNNER.invoke(app, [*map(str, args), "-q"])
+    assert result.exit_code == 0, result.stderr
+    return json.loads(result.stdout)
+
+
+@pytest.fixture(scope="module")
+def text_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("text") / "text.txt"
+    path.write_text(TEXT)
+    return path
+
+
+@pytest.mark.parametrize("arch", [*ARCHITECTURES, "llama-bf16"])
+def test_architecture_end_to_end(tmp_path, text_file, arch):
+    from transformers import AutoModelForCausalLM
+
+    name, dtype = ("llama", torch.bfloat16) if arch == "llama-bf16" else (arch, torch.float16)
+    src = save_tiny(tiny_model(name, outlier_scale=20.0).to(dtype), tmp_path / "src")
+    tiny_tokenizer().save_pretrained(src)
+    out = tmp_path / "int8"
+    summary = run("quantize", src, out, "--calib-samples", "4", "--calib-seq-len", "64", "--calib-dataset", text_file)
+    assert summary["dtype"] == str(dtype).removeprefix("torch.") and summary["parameters"]["kept_16bit"] == {}
+
+    ours, theirs = llmint8_cli.load(out), AutoModelForCausalLM.from_pretrained(out)
+    assert any(isinstance(m, Int8Linear) for m in theirs.modules())
+    mine, other = ours.state_dict(), theirs.state_dict()
+    assert mine.keys() == other.keys() and all(mine[k].dtype == other[k].dtype and torch.equal(mine[k], other[k]) for k in mine)
+    for (key, a), (_, b) in zip(ours.named_buffers(), theirs.named_buffers()):  # non-persistent ones (rotary tables) too
+        assert a.dtype == b.dtype and torch.equal(a, b), key
+    ids = torch.tensor([[1, 40, 72, 69, 4, 85, 89, 73, 67, 75]])
+    with torch.no_grad():
+        assert torch.equal(ours(ids).logits, theirs(ids).logits)
+
+    evaluated = run("eval-ppl", out, "--dataset", text_file, "--seq-len", "64", "--batch-size", "4")["results"]
+    assert math.isfinite(evaluated["llm.int8"]["ppl"]) and abs(evaluated["llm.int8"]["delta_pct"]) < 1.0, evaluated
+
+    generated = run("generate", out, "The quick", "--max-new-tokens", "4")
+    assert generated["new_tokens"] >= 1 and generated["method"] == "llm.int8"
+
+    exported = RUNNER.invoke(app, ["export", str(out), str(tmp_path / "bnb"), "-q"])
+    if name in BITSANDBYTES_REFUSES:
+        assert exported.exit_code == 2 and exported.stderr.count("\n") == 1 and BITSANDBYTES_REFUSES[name] in exported.stderr
+        return
+    assert exported.exit_code == 0, exported.stderr
+    if importlib.util.find_spec("bitsandbytes") is None:
+        pytest.skip("the export's load needs bitsandbytes (a peer: pip install 'llmint8[peers]')")
+    plain = AutoModelForCausalLM.from_pretrained(tmp_path / "bnb", device_map="cpu")
+    quantized = json.loads((out / "config.json").read_text())["quantization_config"]["quantized_modules"]
+    assert {type(plain.get_submodule(layer)).__name__ for layer in quantized} == {"Linear8bitLt"}
+    with torch.no_grad():
+        a, b = ours(ids).logits.float(), plain(ids).logits.float()
+    assert torch.isfinite(b).all() and (a - b).norm() / a.norm() < 0.05
