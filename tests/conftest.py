@@ -22,7 +22,7 @@ needs_stories = pytest.mark.skipif(not (STORIES / "config.json").is_file(), reas
 needs_data = pytest.mark.skipif(not (DATA / "wikitext-2-raw" / "wiki.test.raw").is_file(), reason="needs ../shared/data")
 
 
-ARCHITECTURES = ("llama", "opt", "gpt2", "gemma3", "gpt_neox", "gptj", "bloom", "falcon", "phi", "mistral", "qwen2")
+ARCHITECTURES = ("llama", "opt", "gpt2", "gemma3", "gpt_neox", "gptj", "bloom", "falcon", "phi", "mistral", "qwen2", "mixtral", "qwen2_moe")
 
 
 def tiny_config(arch: str):
@@ -40,6 +40,9 @@ def tiny_config(arch: str):
         "phi": lambda: transformers.PhiConfig(intermediate_size=64, max_position_embeddings=256, **small),
         "mistral": lambda: transformers.MistralConfig(intermediate_size=64, num_key_value_heads=2, max_position_embeddings=256, **small),
         "qwen2": lambda: transformers.Qwen2Config(intermediate_size=64, num_key_value_heads=2, max_position_embeddings=256, **small),
+        "mixtral": lambda: transformers.MixtralConfig(intermediate_size=64, num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2, max_position_embeddings=256, **small),
+        "qwen2_moe": lambda: transformers.Qwen2MoeConfig(intermediate_size=64, moe_intermediate_size=48, shared_expert_intermediate_size=64, num_experts=4, num_experts_per_tok=2,
+                                                          num_key_value_heads=2, max_position_embeddings=256, **small),
     }
     if arch in others:
         return others[arch]()

@@ -124,7 +124,9 @@ main()
 
 def start_and_kill(src: Path, out: Path, signum: int, *extra: str) -> subprocess.CompletedProcess:
     """Run a real `llmint8 quantize`, slowed per tensor group, and send it signum once it writes."""
-    proc = subprocess.Popen([sys.executable, "-c", KILLABLE, str(src), str(out), *extra], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # A shell's background job inherits SIGINT ignored, and Python then never raises KeyboardInterrupt: restore the default.
+    proc = subprocess.Popen([sys.executable, "-c", KILLABLE, str(src), str(out), *extra], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     assert proc.stdout.readline().strip() == "writing", proc.stderr.read()
     proc.send_signal(signum)
     stdout, stderr = proc.communicate(timeout=60)

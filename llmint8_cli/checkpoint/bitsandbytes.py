@@ -76,8 +76,8 @@ def skip_modules(config: dict, quantized: list[str], src: Path) -> list[str]:
     modules = dict(model.named_modules())
     unconverted = [name for name in quantized if not (type(modules.get(name)) is torch.nn.Linear or isinstance(modules.get(name), Conv1D))]
     if unconverted:
-        kind = type(modules.get(unconverted[0])).__name__
-        raise CheckpointError(f"{src}: transformers + bitsandbytes would not quantize {unconverted[0]} (a {kind}, not an nn.Linear) "
+        kind = f"a {type(modules[unconverted[0]]).__name__}" if unconverted[0] in modules else "one expert's slice of a 3-D tensor"
+        raise CheckpointError(f"{src}: transformers + bitsandbytes would not quantize {unconverted[0]} ({kind}, not an nn.Linear) "
                               f"nor {len(unconverted) - 1} more layers like it: the export would load as a broken model, so it is refused")
     return [name for name, module in modules.items() if isinstance(module, (torch.nn.Linear, Conv1D)) and name not in set(quantized)]
 

@@ -21,6 +21,7 @@ from transformers.utils.quantization_config import QuantizationConfigMixin
 from llmint8_cli.checkpoint.format import QUANT_METHOD, check_block
 from llmint8_cli.checkpoint.manifest import verification_wanted, verify, write_manifest
 from llmint8_cli.errors import CheckpointError
+from llmint8_cli.nn.experts import unfuse_experts
 
 
 class LLMInt8Config(QuantizationConfigMixin):
@@ -50,6 +51,7 @@ class LLMInt8HfQuantizer(HfQuantizer):
         self.folder = files[0].parent
         if verification_wanted():
             verify(self.folder)
+        unfuse_experts(model)  # the format stores each expert's layers as linear layers
         install_shells(model, self.quantization_config.to_dict(), stored_tensors(files), dtype or model.dtype, self.folder)
 
     def _process_model_after_weight_loading(self, model, **kwargs):

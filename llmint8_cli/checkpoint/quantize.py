@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -23,13 +24,14 @@ from llmint8_cli.checkpoint import bitsandbytes
 from llmint8_cli.checkpoint import format as fmt
 from llmint8_cli.checkpoint.manifest import write_manifest
 from llmint8_cli.checkpoint.output import check_free_space, check_output, copy_side_files, writing
-from llmint8_cli.checkpoint.sources import ModelSource, TensorSource, open_folder
+from llmint8_cli.checkpoint.sources import ModelKeyedSource, ModelSource, TensorSource, open_folder
 from llmint8_cli.checkpoint.writer import Entry, Group, write_tensors
 from llmint8_cli.core import reference
 from llmint8_cli.core.methods import DEFAULT_METHOD, DEFAULT_SMOOTH_ALPHA, check_alpha, check_rotation_block, get_method
 from llmint8_cli.errors import InvalidArgumentError, InvalidWeightError, ModelLoadError, one_line
 from llmint8_cli.evaluation.perplexity import make_windows, tokenize
 from llmint8_cli.nn.convert import Conv1D, parameter_report, quantizable_layers
+from llmint8_cli.nn.experts import unfuse_experts
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -93,7 +95,9 @@ def empty_model(config, dtype: torch.dtype, config_path):
 
     if type(config) not in AutoModelForCausalLM._model_mapping:
         raise ModelLoadError(f"unsupported architecture {getattr(config, 'model_type', '?')!r}: transformers has no causal LM for it")
-    return models.build_skeleton(lambda: AutoModelForCausalLM.from_config(config, dtype=dtype), config_path)
+    model = models.build_skeleton(lambda: AutoModelForCausalLM.from_config(config, dtype=dtype), config_path)
+    unfuse_experts(model)  # one linear layer per expert, as the llmint8 format stores them
+    return model
 
 
 def target_dtype(option: str, source_dtype: torch.dtype) -> torch.dtype:
@@ -105,10 +109,10 @@ def target_dtype(option: str, source_dtype: torch.dtype) -> torch.dtype:
 
 
 def key_renamer(model: torch.nn.Module):
-    """source key -> (model state-dict name, the transformers converter that fuses it with others
-    or None), as transformers itself renames checkpoint keys on load (its conversion mapping:
-    GPT-NeoX's `embed_out` is `lm_head`, Mixtral's `block_sparse_moe` is `mlp`, ...), base-model
-    prefix added or dropped as the model needs."""
+    """(rename, converters): rename(source key) -> (model state-dict name, the source pattern of the
+    transformers converter that fuses it with others, or None), as transformers itself renames
+    checkpoint keys on load (its conversion mapping: GPT-NeoX's `embed_out` is `lm_head`,
+    Mixtral's `block_sparse_moe` is `mlp`, ...), base-model prefix added or dropped as needed."""
     state = model.state_dict()
     prefix = getattr(model, "base_model_prefix", "")
     try:
@@ -118,38 +122,54 @@ def key_renamer(model: torch.nn.Module):
         def by_prefix(key: str) -> tuple[str, None]:
             return next((c for c in (key, f"{prefix}.{key}", key.removeprefix(f"{prefix}.")) if c in state), key), None
 
-        return by_prefix
+        return by_prefix, []
     transforms = get_model_conversion_mapping(model)
     renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
     converters = [t for t in transforms if isinstance(t, WeightConverter)]
-    return lambda key: rename_source_key(key, renamings, converters, prefix, state)
+    return (lambda key: rename_source_key(key, renamings, converters, prefix, state)), converters
 
 
-def match_keys(model: torch.nn.Module, tensors: TensorSource) -> dict[str, str]:
-    """model state-dict name -> source key, renamed as transformers renames them; one name per tied tensor."""
+EXPERT_MERGES = {("MergeModulelist",), ("MergeModulelist", "Concatenate")}  # stack experts [, join gate and up rows]
+
+
+def expert_part(key: str, fused: str, pattern: str, converters) -> tuple[str, int]:
+    """(the name of the expert's own linear weight in LinearExperts, the part's place in it) of a
+    source tensor that transformers merges into the 3-D `fused` tensor of all experts."""
+    converter = next(c for c in converters if pattern in c.source_patterns)
+    operations = tuple(type(op).__name__ for op in converter.operations)
+    found = re.search(re.escape(pattern).replace(r"\*", r"(\d+)"), key)
+    if operations not in EXPERT_MERGES or found is None:
+        raise ModelLoadError(f"tensor {key}: transformers converts it into {fused} by {', '.join(operations)}, which quantize does not reproduce")
+    return f"{fused}.{found.group(1)}.weight", converter.source_patterns.index(pattern)
+
+
+def match_keys(model: torch.nn.Module, tensors: TensorSource) -> ModelKeyedSource:
+    """The source's tensors under the model's own names, renamed as transformers renames them (an
+    expert's gate and up rows joined into its own linear layer); one name per tied tensor."""
     expected = model.state_dict()
-    rename = key_renamer(model)
-    mapping = {}
+    rename, converters = key_renamer(model)
+    parts: dict[str, dict[int, str]] = {}
     for key in tensors.keys():
         name, fused_by = rename(key)
+        place = 0
         if fused_by is not None:
-            raise ModelLoadError(f"tensor {key}: transformers fuses it with others into {name} on load ({fused_by}); "
-                                 "quantize does not convert fused weights (mixture-of-experts) yet")
+            name, place = expert_part(key, name, fused_by, converters)
         if name in expected:
-            mapping[name] = key
-    for name, key in mapping.items():
-        if tuple(tensors.shape(key)) != tuple(expected[name].shape):
-            raise ModelLoadError(f"tensor {key} has shape {list(tensors.shape(key))}, but the model config.json describes needs {list(expected[name].shape)}")
+            parts.setdefault(name, {})[place] = key
+    source = ModelKeyedSource(tensors, {name: [keys[i] for i in sorted(keys)] for name, keys in parts.items()})
+    for name in source.keys():
+        if tuple(source.shape(name)) != tuple(expected[name].shape):
+            raise ModelLoadError(f"tensor {source.described(name)} has shape {list(source.shape(name))}, but the model config.json describes needs {list(expected[name].shape)}")
     aliases: dict[int, list[str]] = {}
     for name, param in model.named_parameters(remove_duplicate=False):
         aliases.setdefault(id(param), []).append(name)
     for group in aliases.values():
-        present = [name for name in group if name in mapping]
+        present = [name for name in group if name in source.parts]
         if not present:
             raise ModelLoadError(f"the source has no tensor for {group[0]} (does the checkpoint match its config.json?)")
         for alias in present[1:]:  # tied weights (embeddings and LM head) are written and counted once
-            del mapping[alias]
-    return mapping
+            del source.parts[alias]
+    return source
 
 
 def source_dtype(tensors: TensorSource, config) -> torch.dtype:
@@ -178,21 +198,22 @@ def calibration_batches(tokenizer, options: QuantizeOptions) -> tuple[list[torch
     return batches, info
 
 
-def calibrate(model, tensors: TensorSource, mapping: dict[str, str], layer_names: list[str], tokenizer, options: QuantizeOptions, streaming: bool, progress=None) -> tuple[activations.ActivationStats, dict]:
+def calibrate(model, tensors: TensorSource | None, layer_names: list[str], tokenizer, options: QuantizeOptions, progress=None) -> tuple[activations.ActivationStats, dict]:
     """Per layer, each input column's max |x| (hence its outlier columns) over the calibration
-    windows; one decoder layer in memory at a time."""
+    windows; with `tensors` (keyed by the model's names) the model is a skeleton and its decoder
+    layers are streamed from them, one in memory at a time."""
     batches, info = calibration_batches(tokenizer, options)
     streamer = None
-    if streaming:
+    if tensors is not None:
         from accelerate.utils import set_module_tensor_to_device
 
-        fetch = lambda name: tensors.get(mapping[name]).float()  # noqa: E731
+        fetch = lambda name: tensors.get(name).float()  # noqa: E731
         streamer = activations.LayerStreamer(model, fetch)
         streamed = streamer.layer_parameter_names()
         head = model.get_output_embeddings()
         unused = {id(p) for p in head.parameters()} - {id(p) for p in model.get_input_embeddings().parameters()} if head is not None else set()
         for name, param in list(model.named_parameters()):  # the base model's own weights; no LM head
-            if name not in streamed and name in mapping and id(param) not in unused:
+            if name not in streamed and name in tensors.parts and id(param) not in unused:
                 set_module_tensor_to_device(model, name, "cpu", value=fetch(name))
     windows = sum(len(batch) for batch in batches)
     on_batch = (lambda done: progress("calibrate", done, windows)) if progress else None
@@ -230,9 +251,10 @@ def to_sixteen_bit(key: str, tensor: torch.Tensor, dtype: torch.dtype, clamp: bo
     return tensor.clamp(-limit, limit).to(dtype)
 
 
-def quantized_group(name: str, key: str, module, tensors: TensorSource, method, dtype, outlier_idx, clamp: bool, clamped: list[str],
+def quantized_group(name: str, module, tensors: ModelKeyedSource, method, dtype, outlier_idx, clamp: bool, clamped: list[str],
                     input_max: torch.Tensor | None = None, alpha: float = DEFAULT_SMOOTH_ALPHA, rotation_block: int = reference.ROTATION_BLOCK) -> Group:
     transposed = isinstance(module, Conv1D)
+    key = f"{name}.weight"
     shape = tensors.shape(key)
     out_f, in_f = shape[::-1] if transposed else shape
     k = 0 if outlier_idx is None or not method.decomposition else int(outlier_idx.numel())
@@ -244,7 +266,7 @@ def quantized_group(name: str, key: str, module, tensors: TensorSource, method, 
         entries.append(Entry(f"{name}.input_smooth", torch.float32, (in_f,)))
 
     def produce() -> dict[str, torch.Tensor]:
-        weight = to_sixteen_bit(key, tensors.get(key), dtype, clamp, clamped)
+        weight = to_sixteen_bit(tensors.described(key), tensors.get(key), dtype, clamp, clamped)
         weight = weight.t() if transposed else weight
         try:
             smooth = None
@@ -253,7 +275,7 @@ def quantized_group(name: str, key: str, module, tensors: TensorSource, method, 
                 smooth = reference.smoothing_factors(input_max, weight, alpha, stored)
             qw = backend_for(weight.device).quantize_weight(weight, method, outlier_idx, smooth, rotation_block)
         except InvalidWeightError as exc:
-            raise InvalidWeightError(f"{key}: {exc}") from None
+            raise InvalidWeightError(f"{tensors.described(key)}: {exc}") from None
         out = {f"{name}.weight": qw.int8.q, f"{name}.weight_scale": qw.int8.scale, f"{name}.outlier_idx": qw.outlier_idx.to(torch.int32), f"{name}.outlier_weight": qw.outlier_weight}
         if method.zeropoint:
             out[f"{name}.weight_zero"] = qw.int8.zero
@@ -264,13 +286,13 @@ def quantized_group(name: str, key: str, module, tensors: TensorSource, method, 
     return Group(entries, produce)
 
 
-def plain_group(name: str, key: str, tensors: TensorSource, dtype: torch.dtype, clamp: bool, clamped: list[str]) -> Group:
-    out_dtype = dtype if tensors.dtype(key).is_floating_point else tensors.dtype(key)
+def plain_group(name: str, tensors: ModelKeyedSource, dtype: torch.dtype, clamp: bool, clamped: list[str]) -> Group:
+    out_dtype = dtype if tensors.dtype(name).is_floating_point else tensors.dtype(name)
 
     def produce() -> dict[str, torch.Tensor]:
-        return {name: to_sixteen_bit(key, tensors.get(key), dtype, clamp, clamped)}
+        return {name: to_sixteen_bit(tensors.described(name), tensors.get(name), dtype, clamp, clamped)}
 
-    return Group([Entry(name, out_dtype, tensors.shape(key))], produce)
+    return Group([Entry(name, out_dtype, tensors.shape(name))], produce)
 
 
 def side_files(source: models.ModelSource, tmp: Path, model_config, tokenizer) -> None:
@@ -284,15 +306,15 @@ def side_files(source: models.ModelSource, tmp: Path, model_config, tokenizer) -
             generation.save_pretrained(tmp)
 
 
-def output_sizes(model, mapping: dict[str, str], layers: dict, tensors: TensorSource) -> tuple[int, int, int]:
+def output_sizes(layers: dict, tensors: ModelKeyedSource) -> tuple[int, int, int]:
     """(expected output bytes, the same model in 16-bit, the source's bytes), from shapes alone."""
     expected = fp16_bytes = source_bytes = 0
-    for name, key in mapping.items():
-        numel = torch.Size(tensors.shape(key)).numel()
+    for name in tensors.keys():
+        numel = torch.Size(tensors.shape(name)).numel()
         quantized = name.endswith(".weight") and name.removesuffix(".weight") in layers
         expected += numel if quantized else numel * 2
         fp16_bytes += numel * 2
-        source_bytes += numel * tensors.dtype(key).itemsize
+        source_bytes += numel * tensors.dtype(name).itemsize
     return expected, fp16_bytes, source_bytes
 
 
@@ -321,22 +343,23 @@ def quantize_checkpoint(src: str, out: str | os.PathLike, options: QuantizeOptio
     tokenizer = None
     if source.kind == "gguf":
         model = models.load_model(source)
+        unfuse_experts(model)
         tokenizer = models.load_tokenizer(source)
-        tensors: TensorSource = ModelSource(model)
+        raw: TensorSource = ModelSource(model)
         config, streaming = model.config, False
         src_dtype = torch.float32
     else:
         config = load_config(source)
-        tensors = open_folder(Path(source.location))
-        src_dtype = source_dtype(tensors, config)
+        raw = open_folder(Path(source.location))
+        src_dtype = source_dtype(raw, config)
         model = empty_model(config, torch.float32, Path(source.location) / "config.json")
         streaming = True
     dtype = target_dtype(options.dtype, src_dtype)
-    mapping = match_keys(model, tensors)
+    tensors = match_keys(model, raw)
     layers = dict(quantizable_layers(model, options.skip))
     if not layers:
         raise InvalidArgumentError("no linear layer left to quantize (check --skip)")
-    expected_bytes, fp16_bytes, source_bytes = output_sizes(model, mapping, layers, tensors)
+    expected_bytes, fp16_bytes, source_bytes = output_sizes(layers, tensors)
 
     with writing(out, force) as tmp:  # made before calibration: an unwritable OUT fails now, not minutes later
         check_free_space(tmp, expected_bytes)
@@ -344,19 +367,18 @@ def quantize_checkpoint(src: str, out: str | os.PathLike, options: QuantizeOptio
         if method.decomposition and options.calib_samples > 0:
             if tokenizer is None:
                 tokenizer = models.load_tokenizer(source)
-            stats, calibration = calibrate(model, tensors, mapping, list(layers), tokenizer, options, streaming, progress)
+            stats, calibration = calibrate(model, tensors if streaming else None, list(layers), tokenizer, options, progress)
             outliers, input_max = stats.outlier_columns(), stats.col_max
         groups, clamped = [], []
         for name in model.state_dict():
-            if name not in mapping:
+            if name not in tensors.parts:
                 continue
-            key = mapping[name]
             layer = name.removesuffix(".weight")
             if name.endswith(".weight") and layer in layers:
-                groups.append(quantized_group(layer, key, layers[layer], tensors, method, dtype, outliers.get(layer), options.clamp_overflow, clamped,
+                groups.append(quantized_group(layer, layers[layer], tensors, method, dtype, outliers.get(layer), options.clamp_overflow, clamped,
                                               input_max.get(layer), options.smooth_alpha, options.rotation_block))
             else:
-                groups.append(plain_group(name, key, tensors, dtype, options.clamp_overflow, clamped))
+                groups.append(plain_group(name, tensors, dtype, options.clamp_overflow, clamped))
         block = fmt.quantization_config(method.name, options.threshold, options.skip, list(layers), dtype, calibration, options.rotation_block)
         if method.smoothing:
             block["smoothing"] = {"alpha": options.smooth_alpha}

@@ -140,6 +140,33 @@ class DictSource(TensorSource):
         return self._tensors[key]
 
 
+class ModelKeyedSource(TensorSource):
+    """Another source's tensors under the model's own names (`parts`: name -> the source keys it
+    is made of); a name made of several (an expert's gate and up rows) joins them along the first
+    dimension."""
+
+    def __init__(self, source: TensorSource, parts: dict[str, list[str]]):
+        self.source, self.parts = source, parts
+
+    def keys(self) -> list[str]:
+        return list(self.parts)
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        first, *rest = (self.source.shape(k) for k in self.parts[key])
+        return (first[0] + sum(shape[0] for shape in rest), *first[1:])
+
+    def dtype(self, key: str) -> torch.dtype:
+        return self.source.dtype(self.parts[key][0])
+
+    def get(self, key: str) -> torch.Tensor:
+        keys = self.parts[key]
+        return self.source.get(keys[0]) if len(keys) == 1 else torch.cat([self.source.get(k) for k in keys])
+
+    def described(self, key: str) -> str:
+        """The source keys behind a name, for messages (a user knows their checkpoint's names)."""
+        return " + ".join(self.parts[key])
+
+
 class TorchBinSource(DictSource):
     """pytorch_model*.bin read with weights_only=True: plain tensors only, never pickled code."""
 

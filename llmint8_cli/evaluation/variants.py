@@ -28,6 +28,7 @@ from llmint8_cli.core.methods import DEFAULT_SMOOTH_ALPHA, Method, check_rotatio
 from llmint8_cli.core.reference import FIRST_ROTATION_BLOCK, ROTATION_BLOCK
 from llmint8_cli.errors import InvalidArgumentError, LLMInt8Error
 from llmint8_cli.nn.convert import kept_line, parameter_report, quantizable_layers, quantize_model
+from llmint8_cli.nn.experts import unfuse_experts
 from llmint8_cli.nn.linear import Int8Linear
 
 BASELINE = "fp16"
@@ -146,6 +147,7 @@ def subject(spec: str, methods: list[Method], threshold: float | None, dtype: to
     source = models.resolve(spec)
     tokenizer = models.load_tokenizer(source)
     base = models.load_model(source, dtype=dtype).to(device)
+    unfuse_experts(base)  # experts as linear layers, quantized like any other (the same function in 16-bit)
     ordered = [BASELINE] + [m.name for m in methods if m.name != BASELINE]
     thresholds = {m.name: m.threshold_or_default(threshold) for m in methods if m.quantized}
     outliers, input_max, info, stats = {}, {}, None, None
@@ -211,7 +213,7 @@ def calibrate_on_the_fly(base, tokenizer, options: QuantizeOptions, held_out: st
         note = f"the default calibration text here is the evaluation text ({held_out}); calibrated on {other} instead"
         options = replace(options, calib_dataset=other)
     with torch.no_grad():
-        stats, info = calibrate(base, None, {}, [name for name, _ in quantizable_layers(base)], tokenizer, options, streaming=False)
+        stats, info = calibrate(base, None, [name for name, _ in quantizable_layers(base)], tokenizer, options)
     if note:
         info["note"] = note
     return stats, info
