@@ -110,8 +110,10 @@ def unknown_name(text: str) -> ModelLoadError:
     """A bare word that is no file, alias or known name, with the nearest names we know."""
     import difflib
 
-    by_lower = {name.lower(): name for name in known_names()}
-    nearest = [by_lower[n] for n in difflib.get_close_matches(text.lower(), by_lower, n=3, cutoff=0.6)]
+    by_lower: dict[str, list[str]] = {}
+    for name in known_names():  # offline aliases first: smollm2-135m before the Hub's SmolLM2-135M
+        by_lower.setdefault(name.lower(), []).append(name)
+    nearest = [name for n in difflib.get_close_matches(text.lower(), by_lower, n=3, cutoff=0.6) for name in by_lower[n]]
     hint = f"; did you mean {', '.join(nearest)}?" if nearest else f"; known names: {', '.join(ALIASES)}, or a Hub id such as facebook/opt-125m"
     return ModelLoadError(f"{text}: no such file or folder, and not a known model name{hint}")
 
@@ -182,10 +184,12 @@ def hub_online() -> bool:
 
 
 def _hub_error(source: ModelSource, exc: Exception) -> ModelLoadError:
+    offline = [alias for alias in ALIASES if alias.split("-")[0] in source.location.lower()]
+    hint = f"; offline, the short name {offline[0]} loads a model of that family from a pip package" if offline else ""
     return ModelLoadError(
         f"cannot fetch {source.location!r} from the Hugging Face Hub ({exc if isinstance(exc, ConnectionError) else type(exc).__name__}); "
         f"offline? where the Hub is reachable, run `hf download {source.location} --local-dir {source.location.rpartition('/')[2]}` "
-        f"and pass that folder instead"
+        f"and pass that folder instead{hint}"
     )
 
 

@@ -18,6 +18,14 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 torch.set_num_threads(2)
 
+
+def pytest_sessionstart(session):
+    """Compile the native CPU kernels before any test (once per machine; it says so on stderr,
+    which a test that reads stderr must not see)."""
+    from llmint8_cli.backends.cpu_kernels import native_kernels
+
+    native_kernels()
+
 needs_stories = pytest.mark.skipif(not (STORIES / "config.json").is_file(), reason="needs ../shared/models/stories260K")
 needs_data = pytest.mark.skipif(not (DATA / "wikitext-2-raw" / "wiki.test.raw").is_file(), reason="needs ../shared/data")
 

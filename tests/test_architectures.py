@@ -78,3 +78,60 @@ def test_architecture_end_to_end(tmp_path, text_file, arch):
     with torch.no_grad():
         a, b = ours(ids).logits.float(), plain(ids).logits.float()
     assert torch.isfinite(b).all() and (a - b).norm() / a.norm() < 0.05
+
+
+@pytest.fixture
+def int8_and_bitsandbytes(tmp_path, text_file):
+    src = save_tiny(tiny_model("llama", outlier_scale=20.0).half(), tmp_path / "src")
+    tiny_tokenizer().save_pretrained(src)
+    run("quantize", src, tmp_path / "int8", "--calib-samples", "0")
+    run("export", tmp_path / "int8", tmp_path / "bnb")
+    return tmp_path / "int8", tmp_path / "bnb"
+
+
+@pytest.mark.parametrize(
+    ("command", "folder", "options", "words"),
+    [
+        ("quantize", "bnb", ["--method", "llm.int8-rotate", "--threshold", "3"], "bitsandbytes 8-bit folder, converted with its int8 rows kept as they are: --method, --threshold cannot apply"),
+        ("quantize", "bnb", ["--calib-samples", "2"], "--calib-samples cannot apply"),
+        ("eval-ppl", "int8", ["--methods", "vectorwise", "--threshold", "3"], "evaluated as stored: --methods, --threshold cannot apply"),
+        ("eval-ppl", "int8", ["--calib-samples", "4"], "--calib-samples cannot apply"),
+        ("eval-zeroshot", "bnb", ["--methods", "llm.int8-zp"], "--methods cannot apply"),
+    ],
+)
+def test_options_a_quantized_source_leaves_no_room_for_are_refused(int8_and_bitsandbytes, tmp_path, command, folder, options, words):
+    int8, bnb = int8_and_bitsandbytes
+    source = int8 if folder == "int8" else bnb
+    extra = [tmp_path / "out"] if command == "quantize" else []
+    result = RUNNER.invoke(app, [command, str(source), *map(str, extra), *options, "-q"])
+    assert result.exit_code == 2 and result.stderr.count("\n") == 1 and words in result.stderr, result.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_bitsandbytes_folder_has_no_baseline_never_the_working_directorys(int8_and_bitsandbytes, text_file, tmp_path, monkeypatch):
+    """Its config records no 16-bit source; an empty one used to resolve to the working directory."""
+    int8, bnb = int8_and_bitsandbytes
+    monkeypatch.chdir(tmp_path / "src")  # a folder holding another model
+    document = run("eval-ppl", bnb, "--dataset", text_file, "--seq-len", "64")
+    assert list(document["results"]) == ["llm.int8"] and document["results"]["llm.int8"]["delta_pct"] is None
+    assert any("records no 16-bit source" in note for note in document["notes"])
+    assert list(run("eval-ppl", int8, "--dataset", text_file, "--seq-len", "64", "--methods", "llm.int8")["results"]) == ["fp16", "llm.int8"]
+
+
+def test_mixture_of_experts_evaluated_on_the_fly_quantizes_the_experts(tmp_path, text_file):
+    src = save_tiny(tiny_model("mixtral", outlier_scale=20.0), tmp_path / "src")
+    tiny_tokenizer().save_pretrained(src)
+    calibration = tmp_path / "calibration.txt"
+    calibration.write_text(TEXT[::-1])  # never the evaluation text
+    result = RUNNER.invoke(app, ["eval-ppl", str(src), "--dataset", str(text_file), "--seq-len", "64", "--calib-samples", "2", "--calib-seq-len", "64",
+                                 "--calib-dataset", str(calibration)])
+    assert result.exit_code == 0, result.stderr
+    document = json.loads(result.stdout)
+    assert document["parameters"]["int8_share"] > 0.8 and set(document["parameters"]["kept_16bit"]) == {"model.layers.*.mlp.gate"}
+    assert abs(document["results"]["llm.int8"]["delta_pct"]) < 1.0
+    assert "llmint8: warning: kept in 16-bit because llmint8 quantizes linear layers only: model.layers.*.mlp.gate" in result.stderr
+
+
+def test_a_mistyped_model_name_suggests_the_offline_one_first():
+    result = RUNNER.invoke(app, ["eval-ppl", "smolm2-135m", "-q"])
+    assert result.exit_code == 2 and "did you mean smollm2-135m, SmolLM2-135M" in result.stderr

@@ -29,6 +29,7 @@ import hashlib
 import json
 import os
 import platform
+import shutil
 import statistics
 import sys
 import time
@@ -46,9 +47,11 @@ LEGACY_NAMES = {"torch": "onednn-nk", "native": "llmint8-avx2"}  # earlier value
 
 @functools.cache
 def native_build() -> tuple[list[str], list[str], str]:
-    """The native kernels' sources, compiler flags and build name (named by content: checkouts with
-    the same source share one build, two versions never rebuild each other's at every first call,
-    and a new kernel gets measured afresh by `decision`)."""
+    """The native kernels' sources, compiler flags and build name, named by everything the build
+    depends on (sources, flags, compiler, torch's headers and version): checkouts and venvs that
+    would build the same share one build, and two that would not never rebuild each other's (the
+    build folder's build.ninja names one torch's include path); a new kernel is measured afresh by
+    `decision`."""
     folder = resources.files("llmint8_cli.kernels") / "cpu"
     sources, header = [folder / "int8_gemm.cpp", folder / "amx_gemm.cpp"], folder / "amx_gemm.h"
     # no FMA contraction: an element gets the same float operations in every epilogue and path
@@ -61,7 +64,10 @@ def native_build() -> tuple[list[str], list[str], str]:
         # at::parallel_for is inline OpenMP: without the flag every kernel runs on one thread.
         # Not linked (no -fopenmp at link time): GOMP_* resolve to torch's own libgomp.
         flags += ["-fopenmp"]
-    digest = hashlib.sha256(b"".join(f.read_bytes() for f in [*sources, header]) + " ".join(flags).encode()).hexdigest()[:12]
+    from torch.utils import cpp_extension
+
+    toolchain = [os.environ.get("CXX") or shutil.which("c++") or "c++", torch.__version__, *cpp_extension.include_paths()]
+    digest = hashlib.sha256(b"".join(f.read_bytes() for f in [*sources, header]) + "\n".join([*flags, *toolchain]).encode()).hexdigest()[:12]
     return [str(s) for s in sources], flags, f"llmint8_cpu_kernels_{digest}"
 
 
@@ -72,6 +78,9 @@ def native_kernels():
         from torch.utils import cpp_extension
 
         sources, flags, name = native_build()
+        built = Path(cpp_extension._get_build_directory(name, verbose=False)) / f"{name}.so"
+        if not built.is_file():  # a minute of silence would look like a hang
+            print("llmint8: compiling the CPU kernels (once per machine and version, about 30-60 s)", file=sys.stderr, flush=True)
         return cpp_extension.load(name=name, sources=sources, extra_cflags=flags, verbose=False)
     except Exception as exc:  # no compiler, no ninja, read-only cache...
         print(f"llmint8: native CPU kernels unavailable ({type(exc).__name__}); using oneDNN and the torch reference", file=sys.stderr)

@@ -51,6 +51,17 @@ class QuantizeOptions:
     max_shard_bytes: int = 2 << 30
     data_dir: str | None = None
     clamp_overflow: bool = False  # clamp finite values beyond the 16-bit range instead of refusing
+    given: frozenset[str] = frozenset()  # the options a user set explicitly (cli.common.given_options)
+
+
+CHOSEN_BY_SOURCE = ("method", "threshold", "calib_samples", "calib_seq_len", "calib_dataset", "smooth_alpha", "rotation_block", "skip", "dtype", "clamp_overflow")
+
+
+def refuse_given(given: frozenset[str], fixed: tuple[str, ...], what: str, instead: str) -> None:
+    """One line naming the first option a user set that `what` leaves no room for."""
+    refused = [f"--{name.replace('_', '-')}" for name in fixed if name in given]
+    if refused:
+        raise InvalidArgumentError(f"{what}: {', '.join(refused)} cannot apply; {instead}")
 
 
 def return_freed_memory() -> None:
@@ -335,6 +346,8 @@ def quantize_checkpoint(src: str, out: str | os.PathLike, options: QuantizeOptio
         raise InvalidArgumentError(f"method {method.name!r} is calibrated: --calib-samples must be at least 1")
     source = models.resolve(src)
     if source.kind == "folder" and bitsandbytes.is_bitsandbytes_8bit(source.location):
+        refuse_given(options.given, CHOSEN_BY_SOURCE, f"{src} is a bitsandbytes 8-bit folder, converted with its int8 rows kept as they are",
+                     "quantize its 16-bit source to choose these")
         return bitsandbytes.import_folder(source.location, out, force, options.max_shard_bytes)
     out = check_output(Path(out).expanduser().absolute(), None if source.kind == "hub" else Path(source.location), force)
     if source.kind == "hub":

@@ -41,13 +41,14 @@ Quiet = Annotated[bool, typer.Option("-q", "--quiet", help="Nothing on stderr.")
 NoVerify = Annotated[bool, typer.Option("--no-verify", help="Skip the sha256 check of an llmint8 folder against its manifest.")]
 Device = Annotated[str, typer.Option(help="cpu, cuda, cuda:N or auto.")]
 ComputeDtype = Annotated[str, typer.Option("--dtype", help="Compute dtype: fp32, fp16, bf16, or auto: fp16 on GPU; on CPU fp32 for evaluation, and for bench bf16 where the CPU has native bf16 matmul.")]
-DataDir = Annotated[str | None, typer.Option(help="Local data folder (layout of shared/data); default $LLMINT8_DATA_DIR or ./shared/data.")]
+DataDir = Annotated[str | None, typer.Option(help="Local data folder (layout of shared/data); default $LLMINT8_DATA_DIR, else shared/data in or beside the working directory or the llmint8 checkout, else the Hub.")]
 Threshold = Annotated[float | None, typer.Option(help="Outlier threshold |x| of the decomposition (default: the method's own, 6.0; 60 for llm.int8-rotate).", show_default=False)]
-CalibSamples = Annotated[int, typer.Option(min=0, help="Calibration windows that find the outlier columns stored in 16-bit (as quantize does); 0 = run-time detection only.")]
+CalibSamples = Annotated[int, typer.Option(min=0, help="Calibration windows that find the outlier columns stored in 16-bit (the same calibration in quantize and in evaluations on the fly); 0 = run-time detection only.")]
 CalibSeqLen = Annotated[int, typer.Option(min=2, help="Tokens per calibration window.")]
 SmoothAlpha = Annotated[float, typer.Option(min=0.0, max=1.0, help="llm.int8-smooth: how much of each input feature's calibrated range moves into W (SmoothQuant's alpha).")]
 RotationBlock = Annotated[int, typer.Option(help="llm.int8-rotate: width of the Hadamard blocks (4, 16, 64, 256 or 1024); wider spreads a large value thinner.")]
-METHODS_HELP = "Comma-separated methods, 'paper' (Table 1's nine) or 'all' (those, llm.int8-smooth and llm.int8-rotate); the 16-bit baseline is always included."
+METHODS_HELP = ("Comma-separated methods, 'paper' (Table 1's nine) or 'all' (those, llm.int8-smooth and llm.int8-rotate); the 16-bit baseline is always included. "
+                "For a 16-bit MODEL; a quantized folder is evaluated as stored, and asking it for another method or threshold is an error.")
 CalibDataset = Annotated[str, typer.Option(help="Calibration text: wikitext2-train (falls back to C4 offline), wikitext2, ptb, c4 or a file; never the evaluation text.")]
 PIPED_MODEL_HELP = "Omitted: the model of the llmint8 JSON document on stdin (a pipe from quantize or an evaluation)"
 Model = Annotated[str | None, typer.Argument(help=f"An llmint8 folder (evaluated as stored) or a 16-bit model: folder, .gguf, alias, short name (opt-1.3b) or Hub id. {PIPED_MODEL_HELP}, else the default model.", show_default=False)]
@@ -291,6 +292,17 @@ def command(function: Callable) -> Callable:
             fail(f"internal error: {type(exc).__name__}: {one_line(exc)} (LLMINT8_DEBUG=1 shows the traceback)", 1)
 
     return wrapper
+
+
+def given_options(ctx: typer.Context) -> frozenset[str]:
+    """The options the user typed (not defaults): an option that cannot apply to what MODEL turns
+    out to be (a stored llmint8 folder, a bitsandbytes folder) is refused, never silently dropped."""
+    try:
+        from typer._click.core import ParameterSource  # typer >= 0.24 carries its own click
+    except ImportError:
+        from click.core import ParameterSource
+
+    return frozenset(name for name in ctx.params if ctx.get_parameter_source(name) in (ParameterSource.COMMANDLINE, ParameterSource.ENVIRONMENT))
 
 
 def parse_size(text: str) -> int:

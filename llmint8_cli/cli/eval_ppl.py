@@ -12,7 +12,7 @@ from llmint8_cli import data
 from llmint8_cli.backends.cpu_kernels import gemm_report
 from llmint8_cli import models
 from llmint8_cli.checkpoint.quantize import QuantizeOptions
-from llmint8_cli.cli.common import EXIT_NOT_FINITE, METHODS_HELP, CalibDataset, CalibSamples, CalibSeqLen, RotationBlock, SmoothAlpha, ComputeDtype, DataDir, Device, Model, NoVerify, Quiet, Threshold, choose_model, command, emit_json, fail, print_table, progress_bar, stderr_console, warn
+from llmint8_cli.cli.common import EXIT_NOT_FINITE, METHODS_HELP, CalibDataset, CalibSamples, CalibSeqLen, RotationBlock, SmoothAlpha, ComputeDtype, DataDir, Device, Model, NoVerify, Quiet, Threshold, choose_model, command, emit_json, given_options, fail, print_table, progress_bar, stderr_console, warn
 from llmint8_cli.core.methods import DEFAULT_METHOD, parse_methods
 from llmint8_cli.errors import DataError
 from llmint8_cli.evaluation import variants
@@ -39,6 +39,7 @@ def computed_rate(result, seconds: float) -> float | None:
 
 @command
 def eval_ppl(
+    ctx: typer.Context,
     model: Model = None,
     dataset: Annotated[str, typer.Option(help=DATASET_HELP)] = "wikitext2",
     seq_len: Annotated[int, typer.Option(help="Tokens per window.")] = 2048,
@@ -73,7 +74,7 @@ def eval_ppl(
     run_dtype = variants.resolve_dtype(dtype, run_device)
     with console.status(f"loading {model}"):
         calibration = QuantizeOptions(calib_samples=calib_samples, calib_seq_len=calib_seq_len, calib_dataset=calib_dataset, data_dir=data_dir, smooth_alpha=smooth_alpha,
-                                      rotation_block=rotation_block)
+                                      rotation_block=rotation_block, given=given_options(ctx))
         subject = variants.subject(model, chosen, threshold, run_dtype, run_device, verify=not no_verify, calibration=calibration, held_out=text.source)
     for line in subject.warnings:
         warn(line)

@@ -13,13 +13,14 @@ import typer
 from llmint8_cli.backends.cpu_kernels import gemm_report
 from llmint8_cli import models
 from llmint8_cli.checkpoint.quantize import QuantizeOptions
-from llmint8_cli.cli.common import METHODS_HELP, CalibDataset, CalibSamples, CalibSeqLen, ComputeDtype, Device, RotationBlock, SmoothAlpha, Model, NoVerify, Quiet, Threshold, choose_model, command, emit_json, print_table, stderr_console, warn
+from llmint8_cli.cli.common import METHODS_HELP, CalibDataset, CalibSamples, CalibSeqLen, ComputeDtype, Device, RotationBlock, SmoothAlpha, Model, NoVerify, Quiet, Threshold, choose_model, command, emit_json, given_options, print_table, stderr_console, warn
 from llmint8_cli.core.methods import DEFAULT_METHOD, parse_methods
 from llmint8_cli.evaluation import request_cache, variants, zeroshot
 
 
 @command
 def eval_zeroshot(
+    ctx: typer.Context,
     model: Model = None,
     tasks: Annotated[str, typer.Option(help=f"Comma-separated lm-eval tasks; offline or with --data-dir: {', '.join(zeroshot.TASKS)} (lambada = LAMBADA-OpenAI), from local files.")] = "winogrande,hellaswag,piqa,lambada",
     methods: Annotated[str, typer.Option(help=METHODS_HELP)] = DEFAULT_METHOD,
@@ -51,7 +52,7 @@ def eval_zeroshot(
         run_dtype = variants.resolve_dtype(dtype, run_device)
         with console.status(f"loading {model}"):
             calibration = QuantizeOptions(calib_samples=calib_samples, calib_seq_len=calib_seq_len, calib_dataset=calib_dataset, data_dir=data_dir, smooth_alpha=smooth_alpha,
-                                          rotation_block=rotation_block)
+                                          rotation_block=rotation_block, given=given_options(ctx))
             subject = variants.subject(model, chosen, threshold, run_dtype, run_device, verify=not no_verify, calibration=calibration)
         for line in subject.warnings:
             warn(line)

@@ -7,13 +7,14 @@ from typing import Annotated
 import typer
 
 from llmint8_cli.checkpoint.quantize import QuantizeOptions, quantize_checkpoint
-from llmint8_cli.cli.common import CalibDataset, CalibSamples, CalibSeqLen, DataDir, RotationBlock, SmoothAlpha, Quiet, Threshold, command, emit_json, parse_size, progress_bar, stderr_console, warn
+from llmint8_cli.cli.common import CalibDataset, CalibSamples, CalibSeqLen, DataDir, RotationBlock, SmoothAlpha, Quiet, Threshold, command, emit_json, given_options, parse_size, progress_bar, stderr_console, warn
 from llmint8_cli.core.methods import DEFAULT_METHOD, METHODS
 from llmint8_cli.nn.convert import kept_line
 
 
 @command
 def quantize(
+    ctx: typer.Context,
     src: Annotated[str, typer.Argument(help="Model folder (safetensors or .bin; a bitsandbytes 8-bit folder converts without re-rounding), .gguf file, alias (smollm2-135m, gemma3-270m), short name (opt-1.3b) or Hub id.")],
     out: Annotated[str, typer.Argument(help="Output folder (written atomically).")],
     method: Annotated[str, typer.Option(help=f"One of: {', '.join(m for m in METHODS if m != 'fp16')}.")] = DEFAULT_METHOD,
@@ -35,7 +36,7 @@ def quantize(
     options = QuantizeOptions(
         method=method, threshold=threshold, dtype=dtype, skip=list(skip or []), calib_samples=calib_samples,
         calib_seq_len=calib_seq_len, calib_dataset=calib_dataset, max_shard_bytes=parse_size(max_shard_size), data_dir=data_dir,
-        clamp_overflow=clamp_overflow, smooth_alpha=smooth_alpha, rotation_block=rotation_block,
+        clamp_overflow=clamp_overflow, smooth_alpha=smooth_alpha, rotation_block=rotation_block, given=given_options(ctx),
     )
     console = stderr_console(quiet)
     bar = progress_bar(console)

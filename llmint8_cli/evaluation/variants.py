@@ -22,7 +22,7 @@ from llmint8_cli.backends import cpu_kernels
 from llmint8_cli.checkpoint import bitsandbytes
 from llmint8_cli.checkpoint.format import is_llmint8_checkpoint, read_quantization_config, stored_rotation_block
 from llmint8_cli.checkpoint.load import load
-from llmint8_cli.checkpoint.quantize import QuantizeOptions, calibrate
+from llmint8_cli.checkpoint.quantize import QuantizeOptions, calibrate, refuse_given
 from llmint8_cli.activations import ActivationStats
 from llmint8_cli.core.methods import DEFAULT_SMOOTH_ALPHA, Method, check_rotation_block, get_method
 from llmint8_cli.core.reference import FIRST_ROTATION_BLOCK, ROTATION_BLOCK
@@ -35,6 +35,7 @@ BASELINE = "fp16"
 DEFAULT_CALIBRATION = QuantizeOptions().calib_dataset
 HELD_OUT_CALIBRATION = ("wikitext2", "ptb")  # where the default calibration text is the evaluation text (C4 offline)
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+CHOSEN_BY_FOLDER = ("calib_samples", "calib_seq_len", "calib_dataset", "smooth_alpha", "rotation_block")  # --methods and --threshold: check_request
 
 
 def shown_name(method: str, dtype: torch.dtype) -> str:
@@ -134,14 +135,14 @@ def subject(spec: str, methods: list[Method], threshold: float | None, dtype: to
     numbers are those of the folder quantize would write. `threshold` None runs each method at
     its own default. `held_out` is the evaluation text's source: calibrating on it is refused.
     """
+    request = (methods, threshold, calibration.given if calibration else frozenset())
     if is_llmint8_checkpoint(spec):
-        return _stored(spec, dtype, device, verify, held_out)
+        return _stored(spec, dtype, device, verify, request, held_out)
     if bitsandbytes.is_bitsandbytes_8bit(spec):  # evaluated as its int8 rows, converted without re-rounding
         folder = Path(tempfile.mkdtemp(prefix="llmint8-from-bitsandbytes-"))
         atexit.register(shutil.rmtree, folder, True)
         bitsandbytes.import_folder(spec, str(folder / "model"))
-        converted = _stored(str(folder / "model"), dtype, device, verify)
-        converted.label = spec
+        converted = _stored(str(folder / "model"), dtype, device, verify, request, label=spec)
         converted.notes.append(f"{spec}: a bitsandbytes 8-bit folder, evaluated through llmint8 with its int8 rows and scales as stored")
         return converted
     source = models.resolve(spec)
@@ -219,10 +220,26 @@ def calibrate_on_the_fly(base, tokenizer, options: QuantizeOptions, held_out: st
     return stats, info
 
 
-def _stored(folder: str, dtype: torch.dtype, device: torch.device, verify: bool, held_out: str | None = None) -> Subject:
+def check_request(label: str, block: dict, request: tuple[list[Method], float | None, frozenset[str]]) -> None:
+    """A stored folder is evaluated as stored: asking for another method or setting is refused in one line, never dropped."""
+    methods, threshold, given = request
+    wanted = {m.name for m in methods if m.quantized}
+    asked = [*(["--methods"] if "methods" in given and wanted != {block["method"]} else []),
+             *(["--threshold"] if "threshold" in given and threshold != block["threshold"] else [])]
+    refuse_given(given, CHOSEN_BY_FOLDER, f"{label} is a quantized folder ({block['method']}, threshold {block['threshold']:g}) evaluated as stored",
+                 "evaluate the 16-bit model it came from to compare methods or settings")
+    if asked:
+        raise InvalidArgumentError(f"{label} is a quantized folder ({block['method']}, threshold {block['threshold']:g}) evaluated as stored: "
+                                   f"{', '.join(asked)} cannot apply; evaluate the 16-bit model it came from to compare methods or settings")
+
+
+def _stored(folder: str, dtype: torch.dtype, device: torch.device, verify: bool, request, held_out: str | None = None, label: str | None = None) -> Subject:
+    """A quantized folder evaluated as stored; `label` names it in messages (a bitsandbytes folder converted into a temporary one)."""
     from transformers import AutoTokenizer
 
+    label = label or folder
     block = read_quantization_config(folder)
+    check_request(label, block, request)
     tokenizer = AutoTokenizer.from_pretrained(folder)
     quantized = load(folder, dtype=dtype, verify_files=verify).to(device)
     notes, baseline = [], None
@@ -231,10 +248,14 @@ def _stored(folder: str, dtype: torch.dtype, device: torch.device, verify: bool,
         calibration = {**calibration, "smoothing_alpha": block["smoothing"].get("alpha")}
     if held_out is not None and calibration.get("samples") and calibration.get("source") == held_out:
         notes.append(f"{folder} was calibrated on the evaluation text ({held_out}): its stored outlier columns saw this text, so the result is not held out")
-    try:
-        baseline = models.resolve(block.get("source", ""))
-    except LLMInt8Error as exc:
-        notes.append(f"16-bit baseline unavailable ({exc}); no delta reported")
+    recorded = block.get("source")
+    if not isinstance(recorded, str) or not recorded:  # never resolved against the working directory
+        notes.append(f"{label} records no 16-bit source (bitsandbytes folders do not): no 16-bit baseline, no delta reported")
+    else:
+        try:
+            baseline = models.resolve(recorded)
+        except LLMInt8Error as exc:
+            notes.append(f"16-bit baseline unavailable ({exc}); no delta reported")
 
     def generate() -> Iterator[tuple[str, torch.nn.Module]]:
         if baseline is not None:
@@ -242,7 +263,7 @@ def _stored(folder: str, dtype: torch.dtype, device: torch.device, verify: bool,
         yield block["method"], quantized
 
     parameters = parameter_report(quantized, [m for m in quantized.modules() if isinstance(m, Int8Linear)])
-    return Subject(folder, models.ModelSource("folder", str(folder)), tokenizer, quantized.config, generate(), notes, baseline, calibration=calibration, stored=True,
+    return Subject(label, models.ModelSource("folder", str(folder)), tokenizer, quantized.config, generate(), notes, baseline, calibration=calibration, stored=True,
                    rotation_block=stored_rotation_block(block) or ROTATION_BLOCK, thresholds={block["method"]: block["threshold"]}, parameters=parameters)
 
 

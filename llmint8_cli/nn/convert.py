@@ -62,8 +62,9 @@ def kept_in_16_bit(model: nn.Module) -> dict[str, int]:
 
 def parameter_report(model: nn.Module, int8_layers: Iterable[nn.Module]) -> dict:
     """How many of the model's parameters are int8, and which matrices stay 16-bit unasked (for the JSON)."""
-    total = sum(p.numel() for p in model.parameters())  # tied tensors once
+    int8_layers = list(int8_layers)
     int8 = sum(m.weight.numel() for m in int8_layers)
+    total = sum(p.numel() for p in model.parameters()) + sum(m.weight.numel() for m in int8_layers if isinstance(m, Int8Linear))  # tied once; int8 rows are buffers
     return {"total": total, "int8": int8, "int8_share": round(int8 / max(total, 1), 4), "kept_16bit": kept_in_16_bit(model)}
 
 
