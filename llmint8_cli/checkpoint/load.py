@@ -3,31 +3,17 @@ registered transformers quantizer (hf_quantizer.py) checks while it builds one."
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 
 from llmint8_cli.checkpoint.format import read_quantization_config, stored_rotation_block
-from llmint8_cli.checkpoint.manifest import is_plain_name, verifying
+from llmint8_cli.checkpoint.manifest import verify, verifying
 from llmint8_cli.checkpoint.sources import DTYPES, read_header
 from llmint8_cli.core.reference import ROTATION_BLOCK
 from llmint8_cli.errors import CheckpointError, LLMInt8Error, one_line
 from llmint8_cli.nn.convert import quantizable_layers, replace_module
 from llmint8_cli.nn.linear import Int8Linear
-
-
-def shard_files(folder: Path) -> list[Path]:
-    index = folder / "model.safetensors.index.json"
-    if not index.is_file():
-        return [folder / "model.safetensors"]
-    try:
-        names = set(json.loads(index.read_text())["weight_map"].values())
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
-        raise CheckpointError(f"{index}: not a valid safetensors index") from None
-    if not all(is_plain_name(name) for name in names):
-        raise CheckpointError(f"{index}: a shard name is not a file name inside the folder")
-    return [folder / name for name in sorted(names)]
 
 
 def stored_tensors(files: list[Path]) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
@@ -64,9 +50,10 @@ def install_shells(model, block: dict, stored: dict[str, tuple[tuple[int, ...], 
             if not tensor.is_floating_point() and stored[f"{name}.{key}"][1] != tensor.dtype:
                 raise CheckpointError(f"{where}: tensor {name}.{key} is {stored[f'{name}.{key}'][1]}, the format stores {tensor.dtype}")
     tied = getattr(model, "all_tied_weights_keys", None) or {}  # {alias: the tensor stored once}
+    missing = [key for key, _ in model.named_parameters() if key not in stored and key not in tied]  # buffers: transformers may rebuild them
+    if missing:
+        raise CheckpointError(f"{where}: tensor {missing[0]} missing from the checkpoint")
     for key, tensor in model.state_dict().items():
-        if key not in stored and key not in tied:
-            raise CheckpointError(f"{where}: tensor {key} missing from the checkpoint")
         if key in stored and stored[key][0] != tuple(tensor.shape):
             raise CheckpointError(f"{where}: tensor {key} has shape {list(stored[key][0])}, the model built from config.json needs {list(tensor.shape)}")
 
@@ -95,7 +82,9 @@ def load(path, device_map=None, dtype: torch.dtype | None = None, verify_files: 
     block = read_quantization_config(folder)
     if block is None:
         raise CheckpointError(f"{folder}: not an llmint8 checkpoint (no quantization_config with quant_method 'llmint8' in config.json)")
-    with verifying(verify_files):
+    if verify_files:  # before transformers reads the config, the index or a shard
+        verify(folder)
+    with verifying(False):  # checked already
         try:
             model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype or getattr(torch, block["dtype"]), device_map=device_map, max_memory=max_memory)
         except LLMInt8Error:

@@ -92,9 +92,8 @@ def matches(path: Path, entry: dict) -> bool:
 def verify(folder: Path) -> None:
     """Refuse a folder unless every file in it is listed and every listed file is there, unchanged."""
     files = read_manifest(folder)
-    for required in ("config.json",):
-        if required not in files:
-            raise CheckpointError(f"{folder / MANIFEST}: lists no {required}; the manifest must cover every file a loader reads")
+    if "config.json" not in files:
+        raise CheckpointError(f"{folder / MANIFEST}: lists no config.json; the manifest must cover every file a loader reads")
     for path in sorted(folder.iterdir()):
         if path.name != MANIFEST and path.is_file() and path.name not in files:
             raise CheckpointError(f"{path}: not listed in {MANIFEST} (added after the folder was written?); {NO_VERIFY_HINT}")
