@@ -23,6 +23,12 @@ from llmint8_cli.core.reference import Quantized
 
 TYPES = {torch.float16: "__half", torch.bfloat16: "__nv_bfloat16", torch.float32: "float"}
 TEMPLATED = ("detect_outlier_columns", "quantize_rows", "epilogue")
+KERNEL_NAMES = (*(f"{kernel}<{t}>" for kernel in TEMPLATED for t in TYPES.values()), "compact_columns", "int8_gemm_wmma")  # every instantiation
+COMPILE_OPTIONS = ("-std=c++17",)
+
+
+def kernel_source() -> str:
+    return (resources.files("llmint8_cli.kernels") / "cuda" / "llmint8.cu").read_text()
 
 
 def is_available() -> bool:
@@ -39,9 +45,7 @@ def is_available() -> bool:
 def module():
     import cupy
 
-    source = (resources.files("llmint8_cli.kernels") / "cuda" / "llmint8.cu").read_text()
-    names = [f"{kernel}<{t}>" for kernel in TEMPLATED for t in TYPES.values()] + ["compact_columns", "int8_gemm_wmma"]
-    return cupy.RawModule(code=source, options=("-std=c++17",), name_expressions=names)
+    return cupy.RawModule(code=kernel_source(), options=COMPILE_OPTIONS, name_expressions=list(KERNEL_NAMES))
 
 
 def kernel(name: str, dtype: torch.dtype | None = None):
