@@ -97,12 +97,13 @@ def int8_and_bitsandbytes(tmp_path, text_file):
         ("eval-ppl", "int8", ["--methods", "vectorwise", "--threshold", "3"], "evaluated as stored: --methods, --threshold cannot apply"),
         ("eval-ppl", "int8", ["--calib-samples", "4"], "--calib-samples cannot apply"),
         ("eval-zeroshot", "bnb", ["--methods", "llm.int8-zp"], "--methods cannot apply"),
+        ("generate", "int8", ["--method", "vectorwise"], "run as stored: --method cannot apply"),
     ],
 )
 def test_options_a_quantized_source_leaves_no_room_for_are_refused(int8_and_bitsandbytes, tmp_path, command, folder, options, words):
     int8, bnb = int8_and_bitsandbytes
     source = int8 if folder == "int8" else bnb
-    extra = [tmp_path / "out"] if command == "quantize" else []
+    extra = {"quantize": [tmp_path / "out"], "generate": ["The quick"]}.get(command, [])
     result = RUNNER.invoke(app, [command, str(source), *map(str, extra), *options, "-q"])
     assert result.exit_code == 2 and result.stderr.count("\n") == 1 and words in result.stderr, result.stderr
     assert not (tmp_path / "out").exists()

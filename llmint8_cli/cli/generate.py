@@ -9,23 +9,29 @@ import torch
 import typer
 
 from llmint8_cli import models
-from llmint8_cli.checkpoint.format import is_llmint8_checkpoint
+from llmint8_cli.checkpoint.format import is_llmint8_checkpoint, read_quantization_config
 from llmint8_cli.checkpoint.load import load
-from llmint8_cli.cli.common import ComputeDtype, Device, NoVerify, Quiet, Threshold, command, emit_json, stderr_console
+from llmint8_cli.cli.common import ComputeDtype, Device, NoVerify, Quiet, Threshold, command, emit_json, given_options, stderr_console
 from llmint8_cli.core.methods import DEFAULT_METHOD, get_method
 from llmint8_cli.errors import InvalidArgumentError
 from llmint8_cli.evaluation import variants
 from llmint8_cli.nn.convert import quantize_model
 
 
-def load_for_generation(spec: str, method: str, threshold: float | None, dtype: torch.dtype, device: torch.device, verify: bool):
-    """(model, tokenizer, method and threshold that run): an llmint8 folder as stored, a 16-bit model quantized on the fly."""
+def load_for_generation(spec: str, method: str, threshold: float | None, dtype: torch.dtype, device: torch.device, verify: bool,
+                        given: frozenset[str] = frozenset()):
+    """(model, tokenizer, method and threshold that run): an llmint8 folder as stored (asking it
+    for another method or threshold is refused), a 16-bit model quantized on the fly."""
     if is_llmint8_checkpoint(spec):
         from transformers import AutoTokenizer
 
+        block = read_quantization_config(spec)
+        asked = [f"--{name}" for name, value in (("method", method), ("threshold", threshold)) if name in given and value != block[name]]
+        if asked:
+            raise InvalidArgumentError(f"{spec} is a quantized folder ({block['method']}, threshold {block['threshold']:g}) run as stored: "
+                                       f"{', '.join(asked)} cannot apply; generate from the 16-bit model it came from to try another")
         model = load(spec, dtype=dtype, verify_files=verify)
-        block = model.config.quantization_config
-        return model.to(device), AutoTokenizer.from_pretrained(spec), block.method, block.threshold
+        return model.to(device), AutoTokenizer.from_pretrained(spec), block["method"], block["threshold"]
     source = models.resolve(spec)
     threshold = get_method(method).threshold_or_default(threshold)
     model = quantize_model(models.load_model(source, dtype=dtype), method, threshold)
@@ -34,6 +40,7 @@ def load_for_generation(spec: str, method: str, threshold: float | None, dtype: 
 
 @command
 def generate(
+    ctx: typer.Context,
     model: Annotated[str, typer.Argument(help="An llmint8 folder or a 16-bit model (folder, .gguf, alias, short name or Hub id).")],
     prompt: Annotated[str, typer.Argument(help="The text to continue.")],
     max_new_tokens: Annotated[int, typer.Option(min=1, help="Tokens to generate at most (fewer if the model ends the text).")] = 32,
@@ -54,7 +61,7 @@ def generate(
     run_device = variants.resolve_device(device)
     run_dtype = variants.resolve_dtype(dtype, run_device, inference=True)
     with console.status(f"loading {model}"):
-        network, tokenizer, ran, threshold = load_for_generation(model, method, threshold, run_dtype, run_device, not no_verify)
+        network, tokenizer, ran, threshold = load_for_generation(model, method, threshold, run_dtype, run_device, not no_verify, given_options(ctx))
     ids = tokenizer(prompt, return_tensors="pt").input_ids.to(run_device)
     limit = models.context_length(network.config)
     if limit is not None and ids.shape[1] + max_new_tokens > limit:
