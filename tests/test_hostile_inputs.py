@@ -242,6 +242,8 @@ TAMPERING = {
     "weight_scale missing": (drop_weight_scale, "does not match the manifest"),
     "a file added": (lambda folder: (folder / "tokenizer.json").write_text("{}"), "not listed in llmint8_manifest.json"),
     "a manifest that lists nothing": (lambda folder: (folder / MANIFEST).write_text('{"format_version": 1, "files": {}}'), "lists no config.json"),
+    "a manifest entry of the wrong type": (lambda folder: (folder / MANIFEST).write_text(
+        (folder / MANIFEST).read_text().replace('"size": ', '"size": "', 1).replace(',\n   "sha256"', '",\n   "sha256"', 1)), "needs a non-negative integer size"),
 }
 
 
