@@ -108,7 +108,7 @@ def verify(folder: Path) -> None:
 def foreign_entry(folder: Path) -> str | None:
     """The first entry of `folder` that is not a file its manifest lists unchanged (None: all ours,
     or the folder is empty), with why: `--force` may remove a folder only when this is None."""
-    entries = sorted(folder.iterdir())
+    entries = sorted(folder.iterdir(), key=lambda path: (path.name == MANIFEST, path.name))  # a user's own entry named first
     if not entries:
         return None
     try:
@@ -119,7 +119,7 @@ def foreign_entry(folder: Path) -> str | None:
         if path.name == MANIFEST and files is not None:
             continue
         if files is None:
-            return f"{path} (the folder has no valid {MANIFEST})"
+            return f"{path} (not an llmint8 manifest)" if path.name == MANIFEST else f"{path} (the folder has no valid {MANIFEST})"
         mode = path.lstat().st_mode
         if not stat.S_ISREG(mode):
             return f"{path} (not a plain file)"
