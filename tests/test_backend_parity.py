@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from llmint8_cli.backends import available_backends, cpu_kernels
+from llmint8_cli.backends.cuda import CudaBackend
 from llmint8_cli.core import METHODS, get_method
 from llmint8_cli.core import reference as R
 
@@ -65,9 +66,46 @@ def quantized(w, method, stored, x):
 @pytest.mark.parametrize("method_name", QUANTIZED)
 @pytest.mark.parametrize("pattern", PATTERNS)
 def test_backend_matches_reference(backend, method_name, pattern):
+    assert_matches_reference(backend, method_name, pattern, SHAPES, (6.0, 1.5))
+
+
+def emulated_cuda():
+    """The CUDA backend with llmint8.cu's kernels run on the CPU (None where they do not build here)."""
+    from llmint8_cli.backends.cuda_emulated import EmulatedCudaBackend, emulator
+
+    try:
+        emulator()
+    except Exception as exc:  # no compiler: the GPU run of the parity suite still covers the kernels
+        pytest.skip(f"the CUDA kernels do not build for the CPU here ({type(exc).__name__})")
+    return EmulatedCudaBackend()
+
+
+FUSED = [name for name in QUANTIZED if CudaBackend.fused(get_method(name))]
+# all columns outliers (a tiny threshold), none, a few; widths that are not multiples of 16
+EMULATED_SHAPES = [((1,), 1, 1), ((7,), 33, 5), ((2, 8), 64, 172), ((3, 5), 256, 96)]
+
+
+@pytest.mark.parametrize("method_name", FUSED)
+@pytest.mark.parametrize("pattern", PATTERNS)
+def test_cuda_kernels_run_on_the_cpu_match_the_reference(method_name, pattern):
+    """Every CUDA kernel, compiled as C++ with CUDA's semantics emulated (kernels/cuda/cpu_emulation.h);
+    the int8 product through cuBLASLt's stand-in here, the WMMA kernel in the test below."""
+    assert_matches_reference(emulated_cuda(), method_name, pattern, EMULATED_SHAPES, (6.0, 1e-6) if pattern == "runtime" else (6.0,))
+
+
+def test_the_emulated_wmma_gemm_is_exact(monkeypatch):
+    monkeypatch.setenv("LLMINT8_CUDA_GEMM", "wmma")
+    backend, g = emulated_cuda(), torch.Generator().manual_seed(0)
+    for m, k, n in [(32, 64, 48), (16, 16, 16), (48, 32, 16)]:
+        a = torch.randint(-127, 128, (m, k), generator=g, dtype=torch.int8)
+        w = torch.randint(-127, 128, (n, k), generator=g, dtype=torch.int8)
+        assert torch.equal(backend.int8_gemm(a, w).long(), a.long() @ w.long().T), (m, k, n)
+
+
+def assert_matches_reference(backend, method_name, pattern, shapes, thresholds):
     method = get_method(method_name)
-    for case, (lead, k, n) in enumerate(SHAPES):
-        for threshold in (6.0, 1.5):
+    for case, (lead, k, n) in enumerate(shapes):
+        for threshold in thresholds:
             for dtype in DTYPES:
                 x, w, bias, stored = make_case(lead, k, n, dtype, pattern, seed=case)
                 qweight = quantized(w, method, stored, x)

@@ -50,11 +50,10 @@ class CpuBackend(Backend):
     def supports(self, device: torch.device) -> bool:
         return device.type == "cpu"
 
-    @staticmethod
-    def _native_for(tensor: torch.Tensor, granularity: str | None, method: Method):
+    def _native_for(self, tensor: torch.Tensor, granularity: str | None, method: Method):
         """The native kernels when they can take this call (CPU tensor, per-row absmax maps), else None."""
         native = native_kernels()
-        usable = native is not None and tensor.device.type == "cpu" and granularity == "row" and not method.zeropoint
+        usable = native is not None and self.packs_for_cpu(tensor.device) and granularity == "row" and not method.zeropoint
         return native if usable else None
 
     def quantize_weight(self, weight: torch.Tensor, method: Method, outlier_idx: torch.Tensor | None = None, smooth: torch.Tensor | None = None,
@@ -72,10 +71,14 @@ class CpuBackend(Backend):
             raise InvalidWeightError(reference.NONFINITE_WEIGHT)
         return QuantizedWeight(Quantized(q, scale, None), idx, weight.detach()[:, idx].contiguous(), smooth)
 
+    def packs_for_cpu(self, device: torch.device) -> bool:
+        """Whether prepared weights take a CPU GEMM's layout (the CUDA backend keeps int8 rows as they are)."""
+        return device.type == "cpu"
+
     def prepare(self, qweight: QuantizedWeight, method: Method) -> PreparedWeight:
         """The fused row-wise linear may take a float32 product; the others need int32 sums."""
         q = qweight.int8
-        on_cpu = q.q.device.type == "cpu"
+        on_cpu = self.packs_for_cpu(q.q.device)
         gemm = cpu_kernels.choose(tuple(q.q.shape), int32=self._native_for(q.q, method.activation, method) is None) if on_cpu else None
         row_sum = q.q.sum(dim=1, dtype=torch.int32)
         k, stored = q.q.shape[1], qweight.outlier_idx

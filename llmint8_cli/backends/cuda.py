@@ -52,42 +52,38 @@ def kernel(name: str, dtype: torch.dtype | None = None):
     return module().get_function(f"{name}<{TYPES[dtype]}>" if dtype is not None else name)
 
 
-def as_cupy(tensor: torch.Tensor):
-    import cupy
-
-    return cupy.from_dlpack(tensor.detach())
-
-
-def launch(name: str, grid: int, block: int, args: tuple, dtype: torch.dtype | None = None) -> None:
-    import cupy
-
-    converted = tuple(as_cupy(a) if isinstance(a, torch.Tensor) else a for a in args)
-    with cupy.cuda.ExternalStream(torch.cuda.current_stream().cuda_stream):
-        kernel(name, dtype)((max(grid, 1),), (block,), converted)
-
-
-def int8_gemm(a: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """Exact int32 A[m, k] W[n, k]^T on the GPU: WMMA, cuBLASLt, or float64 for odd shapes."""
-    import numpy as np
-
-    m, k = a.shape
-    n = w.shape[0]
-    choice = os.environ.get("LLMINT8_CUDA_GEMM", "cublaslt")
-    if choice == "wmma" and m % 16 == 0 and n % 16 == 0 and k % 16 == 0 and m * n:
-        out = torch.empty(m, n, dtype=torch.int32, device=a.device)
-        warps = (m // 16) * (n // 16)
-        launch("int8_gemm_wmma", (warps * 32 + 127) // 128, 128, (a.contiguous(), w, out, np.int32(m), np.int32(n), np.int32(k)))
-        return out
-    if m > 16 and k % 8 == 0 and n % 8 == 0:
-        return torch._int_mm(a.contiguous(), w.t())
-    return (a.double() @ w.double().t()).to(torch.int32)  # exact: |sum| < 2^53
-
-
 class CudaBackend(CpuBackend):
     name = "cuda"
 
     def supports(self, device: torch.device) -> bool:
         return device.type == "cuda"
+
+    def packs_for_cpu(self, device: torch.device) -> bool:
+        return False
+
+    def launch(self, name: str, grid: int, block: int, args: tuple, dtype: torch.dtype | None = None) -> None:
+        """A kernel of llmint8.cu on the current stream; tensors go to CuPy through DLPack."""
+        import cupy
+
+        converted = tuple(cupy.from_dlpack(a.detach()) if isinstance(a, torch.Tensor) else a for a in args)
+        with cupy.cuda.ExternalStream(torch.cuda.current_stream().cuda_stream):
+            kernel(name, dtype)((max(grid, 1),), (block,), converted)
+
+    def int8_gemm(self, a: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        """Exact int32 A[m, k] W[n, k]^T: WMMA, cuBLASLt, or float64 for odd shapes."""
+        import numpy as np
+
+        m, k = a.shape
+        n = w.shape[0]
+        choice = os.environ.get("LLMINT8_CUDA_GEMM", "cublaslt")
+        if choice == "wmma" and m % 16 == 0 and n % 16 == 0 and k % 16 == 0 and m * n:
+            out = torch.empty(m, n, dtype=torch.int32, device=a.device)
+            warps = (m // 16) * (n // 16)
+            self.launch("int8_gemm_wmma", (warps * 32 + 127) // 128, 128, (a.contiguous(), w, out, np.int32(m), np.int32(n), np.int32(k)))
+            return out
+        if m > 16 and k % 8 == 0 and n % 8 == 0:
+            return torch._int_mm(a.contiguous(), w.t())
+        return (a.double() @ w.double().t()).to(torch.int32)  # exact: |sum| < 2^53
 
     @staticmethod
     def fused(method: Method) -> bool:
@@ -102,13 +98,13 @@ class CudaBackend(CpuBackend):
         flags = torch.zeros(k, dtype=torch.int32, device=x.device)
         flags[stored_idx] = 1
         limit = threshold if method.decomposition else float("inf")
-        launch("detect_outlier_columns", min((m * k + 255) // 256, 65535), 256, (x, np.int64(m), np.int32(k), np.float32(limit), flags), x.dtype)
+        self.launch("detect_outlier_columns", min((m * k + 255) // 256, 65535), 256, (x, np.int64(m), np.int32(k), np.float32(limit), flags), x.dtype)
         idx = torch.empty(k, dtype=torch.int32, device=x.device)
         count = torch.zeros(1, dtype=torch.int32, device=x.device)
-        launch("compact_columns", 1, 1024, (flags, np.int32(k), idx, count))
+        self.launch("compact_columns", 1, 1024, (flags, np.int32(k), idx, count))
         q = torch.empty(m, k, dtype=torch.int8, device=x.device)
         scale = torch.empty(m, dtype=torch.float32, device=x.device)
-        launch("quantize_rows", m, 256, (x, np.int32(k), flags, q, scale), x.dtype)
+        self.launch("quantize_rows", m, 256, (x, np.int32(k), flags, q, scale), x.dtype)
         return Quantized(q, scale, None), idx, count, x
 
     def quantize_activations(self, x: torch.Tensor, method: Method, threshold: float, stored_idx: torch.Tensor, groups: int = 1,
@@ -121,7 +117,7 @@ class CudaBackend(CpuBackend):
     def int8_accumulate(self, qx: Quantized, prepared: PreparedWeight) -> torch.Tensor:
         if qx.zero is not None or prepared.zero is not None:
             return super().int8_accumulate(qx, prepared)
-        return int8_gemm(qx.q, prepared.packed)
+        return self.int8_gemm(qx.q, prepared.packed)
 
     def linear_call(self, x: torch.Tensor, prepared: PreparedWeight, method: Method, threshold: float, bias: torch.Tensor | None) -> torch.Tensor:
         import numpy as np
@@ -131,12 +127,12 @@ class CudaBackend(CpuBackend):
         k = x.shape[-1]
         x2 = reference.smooth_activations(x.reshape(-1, k), prepared.qweight.smooth)  # X · m in fp32, one pass before the kernels
         qx, idx, count, x_dev = self._quantize_on_device(x2, method, threshold, prepared.qweight.outlier_idx)
-        acc = int8_gemm(qx.q, prepared.packed)
+        acc = self.int8_gemm(qx.q, prepared.packed)
         m, n = acc.shape
         out = torch.empty(m, n, dtype=x_dev.dtype, device=x.device)
         w_out = prepared.qweight.outlier_weight.to(x_dev.dtype).contiguous()
         bias_arg = bias.to(x_dev.dtype).contiguous() if bias is not None else out
-        launch(
+        self.launch(
             "epilogue", (m * n + 255) // 256, 256,
             (acc, qx.scale, prepared.scale, x_dev, idx, count, prepared.stored_pos, w_out, np.int32(w_out.shape[1]),
              prepared.packed, bias_arg, np.int32(bias is not None), np.int64(m), np.int32(n), np.int32(k), out),

@@ -1,0 +1,41 @@
+"""The CUDA backend with llmint8.cu's kernels run on the CPU, for the parity suite without a GPU.
+
+The same Python as `CudaBackend` and the very kernel source, compiled as C++ against
+kernels/cuda/cpu_emulation.h (CUDA's execution semantics: blocks of fiber threads, barriers,
+warp shuffles, 16-bit conversions to nearest even, WMMA tiles as loops). It is slow and only for
+tests: `backend_for` never picks it.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+from importlib import resources
+
+import torch
+
+from llmint8_cli.backends.cuda import TYPES, CudaBackend
+
+
+@functools.cache
+def emulator():
+    """The compiled extension (torch's extension cache, about 30 s the first time on a machine)."""
+    from torch.utils import cpp_extension
+
+    folder = resources.files("llmint8_cli.kernels") / "cuda"
+    files = [folder / "cpu_launch.cpp", folder / "cpu_emulation.h", folder / "llmint8.cu", *(folder / "emulated").iterdir()]
+    digest = hashlib.sha256(b"".join(f.read_bytes() for f in sorted(files, key=str)) + torch.__version__.encode()).hexdigest()[:12]
+    return cpp_extension.load(
+        name=f"llmint8_cuda_on_cpu_{digest}", sources=[str(folder / "cpu_launch.cpp")],
+        extra_include_paths=[str(folder), str(folder / "emulated")], extra_cflags=["-O1", "-std=c++17", "-ffp-contract=off"], verbose=False,
+    )
+
+
+class EmulatedCudaBackend(CudaBackend):
+    name = "cuda-emulated"
+
+    def supports(self, device: torch.device) -> bool:
+        return device.type == "cpu"
+
+    def launch(self, name: str, grid: int, block: int, args: tuple, dtype: torch.dtype | None = None) -> None:
+        emulator().launch(f"{name}<{TYPES[dtype]}>" if dtype is not None else name, max(grid, 1), block, tuple(args))
