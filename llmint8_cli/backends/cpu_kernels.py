@@ -71,17 +71,21 @@ def native_build() -> tuple[list[str], list[str], str]:
     return [str(s) for s in sources], flags, f"llmint8_cpu_kernels_{digest}"
 
 
+def load_extension(what: str, name: str, sources: list[str], **options):
+    """torch's cpp_extension.load, saying so on stderr when it compiles (a minute of silence would look like a hang)."""
+    from torch.utils import cpp_extension
+
+    if not (Path(cpp_extension._get_build_directory(name, verbose=False)) / f"{name}.so").is_file():
+        print(f"llmint8: compiling {what} (once per machine and version, about 30-60 s)", file=sys.stderr, flush=True)
+    return cpp_extension.load(name=name, sources=sources, verbose=False, **options)
+
+
 @functools.cache
 def native_kernels():
     """The compiled extension module (GEMM, activation quantization, epilogue), or None."""
     try:
-        from torch.utils import cpp_extension
-
         sources, flags, name = native_build()
-        built = Path(cpp_extension._get_build_directory(name, verbose=False)) / f"{name}.so"
-        if not built.is_file():  # a minute of silence would look like a hang
-            print("llmint8: compiling the CPU kernels (once per machine and version, about 30-60 s)", file=sys.stderr, flush=True)
-        return cpp_extension.load(name=name, sources=sources, extra_cflags=flags, verbose=False)
+        return load_extension("the CPU kernels", name, sources, extra_cflags=flags)
     except Exception as exc:  # no compiler, no ninja, read-only cache...
         print(f"llmint8: native CPU kernels unavailable ({type(exc).__name__}); using oneDNN and the torch reference", file=sys.stderr)
         return None

@@ -14,20 +14,19 @@ from importlib import resources
 
 import torch
 
+from llmint8_cli.backends.cpu_kernels import load_extension
 from llmint8_cli.backends.cuda import TYPES, CudaBackend
 
 
 @functools.cache
 def emulator():
     """The compiled extension (torch's extension cache, about 30 s the first time on a machine)."""
-    from torch.utils import cpp_extension
-
     folder = resources.files("llmint8_cli.kernels") / "cuda"
     files = [folder / "cpu_launch.cpp", folder / "cpu_emulation.h", folder / "llmint8.cu", *(folder / "emulated").iterdir()]
     digest = hashlib.sha256(b"".join(f.read_bytes() for f in sorted(files, key=str)) + torch.__version__.encode()).hexdigest()[:12]
-    return cpp_extension.load(
-        name=f"llmint8_cuda_on_cpu_{digest}", sources=[str(folder / "cpu_launch.cpp")],
-        extra_include_paths=[str(folder), str(folder / "emulated")], extra_cflags=["-O1", "-std=c++17", "-ffp-contract=off"], verbose=False,
+    return load_extension(
+        "the CUDA kernels for the CPU emulation", f"llmint8_cuda_on_cpu_{digest}", [str(folder / "cpu_launch.cpp")],
+        extra_include_paths=[str(folder), str(folder / "emulated")], extra_cflags=["-O1", "-std=c++17", "-ffp-contract=off"],
     )
 
 
