@@ -93,10 +93,12 @@ def test_cuda_kernels_run_on_the_cpu_match_the_reference(method_name, pattern):
     assert_matches_reference(emulated_cuda(), method_name, pattern, EMULATED_SHAPES, (6.0, 1e-6) if pattern == "runtime" else (6.0,))
 
 
-def test_the_emulated_wmma_gemm_is_exact(monkeypatch):
-    monkeypatch.setenv("LLMINT8_CUDA_GEMM", "wmma")
+@pytest.mark.parametrize("gemm", ["cublaslt", "wmma"])
+def test_the_cuda_int8_gemm_is_exact_for_every_row_count(monkeypatch, gemm):
+    """A decode step's few rows (padded to 32 for cuBLASLt), the WMMA kernel's 16-multiples, odd widths (float64)."""
+    monkeypatch.setenv("LLMINT8_CUDA_GEMM", gemm)
     backend, g = emulated_cuda(), torch.Generator().manual_seed(0)
-    for m, k, n in [(32, 64, 48), (16, 16, 16), (48, 32, 16)]:
+    for m, k, n in [(1, 64, 48), (16, 64, 48), (17, 64, 48), (32, 64, 48), (16, 16, 16), (48, 32, 16), (5, 33, 8), (0, 64, 8)]:
         a = torch.randint(-127, 128, (m, k), generator=g, dtype=torch.int8)
         w = torch.randint(-127, 128, (n, k), generator=g, dtype=torch.int8)
         assert torch.equal(backend.int8_gemm(a, w).long(), a.long() @ w.long().T), (m, k, n)

@@ -25,6 +25,7 @@ TYPES = {torch.float16: "__half", torch.bfloat16: "__nv_bfloat16", torch.float32
 TEMPLATED = ("detect_outlier_columns", "quantize_rows", "epilogue")
 KERNEL_NAMES = (*(f"{kernel}<{t}>" for kernel in TEMPLATED for t in TYPES.values()), "compact_columns", "int8_gemm_wmma")  # every instantiation
 COMPILE_OPTIONS = ("-std=c++17",)
+CUBLASLT_MIN_ROWS, PADDED_ROWS = 16, 32  # torch._int_mm on CUDA takes more than 16 rows
 
 
 def kernel_source() -> str:
@@ -70,7 +71,9 @@ class CudaBackend(CpuBackend):
             kernel(name, dtype)((max(grid, 1),), (block,), converted)
 
     def int8_gemm(self, a: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-        """Exact int32 A[m, k] W[n, k]^T: WMMA, cuBLASLt, or float64 for odd shapes."""
+        """Exact int32 A[m, k] W[n, k]^T: WMMA, or cuBLASLt through torch._int_mm for every m (a
+        decode step's rows padded to 32, which cuBLASLt needs: decoding reads all of W anyway, so
+        the padding costs nothing), or float64 where k or n is not a multiple of 8."""
         import numpy as np
 
         m, k = a.shape
@@ -81,8 +84,12 @@ class CudaBackend(CpuBackend):
             warps = (m // 16) * (n // 16)
             self.launch("int8_gemm_wmma", (warps * 32 + 127) // 128, 128, (a.contiguous(), w, out, np.int32(m), np.int32(n), np.int32(k)))
             return out
-        if m > 16 and k % 8 == 0 and n % 8 == 0:
-            return torch._int_mm(a.contiguous(), w.t())
+        if k % 8 == 0 and n % 8 == 0 and m:
+            if m > CUBLASLT_MIN_ROWS:
+                return torch._int_mm(a.contiguous(), w.t())
+            padded = torch.zeros(PADDED_ROWS, k, dtype=torch.int8, device=a.device)
+            padded[:m] = a
+            return torch._int_mm(padded, w.t())[:m]
         return (a.double() @ w.double().t()).to(torch.int32)  # exact: |sum| < 2^53
 
     @staticmethod
