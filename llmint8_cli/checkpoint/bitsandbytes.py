@@ -151,6 +151,13 @@ def export(folder: str, dest: str, force: bool = False, max_shard_bytes: int = 2
     }
 
 
+def converted_method(block: dict) -> tuple[str, float]:
+    """(llmint8 method, threshold) a bitsandbytes 8-bit folder converts to: its decomposition
+    threshold if it has one (llm.int8), else vectorwise (stored with the paper's 6.0)."""
+    threshold = float(block.get("llm_int8_threshold") or 0.0)
+    return ("llm.int8", threshold) if threshold > 0 else ("vectorwise", 6.0)
+
+
 def check_layer(src: Path, tensors, layer: str) -> None:
     """A bitsandbytes layer's tensors as bitsandbytes writes them, from the headers: int8 [out, in]
     rows, floating SCB [out] and a scalar weight_format; the values are checked as they are read."""
@@ -180,8 +187,8 @@ def import_folder(folder: str, out: str, force: bool = False, max_shard_bytes: i
     out_path = check_output(Path(out).expanduser().absolute(), src, force)
     stated = json.loads((src / "config.json").read_text()).get("dtype")
     dtype = torch.bfloat16 if stated == "bfloat16" else torch.float16
-    threshold = float(block.get("llm_int8_threshold") or 0.0)
-    method = get_method("llm.int8" if threshold > 0 else "vectorwise")
+    name, threshold = converted_method(block)
+    method = get_method(name)
     groups, clamped = [], []
     for key in tensors.keys():
         layer, _, leaf = key.rpartition(".")
@@ -211,13 +218,13 @@ def import_folder(folder: str, out: str, force: bool = False, max_shard_bytes: i
     config = json.loads((src / "config.json").read_text())
     calibration = {"samples": 0, "note": "converted from a bitsandbytes 8-bit folder: int8 rows kept, no stored outlier columns (bitsandbytes keeps none)"}
     config["quantization_config"] = {
-        **fmt.quantization_config(method.name, threshold or 6.0, [], layers, dtype, calibration), "source": "",
+        **fmt.quantization_config(method.name, threshold, [], layers, dtype, calibration), "source": "",
     }
     config["dtype"] = str(dtype).removeprefix("torch.")
     write_folder(out_path, force, groups, config, src, max_shard_bytes)
     return {
         "source": str(src), "output": str(out_path), "format": "llmint8", "from": "bitsandbytes", "method": method.name,
-        "threshold": threshold or 6.0, "dtype": str(dtype).removeprefix("torch."), "quantized_layers": len(layers),
+        "threshold": threshold, "dtype": str(dtype).removeprefix("torch."), "quantized_layers": len(layers),
         "size_bytes": sum(p.stat().st_size for p in out_path.iterdir()), "clamped_tensors": clamped,
         "notes": ["int8 rows and scales kept as bitsandbytes stored them (scale = SCB / 127); outlier columns are found at run time, as bitsandbytes does"],
     }

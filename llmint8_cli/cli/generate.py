@@ -26,10 +26,7 @@ def load_for_generation(spec: str, method: str, threshold: float | None, dtype: 
         from transformers import AutoTokenizer
 
         block = read_quantization_config(spec)
-        asked = [f"--{name}" for name, value in (("method", method), ("threshold", threshold)) if name in given and value != block[name]]
-        if asked:
-            raise InvalidArgumentError(f"{spec} is a quantized folder ({block['method']}, threshold {block['threshold']:g}) run as stored: "
-                                       f"{', '.join(asked)} cannot apply; generate from the 16-bit model it came from to try another")
+        variants.check_request(spec, block, given, {method}, threshold, "method", "run as stored", "generate from the 16-bit model it came from to try another")
         model = load(spec, dtype=dtype, verify_files=verify)
         return model.to(device), AutoTokenizer.from_pretrained(spec), block["method"], block["threshold"]
     source = models.resolve(spec)

@@ -62,10 +62,10 @@ def check_plot_path(path: Path, force: bool) -> None:
         raise InvalidArgumentError(f"--plot {path}: the folder {folder} does not exist")
     if not os.access(folder, os.W_OK | os.X_OK):
         raise InvalidArgumentError(f"--plot {path}: the folder {folder} is not writable")
-    if os.path.lexists(path) and not force:
-        raise OutputExistsError(f"--plot {path} exists already; pass --force to replace it")
     if path.is_dir():
         raise InvalidArgumentError(f"--plot {path} is a folder")
+    if os.path.lexists(path) and not force:
+        raise OutputExistsError(f"--plot {path} exists already; pass --force to replace it")
 
 
 @command

@@ -135,14 +135,18 @@ def subject(spec: str, methods: list[Method], threshold: float | None, dtype: to
     numbers are those of the folder quantize would write. `threshold` None runs each method at
     its own default. `held_out` is the evaluation text's source: calibrating on it is refused.
     """
-    request = (methods, threshold, calibration.given if calibration else frozenset())
+    given = calibration.given if calibration else frozenset()
+    wanted = {m.name for m in methods if m.quantized}
     if is_llmint8_checkpoint(spec):
-        return _stored(spec, dtype, device, verify, request, held_out)
+        check_request(spec, read_quantization_config(spec), given, wanted, threshold)
+        return _stored(spec, dtype, device, verify, held_out)
     if bitsandbytes.is_bitsandbytes_8bit(spec):  # evaluated as its int8 rows, converted without re-rounding
+        method, stored_threshold = bitsandbytes.converted_method(bitsandbytes.read_block(Path(spec)))
+        check_request(spec, {"method": method, "threshold": stored_threshold}, given, wanted, threshold)  # before a conversion of minutes
         folder = Path(tempfile.mkdtemp(prefix="llmint8-from-bitsandbytes-"))
         atexit.register(shutil.rmtree, folder, True)
         bitsandbytes.import_folder(spec, str(folder / "model"))
-        converted = _stored(str(folder / "model"), dtype, device, verify, request, label=spec)
+        converted = _stored(str(folder / "model"), dtype, device, verify, label=spec)
         converted.notes.append(f"{spec}: a bitsandbytes 8-bit folder, evaluated through llmint8 with its int8 rows and scales as stored")
         return converted
     source = models.resolve(spec)
@@ -220,26 +224,24 @@ def calibrate_on_the_fly(base, tokenizer, options: QuantizeOptions, held_out: st
     return stats, info
 
 
-def check_request(label: str, block: dict, request: tuple[list[Method], float | None, frozenset[str]]) -> None:
-    """A stored folder is evaluated as stored: asking for another method or setting is refused in one line, never dropped."""
-    methods, threshold, given = request
-    wanted = {m.name for m in methods if m.quantized}
-    asked = [*(["--methods"] if "methods" in given and wanted != {block["method"]} else []),
+def check_request(label: str, block: dict, given: frozenset[str], wanted: set[str], threshold: float | None, method_option: str = "methods",
+                  use: str = "evaluated as stored", instead: str = "evaluate the 16-bit model it came from to compare methods or settings") -> None:
+    """A quantized folder is used as stored: asking it for another method (`wanted`), threshold or
+    calibration setting is refused in one line, never dropped (`given`: the options a user typed)."""
+    what = f"{label} is a quantized folder ({block['method']}, threshold {block['threshold']:g}) {use}"
+    refuse_given(given, CHOSEN_BY_FOLDER, what, instead)
+    asked = [*([f"--{method_option}"] if method_option in given and wanted != {block["method"]} else []),
              *(["--threshold"] if "threshold" in given and threshold != block["threshold"] else [])]
-    refuse_given(given, CHOSEN_BY_FOLDER, f"{label} is a quantized folder ({block['method']}, threshold {block['threshold']:g}) evaluated as stored",
-                 "evaluate the 16-bit model it came from to compare methods or settings")
     if asked:
-        raise InvalidArgumentError(f"{label} is a quantized folder ({block['method']}, threshold {block['threshold']:g}) evaluated as stored: "
-                                   f"{', '.join(asked)} cannot apply; evaluate the 16-bit model it came from to compare methods or settings")
+        raise InvalidArgumentError(f"{what}: {', '.join(asked)} cannot apply; {instead}")
 
 
-def _stored(folder: str, dtype: torch.dtype, device: torch.device, verify: bool, request, held_out: str | None = None, label: str | None = None) -> Subject:
+def _stored(folder: str, dtype: torch.dtype, device: torch.device, verify: bool, held_out: str | None = None, label: str | None = None) -> Subject:
     """A quantized folder evaluated as stored; `label` names it in messages (a bitsandbytes folder converted into a temporary one)."""
     from transformers import AutoTokenizer
 
     label = label or folder
     block = read_quantization_config(folder)
-    check_request(label, block, request)
     tokenizer = AutoTokenizer.from_pretrained(folder)
     quantized = load(folder, dtype=dtype, verify_files=verify).to(device)
     notes, baseline = [], None
