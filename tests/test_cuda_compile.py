@@ -1,8 +1,7 @@
 """The CUDA sources compile on every test run, without a GPU: NVRTC's program API needs no driver.
 
-NVRTC comes from the cupy-cuda12x and nvidia-cuda-nvrtc-cu12 wheels, the headers (crt/mma.h for
-the WMMA kernel) from nvidia-cuda-runtime-cu12 and nvidia-cuda-nvcc-cu12: the `cuda-compile`
-extra, which `make setup` installs. Every kernel instantiation the CUDA backend loads is compiled
+NVRTC comes from the cupy-cuda12x and nvidia-cuda-nvrtc-cu12 wheels, the headers (cuda_fp16.h,
+cuda_bf16.h) from nvidia-cuda-runtime-cu12: the `cuda-compile` extra, which `make setup` installs. Every kernel instantiation the CUDA backend loads is compiled
 to PTX for Ampere (compute_80) and Hopper (compute_90), with the backend's own options.
 """
 
@@ -14,7 +13,7 @@ import pytest
 from llmint8_cli.backends import cuda
 
 ARCHITECTURES = ("compute_80", "compute_90")
-HEADER_PACKAGES = ("nvidia.cuda_runtime", "nvidia.cuda_nvcc")
+HEADER_PACKAGES = ("nvidia.cuda_runtime",)
 
 
 def nvrtc_and_headers():

@@ -276,7 +276,7 @@ def test_manifest_names_outside_the_folder_are_refused_before_anything_is_hashed
         (lambda t, layer: t.update({f"{layer}.outlier_idx": torch.tensor([10_000], dtype=torch.int32),
                                     f"{layer}.outlier_weight": torch.zeros(len(t[f"{layer}.weight"]), 1, dtype=torch.float16)}), "outside the"),
         (lambda t, layer: t[f"{layer}.weight_scale"].fill_(float("nan")), "weight_scale: holds NaN"),
-        (lambda t, layer: t.pop(f"{layer}.weight_scale"), f"weight_scale missing"),
+        (lambda t, layer: t.pop(f"{layer}.weight_scale"), "weight_scale missing"),
         (lambda t, layer: t.update({f"{layer}.weight": t[f"{layer}.weight"][:, :3].contiguous()}), "has shape"),
     ],
 )

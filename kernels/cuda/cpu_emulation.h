@@ -8,7 +8,6 @@
 // - __shfl_xor_sync: the live lanes of a warp exchange values through the block's lane slots.
 // - __half / __nv_bfloat16: 16-bit storage with round-to-nearest-even conversions from float.
 // - __fdiv_rn / __fmul_rn: IEEE float division and product (built with -ffp-contract=off).
-// - nvcuda::wmma: 16x16x16 fragments held whole by every lane; mma_sync a plain int32 loop.
 #pragma once
 
 #include <ucontext.h>
@@ -18,7 +17,6 @@
 #include <cstring>
 #include <functional>
 #include <stdexcept>
-#include <type_traits>
 #include <vector>
 
 #define __global__
@@ -229,53 +227,3 @@ inline __nv_bfloat16 __float2bfloat16_rn(float v) {
   if ((u & 0x7fffffff) > 0x7f800000u) return {(uint16_t)((u >> 16) | 0x40)};  // NaN stays a (quiet) NaN
   return {(uint16_t)((u + 0x7fff + ((u >> 16) & 1)) >> 16)};
 }
-
-namespace nvcuda {
-namespace wmma {
-
-struct matrix_a {};
-struct matrix_b {};
-struct accumulator {};
-struct row_major {};
-struct col_major {};
-enum layout_t { mem_row_major, mem_col_major };
-
-// Every lane holds the whole tile: rows x cols of the operand (A: M x K, B: K x N, C: M x N).
-template <typename Use, int M, int N, int K, typename T, typename Layout = void>
-struct fragment {
-  static constexpr int rows = std::is_same_v<Use, matrix_b> ? K : M;
-  static constexpr int cols = std::is_same_v<Use, matrix_a> ? K : N;
-  T x[rows * cols];
-};
-
-template <typename Use, int M, int N, int K, typename T, typename Layout>
-inline void fill_fragment(fragment<Use, M, N, K, T, Layout>& f, T value) {
-  for (auto& v : f.x) v = value;
-}
-
-template <typename Use, int M, int N, int K, typename T, typename Layout>
-inline void load_matrix_sync(fragment<Use, M, N, K, T, Layout>& f, const T* p, unsigned int ldm) {
-  using F = fragment<Use, M, N, K, T, Layout>;
-  for (int r = 0; r < F::rows; ++r)
-    for (int c = 0; c < F::cols; ++c) f.x[r * F::cols + c] = std::is_same_v<Layout, col_major> ? p[(long long)c * ldm + r] : p[(long long)r * ldm + c];
-}
-
-template <int M, int N, int K, typename TA, typename LA, typename TB, typename LB, typename TC>
-inline void mma_sync(fragment<accumulator, M, N, K, TC>& d, const fragment<matrix_a, M, N, K, TA, LA>& a, const fragment<matrix_b, M, N, K, TB, LB>& b,
-                     const fragment<accumulator, M, N, K, TC>& c) {
-  for (int r = 0; r < M; ++r)
-    for (int n = 0; n < N; ++n) {
-      TC sum = c.x[r * N + n];
-      for (int k = 0; k < K; ++k) sum += (TC)a.x[r * K + k] * (TC)b.x[k * N + n];
-      d.x[r * N + n] = sum;
-    }
-}
-
-template <int M, int N, int K, typename T>
-inline void store_matrix_sync(T* p, const fragment<accumulator, M, N, K, T>& f, unsigned int ldm, layout_t layout) {
-  for (int r = 0; r < M; ++r)
-    for (int c = 0; c < N; ++c) (layout == mem_col_major ? p[(long long)c * ldm + r] : p[(long long)r * ldm + c]) = f.x[r * N + c];
-}
-
-}  // namespace wmma
-}  // namespace nvcuda

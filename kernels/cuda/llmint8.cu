@@ -4,10 +4,14 @@
 //   inv = 127 / absmax (IEEE division, 0 when absmax == 0), q = rint(x * inv) (half to even),
 //   scale = absmax / 127; C = sx[i] * sw[j] * acc[i, j]; Y = C + X[:, O] W[:, O]^T + bias.
 // T is the activation type: __half, __nv_bfloat16 or float (instantiated by name expressions).
+//
+// The rows of X come from `groups` sequences of rows_per_group rows each, and every sequence has
+// its own outlier columns (flags[g, k]), as in the reference's each_sequence: one int8 GEMM
+// serves the batch and no sequence's output depends on what it is batched with. Nothing here
+// waits on the host: outlier counts stay on the device, so a decode step can be a CUDA graph.
 
 #include <cuda_fp16.h>
 #include <cuda_bf16.h>
-#include <mma.h>
 
 __device__ __forceinline__ float to_f32(float v) { return v; }
 __device__ __forceinline__ float to_f32(__half v) { return __half2float(v); }
@@ -17,27 +21,30 @@ template <> __device__ __forceinline__ float from_f32<float>(float v) { return v
 template <> __device__ __forceinline__ __half from_f32<__half>(float v) { return __float2half_rn(v); }
 template <> __device__ __forceinline__ __nv_bfloat16 from_f32<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
 
-// 1. flags[c] = 1 for every column holding |x| >= threshold, NaN or Inf (!(|x| < t) covers all),
-//    and for the stored outlier columns (preset by the caller). One read of X, no atomics needed:
-//    every writer stores the same value.
+// 1. flags[g, c] = 1 for every column of sequence g holding |x| >= threshold, NaN or Inf
+//    (!(|x| < t) covers all); the stored outlier columns are preset by the caller. One read of X,
+//    no atomics needed: every writer stores the same value.
 template <typename T>
-__global__ void detect_outlier_columns(const T* __restrict__ x, long long m, int k, float threshold, int* __restrict__ flags) {
+__global__ void detect_outlier_columns(const T* __restrict__ x, long long m, int k, float threshold, long long rows_per_group, int* __restrict__ flags) {
   const long long total = m * (long long)k;
   for (long long e = blockIdx.x * (long long)blockDim.x + threadIdx.x; e < total; e += (long long)gridDim.x * blockDim.x) {
-    if (!(fabsf(to_f32(x[e])) < threshold)) flags[e % k] = 1;
+    if (!(fabsf(to_f32(x[e])) < threshold)) flags[(e / k) / rows_per_group * k + e % k] = 1;
   }
 }
 
-// 2. Ordered compaction of the flagged columns into idx[0..count) on the device (one block of
-//    1024 threads, a shared-memory scan per tile): the host never waits for the outlier count.
-__global__ void compact_columns(const int* __restrict__ flags, int k, int* __restrict__ idx, int* __restrict__ count) {
+// 2. Ordered compaction, on the device, of the columns flagged in any sequence and not excluded
+//    (the stored columns, which the epilogue reads from their own list) into idx[0..count): one
+//    block of 1024 threads, a shared-memory scan per tile.
+__global__ void compact_columns(const int* __restrict__ flags, int groups, int k, const int* __restrict__ exclude, int* __restrict__ idx, int* __restrict__ count) {
   __shared__ int scan[1024];
   __shared__ int base;
   if (threadIdx.x == 0) base = 0;
   __syncthreads();
   for (int tile = 0; tile < k; tile += blockDim.x) {
     const int c = tile + threadIdx.x;
-    const int flag = (c < k) ? flags[c] : 0;
+    int flag = 0;
+    if (c < k && !exclude[c])
+      for (int g = 0; g < groups && !flag; ++g) flag = flags[(long long)g * k + c];
     scan[threadIdx.x] = flag;
     __syncthreads();
     for (int offset = 1; offset < blockDim.x; offset <<= 1) {
@@ -54,15 +61,18 @@ __global__ void compact_columns(const int* __restrict__ flags, int k, int* __res
   if (threadIdx.x == 0) *count = base;
 }
 
-// 3. One block per row: absmax over the columns not flagged, then int8 values and the row scale.
+// 3. One block per row: absmax over the columns its sequence does not flag, then int8 values and
+//    the row scale (the row stays in L1/L2 between the two reads).
 template <typename T>
-__global__ void quantize_rows(const T* __restrict__ x, int k, const int* __restrict__ flags, signed char* __restrict__ q, float* __restrict__ scale) {
+__global__ void quantize_rows(const T* __restrict__ x, int k, long long rows_per_group, const int* __restrict__ flags, signed char* __restrict__ q,
+                              float* __restrict__ scale) {
   __shared__ float partial[32];
   const long long row = blockIdx.x;
   const T* xr = x + row * k;
+  const int* fr = flags + row / rows_per_group * k;
   float local = 0.0f;
   for (int c = threadIdx.x; c < k; c += blockDim.x)
-    if (!flags[c]) local = fmaxf(local, fabsf(to_f32(xr[c])));
+    if (!fr[c]) local = fmaxf(local, fabsf(to_f32(xr[c])));
   for (int offset = 16; offset > 0; offset >>= 1) local = fmaxf(local, __shfl_xor_sync(0xffffffff, local, offset));
   if ((threadIdx.x & 31) == 0) partial[threadIdx.x >> 5] = local;
   __syncthreads();
@@ -75,56 +85,65 @@ __global__ void quantize_rows(const T* __restrict__ x, int k, const int* __restr
   const float absmax = partial[0];
   const float inv = absmax > 0.0f ? __fdiv_rn(127.0f, absmax) : 0.0f;
   for (int c = threadIdx.x; c < k; c += blockDim.x) {
-    const float v = flags[c] ? 0.0f : rintf(__fmul_rn(to_f32(xr[c]), inv));
+    const float v = fr[c] ? 0.0f : rintf(__fmul_rn(to_f32(xr[c]), inv));
     q[row * k + c] = (signed char)fminf(127.0f, fmaxf(-127.0f, v));
   }
   if (threadIdx.x == 0) scale[row] = __fdiv_rn(absmax, 127.0f);
 }
 
-// 4. int8 x int8 -> int32 on tensor cores (WMMA 16x16x16): C[m, n] = A[m, k] B[n, k]^T.
-//    Each warp computes one 16x16 tile; k, m and n must be multiples of 16 (the caller pads or
-//    uses cuBLASLt). B's rows are A-style rows, read as a column-major K x N matrix.
-__global__ void int8_gemm_wmma(const signed char* __restrict__ a, const signed char* __restrict__ b, int* __restrict__ c, int m, int n, int k) {
-  using namespace nvcuda;
-  const int warp = (blockIdx.x * blockDim.x + threadIdx.x) / 32;
-  const int tiles_n = n / 16;
-  const int tile_m = warp / tiles_n, tile_n = warp % tiles_n;
-  if (tile_m * 16 >= m) return;
-  wmma::fragment<wmma::matrix_a, 16, 16, 16, signed char, wmma::row_major> fa;
-  wmma::fragment<wmma::matrix_b, 16, 16, 16, signed char, wmma::col_major> fb;
-  wmma::fragment<wmma::accumulator, 16, 16, 16, int> fc;
-  wmma::fill_fragment(fc, 0);
-  for (int t = 0; t < k; t += 16) {
-    wmma::load_matrix_sync(fa, a + (long long)tile_m * 16 * k + t, k);
-    wmma::load_matrix_sync(fb, b + (long long)tile_n * 16 * k + t, k);
-    wmma::mma_sync(fc, fa, fb, fc);
-  }
-  wmma::store_matrix_sync(c + (long long)tile_m * 16 * n + tile_n * 16, fc, n, wmma::mem_row_major);
-}
+// 4. The epilogue, fused with the 16-bit product over the outlier columns: a 64x64 output tile
+//    per block of 256 threads (32 x 8, each 8 rows x 2 columns, reads of acc coalesced), the
+//    outlier columns gathered 16 at a time into shared memory and multiplied there in fp32
+//    (exact 16-bit inputs): the stored columns first (stored_rows, [n_stored, n], prepared once
+//    at load), then the run-time ones (idx[0..*count), their weight dequantized from int8 as it
+//    is gathered), masked per sequence. Each output sums its columns in that fixed order, so a
+//    row gets the same bits whatever else is in the batch. Then the row and column scales and the
+//    bias, in one write of Y. The loop ends at the device-side count: no capacity, no host.
+constexpr int kTile = 64, kSlots = 16, kThreads = 256;
 
-// 5. Epilogue, one thread per output: dequantize, add the 16-bit product over the outlier columns
-//    only (their count is read on the device) and the bias, write T. Stored outlier columns come
-//    from w_out (exact 16-bit), run-time ones from the dequantized int8 weight.
 template <typename T>
-__global__ void epilogue(const int* __restrict__ acc, const float* __restrict__ sx, const float* __restrict__ sw,
-                         const T* __restrict__ x, const int* __restrict__ idx, const int* __restrict__ count,
-                         const int* __restrict__ stored_pos, const T* __restrict__ w_out, int n_stored,
-                         const signed char* __restrict__ qw, const T* __restrict__ bias, int has_bias,
-                         long long m, int n, int k, T* __restrict__ out) {
-  const long long e = blockIdx.x * (long long)blockDim.x + threadIdx.x;
-  if (e >= m * n) return;
-  const long long i = e / n;
-  const int j = e % n;
-  float y = (float)acc[e] * (sx[i] * sw[j]);
-  const int outliers = *count;
-  float extra = 0.0f;
-  for (int o = 0; o < outliers; ++o) {
-    const int col = idx[o];
-    const int pos = stored_pos[col];
-    const float w = pos >= 0 ? to_f32(w_out[(long long)j * n_stored + pos]) : (float)qw[(long long)j * k + col] * sw[j];
-    extra += to_f32(x[i * k + col]) * w;
+__global__ void epilogue(const int* __restrict__ acc, const float* __restrict__ sx, const float* __restrict__ sw, const T* __restrict__ x,
+                         long long rows_per_group, const int* __restrict__ flags, const int* __restrict__ stored_columns,
+                         const float* __restrict__ stored_rows, int n_stored, const int* __restrict__ idx, const int* __restrict__ count,
+                         const signed char* __restrict__ qw, const T* __restrict__ bias, int has_bias, long long m, int n, int k,
+                         T* __restrict__ out) {
+  __shared__ float xs[kSlots][kTile];
+  __shared__ float ws[kSlots][kTile];
+  const int tiles_n = (n + kTile - 1) / kTile;
+  const long long row0 = (long long)(blockIdx.x / tiles_n) * kTile;
+  const int col0 = (blockIdx.x % tiles_n) * kTile;
+  const int tx = threadIdx.x & 31, ty = threadIdx.x >> 5;
+  float sum[8][2] = {};
+  const int slots = n_stored + *count;
+  for (int s0 = 0; s0 < slots; s0 += kSlots) {
+    for (int e = threadIdx.x; e < kSlots * kTile; e += kThreads) {
+      const int s = s0 + e / kTile, r = e % kTile;
+      const long long row = row0 + r;
+      const int j = col0 + r;
+      float xv = 0.0f, wv = 0.0f;
+      if (s < slots) {
+        const bool stored = s < n_stored;
+        const int c = stored ? stored_columns[s] : idx[s - n_stored];
+        if (row < m && (stored || flags[row / rows_per_group * k + c])) xv = to_f32(x[row * k + c]);
+        if (j < n) wv = stored ? stored_rows[(long long)s * n + j] : (float)qw[(long long)j * k + c] * sw[j];
+      }
+      xs[e / kTile][r] = xv;
+      ws[e / kTile][r] = wv;
+    }
+    __syncthreads();
+    for (int s = 0; s < kSlots; ++s)
+      for (int a = 0; a < 8; ++a)
+        for (int b = 0; b < 2; ++b) sum[a][b] += xs[s][ty + 8 * a] * ws[s][tx + 32 * b];
+    __syncthreads();
   }
-  y += extra;
-  if (has_bias) y += to_f32(bias[j]);
-  out[e] = from_f32<T>(y);
+  for (int a = 0; a < 8; ++a) {
+    const long long i = row0 + ty + 8 * a;
+    for (int b = 0; b < 2; ++b) {
+      const int j = col0 + tx + 32 * b;
+      if (i >= m || j >= n) continue;
+      float y = (float)acc[i * n + j] * (sx[i] * sw[j]) + sum[a][b];
+      if (has_bias) y += to_f32(bias[j]);
+      out[i * n + j] = from_f32<T>(y);
+    }
+  }
 }

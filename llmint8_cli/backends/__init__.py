@@ -35,4 +35,13 @@ def backend_for(device: torch.device) -> Backend:
     return _BY_DEVICE[kind]
 
 
-__all__ = ["Backend", "CpuBackend", "available_backends", "backend_for"]
+def gemm_report() -> dict:
+    """What ran the int8 products in this process: on the CPU the forced path or the plan of each
+    shape, on a GPU how many products went through each route."""
+    from llmint8_cli.backends import cpu_kernels, cuda
+
+    forced = cpu_kernels.forced()
+    return {"forced": forced.name if forced else None, "plans": dict(cpu_kernels.CHOSEN), **({"cuda": dict(cuda.GEMMS_RAN)} if cuda.GEMMS_RAN else {})}
+
+
+__all__ = ["Backend", "CpuBackend", "available_backends", "backend_for", "gemm_report"]

@@ -397,8 +397,3 @@ def choose(shape: tuple[int, int], int32: bool) -> GemmPlan:
 
 
 CHOSEN: dict[str, str] = {}  # weight shape -> plan, for the JSON of the commands that computed
-
-
-def gemm_report() -> dict:
-    """What ran the int8 products in this process: the forced path, or the plan of each shape."""
-    return {"forced": forced().name if forced() else None, "plans": dict(CHOSEN)}

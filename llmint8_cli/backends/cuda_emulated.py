@@ -2,8 +2,8 @@
 
 The same Python as `CudaBackend` and the very kernel source, compiled as C++ against
 kernels/cuda/cpu_emulation.h (CUDA's execution semantics: blocks of fiber threads, barriers,
-warp shuffles, 16-bit conversions to nearest even, WMMA tiles as loops). It is slow and only for
-tests: `backend_for` never picks it.
+warp shuffles, 16-bit conversions to nearest even). It is slow and only for tests:
+`backend_for` never picks it.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from importlib import resources
 import torch
 
 from llmint8_cli.backends.cpu_kernels import load_extension
-from llmint8_cli.backends.cuda import TYPES, CudaBackend
+from llmint8_cli.backends.cuda import CudaBackend, kernel_arguments, kernel_name
 
 
 @functools.cache
@@ -37,4 +37,5 @@ class EmulatedCudaBackend(CudaBackend):
         return device.type == "cpu"
 
     def launch(self, name: str, grid: int, block: int, args: tuple, dtype: torch.dtype | None = None) -> None:
-        emulator().launch(f"{name}<{TYPES[dtype]}>" if dtype is not None else name, max(grid, 1), block, tuple(args))
+        if grid:
+            emulator().launch(kernel_name(name, dtype), grid, block, kernel_arguments(args))

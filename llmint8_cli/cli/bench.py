@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from llmint8_cli.backends.cpu_kernels import gemm_report
+from llmint8_cli.backends import gemm_report
 from llmint8_cli.checkpoint.quantize import QuantizeOptions
 from llmint8_cli.cli.common import (
     PIPED_MODEL_HELP, CalibDataset, CalibSamples, CalibSeqLen, ComputeDtype, DataDir, Device, NoVerify, Quiet, RotationBlock, SmoothAlpha, Threshold, choose_model, command, emit_json, print_table, progress_bar,

@@ -9,7 +9,7 @@ from typing import Annotated
 import typer
 
 from llmint8_cli import data
-from llmint8_cli.backends.cpu_kernels import gemm_report
+from llmint8_cli.backends import gemm_report
 from llmint8_cli import models
 from llmint8_cli.checkpoint.quantize import QuantizeOptions
 from llmint8_cli.cli.common import EXIT_NOT_FINITE, METHODS_HELP, CalibDataset, CalibSamples, CalibSeqLen, RotationBlock, SmoothAlpha, ComputeDtype, DataDir, Device, Model, NoVerify, Quiet, Threshold, choose_model, command, emit_json, given_options, fail, print_table, progress_bar, stderr_console, warn

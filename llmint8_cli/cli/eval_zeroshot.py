@@ -10,7 +10,7 @@ from typing import Annotated
 
 import typer
 
-from llmint8_cli.backends.cpu_kernels import gemm_report
+from llmint8_cli.backends import gemm_report
 from llmint8_cli import models
 from llmint8_cli.checkpoint.quantize import QuantizeOptions
 from llmint8_cli.cli.common import METHODS_HELP, CalibDataset, CalibSamples, CalibSeqLen, ComputeDtype, Device, RotationBlock, SmoothAlpha, Model, NoVerify, Quiet, Threshold, choose_model, command, emit_json, given_options, print_table, stderr_console, warn
