@@ -23,7 +23,8 @@ template <> __device__ __forceinline__ __nv_bfloat16 from_f32<__nv_bfloat16>(flo
 
 // 1. flags[g, c] = 1 for every column of sequence g holding |x| >= threshold, NaN or Inf
 //    (!(|x| < t) covers all); the stored outlier columns are preset by the caller. One read of X,
-//    no atomics needed: every writer stores the same value.
+//    no atomics needed: every writer stores the same value. Quantizing needs a second read: a
+//    row's absmax leaves out the columns flagged by any row of its sequence.
 template <typename T>
 __global__ void detect_outlier_columns(const T* __restrict__ x, long long m, int k, float threshold, long long rows_per_group, int* __restrict__ flags) {
   const long long total = m * (long long)k;
