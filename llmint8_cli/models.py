@@ -240,20 +240,57 @@ def build_skeleton(factory, config_path):
     return model
 
 
-def load_model(source: ModelSource, dtype: torch.dtype | None = None, device_map=None):
-    """A transformers causal LM in eval mode (dtype None: as stored, GGUF expands to fp32)."""
+def load_config(source: ModelSource):
+    from transformers import AutoConfig
+
+    require_hub(source)
+    name, kwargs = source.from_pretrained_args()
+    try:
+        return AutoConfig.from_pretrained(name, **kwargs)
+    except Exception as exc:
+        if source.kind == "hub":
+            raise _hub_error(source, exc) from None
+        raise ModelLoadError(f"{source.location}: unsupported or unreadable config ({one_line(exc)})") from None
+
+
+def load_model(source: ModelSource, dtype: torch.dtype | None = None, placement=None):
+    """A transformers causal LM in eval mode (dtype None: as stored, GGUF expands to fp32).
+
+    With a `placement.Placement` the model is spread over devices: the map is computed on a
+    skeleton first (a model that does not fit is refused before any weight is read); a GGUF file,
+    which transformers expands whole, is loaded first and dispatched by accelerate."""
     from transformers import AutoModelForCausalLM
 
     require_hub(source)
     name, kwargs = source.from_pretrained_args()
     if dtype is not None:
         kwargs["dtype"] = dtype
-    if device_map is not None:
-        kwargs["device_map"] = device_map
+    if placement is not None and source.kind != "gguf":
+        config = load_config(source)
+        skeleton = build_skeleton(lambda: AutoModelForCausalLM.from_config(config, dtype=dtype), f"{source.location}: config")
+        kwargs.update(device_map=placement.device_map(skeleton, dtype or skeleton.dtype, source.label), offload_folder=placement.offload_folder)
     try:
         model = AutoModelForCausalLM.from_pretrained(name, **kwargs)
     except Exception as exc:
         if source.kind == "hub":
             raise _hub_error(source, exc) from None
         raise ModelLoadError(f"{source.location}: cannot load as a causal LM ({one_line(exc)})") from None
+    if placement is not None and source.kind == "gguf":
+        from accelerate import dispatch_model
+
+        kwargs["device_map"] = placement.device_map(model, model.dtype, source.label)
+        model = dispatch_model(model, kwargs["device_map"], offload_dir=placement.offload_folder)
+    if placement is not None:
+        model.hf_device_map = kwargs["device_map"]  # transformers leaves it unset where the map is one device
     return model.eval()
+
+
+def input_device(model) -> torch.device:
+    """Where a model's inputs go: the main device of a placed model (accelerate's hooks move
+    them on from there), else where its parameters are."""
+    device_map = getattr(model, "hf_device_map", None)
+    if device_map:
+        from llmint8_cli.placement import main_device
+
+        return main_device(device_map)
+    return next(model.parameters()).device

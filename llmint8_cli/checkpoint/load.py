@@ -61,34 +61,63 @@ def install_shells(model, block: dict, stored: dict[str, tuple[tuple[int, ...], 
 def check_loaded(model, where) -> None:
     """The loaded values every Int8Linear relies on, each within its domain (a folder loaded
     without verification, or written by other code, may hold anything)."""
+    from accelerate.utils import align_module_device
+
     for name, module in model.named_modules():
         if isinstance(module, Int8Linear):
-            problem = module.stored_value_problem()
+            with align_module_device(module):  # an offloaded layer's values, read back from the CPU or the disk for the check
+                problem = module.stored_value_problem()
             if problem:
                 raise CheckpointError(f"{where}: tensor {name}.{problem}")
 
 
-def load(path, device_map=None, dtype: torch.dtype | None = None, verify_files: bool = True, max_memory=None):
+def placed_device_map(folder: Path, block: dict, dtype: torch.dtype, placement) -> dict:
+    """The placement's map for this folder, computed on the model transformers will build (int8
+    shells on meta, their real sizes) before a weight is read."""
+    from llmint8_cli import models
+    from llmint8_cli.checkpoint.quantize import empty_model
+
+    config = models.load_config(models.ModelSource("folder", str(folder)))
+    skeleton = empty_model(config, dtype, folder / "config.json")
+    files = sorted(folder.glob("*.safetensors"))
+    install_shells(skeleton, block, stored_tensors(files), dtype, folder)
+    return placement.device_map(skeleton, dtype, str(folder), buffers_are_weights=True)
+
+
+def load(path, device_map=None, dtype: torch.dtype | None = None, verify_files: bool = True, max_memory=None, offload_folder=None):
     """Load an llmint8 checkpoint folder: transformers' `from_pretrained` through the registered
     quantizer, so that `load` and `from_pretrained` are one loader and give the same model bit for
     bit (non-persistent buffers such as rotary tables included, made as transformers makes them).
 
     `dtype` casts the 16-bit tensors (int8 and scales are never cast), e.g. fp32 for fast CPU runs;
-    `device_map` ("auto", a dict, ...) and `max_memory` are transformers' (accelerate's).
+    `device_map` ("auto", "balanced", "balanced_low_0", "sequential" or a dict of module ->
+    device), `max_memory` and `offload_folder` are transformers' (accelerate's): the map is
+    computed before any weight is read, and a model that does not fit is refused then.
     """
+    from llmint8_cli.placement import Placement
+
     from transformers import AutoModelForCausalLM
 
     folder = Path(path)
     block = read_quantization_config(folder)
     if block is None:
         raise CheckpointError(f"{folder}: not an llmint8 checkpoint (no quantization_config with quant_method 'llmint8' in config.json)")
+    dtype = dtype or getattr(torch, block["dtype"])
+    placed = {}
+    if device_map is not None:  # from the headers (our parser, checked shapes): a model that does not fit is refused before a weight is read
+        placement = Placement.of(device_map, max_memory, offload_folder)
+        device_map = placed_device_map(folder, block, dtype, placement)
+        # Int8Linear's int8 rows are buffers: offloaded with the parameters, or they would all sit on the main device
+        placed = {"device_map": device_map, "offload_folder": placement.offload_folder, "offload_buffers": bool({"cpu", "disk"} & set(device_map.values()))}
     if verify_files:  # before transformers reads the config, the index or a shard
         verify(folder)
     with verifying(False):  # checked already
         try:
-            model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype or getattr(torch, block["dtype"]), device_map=device_map, max_memory=max_memory)
+            model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, **placed)
         except LLMInt8Error:
             raise
         except Exception as exc:  # transformers raises many types for a bad folder
             raise CheckpointError(f"{folder}: cannot load ({one_line(exc)})") from None
+    if placed:
+        model.hf_device_map = placed["device_map"]  # transformers leaves it unset where the map is one device
     return model.eval()

@@ -91,16 +91,6 @@ def download(source: models.ModelSource) -> models.ModelSource:
     return models.resolve(folder)
 
 
-def load_config(source: models.ModelSource):
-    from transformers import AutoConfig
-
-    name, kwargs = source.from_pretrained_args()
-    try:
-        return AutoConfig.from_pretrained(name, **kwargs)
-    except Exception as exc:
-        raise ModelLoadError(f"{source.location}: unsupported or unreadable config ({one_line(exc)})") from None
-
-
 def empty_model(config, dtype: torch.dtype, config_path):
     from transformers import AutoModelForCausalLM
 
@@ -362,7 +352,7 @@ def quantize_checkpoint(src: str, out: str | os.PathLike, options: QuantizeOptio
         config, streaming = model.config, False
         src_dtype = torch.float32
     else:
-        config = load_config(source)
+        config = models.load_config(source)
         raw = open_folder(Path(source.location))
         src_dtype = source_dtype(raw, config)
         model = empty_model(config, torch.float32, Path(source.location) / "config.json")

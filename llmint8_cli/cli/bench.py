@@ -11,8 +11,8 @@ import typer
 from llmint8_cli.backends import gemm_report
 from llmint8_cli.checkpoint.quantize import QuantizeOptions
 from llmint8_cli.cli.common import (
-    PIPED_MODEL_HELP, CalibDataset, CalibSamples, CalibSeqLen, ComputeDtype, DataDir, Device, NoVerify, Quiet, RotationBlock, SmoothAlpha, Threshold, choose_model, command, emit_json, print_table, progress_bar,
-    stderr_console,
+    PIPED_MODEL_HELP, CalibDataset, CalibSamples, CalibSeqLen, ComputeDtype, DataDir, Device, DeviceMap, MaxMemory, NoVerify, OffloadFolder, Quiet, RotationBlock, SmoothAlpha,
+    Threshold, choose_model, chosen_placement, command, emit_json, print_table, progress_bar, report_placement, stderr_console,
 )
 from llmint8_cli.core.methods import DEFAULT_METHOD, check_rotation_block, get_method
 from llmint8_cli.errors import InvalidArgumentError
@@ -67,6 +67,7 @@ def check_layer_sizes(shapes: list[tuple[int, int]], outliers: list[int]) -> Non
 
 @command
 def bench(
+    ctx: typer.Context,
     model: Annotated[str | None, typer.Argument(help=f"Model mode: a 16-bit model (quantized on the fly) or an llmint8 folder. {PIPED_MODEL_HELP}, else layer mode.", show_default=False)] = None,
     shapes: Annotated[str, typer.Option(help="Layer mode: OUTxIN weight shapes, comma-separated, or 'paper' (Table 5: 4d x d for eight d).")] = "4096x4096",
     tokens: Annotated[str, typer.Option(help="Layer mode: token counts m per call.")] = "1,16,128,512,2048",
@@ -85,17 +86,22 @@ def bench(
     dtype: ComputeDtype = "auto",
     repeat: Annotated[int, typer.Option(min=1, help="Timed calls per row (after one warm-up).")] = 5,
     device: Device = "cpu",
+    device_map: DeviceMap = None,
+    max_memory: MaxMemory = None,
+    offload_folder: OffloadFolder = None,
     no_verify: NoVerify = False,
     quiet: Quiet = False,
 ) -> None:
     """Time 16-bit versus int8 layers or models; JSON on stdout, a table on stderr."""
     console = stderr_console(quiet)
     model = choose_model(model, console)
-    run_device = variants.resolve_device(device)
+    placed, run_device = chosen_placement(ctx, device, device_map, max_memory, offload_folder)
     document = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), "device": str(run_device), "machine": speed.machine()}
     if model is None:
         if threshold is not None:
             raise InvalidArgumentError("--threshold is for model mode; layer mode plants outliers of about 20 and runs each method at its default threshold")
+        if placed is not None:
+            raise InvalidArgumentError("--device-map is for model mode; layer mode times one layer on --device")
         shape_list, token_list, outliers = parse_shapes(shapes), parse_ints(tokens, "--tokens", minimum=1), parse_ints(outlier_cols, "--outlier-cols")
         check_layer_sizes(shape_list, outliers)
         block = check_rotation_block(rotation_block)
@@ -121,20 +127,26 @@ def bench(
         calibration = QuantizeOptions(calib_samples=calib_samples, calib_seq_len=calib_seq_len, calib_dataset=calib_dataset, data_dir=data_dir, smooth_alpha=smooth_alpha,
                                       rotation_block=rotation_block)
         with console.status(f"loading {model}"):
-            subject = variants.subject(model, [get_method(method)], threshold, run_dtype, run_device, verify=not no_verify, calibration=calibration)
+            subject = variants.subject(model, [get_method(method)], threshold, run_dtype, run_device, verify=not no_verify, calibration=calibration,
+                                       placement=placed)
         notes = list(subject.notes)
-        console.print(variants.calibration_line(subject))
         baseline = next(short for short, full in variants.DTYPES.items() if full == run_dtype)  # the 16-bit row, named by what ran
-        networks, calibrations = {}, {}
+        networks, calibrations, placements = {}, {}, {}
         for name, network in subject.variants:
             networks[baseline if name == variants.BASELINE else name] = network
+            where = report_placement(console, name, network)
+            if where:
+                placements[name] = where
             if name != variants.BASELINE:
                 calibrations[name] = subject.calibration_of(name)
+            elif placed is not None:
+                notes.append(f"{TORCHAO}: not timed on a model spread over devices")
             else:
                 try:
                     networks[TORCHAO] = speed.torchao_model(network)
                 except ImportError as exc:
                     notes.append(f"{TORCHAO}: not installed ({exc.name}); pip install 'llmint8[peers]'")
+        console.print(variants.calibration_line(subject))  # known once every variant is built (a placed one is quantized as it comes)
         with console.status("timing prefill and decode, the models in turn"):
             results = speed.bench_models(networks, lengths, batches, new_tokens, repeat, run_device)
         speed.add_speedups(results, baseline)
@@ -142,7 +154,7 @@ def bench(
             "mode": "model", "threshold": subject.threshold_of(method),
             "calibration": calibrations, "settings": {name: subject.settings_of(name) for name in calibrations if subject.settings_of(name)},
             "dtype": str(run_dtype).removeprefix("torch."), "prompt_tokens": lengths, "batches": batches,
-            "new_tokens": new_tokens, "repeat": repeat, "results": results, "notes": notes,
+            "new_tokens": new_tokens, "repeat": repeat, "results": results, "notes": notes, **({"placement": placements} if placements else {}),
         })
         title = f"llmint8 bench · {subject.label} · {str(run_dtype).removeprefix('torch.')} · {document['machine']['cpu']} · {run_device}"
         columns = [("prefill", str(n), f"prefill {n} tok/s") for n in lengths] + [("decode", str(b), f"decode ×{b} tok/s") for b in batches]

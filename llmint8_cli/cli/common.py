@@ -21,6 +21,7 @@ import warnings
 from collections.abc import Callable
 from typing import Annotated
 
+import torch
 import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
@@ -31,6 +32,7 @@ try:
 except ImportError:
     from click import exceptions as click_errors
 
+from llmint8_cli import placement
 from llmint8_cli.errors import InvalidArgumentError, LLMInt8Error, one_line
 
 EXIT_BAD_INPUT = 2
@@ -39,7 +41,10 @@ EXIT_NOT_FINITE = 3
 # Options several commands share, declared once.
 Quiet = Annotated[bool, typer.Option("-q", "--quiet", help="Nothing on stderr.")]
 NoVerify = Annotated[bool, typer.Option("--no-verify", help="Skip the sha256 check of an llmint8 folder against its manifest.")]
-Device = Annotated[str, typer.Option(help="cpu, cuda, cuda:N or auto.")]
+Device = Annotated[str, typer.Option(help="cpu, cuda, cuda:N or auto (the whole model on one device; --device-map spreads it).")]
+DeviceMap = Annotated[str | None, typer.Option(help=placement.DEVICE_MAP_HELP, show_default=False)]
+MaxMemory = Annotated[str | None, typer.Option(help=placement.MAX_MEMORY_HELP, show_default=False)]
+OffloadFolder = Annotated[str | None, typer.Option(help=placement.OFFLOAD_HELP, show_default=False)]
 ComputeDtype = Annotated[str, typer.Option("--dtype", help="Compute dtype: fp32, fp16, bf16, or auto: fp16 on GPU; on CPU fp32 for evaluation, and for bench bf16 where the CPU has native bf16 matmul.")]
 DataDir = Annotated[str | None, typer.Option(help="Local data folder (layout of shared/data); default $LLMINT8_DATA_DIR, else shared/data in or beside the working directory or the llmint8 checkout, else the Hub.")]
 Threshold = Annotated[float | None, typer.Option(help="Outlier threshold |x| of the decomposition (default: the method's own, 6.0; 60 for llm.int8-rotate).", show_default=False)]
@@ -303,6 +308,28 @@ def given_options(ctx: typer.Context) -> frozenset[str]:
         from click.core import ParameterSource
 
     return frozenset(name for name in ctx.params if ctx.get_parameter_source(name) in (ParameterSource.COMMANDLINE, ParameterSource.ENVIRONMENT))
+
+
+def chosen_placement(ctx: typer.Context, device: str, device_map: str | None, max_memory: str | None, offload_folder: str | None
+                     ) -> tuple[placement.Placement | None, torch.device]:
+    """(the placement asked for, the device inputs start on): --device-map, or the one --device."""
+    from llmint8_cli.evaluation.variants import resolve_device
+
+    chosen = placement.parse(device_map, max_memory, offload_folder)
+    if chosen is None:
+        return None, resolve_device(device)
+    if "device" in given_options(ctx):
+        raise InvalidArgumentError("--device puts the whole model on one device and --device-map spreads it: give one of them")
+    return chosen, chosen.main_device()
+
+
+def report_placement(console: Console, label: str, model) -> dict | None:
+    """A placed model's map: one line on stderr, and its description for the JSON (None if not placed)."""
+    device_map = getattr(model, "hf_device_map", None)
+    if not device_map:
+        return None
+    console.print(placement.line(label, device_map))
+    return placement.describe(device_map)
 
 
 def parse_size(text: str) -> int:

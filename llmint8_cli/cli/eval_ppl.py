@@ -12,7 +12,7 @@ from llmint8_cli import data
 from llmint8_cli.backends import gemm_report
 from llmint8_cli import models
 from llmint8_cli.checkpoint.quantize import QuantizeOptions
-from llmint8_cli.cli.common import EXIT_NOT_FINITE, METHODS_HELP, CalibDataset, CalibSamples, CalibSeqLen, RotationBlock, SmoothAlpha, ComputeDtype, DataDir, Device, Model, NoVerify, Quiet, Threshold, choose_model, command, emit_json, given_options, fail, print_table, progress_bar, stderr_console, warn
+from llmint8_cli.cli.common import EXIT_NOT_FINITE, METHODS_HELP, CalibDataset, CalibSamples, CalibSeqLen, RotationBlock, SmoothAlpha, ComputeDtype, DataDir, Device, DeviceMap, MaxMemory, Model, NoVerify, OffloadFolder, Quiet, Threshold, choose_model, chosen_placement, command, emit_json, given_options, fail, report_placement, print_table, progress_bar, stderr_console, warn
 from llmint8_cli.core.methods import DEFAULT_METHOD, parse_methods
 from llmint8_cli.errors import DataError
 from llmint8_cli.evaluation import variants
@@ -56,6 +56,9 @@ def eval_ppl(
     smooth_alpha: SmoothAlpha = QuantizeOptions.smooth_alpha,
     rotation_block: RotationBlock = QuantizeOptions.rotation_block,
     device: Device = "auto",
+    device_map: DeviceMap = None,
+    max_memory: MaxMemory = None,
+    offload_folder: OffloadFolder = None,
     dtype: ComputeDtype = "auto",
     data_dir: DataDir = None,
     no_verify: NoVerify = False,
@@ -69,13 +72,14 @@ def eval_ppl(
         raise DataError(f"--bos must be 'window' or 'text', got {bos!r}")
     if seq_len < 2:
         raise DataError(f"--seq-len must be at least 2, got {seq_len}")
+    placed, run_device = chosen_placement(ctx, device, device_map, max_memory, offload_folder)
     text = data.load_text(dataset, data_dir)
-    run_device = variants.resolve_device(device)
     run_dtype = variants.resolve_dtype(dtype, run_device)
     with console.status(f"loading {model}"):
         calibration = QuantizeOptions(calib_samples=calib_samples, calib_seq_len=calib_seq_len, calib_dataset=calib_dataset, data_dir=data_dir, smooth_alpha=smooth_alpha,
                                       rotation_block=rotation_block, given=given_options(ctx))
-        subject = variants.subject(model, chosen, threshold, run_dtype, run_device, verify=not no_verify, calibration=calibration, held_out=text.source)
+        subject = variants.subject(model, chosen, threshold, run_dtype, run_device, verify=not no_verify, calibration=calibration, held_out=text.source,
+                                   placement=placed)
     for line in subject.warnings:
         warn(line)
     limit = models.context_length(subject.config)
@@ -86,6 +90,7 @@ def eval_ppl(
     results, baseline = {}, None
     with progress_bar(console) as bar:
         for name, network in subject.variants:
+            where = report_placement(bar.console, variants.shown_name(name, run_dtype), network)
             task = bar.add_task(f"{variants.shown_name(name, run_dtype):>14}", total=len(windows.input_ids))
             started = time.time()
             cache = WindowCache(variants.cache_folder(cache_dir, subject, name, run_dtype, run_device), windows) if cache_dir else None
@@ -97,7 +102,7 @@ def eval_ppl(
                 "delta_pct": None if baseline is None else round(100 * (result.ppl / baseline - 1), 3),
                 "seconds": round(seconds, 2), "tokens_per_s": computed_rate(result, seconds),
                 "calibration": subject.calibration_of(name), **subject.settings_of(name),
-                **({"reused_windows": result.reused} if cache else {}),
+                **({"reused_windows": result.reused} if cache else {}), **({"placement": where} if where else {}),
                 **({} if math.isfinite(result.ppl) else {"error": NOT_FINITE}),
             }
             bar.remove_task(task)

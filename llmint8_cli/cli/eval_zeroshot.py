@@ -13,7 +13,7 @@ import typer
 from llmint8_cli.backends import gemm_report
 from llmint8_cli import models
 from llmint8_cli.checkpoint.quantize import QuantizeOptions
-from llmint8_cli.cli.common import METHODS_HELP, CalibDataset, CalibSamples, CalibSeqLen, ComputeDtype, Device, RotationBlock, SmoothAlpha, Model, NoVerify, Quiet, Threshold, choose_model, command, emit_json, given_options, print_table, stderr_console, warn
+from llmint8_cli.cli.common import METHODS_HELP, CalibDataset, CalibSamples, CalibSeqLen, ComputeDtype, Device, DeviceMap, MaxMemory, OffloadFolder, RotationBlock, SmoothAlpha, Model, NoVerify, Quiet, Threshold, choose_model, chosen_placement, command, emit_json, given_options, print_table, report_placement, stderr_console, warn
 from llmint8_cli.core.methods import DEFAULT_METHOD, parse_methods
 from llmint8_cli.evaluation import request_cache, variants, zeroshot
 
@@ -36,6 +36,9 @@ def eval_zeroshot(
     smooth_alpha: SmoothAlpha = QuantizeOptions.smooth_alpha,
     rotation_block: RotationBlock = QuantizeOptions.rotation_block,
     device: Device = "auto",
+    device_map: DeviceMap = None,
+    max_memory: MaxMemory = None,
+    offload_folder: OffloadFolder = None,
     dtype: ComputeDtype = "auto",
     no_verify: NoVerify = False,
     quiet: Quiet = False,
@@ -46,19 +49,22 @@ def eval_zeroshot(
     local = zeroshot.use_local_tasks(data_dir)
     names = zeroshot.parse_tasks(tasks, local)
     chosen = parse_methods(methods)
+    placed, run_device = chosen_placement(ctx, device, device_map, max_memory, offload_folder)
     with zeroshot.task_configs() as configs:  # removed at the end, also on Ctrl-C or SIGTERM
         manager, task_names, source = zeroshot.task_manager(names, data_dir, local, configs)
-        run_device = variants.resolve_device(device)
         run_dtype = variants.resolve_dtype(dtype, run_device)
         with console.status(f"loading {model}"):
             calibration = QuantizeOptions(calib_samples=calib_samples, calib_seq_len=calib_seq_len, calib_dataset=calib_dataset, data_dir=data_dir, smooth_alpha=smooth_alpha,
                                           rotation_block=rotation_block, given=given_options(ctx))
-            subject = variants.subject(model, chosen, threshold, run_dtype, run_device, verify=not no_verify, calibration=calibration)
+            subject = variants.subject(model, chosen, threshold, run_dtype, run_device, verify=not no_verify, calibration=calibration, placement=placed)
         for line in subject.warnings:
             warn(line)
-        results, per_document, seconds, caches, notes = {}, {}, {}, {}, list(subject.notes)
+        results, per_document, seconds, caches, notes, placements = {}, {}, {}, {}, list(subject.notes), {}
         for name, network in subject.variants:
             console.print(f"[bold]{variants.shown_name(name, run_dtype)}[/]: {', '.join(names)}")
+            where = report_placement(console, variants.shown_name(name, run_dtype), network)
+            if where:
+                placements[name] = where
             started = time.time()
             folder = variants.cache_folder(cache_dir, subject, name, run_dtype, run_device) if cache_dir else None
             for legacy in request_cache.legacy_caches(folder) if folder else []:
@@ -79,7 +85,7 @@ def eval_zeroshot(
                 "device": str(run_device), "dtype": str(run_dtype).removeprefix("torch."), "thresholds": subject.thresholds,
                 "seconds": seconds, "calibration": {m: subject.calibration_of(m) for m in results},
                 "settings": {m: subject.settings_of(m) for m in results if subject.settings_of(m)}, "notes": notes, "parameters": subject.parameters,
-                **({"caches": caches} if cache_dir else {})}
+                **({"caches": caches} if cache_dir else {}), **({"placement": placements} if placements else {})}
     columns = ["task", "metric", *(variants.shown_name(m, run_dtype) for m in results), *(["Δ " + m for m in results if m != variants.BASELINE] if baseline else [])]
     rows = []
     for task in names:

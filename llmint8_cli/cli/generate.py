@@ -11,28 +11,38 @@ import typer
 from llmint8_cli import models
 from llmint8_cli.checkpoint.format import is_llmint8_checkpoint, read_quantization_config
 from llmint8_cli.checkpoint.load import load
-from llmint8_cli.cli.common import ComputeDtype, Device, NoVerify, Quiet, Threshold, command, emit_json, given_options, stderr_console
+from llmint8_cli.checkpoint.quantize import QuantizeOptions
+from llmint8_cli.cli.common import (
+    ComputeDtype, Device, DeviceMap, MaxMemory, NoVerify, OffloadFolder, Quiet, Threshold, chosen_placement, command, emit_json, given_options, report_placement, stderr_console,
+)
 from llmint8_cli.core.methods import DEFAULT_METHOD, get_method
 from llmint8_cli.errors import InvalidArgumentError
 from llmint8_cli.evaluation import variants
 from llmint8_cli.nn.convert import quantize_model
+from llmint8_cli.placement import Placement
 
 
 def load_for_generation(spec: str, method: str, threshold: float | None, dtype: torch.dtype, device: torch.device, verify: bool,
-                        given: frozenset[str] = frozenset()):
+                        given: frozenset[str] = frozenset(), placement: Placement | None = None):
     """(model, tokenizer, method and threshold that run): an llmint8 folder as stored (asking it
-    for another method or threshold is refused), a 16-bit model quantized on the fly."""
+    for another method or threshold is refused), a 16-bit model quantized on the fly; with a
+    placement spread over devices (a 16-bit model then streamed through quantize first)."""
     if is_llmint8_checkpoint(spec):
         from transformers import AutoTokenizer
 
         block = read_quantization_config(spec)
         variants.check_request(spec, block, given, {method}, threshold, "method", "run as stored", "generate from the 16-bit model it came from to try another")
-        model = load(spec, dtype=dtype, verify_files=verify)
-        return model.to(device), AutoTokenizer.from_pretrained(spec), block["method"], block["threshold"]
+        model = load(spec, dtype=dtype, verify_files=verify, **placement.arguments()) if placement else load(spec, dtype=dtype, verify_files=verify).to(device)
+        return model, AutoTokenizer.from_pretrained(spec), block["method"], block["threshold"]
     source = models.resolve(spec)
     threshold = get_method(method).threshold_or_default(threshold)
-    model = quantize_model(models.load_model(source, dtype=dtype), method, threshold)
-    return model.to(device), models.load_tokenizer(source), method, threshold
+    if placement is None:
+        return quantize_model(models.load_model(source, dtype=dtype), method, threshold).to(device), models.load_tokenizer(source), method, threshold
+    if not get_method(method).quantized:
+        return models.load_model(source, dtype=dtype, placement=placement), models.load_tokenizer(source), method, threshold
+    options = QuantizeOptions(method=method, threshold=threshold, calib_samples=0)  # as on one device: run-time outlier detection
+    model, _ = variants.placed_quantized(spec, variants.scratch_folder(placement) / method, options, dtype, placement)
+    return model, models.load_tokenizer(source), method, threshold
 
 
 @command
@@ -46,6 +56,9 @@ def generate(
     method: Annotated[str, typer.Option(help="For a 16-bit model: the method it is quantized with on the fly (fp16 keeps it 16-bit).")] = DEFAULT_METHOD,
     threshold: Threshold = None,
     device: Device = "auto",
+    device_map: DeviceMap = None,
+    max_memory: MaxMemory = None,
+    offload_folder: OffloadFolder = None,
     dtype: ComputeDtype = "auto",
     no_verify: NoVerify = False,
     quiet: Quiet = False,
@@ -55,10 +68,11 @@ def generate(
     get_method(method).threshold_or_default(threshold)
     if not prompt.strip():
         raise InvalidArgumentError("PROMPT is empty")
-    run_device = variants.resolve_device(device)
+    placed, run_device = chosen_placement(ctx, device, device_map, max_memory, offload_folder)
     run_dtype = variants.resolve_dtype(dtype, run_device, inference=True)
     with console.status(f"loading {model}"):
-        network, tokenizer, ran, threshold = load_for_generation(model, method, threshold, run_dtype, run_device, not no_verify, given_options(ctx))
+        network, tokenizer, ran, threshold = load_for_generation(model, method, threshold, run_dtype, run_device, not no_verify, given_options(ctx), placed)
+    where = report_placement(console, ran, network)
     ids = tokenizer(prompt, return_tensors="pt").input_ids.to(run_device)
     limit = models.context_length(network.config)
     if limit is not None and ids.shape[1] + max_new_tokens > limit:
@@ -78,5 +92,5 @@ def generate(
         "method": ran, "threshold": threshold, "dtype": str(run_dtype).removeprefix("torch."), "device": str(run_device),
         "prompt": prompt, "text": text, "prompt_tokens": ids.shape[1], "new_tokens": new.numel(),
         "sampling": {"temperature": temperature, "seed": seed} if temperature > 0 else "greedy",
-        "seconds": round(seconds, 3), "tokens_per_s": round(rate, 1),
+        "seconds": round(seconds, 3), "tokens_per_s": round(rate, 1), **({"placement": where} if where else {}),
     })

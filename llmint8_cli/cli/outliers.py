@@ -9,8 +9,10 @@ from typing import Annotated
 import torch
 import typer
 
-from llmint8_cli import activations, data, models
-from llmint8_cli.cli.common import PIPED_MODEL_HELP, DataDir, Quiet, choose_model, command, emit_json, print_table, stderr_console
+from llmint8_cli import activations, data, models, placement
+from llmint8_cli.cli.common import (
+    PIPED_MODEL_HELP, DataDir, DeviceMap, MaxMemory, OffloadFolder, Quiet, choose_model, command, emit_json, print_table, report_placement, stderr_console,
+)
 from llmint8_cli.core.methods import DEFAULT_THRESHOLD, check_threshold
 from llmint8_cli.errors import InvalidArgumentError, OutputExistsError
 from llmint8_cli.evaluation.perplexity import make_windows, tokenize
@@ -78,6 +80,9 @@ def outliers(
     plot_path: Annotated[Path | None, typer.Option("--plot", help="Write a PNG: heat map and share of layers/positions per feature.")] = None,
     force: Annotated[bool, typer.Option("--force", help="Replace an existing --plot file.")] = False,
     data_dir: DataDir = None,
+    device_map: DeviceMap = None,
+    max_memory: MaxMemory = None,
+    offload_folder: OffloadFolder = None,
     quiet: Quiet = False,
 ) -> None:
     """Per-layer outlier columns, systematic outlier features and what the decomposition keeps in 16-bit."""
@@ -86,11 +91,13 @@ def outliers(
     check_threshold(threshold)
     if plot_path is not None:
         check_plot_path(plot_path, force)
+    placed = placement.parse(device_map, max_memory, offload_folder)
     text = data.load_text(dataset, data_dir)
     source = models.resolve(model)
     with console.status(f"loading {model}"):
         tokenizer = models.load_tokenizer(source)
-        network = models.load_model(source, dtype=torch.float32)
+        network = models.load_model(source, dtype=torch.float32, placement=placed)
+    where = report_placement(console, source.label, network)
     ids, bos_id = tokenize(tokenizer, text.text[: 16 * samples * seq_len], "window")
     windows = make_windows(ids, seq_len, bos_id=bos_id, source=text.source).input_ids[:samples]
     layers = dict(quantizable_layers(network))
@@ -98,7 +105,7 @@ def outliers(
     with console.status(f"running {len(windows)} sequences of {seq_len} tokens"):
         stats = activations.collect(network, windows.split(1), list(layers), threshold)
     report = activations.analyze(stats, shapes, network.config.hidden_size)
-    report.update({"dataset": text.name, "samples": len(windows), "seq_len": seq_len})
+    report.update({"dataset": text.name, "samples": len(windows), "seq_len": seq_len, **({"placement": where} if where else {})})
     if plot_path is not None:
         plot(report, stats, list(layers), plot_path, source.label)
         report["plot"] = str(plot_path)

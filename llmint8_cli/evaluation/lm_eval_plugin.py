@@ -15,6 +15,7 @@ from lm_eval.models.huggingface import HFLM
 
 from llmint8_cli.evaluation import zeroshot
 from llmint8_cli.evaluation.request_cache import RequestCache
+from llmint8_cli import models
 from llmint8_cli.evaluation.variants import resolve_device, resolve_dtype
 
 
@@ -41,6 +42,7 @@ class UnpaddedHFLM(HFLM):
         if self.unpadded:
             kwargs["batch_size"] = 1
         super().__init__(pretrained=pretrained, **kwargs)
+        self._device = models.input_device(pretrained)  # a placed model's main device (lm-eval reads its first parameter's, maybe on meta)
         self.request_cache = request_cache
         if request_cache is not None:
             self.set_cache_hook(RequestCacheHook(request_cache))

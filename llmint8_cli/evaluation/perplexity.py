@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from llmint8_cli.data import read_appended_jsonl
+from llmint8_cli.models import input_device
 from llmint8_cli.errors import DataError
 
 IGNORE = -100
@@ -137,7 +138,7 @@ class WindowCache:
 @torch.inference_mode()
 def perplexity(model, windows: Windows, batch_size: int = 1, progress: Callable[[int], None] | None = None, cache: WindowCache | None = None) -> PerplexityResult:
     """exp(mean NLL) of the scored tokens; batched, one forward per batch of windows not yet in `cache`."""
-    device = next(model.parameters()).device
+    device = input_device(model)
     count = len(windows.input_ids)
     nll = cache.load() if cache is not None else {}
     todo = [i for i in range(count) if i not in nll]

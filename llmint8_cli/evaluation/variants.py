@@ -30,6 +30,7 @@ from llmint8_cli.errors import InvalidArgumentError, LLMInt8Error
 from llmint8_cli.nn.convert import kept_line, parameter_report, quantizable_layers, quantize_model
 from llmint8_cli.nn.experts import unfuse_experts
 from llmint8_cli.nn.linear import Int8Linear
+from llmint8_cli.placement import Placement
 
 BASELINE = "fp16"
 DEFAULT_CALIBRATION = QuantizeOptions().calib_dataset
@@ -127,8 +128,9 @@ class Subject:
 
 
 def subject(spec: str, methods: list[Method], threshold: float | None, dtype: torch.dtype, device: torch.device, verify: bool = True,
-            calibration: QuantizeOptions | None = None, held_out: str | None = None) -> Subject:
-    """What to evaluate; `verify` checks an llmint8 folder's files against its manifest.
+            calibration: QuantizeOptions | None = None, held_out: str | None = None, placement: Placement | None = None) -> Subject:
+    """What to evaluate; `verify` checks an llmint8 folder's files against its manifest; a
+    `placement` spreads each model over devices instead of putting it on `device`.
 
     A 16-bit model's decomposition methods are calibrated as `llmint8 quantize` calibrates them
     (`calibration`, its options; None or 0 samples: run-time detection only), so that their
@@ -139,28 +141,30 @@ def subject(spec: str, methods: list[Method], threshold: float | None, dtype: to
     wanted = {m.name for m in methods if m.quantized}
     if is_llmint8_checkpoint(spec):
         check_request(spec, read_quantization_config(spec), given, wanted, threshold)
-        return _stored(spec, dtype, device, verify, held_out)
+        return _stored(spec, dtype, device, verify, held_out, placement=placement)
     if bitsandbytes.is_bitsandbytes_8bit(spec):  # evaluated as its int8 rows, converted without re-rounding
         method, stored_threshold = bitsandbytes.converted_method(bitsandbytes.read_block(Path(spec)))
         check_request(spec, {"method": method, "threshold": stored_threshold}, given, wanted, threshold)  # before a conversion of minutes
         folder = Path(tempfile.mkdtemp(prefix="llmint8-from-bitsandbytes-"))
         atexit.register(shutil.rmtree, folder, True)
         bitsandbytes.import_folder(spec, str(folder / "model"))
-        converted = _stored(str(folder / "model"), dtype, device, verify, label=spec)
+        converted = _stored(str(folder / "model"), dtype, device, verify, label=spec, placement=placement)
         converted.notes.append(f"{spec}: a bitsandbytes 8-bit folder, evaluated through llmint8 with its int8 rows and scales as stored")
         return converted
     source = models.resolve(spec)
-    tokenizer = models.load_tokenizer(source)
-    base = models.load_model(source, dtype=dtype).to(device)
-    unfuse_experts(base)  # experts as linear layers, quantized like any other (the same function in 16-bit)
     ordered = [BASELINE] + [m.name for m in methods if m.name != BASELINE]
     thresholds = {m.name: m.threshold_or_default(threshold) for m in methods if m.quantized}
-    outliers, input_max, info, stats = {}, {}, None, None
     rotation_block = check_rotation_block(calibration.rotation_block) if calibration else ROTATION_BLOCK
     calibrated = calibration is not None and calibration.calib_samples > 0
     smoothing = [m.name for m in methods if m.smoothing]
     if smoothing and not calibrated:
         raise InvalidArgumentError(f"method {smoothing[0]!r} is calibrated: --calib-samples must be at least 1")
+    tokenizer = models.load_tokenizer(source)
+    if placement is not None:
+        return _streamed(spec, source, tokenizer, ordered, thresholds, dtype, placement, calibration, held_out, rotation_block)
+    base = models.load_model(source, dtype=dtype).to(device)
+    unfuse_experts(base)  # experts as linear layers, quantized like any other (the same function in 16-bit)
+    outliers, input_max, info, stats = {}, {}, None, None
     decomposing = [m.name for m in methods if m.decomposition]
     if calibrated and decomposing:  # one pass; each method's stored columns at its own threshold
         stats, info = calibrate_on_the_fly(base, tokenizer, replace(calibration, threshold=min(thresholds[n] for n in decomposing)), held_out)
@@ -187,6 +191,59 @@ def subject(spec: str, methods: list[Method], threshold: float | None, dtype: to
                    stored_columns=stored_columns, parameters=parameters)
 
 
+def placed_quantized(spec: str, folder: Path, options: QuantizeOptions, dtype: torch.dtype, placement: Placement) -> tuple[torch.nn.Module, dict]:
+    """(the model `llmint8 quantize` would write, loaded spread over devices; quantize's summary):
+    streamed one layer at a time into `folder`, so the 16-bit model is never whole in memory."""
+    from llmint8_cli.checkpoint.quantize import quantize_checkpoint
+
+    summary = quantize_checkpoint(spec, folder, options)
+    return load(folder, dtype=dtype, verify_files=False, **placement.arguments()), summary  # written by this run a moment ago
+
+
+def scratch_folder(placement: Placement) -> Path:
+    """A folder for quantized copies, removed at exit: beside the offloaded layers where the user
+    chose a disk for them."""
+    if placement.offload_folder:
+        Path(placement.offload_folder).mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix="llmint8-placed-", dir=placement.offload_folder))
+    atexit.register(shutil.rmtree, work, True)
+    return work
+
+
+def _streamed(spec: str, source: models.ModelSource, tokenizer, ordered: list[str], thresholds: dict[str, float], dtype: torch.dtype, placement: Placement,
+              calibration: QuantizeOptions | None, held_out: str | None, rotation_block: int) -> Subject:
+    """On the fly for a model spread over devices: the 16-bit model loaded placed, and each method
+    quantized as `llmint8 quantize` streams it (placed_quantized), one method at a time."""
+    from transformers import AutoModelForCausalLM
+
+    config = models.load_config(source)
+    skeleton = models.build_skeleton(lambda: AutoModelForCausalLM.from_config(config, dtype=dtype), f"{source.location}: config")
+    unfuse_experts(skeleton)
+    options = calibration or QuantizeOptions(calib_samples=0)
+    options, note = held_out_options(options, held_out) if options.calib_samples > 0 else (options, None)
+    smoothing = any(get_method(n).smoothing for n in ordered)
+    result = Subject(source.label, source, tokenizer, config, iter(()), [note] if note else [], thresholds=thresholds, rotation_block=rotation_block,
+                     parameters=parameter_report(skeleton, [module for _, module in quantizable_layers(skeleton)]))
+    work = scratch_folder(placement)
+
+    def generate() -> Iterator[tuple[str, torch.nn.Module]]:
+        for name in ordered:
+            if name == BASELINE:
+                yield name, models.load_model(source, dtype=dtype, placement=placement)
+                continue
+            chosen = replace(options, method=name, threshold=thresholds[name], rotation_block=rotation_block, given=frozenset())
+            model, summary = placed_quantized(spec, work / name, chosen, dtype, placement)
+            if get_method(name).decomposition and summary["calibration"].get("samples"):  # recorded as the in-memory path's one calibration records it
+                result.calibration = {**summary["calibration"], **({"smoothing_alpha": options.smooth_alpha} if smoothing else {})}
+                result.stored_columns[name] = summary["outlier_columns_total"]
+            yield name, model
+            shutil.rmtree(work / name, ignore_errors=True)
+        shutil.rmtree(work, ignore_errors=True)
+
+    result.variants = generate()
+    return result
+
+
 def calibration_line(subject: Subject) -> str:
     """One line under a table: where the decomposition methods' stored 16-bit columns came from."""
     info = subject.calibration or {}
@@ -204,19 +261,24 @@ def calibration_line(subject: Subject) -> str:
     return f"calibration of the decomposition methods: {info['samples']} windows × {info['seq_len']} tokens of {info['dataset']}{stored}{smoothing}"
 
 
-def calibrate_on_the_fly(base, tokenizer, options: QuantizeOptions, held_out: str | None) -> tuple[ActivationStats, dict]:
-    """quantize's calibration on the loaded 16-bit model: (each layer's input ranges and outlier columns, what was used)."""
+def held_out_options(options: QuantizeOptions, held_out: str | None) -> tuple[QuantizeOptions, str | None]:
+    """Calibration that never reads the evaluation text: the default text is swapped for another
+    (with a note saying so), a chosen one is refused."""
     from llmint8_cli import data
 
-    note = None
-    if held_out is not None and data.calibration_text(options.calib_dataset, options.data_dir).source == held_out:
-        if options.calib_dataset != DEFAULT_CALIBRATION:
-            raise InvalidArgumentError(
-                f"the calibration text ({options.calib_dataset}, {held_out}) is the evaluation text; pass another --calib-dataset, or --calib-samples 0"
-            )
-        other = next(name for name in HELD_OUT_CALIBRATION if data.calibration_text(name, options.data_dir).source != held_out)
-        note = f"the default calibration text here is the evaluation text ({held_out}); calibrated on {other} instead"
-        options = replace(options, calib_dataset=other)
+    if held_out is None or data.calibration_text(options.calib_dataset, options.data_dir).source != held_out:
+        return options, None
+    if options.calib_dataset != DEFAULT_CALIBRATION:
+        raise InvalidArgumentError(
+            f"the calibration text ({options.calib_dataset}, {held_out}) is the evaluation text; pass another --calib-dataset, or --calib-samples 0"
+        )
+    other = next(name for name in HELD_OUT_CALIBRATION if data.calibration_text(name, options.data_dir).source != held_out)
+    return replace(options, calib_dataset=other), f"the default calibration text here is the evaluation text ({held_out}); calibrated on {other} instead"
+
+
+def calibrate_on_the_fly(base, tokenizer, options: QuantizeOptions, held_out: str | None) -> tuple[ActivationStats, dict]:
+    """quantize's calibration on the loaded 16-bit model: (each layer's input ranges and outlier columns, what was used)."""
+    options, note = held_out_options(options, held_out)
     with torch.no_grad():
         stats, info = calibrate(base, None, [name for name, _ in quantizable_layers(base)], tokenizer, options)
     if note:
@@ -236,14 +298,15 @@ def check_request(label: str, block: dict, given: frozenset[str], wanted: set[st
         raise InvalidArgumentError(f"{what}: {', '.join(asked)} cannot apply; {instead}")
 
 
-def _stored(folder: str, dtype: torch.dtype, device: torch.device, verify: bool, held_out: str | None = None, label: str | None = None) -> Subject:
+def _stored(folder: str, dtype: torch.dtype, device: torch.device, verify: bool, held_out: str | None = None, label: str | None = None,
+            placement: Placement | None = None) -> Subject:
     """A quantized folder evaluated as stored; `label` names it in messages (a bitsandbytes folder converted into a temporary one)."""
     from transformers import AutoTokenizer
 
     label = label or folder
     block = read_quantization_config(folder)
     tokenizer = AutoTokenizer.from_pretrained(folder)
-    quantized = load(folder, dtype=dtype, verify_files=verify).to(device)
+    quantized = load(folder, dtype=dtype, verify_files=verify, **placement.arguments()) if placement else load(folder, dtype=dtype, verify_files=verify).to(device)
     notes, baseline = [], None
     calibration = block.get("calibration") or {}
     if isinstance(block.get("smoothing"), dict):
@@ -261,7 +324,7 @@ def _stored(folder: str, dtype: torch.dtype, device: torch.device, verify: bool,
 
     def generate() -> Iterator[tuple[str, torch.nn.Module]]:
         if baseline is not None:
-            yield BASELINE, models.load_model(baseline, dtype=dtype).to(device)
+            yield BASELINE, models.load_model(baseline, dtype=dtype, placement=placement) if placement else models.load_model(baseline, dtype=dtype).to(device)
         yield block["method"], quantized
 
     parameters = parameter_report(quantized, [m for m in quantized.modules() if isinstance(m, Int8Linear)])
