@@ -32,7 +32,7 @@ try:
 except ImportError:
     from click import exceptions as click_errors
 
-from llmint8_cli import placement
+from llmint8_cli import distributed, placement
 from llmint8_cli.errors import InvalidArgumentError, LLMInt8Error, one_line
 
 EXIT_BAD_INPUT = 2
@@ -203,8 +203,9 @@ def fail(message: str, code: int = EXIT_BAD_INPUT) -> None:
 
 
 def warn(message: str) -> None:
-    """Shown even with --quiet: a warning says the result differs from what was asked."""
-    print(f"llmint8: warning: {message}", file=sys.stderr)
+    """Shown even with --quiet: a warning says the result differs from what was asked (once per run: by rank 0 under torchrun)."""
+    if distributed.is_main():
+        print(f"llmint8: warning: {message}", file=sys.stderr)
 
 
 class OneLineErrors(TyperGroup):

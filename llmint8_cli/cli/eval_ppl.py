@@ -8,13 +8,13 @@ from typing import Annotated
 
 import typer
 
-from llmint8_cli import data
+from llmint8_cli import data, distributed
 from llmint8_cli.backends import gemm_report
 from llmint8_cli import models
 from llmint8_cli.checkpoint.quantize import QuantizeOptions
 from llmint8_cli.cli.common import EXIT_NOT_FINITE, METHODS_HELP, CalibDataset, CalibSamples, CalibSeqLen, RotationBlock, SmoothAlpha, ComputeDtype, DataDir, Device, DeviceMap, MaxMemory, Model, NoVerify, OffloadFolder, Quiet, Threshold, choose_model, chosen_placement, command, emit_json, given_options, fail, report_placement, print_table, progress_bar, stderr_console, warn
 from llmint8_cli.core.methods import DEFAULT_METHOD, parse_methods
-from llmint8_cli.errors import DataError
+from llmint8_cli.errors import DataError, InvalidArgumentError
 from llmint8_cli.evaluation import variants
 from llmint8_cli.evaluation.perplexity import WindowCache, make_windows, perplexity, tokenize
 
@@ -64,8 +64,9 @@ def eval_ppl(
     no_verify: NoVerify = False,
     quiet: Quiet = False,
 ) -> None:
-    """Perplexity per method on WikiText-2, PTB, C4 or a file; JSON on stdout, a table on stderr."""
-    console = stderr_console(quiet)
+    """Perplexity per method on WikiText-2, PTB, C4 or a file; JSON on stdout, a table on stderr.
+    Under torchrun the windows are shared out between the processes and rank 0 reports."""
+    console = stderr_console(quiet or not distributed.is_main())
     model = choose_model(model, console, models.DEFAULT_MODEL)
     chosen = parse_methods(methods)
     if bos not in ("window", "text"):
@@ -73,6 +74,10 @@ def eval_ppl(
     if seq_len < 2:
         raise DataError(f"--seq-len must be at least 2, got {seq_len}")
     placed, run_device = chosen_placement(ctx, device, device_map, max_memory, offload_folder)
+    if placed is not None and distributed.active():
+        raise InvalidArgumentError("--device-map spreads one model over devices; under torchrun each process loads its own: use one or the other")
+    run_device = distributed.device_of_rank(run_device)
+    distributed.start(run_device)
     text = data.load_text(dataset, data_dir)
     run_dtype = variants.resolve_dtype(dtype, run_device)
     with console.status(f"loading {model}"):
@@ -115,7 +120,7 @@ def eval_ppl(
             "bos": bos, "bos_per_window": windows.bos_per_window, "max_tokens": max_tokens,
             "windows": len(windows.input_ids), "scored_tokens": windows.scored_tokens,
         },
-        "thresholds": subject.thresholds, "device": str(run_device), "dtype": str(run_dtype).removeprefix("torch."),
+        "thresholds": subject.thresholds, "device": str(run_device), "dtype": str(run_dtype).removeprefix("torch."), "processes": distributed.world_size(),
         "results": results, "notes": subject.notes, "parameters": subject.parameters,
     }
     cells = [[
@@ -123,6 +128,9 @@ def eval_ppl(
         f"{row['seconds']:.1f}", "cached" if row["tokens_per_s"] is None else f"{row['tokens_per_s']:.0f}",
     ] for name, row in results.items()]
     document["int8_gemm"] = gemm_report()
+    distributed.finish()
+    if not distributed.is_main():
+        return
     title = f"perplexity · {subject.label} · {text.name}{' (sample)' if text.sample else ''} · {windows.scored_tokens} tokens"
     print_table(console, title, ["method", "ppl", "Δ vs 16-bit", "s", "tok/s"], cells, ("s",))
     console.print(variants.calibration_line(subject))

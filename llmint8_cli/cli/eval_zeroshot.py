@@ -11,10 +11,11 @@ from typing import Annotated
 import typer
 
 from llmint8_cli.backends import gemm_report
-from llmint8_cli import models
+from llmint8_cli import distributed, models
 from llmint8_cli.checkpoint.quantize import QuantizeOptions
 from llmint8_cli.cli.common import METHODS_HELP, CalibDataset, CalibSamples, CalibSeqLen, ComputeDtype, Device, DeviceMap, MaxMemory, OffloadFolder, RotationBlock, SmoothAlpha, Model, NoVerify, Quiet, Threshold, choose_model, chosen_placement, command, emit_json, given_options, print_table, report_placement, stderr_console, warn
 from llmint8_cli.core.methods import DEFAULT_METHOD, parse_methods
+from llmint8_cli.errors import InvalidArgumentError
 from llmint8_cli.evaluation import request_cache, variants, zeroshot
 
 
@@ -43,13 +44,18 @@ def eval_zeroshot(
     no_verify: NoVerify = False,
     quiet: Quiet = False,
 ) -> None:
-    """Zero-shot accuracy through lm-eval per method; JSON on stdout, a table on stderr."""
-    console = stderr_console(quiet)
+    """Zero-shot accuracy through lm-eval per method; JSON on stdout, a table on stderr. Under
+    torchrun lm-eval shares the documents out between the processes and rank 0 reports."""
+    console = stderr_console(quiet or not distributed.is_main())
     model = choose_model(model, console, models.DEFAULT_MODEL)
     local = zeroshot.use_local_tasks(data_dir)
     names = zeroshot.parse_tasks(tasks, local)
     chosen = parse_methods(methods)
     placed, run_device = chosen_placement(ctx, device, device_map, max_memory, offload_folder)
+    if placed is not None and distributed.active():
+        raise InvalidArgumentError("--device-map spreads one model over devices; under torchrun each process loads its own: use one or the other")
+    run_device = distributed.device_of_rank(run_device)
+    distributed.start(run_device)
     with zeroshot.task_configs() as configs:  # removed at the end, also on Ctrl-C or SIGTERM
         manager, task_names, source = zeroshot.task_manager(names, data_dir, local, configs)
         run_dtype = variants.resolve_dtype(dtype, run_device)
@@ -74,14 +80,19 @@ def eval_zeroshot(
             chatter = sys.stderr if console.is_terminal else io.StringIO()  # lm-eval's bars and logs: on a terminal only; stdout is for our JSON
             with contextlib.redirect_stdout(chatter), contextlib.redirect_stderr(chatter):
                 evaluation = zeroshot.evaluate(network, subject.tokenizer, manager, task_names, limit, num_fewshot, batch_size, str(run_device), folder)
+            del network
+            if evaluation is None:  # not rank 0: its samples went to rank 0
+                continue
             results[name], per_document[name], caches[name] = evaluation.results, evaluation.per_document, evaluation.cache
             if evaluation.batch_size != batch_size:
                 notes.append(f"{name}: one request per forward pass (its outlier columns or tensor scales span a sequence, "
                              "and lm-eval pads batches without a mask)")
             seconds[name] = round(time.time() - started, 1)
-            del network
+    distributed.finish()
+    if not distributed.is_main():
+        return
     baseline = results.get(variants.BASELINE)
-    document = {"tasks": {}, "data": source, "limit": limit, "num_fewshot": num_fewshot,
+    document = {"processes": distributed.world_size(), "tasks": {}, "data": source, "limit": limit, "num_fewshot": num_fewshot,
                 "device": str(run_device), "dtype": str(run_dtype).removeprefix("torch."), "thresholds": subject.thresholds,
                 "seconds": seconds, "calibration": {m: subject.calibration_of(m) for m in results},
                 "settings": {m: subject.settings_of(m) for m in results if subject.settings_of(m)}, "notes": notes, "parameters": subject.parameters,

@@ -9,13 +9,15 @@ from __future__ import annotations
 
 import logging
 
+import torch
+
 from lm_eval.api.model import CacheHook
 from lm_eval.api.registry import register_model
 from lm_eval.models.huggingface import HFLM
 
 from llmint8_cli.evaluation import zeroshot
 from llmint8_cli.evaluation.request_cache import RequestCache
-from llmint8_cli import models
+from llmint8_cli import distributed, models
 from llmint8_cli.evaluation.variants import resolve_device, resolve_dtype
 
 
@@ -43,9 +45,30 @@ class UnpaddedHFLM(HFLM):
             kwargs["batch_size"] = 1
         super().__init__(pretrained=pretrained, **kwargs)
         self._device = models.input_device(pretrained)  # a placed model's main device (lm-eval reads its first parameter's, maybe on meta)
+        if distributed.active():  # torchrun: lm-eval shares the documents out by rank and gathers the samples on rank 0
+            self._rank, self._world_size = distributed.rank(), distributed.world_size()
         self.request_cache = request_cache
         if request_cache is not None:
             self.set_cache_hook(RequestCacheHook(request_cache))
+
+    def all_gather(self, tensor: torch.Tensor) -> torch.Tensor:
+        """lm-eval's gather of a tensor from every process (accelerate's, without an Accelerator)."""
+        if self.world_size <= 1:
+            return tensor
+        parts = [torch.empty_like(tensor) for _ in range(self.world_size)]
+        distributed.collective(lambda: torch.distributed.all_gather(parts, tensor), "gathering lm-eval's request counts")
+        return torch.stack(parts) if tensor.dim() == 0 else torch.cat(parts)
+
+    def gather_object(self, obj, dst=0):
+        """lm-eval's gather of each process's samples and metrics, handed back in document order."""
+        if self.world_size <= 1:
+            return [obj]
+        gathered = [None] * self.world_size if self.rank == dst else None
+        distributed.collective(lambda: torch.distributed.gather_object(obj, gathered, dst=dst), "gathering lm-eval's samples")
+        return in_document_order(gathered) if gathered is not None else None
+
+    def barrier(self) -> None:
+        distributed.barrier("waiting for lm-eval's requests")
 
     def _answer(self, kind: str, requests, compute, disable_tqdm: bool):
         """Cached answers where there are any; the model computes the rest (the hook keeps each)."""
@@ -64,6 +87,22 @@ class UnpaddedHFLM(HFLM):
 
     def generate_until(self, requests, disable_tqdm: bool = False):
         return self._answer("generate_until", requests, super().generate_until, disable_tqdm)
+
+
+def in_document_order(parts: list) -> list:
+    """lm-eval gives process r the documents r, r + N, r + 2N, ... and chains what it gathers
+    process by process; interleaved back here, every list is in document order as in one process,
+    so sums, means and the bootstrap's resamples give the one-process figures to the last digit.
+    ({task: [samples]} and {task: {metric: [values]}}; a list that does not fit is left as is.)"""
+    first = parts[0]
+    if isinstance(first, dict) and all(isinstance(p, dict) and p.keys() == first.keys() for p in parts):
+        per_key = {key: in_document_order([p[key] for p in parts]) for key in first}
+        return [{key: per_key[key][r] for key in first} for r in range(len(parts))]
+    if all(isinstance(p, list) for p in parts):
+        total = sum(len(p) for p in parts)
+        if all(len(p) == len(range(r, total, len(parts))) for r, p in enumerate(parts)):
+            return [[parts[i % len(parts)][i // len(parts)] for i in range(total)], *([] for _ in parts[1:])]
+    return parts
 
 
 @register_model("llmint8")

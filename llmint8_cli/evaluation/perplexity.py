@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from llmint8_cli import distributed
 from llmint8_cli.data import read_appended_jsonl
 from llmint8_cli.models import input_device
 from llmint8_cli.errors import DataError
@@ -108,26 +109,30 @@ MAX_NLL_PER_TOKEN = 1000.0  # nats: a probability of e^-1000 for every token of 
 class WindowCache:
     """Each window's NLL appended to a JSON Lines file as it is computed, so a stopped run resumes.
 
-    One file per (variant folder, Windows.digest). Every line read back is checked: a window index
-    of these windows, and an NLL that a window can have (finite, >= 0, at most MAX_NLL_PER_TOKEN
-    per scored token); anything else is a one-line error naming the line, never a wrong perplexity.
+    One file per (variant folder, Windows.digest); the processes of a torchrun each append to their
+    own (`.rank<R>` before the suffix) and a resumed run of any size reads them all. Every line read
+    back is checked: a window index of these windows, and an NLL that a window can have (finite,
+    >= 0, at most MAX_NLL_PER_TOKEN per scored token); anything else is a one-line error naming
+    the line, never a wrong perplexity.
     """
 
     def __init__(self, folder: Path, windows: Windows):
-        self.path = Path(folder) / f"ppl-{windows.digest()}.jsonl"
+        shared = Path(folder) / f"ppl-{windows.digest()}.jsonl"
+        self.files, self.path = distributed.every_file(shared), distributed.own_file(shared)
         self.scored = (windows.labels[:, 1:] != IGNORE).sum(dim=1).tolist()
 
     def load(self) -> dict[int, float]:
         """The windows done so far; a half-written last line is cut off so that appends stay whole."""
         done = {}
-        for number, entry in read_appended_jsonl(self.path):
-            window, nll = (entry.get("window"), entry.get("nll")) if isinstance(entry, dict) else (None, None)
-            if type(window) is not int or not 0 <= window < len(self.scored):
-                raise DataError(f"{self.path}:{number}: 'window' must be an index below {len(self.scored)}, got {window!r:.40}")
-            if isinstance(nll, bool) or not isinstance(nll, (int, float)) or not 0 <= nll <= MAX_NLL_PER_TOKEN * self.scored[window]:
-                raise DataError(f"{self.path}:{number}: 'nll' must be a number from 0 to {MAX_NLL_PER_TOKEN:g} per scored token "
-                                f"({self.scored[window]} in window {window}), got {nll!r:.40}")
-            done[window] = float(nll)
+        for path in self.files:
+            for number, entry in read_appended_jsonl(path):
+                window, nll = (entry.get("window"), entry.get("nll")) if isinstance(entry, dict) else (None, None)
+                if type(window) is not int or not 0 <= window < len(self.scored):
+                    raise DataError(f"{path}:{number}: 'window' must be an index below {len(self.scored)}, got {window!r:.40}")
+                if isinstance(nll, bool) or not isinstance(nll, (int, float)) or not 0 <= nll <= MAX_NLL_PER_TOKEN * self.scored[window]:
+                    raise DataError(f"{path}:{number}: 'nll' must be a number from 0 to {MAX_NLL_PER_TOKEN:g} per scored token "
+                                    f"({self.scored[window]} in window {window}), got {nll!r:.40}")
+                done[window] = float(nll)
         return done
 
     def append(self, nll: dict[int, float]) -> None:
@@ -137,16 +142,21 @@ class WindowCache:
 
 @torch.inference_mode()
 def perplexity(model, windows: Windows, batch_size: int = 1, progress: Callable[[int], None] | None = None, cache: WindowCache | None = None) -> PerplexityResult:
-    """exp(mean NLL) of the scored tokens; batched, one forward per batch of windows not yet in `cache`."""
+    """exp(mean NLL) of the scored tokens; batched, one forward per batch of windows not yet in `cache`.
+
+    Under torchrun each process computes every world_size-th window left and all of them gather
+    the NLLs, summed in window order: the same figure, to the last digit, as one process.
+    `progress` counts the run's windows (this process's, times the number of processes)."""
     device = input_device(model)
     count = len(windows.input_ids)
-    nll = cache.load() if cache is not None else {}
+    nll = distributed.from_main(cache.load, "reading the window cache") if cache is not None else {}
     todo = [i for i in range(count) if i not in nll]
     reused = count - len(todo)
     if progress is not None and reused:
         progress(reused)
-    for start in range(0, len(todo), batch_size):
-        chosen = todo[start : start + batch_size]
+    mine, left, processes = distributed.share(todo), len(todo), distributed.world_size()
+    for start in range(0, len(mine), batch_size):
+        chosen = mine[start : start + batch_size]
         ids = windows.input_ids[chosen].to(device)
         labels = windows.labels[chosen].to(device)
         logits = model(input_ids=ids).logits[:, :-1].float()
@@ -158,7 +168,13 @@ def perplexity(model, windows: Windows, batch_size: int = 1, progress: Callable[
         if cache is not None:
             cache.append(batch)
         if progress is not None:
-            progress(len(chosen))
+            step = min(len(chosen) * processes, left)
+            progress(step)
+            left -= step
+    for part in distributed.all_gather({i: nll[i] for i in mine}, "gathering the window NLLs"):
+        nll.update(part)
+    if progress is not None and left:
+        progress(left)
     total = sum(nll[i] for i in range(count))
     tokens = windows.scored_tokens
     mean = total / tokens

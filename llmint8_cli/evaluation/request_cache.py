@@ -16,6 +16,7 @@ import re
 from collections.abc import Callable
 from pathlib import Path
 
+from llmint8_cli import distributed
 from llmint8_cli.data import read_appended_jsonl
 from llmint8_cli.errors import DataError
 
@@ -52,14 +53,19 @@ def check_line(path: Path, number: int, entry) -> tuple[str, object]:
 
 
 class RequestCache:
-    """The answers of one model (one variant folder) to lm-eval requests, one JSON line each."""
+    """The answers of one model (one variant folder) to lm-eval requests, one JSON line each.
+
+    Under torchrun each process appends to its own file (distributed.own_file) and every process
+    starts from all the answers, read once by rank 0 before any process writes."""
 
     def __init__(self, path: Path):
-        self.path = Path(path)
-        self.answers = self._read()
+        shared = Path(path)
+        self.path = distributed.own_file(shared)
+        self.answers = distributed.from_main(lambda: self._read(distributed.every_file(shared)), "reading the request cache")
 
-    def _read(self) -> dict[str, object]:
-        return dict(check_line(self.path, number, entry) for number, entry in read_appended_jsonl(self.path))
+    @staticmethod
+    def _read(files: list[Path]) -> dict[str, object]:
+        return {key: answer for path in files for key, answer in (check_line(path, number, entry) for number, entry in read_appended_jsonl(path))}
 
     @staticmethod
     def key(kind: str, args) -> str:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from llmint8_cli import models
+from llmint8_cli import distributed, models
 from llmint8_cli.backends import cpu_kernels
 from llmint8_cli.checkpoint import bitsandbytes
 from llmint8_cli.checkpoint.format import is_llmint8_checkpoint, read_quantization_config, stored_rotation_block
@@ -167,7 +167,9 @@ def subject(spec: str, methods: list[Method], threshold: float | None, dtype: to
     outliers, input_max, info, stats = {}, {}, None, None
     decomposing = [m.name for m in methods if m.decomposition]
     if calibrated and decomposing:  # one pass; each method's stored columns at its own threshold
-        stats, info = calibrate_on_the_fly(base, tokenizer, replace(calibration, threshold=min(thresholds[n] for n in decomposing)), held_out)
+        options = replace(calibration, threshold=min(thresholds[n] for n in decomposing))
+        # under torchrun on rank 0 only, every process then quantizes with the same columns
+        stats, info = distributed.from_main(lambda: calibrate_on_the_fly(base, tokenizer, options, held_out), "sharing the calibration")
         outliers = {n: stats.outlier_columns(thresholds[n]) for n in decomposing}
         input_max = stats.col_max
         if smoothing:

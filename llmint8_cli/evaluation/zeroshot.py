@@ -187,12 +187,14 @@ def paired_delta_stderr(baseline: dict[int, float], other: dict[int, float]) -> 
     """
     if baseline.keys() != other.keys() or len(baseline) < 2:
         return None
-    return statistics.stdev(other[doc] - baseline[doc] for doc in baseline) / math.sqrt(len(baseline))
+    return statistics.stdev(other[doc] - baseline[doc] for doc in sorted(baseline)) / math.sqrt(len(baseline))  # document order: one figure however many processes gathered them
 
 
 def evaluate(model, tokenizer, manager, task_names: dict[str, str], limit: int | None, num_fewshot: int, batch_size: int, device: str,
-             cache_folder: Path | None = None, samples: dict[str, list[int]] | None = None) -> Evaluation:
+             cache_folder: Path | None = None, samples: dict[str, list[int]] | None = None) -> Evaluation | None:
     """One model through lm-eval; its answers are kept in `cache_folder` so that a stopped run resumes.
+    Under torchrun lm-eval shares the documents out between the processes and only rank 0 gets
+    the Evaluation (None elsewhere).
 
     `samples` ({our task name: document indices}) restricts the run to those documents, so that
     several processes can fill one cache side by side.
@@ -220,6 +222,8 @@ def evaluate(model, tokenizer, manager, task_names: dict[str, str], limit: int |
             log_samples=True, verbosity="ERROR", bootstrap_iters=1000,
             samples=None if samples is None else {task_names[ours]: indices for ours, indices in samples.items()},
         )
+    if output is None:  # a process other than rank 0
+        return None
     results, per_document = {}, {}
     for ours, theirs in task_names.items():
         averaged = [m["metric"] for m in output["configs"][theirs]["metric_list"] if m.get("aggregation") == "mean"]
