@@ -28,7 +28,7 @@ from llmint8_cli.checkpoint.sources import ModelKeyedSource, ModelSource, Tensor
 from llmint8_cli.checkpoint.writer import Entry, Group, write_tensors
 from llmint8_cli.core import reference
 from llmint8_cli.core.methods import DEFAULT_METHOD, DEFAULT_SMOOTH_ALPHA, check_alpha, check_rotation_block, get_method
-from llmint8_cli.errors import InvalidArgumentError, InvalidWeightError, ModelLoadError, one_line
+from llmint8_cli.errors import InvalidArgumentError, InvalidWeightError, ModelLoadError
 from llmint8_cli.evaluation.perplexity import make_windows, tokenize
 from llmint8_cli.nn.convert import Conv1D, parameter_report, quantizable_layers
 from llmint8_cli.nn.experts import unfuse_experts

@@ -224,7 +224,11 @@ def _streamed(spec: str, source: models.ModelSource, tokenizer, ordered: list[st
     options = calibration or QuantizeOptions(calib_samples=0)
     options, note = held_out_options(options, held_out) if options.calib_samples > 0 else (options, None)
     smoothing = any(get_method(n).smoothing for n in ordered)
-    result = Subject(source.label, source, tokenizer, config, iter(()), [note] if note else [], thresholds=thresholds, rotation_block=rotation_block,
+    notes = [note] if note else []
+    if getattr(config, "dtype", None) not in (torch.float16, torch.bfloat16) and len(ordered) > 1:
+        notes.append(f"{source.label} is not stored in 16-bit: quantized as `llmint8 quantize` writes it, its unquantized tensors (embeddings, norms, "
+                     "LM head, outlier columns) are rounded to fp16, which an evaluation on one device keeps in fp32; its figures can differ slightly")
+    result = Subject(source.label, source, tokenizer, config, iter(()), notes, thresholds=thresholds, rotation_block=rotation_block,
                      parameters=parameter_report(skeleton, [module for _, module in quantizable_layers(skeleton)]))
     work = scratch_folder(placement)
 
