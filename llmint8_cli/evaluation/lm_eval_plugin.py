@@ -45,7 +45,7 @@ class UnpaddedHFLM(HFLM):
             kwargs["batch_size"] = 1
         super().__init__(pretrained=pretrained, **kwargs)
         self._device = models.input_device(pretrained)  # a placed model's main device (lm-eval reads its first parameter's, maybe on meta)
-        if distributed.active():  # torchrun: lm-eval shares the documents out by rank and gathers the samples on rank 0
+        if distributed.active() and torch.distributed.is_initialized():  # under torchrun (eval-zeroshot joins the run): lm-eval shares the documents out
             self._rank, self._world_size = distributed.rank(), distributed.world_size()
         self.request_cache = request_cache
         if request_cache is not None:

@@ -224,7 +224,7 @@ def _streamed(spec: str, source: models.ModelSource, tokenizer, ordered: list[st
     options = calibration or QuantizeOptions(calib_samples=0)
     options, note = held_out_options(options, held_out) if options.calib_samples > 0 else (options, None)
     smoothing = any(get_method(n).smoothing for n in ordered)
-    notes = [note] if note else []
+    notes = []
     if getattr(config, "dtype", None) not in (torch.float16, torch.bfloat16) and len(ordered) > 1:
         notes.append(f"{source.label} is not stored in 16-bit: quantized as `llmint8 quantize` writes it, its unquantized tensors (embeddings, norms, "
                      "LM head, outlier columns) are rounded to fp16, which an evaluation on one device keeps in fp32; its figures can differ slightly")
@@ -240,7 +240,7 @@ def _streamed(spec: str, source: models.ModelSource, tokenizer, ordered: list[st
             chosen = replace(options, method=name, threshold=thresholds[name], rotation_block=rotation_block, given=frozenset())
             model, summary = placed_quantized(spec, work / name, chosen, dtype, placement)
             if get_method(name).decomposition and summary["calibration"].get("samples"):  # recorded as the in-memory path's one calibration records it
-                result.calibration = {**summary["calibration"], **({"smoothing_alpha": options.smooth_alpha} if smoothing else {})}
+                result.calibration = {**summary["calibration"], **({"note": note} if note else {}), **({"smoothing_alpha": options.smooth_alpha} if smoothing else {})}
                 result.stored_columns[name] = summary["outlier_columns_total"]
             yield name, model
             shutil.rmtree(work / name, ignore_errors=True)
