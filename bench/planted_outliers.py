@@ -40,6 +40,9 @@ def planted_folder(spec: str, dims: int, magnitude: float, place: str, seed: int
     model = models.load_model(source, dtype=torch.float32)
     if dims:
         plant(model, chosen_dims(model.config.hidden_size, dims, seed), magnitude, place)
+    if source.kind == "gguf":  # expanded to fp32 at load; transformers refuses to save a model it calls GGUF-quantized
+        model.hf_quantizer = None
+        del model.config.quantization_config
     model.save_pretrained(where)
     models.load_tokenizer(source).save_pretrained(where)
     return where
