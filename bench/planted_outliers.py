@@ -1,7 +1,7 @@
 """Fidelity where LLM.int8() is needed: every method on models with planted outlier features (issue #47).
 
     python bench/planted_outliers.py MODEL OUT [--dims 1,4,10] [--magnitudes 10,30,100] [--places attention,mlp,both]
-        [--methods all] [--max-tokens 10240] [--seq-len 512] [--seed 0]
+        [--methods all] [--max-tokens 10240] [--seq-len 512] [--seed 0] [--eval-args "--outlier-ratio 16"]
     python bench/planted_outliers.py smollm2-135m bench/results/planted-smollm2 --dims 4 --magnitudes 10,30,100 --places both
 
 For each grid point the model is planted (llmint8_cli/evaluation/planted.py: in every decoder
@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import shutil
 import subprocess
 import sys
@@ -50,7 +51,7 @@ def planted_folder(spec: str, dims: int, magnitude: float, place: str, seed: int
 
 def evaluate(folder: Path, args) -> dict:
     command = [sys.executable, "-m", "llmint8_cli", "eval-ppl", str(folder), "--dataset", args.dataset, "--seq-len", str(args.seq_len),
-               "--max-tokens", str(args.max_tokens), "--batch-size", "4", "--methods", args.methods, "-q"]
+               "--max-tokens", str(args.max_tokens), "--batch-size", "4", "--methods", args.methods, *shlex.split(args.eval_args), "-q"]
     done = subprocess.run(command, capture_output=True, text=True)
     if done.returncode not in (0, 3):  # 3: a method's perplexity is not finite, a finding the JSON holds
         raise SystemExit(f"eval-ppl failed on {folder}: {done.stderr.strip()[-2000:]}")
@@ -102,6 +103,7 @@ def write_plot(out: Path, points: list[dict]) -> None:
             ax.plot([p["magnitude"] for p in chosen], [p["results"][method].get("delta_pct") for p in chosen], marker="o", label=method)
         ax.axhline(0.5, color="grey", linestyle=":", linewidth=1)
         ax.set(title=f"{place}, {dims} dim{'s' * (dims > 1)}", xlabel="planted magnitude (x)", xscale="log")
+        ax.set_yscale("symlog", linthresh=1.0)  # linear within ±1 %, where the methods that matter are; a collapse stays on the plot
     axes[0][0].set_ylabel("perplexity change vs 16-bit (%)")
     axes[0][-1].legend(fontsize=7)
     fig.suptitle(f"{points[0]['model']}: planted outlier features")
@@ -121,6 +123,7 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=10240)
     parser.add_argument("--seq-len", type=int, default=512)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--eval-args", default="", help="more eval-ppl options for every point, e.g. '--outlier-ratio 16'")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     log = args.out / "points.jsonl"
@@ -133,7 +136,7 @@ def main() -> None:
             document = evaluate(planted_folder(args.model, dims, magnitude, place, args.seed, scratch / "model"), args)
         finally:
             shutil.rmtree(scratch, ignore_errors=True)
-        point = {"model": args.model, "dims": dims, "magnitude": magnitude, "place": place, "seed": args.seed, "dataset": args.dataset,
+        point = {"model": args.model, "dims": dims, "magnitude": magnitude, "place": place, "seed": args.seed, "dataset": args.dataset, "eval_args": args.eval_args,
                  "tokens": document["protocol"]["scored_tokens"], "results": document["results"], "notes": document["notes"]}
         with log.open("a") as handle:
             handle.write(json.dumps(point) + "\n")

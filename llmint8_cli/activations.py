@@ -45,10 +45,13 @@ class ActivationStats:
             handles.append(model.get_submodule(name).register_forward_pre_hook(hook))
         return handles
 
-    def outlier_columns(self, threshold: float | None = None) -> dict[str, torch.Tensor]:
-        """Sorted indices of the columns that reached the threshold (the collector's, or a higher one), per layer."""
+    def outlier_columns(self, threshold: float | None = None, ratio: float = 0.0) -> dict[str, torch.Tensor]:
+        """Sorted indices of the columns that reached the threshold (the collector's, or a higher
+        one), per layer; with `ratio` > 0 also those whose max |x| is at least `ratio` times the
+        layer's median column max: a feature far above the rest is an outlier whatever its size
+        (planted or emergent features of 30 in a layer whose columns peak near 0.5)."""
         threshold = self.threshold if threshold is None else threshold
-        return {name: torch.nonzero(m >= threshold).flatten() for name, m in self.col_max.items()}
+        return {name: torch.nonzero((m >= threshold) | ((m >= ratio * m.median()) if ratio > 0 else False)).flatten() for name, m in self.col_max.items()}
 
 
 def decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:

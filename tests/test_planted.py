@@ -35,3 +35,44 @@ def test_an_unknown_place_or_factor_is_refused():
         plant(model, [1], 10.0, "embeddings")
     with pytest.raises(ValueError, match="factor must be positive"):
         plant(model, [1], 0.0, "mlp")
+
+
+def test_an_outlier_ratio_stores_planted_features_below_the_threshold(tmp_path):
+    """Features 60 times their layer's typical column but below the threshold (here 1000) are
+    stored as 16-bit columns with --outlier-ratio 16, not without; the folder records the ratio,
+    and eval-ppl on the fly computes the stored folder's perplexity."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from conftest import save_tiny, tiny_tokenizer
+    from llmint8_cli.cli import app
+
+    runner = CliRunner()
+    model = tiny_model("llama")
+    dims = chosen_dims(model.config.hidden_size, 2, seed=5)
+    plant(model, dims, 60.0, "both")
+    src = save_tiny(model.half(), tmp_path / "src")
+    tiny_tokenizer().save_pretrained(src)
+    text, calibration = tmp_path / "text.txt", tmp_path / "calibration.txt"
+    text.write_text("The quick brown fox jumps over the lazy dog. " * 40)
+    calibration.write_text("A stitch in time saves nine; every cloud has a silver lining. " * 40)
+    common = ["--method", "llm.int8", "--threshold", "1000", "--calib-samples", "4", "--calib-seq-len", "64", "--calib-dataset", str(calibration)]
+    stored = {}
+    for ratio in ("0", "16"):
+        result = runner.invoke(app, ["quantize", str(src), str(tmp_path / f"r{ratio}"), *common, "--outlier-ratio", ratio, "-q"])
+        assert result.exit_code == 0, result.stderr
+        stored[ratio] = json.loads(result.stdout)
+    assert stored["0"]["outlier_columns_total"] == 0
+    attention = stored["16"]["outlier_columns"]  # per layer: every q/k/v and gate/up reads the planted dims
+    assert stored["16"]["outlier_columns_total"] >= 2 * 5 * model.config.num_hidden_layers and attention
+    assert stored["16"]["calibration"]["outlier_ratio"] == 16
+    layer = json.loads((tmp_path / "r16" / "config.json").read_text())["quantization_config"]["calibration"]
+    assert layer["outlier_ratio"] == 16
+    args = ["--dataset", str(text), "--seq-len", "64", "-q"]
+    folder = json.loads(runner.invoke(app, ["eval-ppl", str(tmp_path / "r16"), *args]).stdout)
+    fly = runner.invoke(app, ["eval-ppl", str(src), *args, "--methods", "llm.int8", "--threshold", "1000", "--calib-samples", "4", "--calib-seq-len", "64",
+                              "--calib-dataset", str(calibration), "--outlier-ratio", "16"])
+    assert fly.exit_code == 0, fly.stderr
+    assert json.loads(fly.stdout)["results"]["llm.int8"]["calibration"]["outlier_ratio"] == 16
+    assert json.loads(fly.stdout)["results"]["llm.int8"]["ppl"] == folder["results"]["llm.int8"]["ppl"]

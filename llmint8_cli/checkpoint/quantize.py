@@ -47,6 +47,7 @@ class QuantizeOptions:
     calib_dataset: str = "wikitext2-train"
     calib_batch_size: int = 4
     smooth_alpha: float = DEFAULT_SMOOTH_ALPHA  # smoothing methods: how much of X's range moves into W
+    outlier_ratio: float = 0.0  # also store columns whose calibrated max |x| is this many times their layer's median (0: the threshold only)
     rotation_block: int = reference.ROTATION_BLOCK  # rotation methods: the Hadamard block width (a power of 4)
     max_shard_bytes: int = 2 << 30
     data_dir: str | None = None
@@ -54,7 +55,8 @@ class QuantizeOptions:
     given: frozenset[str] = frozenset()  # the options a user set explicitly (cli.common.given_options)
 
 
-CHOSEN_BY_SOURCE = ("method", "threshold", "calib_samples", "calib_seq_len", "calib_dataset", "smooth_alpha", "rotation_block", "skip", "dtype", "clamp_overflow")
+CHOSEN_BY_SOURCE = ("method", "threshold", "calib_samples", "calib_seq_len", "calib_dataset", "smooth_alpha", "rotation_block", "skip", "dtype", "clamp_overflow",
+                    "outlier_ratio")
 
 
 def refuse_given(given: frozenset[str], fixed: tuple[str, ...], what: str, instead: str) -> None:
@@ -220,6 +222,8 @@ def calibrate(model, tensors: TensorSource | None, layer_names: list[str], token
     on_batch = (lambda done: progress("calibrate", done, windows)) if progress else None
     threshold = get_method(options.method).threshold_or_default(options.threshold)
     stats = activations.collect(model, batches, layer_names, threshold, streamer, on_batch)
+    if options.outlier_ratio > 0:
+        info["outlier_ratio"] = options.outlier_ratio
     return stats, info
 
 
@@ -371,7 +375,7 @@ def quantize_checkpoint(src: str, out: str | os.PathLike, options: QuantizeOptio
             if tokenizer is None:
                 tokenizer = models.load_tokenizer(source)
             stats, calibration = calibrate(model, tensors if streaming else None, list(layers), tokenizer, options, progress)
-            outliers, input_max = stats.outlier_columns(), stats.col_max
+            outliers, input_max = stats.outlier_columns(ratio=options.outlier_ratio), stats.col_max
         groups, clamped = [], []
         for name in model.state_dict():
             if name not in tensors.parts:

@@ -11,7 +11,7 @@ import typer
 from llmint8_cli.backends import gemm_report
 from llmint8_cli.checkpoint.quantize import QuantizeOptions
 from llmint8_cli.cli.common import (
-    PIPED_MODEL_HELP, CalibDataset, CalibSamples, CalibSeqLen, ComputeDtype, DataDir, Device, DeviceMap, MaxMemory, NoVerify, OffloadFolder, Quiet, RotationBlock, SmoothAlpha,
+    PIPED_MODEL_HELP, CalibDataset, CalibSamples, CalibSeqLen, ComputeDtype, DataDir, Device, DeviceMap, MaxMemory, NoVerify, OffloadFolder, Quiet, OutlierRatio, RotationBlock, SmoothAlpha,
     Threshold, choose_model, chosen_placement, command, emit_json, print_table, progress_bar, report_placement, stderr_console,
 )
 from llmint8_cli.core.methods import DEFAULT_METHOD, check_rotation_block, get_method
@@ -79,6 +79,7 @@ def bench(
     calib_dataset: CalibDataset = QuantizeOptions.calib_dataset,
     smooth_alpha: SmoothAlpha = QuantizeOptions.smooth_alpha,
     rotation_block: RotationBlock = QuantizeOptions.rotation_block,
+    outlier_ratio: OutlierRatio = QuantizeOptions.outlier_ratio,
     data_dir: DataDir = None,
     prompt_tokens: Annotated[str, typer.Option(help="Model mode: prefill lengths, comma-separated.")] = "128,512",
     new_tokens: Annotated[int, typer.Option(min=1, help="Model mode: tokens decoded.")] = 32,
@@ -125,7 +126,7 @@ def bench(
         run_dtype = variants.resolve_dtype(dtype, run_device, inference=True)
         # a 16-bit model is calibrated as quantize calibrates it: the speed of the folder a user would get
         calibration = QuantizeOptions(calib_samples=calib_samples, calib_seq_len=calib_seq_len, calib_dataset=calib_dataset, data_dir=data_dir, smooth_alpha=smooth_alpha,
-                                      rotation_block=rotation_block)
+                                      rotation_block=rotation_block, outlier_ratio=outlier_ratio)
         with console.status(f"loading {model}"):
             subject = variants.subject(model, [get_method(method)], threshold, run_dtype, run_device, verify=not no_verify, calibration=calibration,
                                        placement=placed)

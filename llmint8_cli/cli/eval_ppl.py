@@ -12,7 +12,7 @@ from llmint8_cli import data, distributed
 from llmint8_cli.backends import gemm_report
 from llmint8_cli import models
 from llmint8_cli.checkpoint.quantize import QuantizeOptions
-from llmint8_cli.cli.common import EXIT_NOT_FINITE, METHODS_HELP, CalibDataset, CalibSamples, CalibSeqLen, RotationBlock, SmoothAlpha, ComputeDtype, DataDir, Device, DeviceMap, MaxMemory, Model, NoVerify, OffloadFolder, Quiet, Threshold, choose_model, chosen_placement, command, emit_json, given_options, fail, report_placement, print_table, progress_bar, stderr_console, warn
+from llmint8_cli.cli.common import EXIT_NOT_FINITE, METHODS_HELP, CalibDataset, CalibSamples, CalibSeqLen, OutlierRatio, RotationBlock, SmoothAlpha, ComputeDtype, DataDir, Device, DeviceMap, MaxMemory, Model, NoVerify, OffloadFolder, Quiet, Threshold, choose_model, chosen_placement, command, emit_json, given_options, fail, report_placement, print_table, progress_bar, stderr_console, warn
 from llmint8_cli.core.methods import DEFAULT_METHOD, parse_methods
 from llmint8_cli.errors import DataError, InvalidArgumentError
 from llmint8_cli.evaluation import variants
@@ -55,6 +55,7 @@ def eval_ppl(
     calib_dataset: CalibDataset = QuantizeOptions.calib_dataset,
     smooth_alpha: SmoothAlpha = QuantizeOptions.smooth_alpha,
     rotation_block: RotationBlock = QuantizeOptions.rotation_block,
+    outlier_ratio: OutlierRatio = QuantizeOptions.outlier_ratio,
     device: Device = "auto",
     device_map: DeviceMap = None,
     max_memory: MaxMemory = None,
@@ -82,7 +83,7 @@ def eval_ppl(
     run_dtype = variants.resolve_dtype(dtype, run_device)
     with console.status(f"loading {model}"):
         calibration = QuantizeOptions(calib_samples=calib_samples, calib_seq_len=calib_seq_len, calib_dataset=calib_dataset, data_dir=data_dir, smooth_alpha=smooth_alpha,
-                                      rotation_block=rotation_block, given=given_options(ctx))
+                                      rotation_block=rotation_block, outlier_ratio=outlier_ratio, given=given_options(ctx))
         subject = variants.subject(model, chosen, threshold, run_dtype, run_device, verify=not no_verify, calibration=calibration, held_out=text.source,
                                    placement=placed)
     for line in subject.warnings:

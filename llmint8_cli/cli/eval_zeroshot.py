@@ -13,7 +13,7 @@ import typer
 from llmint8_cli.backends import gemm_report
 from llmint8_cli import distributed, models
 from llmint8_cli.checkpoint.quantize import QuantizeOptions
-from llmint8_cli.cli.common import METHODS_HELP, CalibDataset, CalibSamples, CalibSeqLen, ComputeDtype, Device, DeviceMap, MaxMemory, OffloadFolder, RotationBlock, SmoothAlpha, Model, NoVerify, Quiet, Threshold, choose_model, chosen_placement, command, emit_json, given_options, print_table, report_placement, stderr_console, warn
+from llmint8_cli.cli.common import METHODS_HELP, CalibDataset, CalibSamples, CalibSeqLen, ComputeDtype, Device, DeviceMap, MaxMemory, OffloadFolder, OutlierRatio, RotationBlock, SmoothAlpha, Model, NoVerify, Quiet, Threshold, choose_model, chosen_placement, command, emit_json, given_options, print_table, report_placement, stderr_console, warn
 from llmint8_cli.core.methods import DEFAULT_METHOD, parse_methods
 from llmint8_cli.errors import InvalidArgumentError
 from llmint8_cli.evaluation import request_cache, variants, zeroshot
@@ -36,6 +36,7 @@ def eval_zeroshot(
     calib_dataset: CalibDataset = QuantizeOptions.calib_dataset,
     smooth_alpha: SmoothAlpha = QuantizeOptions.smooth_alpha,
     rotation_block: RotationBlock = QuantizeOptions.rotation_block,
+    outlier_ratio: OutlierRatio = QuantizeOptions.outlier_ratio,
     device: Device = "auto",
     device_map: DeviceMap = None,
     max_memory: MaxMemory = None,
@@ -61,7 +62,7 @@ def eval_zeroshot(
         run_dtype = variants.resolve_dtype(dtype, run_device)
         with console.status(f"loading {model}"):
             calibration = QuantizeOptions(calib_samples=calib_samples, calib_seq_len=calib_seq_len, calib_dataset=calib_dataset, data_dir=data_dir, smooth_alpha=smooth_alpha,
-                                          rotation_block=rotation_block, given=given_options(ctx))
+                                          rotation_block=rotation_block, outlier_ratio=outlier_ratio, given=given_options(ctx))
             subject = variants.subject(model, chosen, threshold, run_dtype, run_device, verify=not no_verify, calibration=calibration, placement=placed)
         for line in subject.warnings:
             warn(line)

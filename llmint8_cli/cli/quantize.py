@@ -7,7 +7,7 @@ from typing import Annotated
 import typer
 
 from llmint8_cli.checkpoint.quantize import QuantizeOptions, quantize_checkpoint
-from llmint8_cli.cli.common import CalibDataset, CalibSamples, CalibSeqLen, DataDir, RotationBlock, SmoothAlpha, Quiet, Threshold, command, emit_json, given_options, parse_size, progress_bar, stderr_console, warn
+from llmint8_cli.cli.common import CalibDataset, CalibSamples, CalibSeqLen, DataDir, OutlierRatio, RotationBlock, SmoothAlpha, Quiet, Threshold, command, emit_json, given_options, parse_size, progress_bar, stderr_console, warn
 from llmint8_cli.core.methods import DEFAULT_METHOD, METHODS
 from llmint8_cli.nn.convert import kept_line
 
@@ -26,6 +26,7 @@ def quantize(
     calib_dataset: CalibDataset = QuantizeOptions.calib_dataset,
     smooth_alpha: SmoothAlpha = QuantizeOptions.smooth_alpha,
     rotation_block: RotationBlock = QuantizeOptions.rotation_block,
+    outlier_ratio: OutlierRatio = QuantizeOptions.outlier_ratio,
     data_dir: DataDir = None,
     max_shard_size: Annotated[str, typer.Option(help="Largest safetensors shard, e.g. 2GB.")] = "2GB",
     clamp_overflow: Annotated[bool, typer.Option("--clamp-overflow", help="Clamp finite weights beyond the 16-bit range (with a warning) instead of refusing them.")] = False,
@@ -36,7 +37,7 @@ def quantize(
     options = QuantizeOptions(
         method=method, threshold=threshold, dtype=dtype, skip=list(skip or []), calib_samples=calib_samples,
         calib_seq_len=calib_seq_len, calib_dataset=calib_dataset, max_shard_bytes=parse_size(max_shard_size), data_dir=data_dir,
-        clamp_overflow=clamp_overflow, smooth_alpha=smooth_alpha, rotation_block=rotation_block, given=given_options(ctx),
+        clamp_overflow=clamp_overflow, smooth_alpha=smooth_alpha, rotation_block=rotation_block, outlier_ratio=outlier_ratio, given=given_options(ctx),
     )
     console = stderr_console(quiet)
     bar = progress_bar(console)

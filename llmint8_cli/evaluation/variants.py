@@ -36,7 +36,7 @@ BASELINE = "fp16"
 DEFAULT_CALIBRATION = QuantizeOptions().calib_dataset
 HELD_OUT_CALIBRATION = ("wikitext2", "ptb")  # where the default calibration text is the evaluation text (C4 offline)
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-CHOSEN_BY_FOLDER = ("calib_samples", "calib_seq_len", "calib_dataset", "smooth_alpha", "rotation_block")  # --methods and --threshold: check_request
+CHOSEN_BY_FOLDER = ("calib_samples", "calib_seq_len", "calib_dataset", "smooth_alpha", "rotation_block", "outlier_ratio")  # --methods and --threshold: check_request
 
 
 def shown_name(method: str, dtype: torch.dtype) -> str:
@@ -110,7 +110,9 @@ class Subject:
     def calibration_key(self) -> str:
         """Part of a cache folder's name for on-the-fly variants: run-time detection only, or the calibration set used."""
         info = self.calibration or {}
-        return f"calib{info['samples']}x{info['seq_len']}-{info['dataset']}" if info.get("samples") and not self.stored else ""
+        if not info.get("samples") or self.stored:
+            return ""
+        return f"calib{info['samples']}x{info['seq_len']}-{info['dataset']}" + (f"-ratio{info['outlier_ratio']:g}" if info.get("outlier_ratio") else "")
 
     def settings_of(self, method: str) -> dict:
         """A variant's settings beyond method and threshold, for the JSON (the rotation block of a rotation method)."""
@@ -170,7 +172,7 @@ def subject(spec: str, methods: list[Method], threshold: float | None, dtype: to
         options = replace(calibration, threshold=min(thresholds[n] for n in decomposing))
         # under torchrun on rank 0 only, every process then quantizes with the same columns
         stats, info = distributed.from_main(lambda: calibrate_on_the_fly(base, tokenizer, options, held_out), "sharing the calibration")
-        outliers = {n: stats.outlier_columns(thresholds[n]) for n in decomposing}
+        outliers = {n: stats.outlier_columns(thresholds[n], calibration.outlier_ratio) for n in decomposing}
         input_max = stats.col_max
         if smoothing:
             info["smoothing_alpha"] = calibration.smooth_alpha
