@@ -44,8 +44,8 @@ class Placement:
     @classmethod
     def of(cls, device_map: str | dict, max_memory: dict | None = None, offload_folder: str | None = None) -> Placement:
         """From the Python API's arguments, as transformers takes them ({0: "20GiB", "cpu": ...})."""
-        if isinstance(device_map, str) and device_map not in STRATEGIES:
-            raise InvalidArgumentError(f"device_map must be one of {', '.join(STRATEGIES)} or a dict of module -> device; got {device_map!r}")
+        if isinstance(device_map, (int, torch.device)) or (isinstance(device_map, str) and device_map not in STRATEGIES):
+            device_map = {"": str(device_map)}  # one device, as transformers takes "cpu", "cuda:1" or 0
         explicit = {key: parse_device(device, "device_map") for key, device in device_map.items()} if isinstance(device_map, dict) else None
         memory = None if max_memory is None else {
             parse_device(device, "max_memory"): size if isinstance(size, int) else parse_size(str(size), "max_memory") for device, size in max_memory.items()

@@ -123,8 +123,9 @@ def test_the_python_api_takes_transformers_arguments(folders):
     _, int8, _ = folders
     with pytest.raises(InvalidArgumentError, match="does not fit"):
         llmint8_cli.load(int8, device_map="sequential", max_memory={"cpu": "10KiB"})
-    model = llmint8_cli.load(int8, device_map="auto", max_memory={"cpu": "1GiB"})
-    assert model.hf_device_map == {"": "cpu"}
+    for device_map in ({"": "cpu"}, "cpu", "auto"):  # one device by name, as transformers takes it, or a strategy
+        model = llmint8_cli.load(int8, device_map=device_map, max_memory={"cpu": "1GiB"})
+        assert model.hf_device_map == {"": "cpu"}, device_map
 
 
 @needs_stories
