@@ -236,7 +236,8 @@ def quiet_libraries() -> None:
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     warnings.filterwarnings("ignore")
-    for name in ("lm_eval", "torchao", "torch.utils._pytree", "bitsandbytes"):  # the peers warn on import (torchao also through transformers)
+    # the peers warn on import (torchao also through transformers); accelerate on every placed load ("offloaded to the disk": our placement line says it)
+    for name in ("lm_eval", "torchao", "torch.utils._pytree", "bitsandbytes", "accelerate"):
         logging.getLogger(name).setLevel(logging.ERROR)
     try:
         from tqdm.auto import tqdm
