@@ -113,11 +113,11 @@ def parse_size(text: str, option: str) -> int:
 
 
 def parse_device(value, option: str):
-    """0, "0", "cuda:1" -> GPU index; "cpu", "disk" as they are; a GPU this machine lacks is refused."""
+    """0, "0", "cuda", "cuda:1" -> GPU index; "cpu", "disk" as they are; a GPU this machine lacks is refused."""
     text = str(value).strip().lower()
     if text in ("cpu", "disk"):
         return text
-    index = text.removeprefix("cuda:") if text.startswith("cuda:") else text
+    index = "0" if text == "cuda" else text.removeprefix("cuda:")
     if not index.isdigit():
         raise InvalidArgumentError(f"{option}: unknown device {value!r} (a GPU index such as 0 or cuda:1, cpu or disk)")
     if int(index) >= torch.cuda.device_count():
