@@ -11,13 +11,13 @@ then what transformers loads with, and what the commands print and record.
 from __future__ import annotations
 
 import json
-import re
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from llmint8_cli.checkpoint.output import human_size, parse_size
 from llmint8_cli.errors import InvalidArgumentError
 
 STRATEGIES = ("auto", "balanced", "balanced_low_0", "sequential")
@@ -28,8 +28,6 @@ DEVICE_MAP_HELP = (
 )
 MAX_MEMORY_HELP = "Memory each device may hold for weights, e.g. 0=20GiB,1=20GiB,cpu=64GiB (with --device-map; default: what is free)."
 OFFLOAD_HELP = "Folder for the layers that fit on no device (--device-map): read from disk at each forward pass, slowly."
-SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(B|KB|MB|GB|TB|KIB|MIB|GIB|TIB)?\s*$", re.IGNORECASE)
-UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
 
 
 @dataclass(frozen=True)
@@ -76,8 +74,8 @@ class Placement:
         else:
             device_map = infer(model, self.strategy, self.max_memory, dtype, buffers_are_weights)
         if "disk" in device_map.values() and not self.offload_folder:
-            memory = ", ".join(f"{device}={human(size)}" for device, size in (self.max_memory or {}).items()) or "what is free on this machine"
-            raise InvalidArgumentError(f"{label} ({human(model_bytes(model, dtype))} of weights) does not fit in {memory}: "
+            memory = ", ".join(f"{device}={human_size(size)}" for device, size in (self.max_memory or {}).items()) or "what is free on this machine"
+            raise InvalidArgumentError(f"{label} ({human_size(model_bytes(model, dtype))} of weights) does not fit in {memory}: "
                                        "give more with --max-memory, or --offload-folder DIR to keep the rest on disk")
         return device_map
 
@@ -96,20 +94,6 @@ def model_bytes(model: torch.nn.Module, dtype: torch.dtype) -> int:
     from accelerate.utils import compute_module_sizes
 
     return compute_module_sizes(model, dtype=dtype)[""]
-
-
-def human(size: int) -> str:
-    for unit, factor in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
-        if size >= factor:
-            return f"{size / factor:.1f} {unit}"
-    return f"{size} B"
-
-
-def parse_size(text: str, option: str) -> int:
-    match = SIZE.match(text)
-    if not match or float(match.group(1)) <= 0:
-        raise InvalidArgumentError(f"{option}: not a size: {text!r} (e.g. 20GiB, 500MB)")
-    return int(float(match.group(1)) * UNITS[(match.group(2) or "B").upper()])
 
 
 def parse_device(value, option: str):

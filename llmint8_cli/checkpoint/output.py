@@ -37,6 +37,23 @@ def _tag(name: str) -> str:
     return f"{cut}~{hashlib.sha256(name.encode()).hexdigest()[:16]}"
 
 
+SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+
+
+def parse_size(text: str, option: str | None = None) -> int:
+    """'2GB', '500MB', '1GiB', '1TiB' or a byte count; `option` names the flag in the error."""
+    where = f"{option}: " if option else ""
+    raw = text.strip().upper()
+    number = raw.rstrip("KMGTIB")
+    try:
+        value = int(float(number) * SIZE_UNITS[raw[len(number):]])
+    except (ValueError, KeyError, OverflowError):
+        raise InvalidArgumentError(f"{where}not a size: {text!r} (e.g. 2GB, 500MB)") from None
+    if value <= 0:
+        raise InvalidArgumentError(f"{where}a size must be positive, got {text!r}")
+    return value
+
+
 def human_size(count: float) -> str:
     """Bytes as a person reads them: 812 B, 3.4 KiB, 120.5 MiB, 13.2 GiB."""
     for unit in ("B", "KiB", "MiB", "GiB"):

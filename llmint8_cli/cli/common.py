@@ -327,6 +327,18 @@ def chosen_placement(ctx: typer.Context, device: str, device_map: str | None, ma
     return chosen, chosen.main_device()
 
 
+def evaluation_placement(ctx: typer.Context, device: str, device_map: str | None, max_memory: str | None, offload_folder: str | None
+                         ) -> tuple[placement.Placement | None, torch.device]:
+    """chosen_placement for an evaluation, which may run under torchrun: then this process joins
+    the run on its own device, and a placement (one model over several devices) is refused."""
+    placed, run_device = chosen_placement(ctx, device, device_map, max_memory, offload_folder)
+    if placed is not None and distributed.active():
+        raise InvalidArgumentError("--device-map spreads one model over devices; under torchrun each process loads its own: use one or the other")
+    run_device = distributed.device_of_rank(run_device)
+    distributed.start(run_device)
+    return placed, run_device
+
+
 def report_placement(console: Console, label: str, model) -> dict | None:
     """A placed model's map: one line on stderr, and its description for the JSON (None if not placed)."""
     device_map = getattr(model, "hf_device_map", None)
@@ -334,17 +346,3 @@ def report_placement(console: Console, label: str, model) -> dict | None:
         return None
     console.print(placement.line(label, device_map))
     return placement.describe(device_map)
-
-
-def parse_size(text: str) -> int:
-    """'2GB', '500MB', '1GiB' or a byte count."""
-    units = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
-    raw = text.strip().upper()
-    number = raw.rstrip("KMGIB")
-    try:
-        value = int(float(number) * units[raw[len(number):]])
-    except (ValueError, KeyError):
-        raise InvalidArgumentError(f"not a size: {text!r} (e.g. 2GB, 500MB)") from None
-    if value <= 0:
-        raise InvalidArgumentError(f"a size must be positive, got {text!r}")
-    return value

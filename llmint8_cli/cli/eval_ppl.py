@@ -12,9 +12,9 @@ from llmint8_cli import data, distributed
 from llmint8_cli.backends import gemm_report
 from llmint8_cli import models
 from llmint8_cli.checkpoint.quantize import QuantizeOptions
-from llmint8_cli.cli.common import EXIT_NOT_FINITE, METHODS_HELP, CalibDataset, CalibSamples, CalibSeqLen, OutlierRatio, RotationBlock, SmoothAlpha, ComputeDtype, DataDir, Device, DeviceMap, MaxMemory, Model, NoVerify, OffloadFolder, Quiet, Threshold, choose_model, chosen_placement, command, emit_json, given_options, fail, report_placement, print_table, progress_bar, stderr_console, warn
+from llmint8_cli.cli.common import EXIT_NOT_FINITE, METHODS_HELP, CalibDataset, CalibSamples, CalibSeqLen, OutlierRatio, RotationBlock, SmoothAlpha, ComputeDtype, DataDir, Device, DeviceMap, MaxMemory, Model, NoVerify, OffloadFolder, Quiet, Threshold, choose_model, evaluation_placement, command, emit_json, given_options, fail, report_placement, print_table, progress_bar, stderr_console, warn
 from llmint8_cli.core.methods import DEFAULT_METHOD, parse_methods
-from llmint8_cli.errors import DataError, InvalidArgumentError
+from llmint8_cli.errors import DataError
 from llmint8_cli.evaluation import variants
 from llmint8_cli.evaluation.perplexity import WindowCache, make_windows, perplexity, tokenize
 
@@ -74,11 +74,7 @@ def eval_ppl(
         raise DataError(f"--bos must be 'window' or 'text', got {bos!r}")
     if seq_len < 2:
         raise DataError(f"--seq-len must be at least 2, got {seq_len}")
-    placed, run_device = chosen_placement(ctx, device, device_map, max_memory, offload_folder)
-    if placed is not None and distributed.active():
-        raise InvalidArgumentError("--device-map spreads one model over devices; under torchrun each process loads its own: use one or the other")
-    run_device = distributed.device_of_rank(run_device)
-    distributed.start(run_device)
+    placed, run_device = evaluation_placement(ctx, device, device_map, max_memory, offload_folder)
     text = data.load_text(dataset, data_dir)
     run_dtype = variants.resolve_dtype(dtype, run_device)
     with console.status(f"loading {model}"):

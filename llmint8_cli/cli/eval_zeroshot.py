@@ -13,9 +13,8 @@ import typer
 from llmint8_cli.backends import gemm_report
 from llmint8_cli import distributed, models
 from llmint8_cli.checkpoint.quantize import QuantizeOptions
-from llmint8_cli.cli.common import METHODS_HELP, CalibDataset, CalibSamples, CalibSeqLen, ComputeDtype, Device, DeviceMap, MaxMemory, OffloadFolder, OutlierRatio, RotationBlock, SmoothAlpha, Model, NoVerify, Quiet, Threshold, choose_model, chosen_placement, command, emit_json, given_options, print_table, report_placement, stderr_console, warn
+from llmint8_cli.cli.common import METHODS_HELP, CalibDataset, CalibSamples, CalibSeqLen, ComputeDtype, Device, DeviceMap, MaxMemory, OffloadFolder, OutlierRatio, RotationBlock, SmoothAlpha, Model, NoVerify, Quiet, Threshold, choose_model, evaluation_placement, command, emit_json, given_options, print_table, report_placement, stderr_console, warn
 from llmint8_cli.core.methods import DEFAULT_METHOD, parse_methods
-from llmint8_cli.errors import InvalidArgumentError
 from llmint8_cli.evaluation import request_cache, variants, zeroshot
 
 
@@ -52,11 +51,7 @@ def eval_zeroshot(
     local = zeroshot.use_local_tasks(data_dir)
     names = zeroshot.parse_tasks(tasks, local)
     chosen = parse_methods(methods)
-    placed, run_device = chosen_placement(ctx, device, device_map, max_memory, offload_folder)
-    if placed is not None and distributed.active():
-        raise InvalidArgumentError("--device-map spreads one model over devices; under torchrun each process loads its own: use one or the other")
-    run_device = distributed.device_of_rank(run_device)
-    distributed.start(run_device)
+    placed, run_device = evaluation_placement(ctx, device, device_map, max_memory, offload_folder)
     with zeroshot.task_configs() as configs:  # removed at the end, also on Ctrl-C or SIGTERM
         manager, task_names, source = zeroshot.task_manager(names, data_dir, local, configs)
         run_dtype = variants.resolve_dtype(dtype, run_device)

@@ -7,7 +7,8 @@ from typing import Annotated
 import typer
 
 from llmint8_cli.checkpoint import bitsandbytes
-from llmint8_cli.cli.common import NoVerify, Quiet, command, emit_json, parse_size, stderr_console, warn
+from llmint8_cli.checkpoint.output import parse_size
+from llmint8_cli.cli.common import NoVerify, Quiet, command, emit_json, stderr_console, warn
 from llmint8_cli.errors import InvalidArgumentError
 
 FORMATS = ("bitsandbytes",)

@@ -10,7 +10,6 @@ import typer
 
 from llmint8_cli import models
 from llmint8_cli.checkpoint.format import is_llmint8_checkpoint, read_quantization_config
-from llmint8_cli.checkpoint.load import load
 from llmint8_cli.checkpoint.quantize import QuantizeOptions
 from llmint8_cli.cli.common import (
     ComputeDtype, Device, DeviceMap, MaxMemory, NoVerify, OffloadFolder, Quiet, Threshold, chosen_placement, command, emit_json, given_options, report_placement, stderr_console,
@@ -32,8 +31,7 @@ def load_for_generation(spec: str, method: str, threshold: float | None, dtype: 
 
         block = read_quantization_config(spec)
         variants.check_request(spec, block, given, {method}, threshold, "method", "run as stored", "generate from the 16-bit model it came from to try another")
-        model = load(spec, dtype=dtype, verify_files=verify, **placement.arguments()) if placement else load(spec, dtype=dtype, verify_files=verify).to(device)
-        return model, AutoTokenizer.from_pretrained(spec), block["method"], block["threshold"]
+        return variants.load_folder(spec, dtype, verify, device, placement), AutoTokenizer.from_pretrained(spec), block["method"], block["threshold"]
     source = models.resolve(spec)
     threshold = get_method(method).threshold_or_default(threshold)
     if placement is None:

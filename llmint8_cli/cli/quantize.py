@@ -7,7 +7,8 @@ from typing import Annotated
 import typer
 
 from llmint8_cli.checkpoint.quantize import QuantizeOptions, quantize_checkpoint
-from llmint8_cli.cli.common import CalibDataset, CalibSamples, CalibSeqLen, DataDir, OutlierRatio, RotationBlock, SmoothAlpha, Quiet, Threshold, command, emit_json, given_options, parse_size, progress_bar, stderr_console, warn
+from llmint8_cli.checkpoint.output import parse_size
+from llmint8_cli.cli.common import CalibDataset, CalibSamples, CalibSeqLen, DataDir, OutlierRatio, RotationBlock, SmoothAlpha, Quiet, Threshold, command, emit_json, given_options, progress_bar, stderr_console, warn
 from llmint8_cli.core.methods import DEFAULT_METHOD, METHODS
 from llmint8_cli.nn.convert import kept_line
 

@@ -195,13 +195,20 @@ def subject(spec: str, methods: list[Method], threshold: float | None, dtype: to
                    stored_columns=stored_columns, parameters=parameters)
 
 
+def load_folder(folder, dtype: torch.dtype, verify: bool, device: torch.device, placement: Placement | None) -> torch.nn.Module:
+    """An llmint8 folder on `device`, or spread over devices as `placement` says."""
+    if placement is None:
+        return load(folder, dtype=dtype, verify_files=verify).to(device)
+    return load(folder, dtype=dtype, verify_files=verify, **placement.arguments())
+
+
 def placed_quantized(spec: str, folder: Path, options: QuantizeOptions, dtype: torch.dtype, placement: Placement) -> tuple[torch.nn.Module, dict]:
     """(the model `llmint8 quantize` would write, loaded spread over devices; quantize's summary):
     streamed one layer at a time into `folder`, so the 16-bit model is never whole in memory."""
     from llmint8_cli.checkpoint.quantize import quantize_checkpoint
 
     summary = quantize_checkpoint(spec, folder, options)
-    return load(folder, dtype=dtype, verify_files=False, **placement.arguments()), summary  # written by this run a moment ago
+    return load_folder(folder, dtype, False, None, placement), summary  # written by this run a moment ago: no verification
 
 
 def scratch_folder(placement: Placement) -> Path:
@@ -314,7 +321,7 @@ def _stored(folder: str, dtype: torch.dtype, device: torch.device, verify: bool,
     label = label or folder
     block = read_quantization_config(folder)
     tokenizer = AutoTokenizer.from_pretrained(folder)
-    quantized = load(folder, dtype=dtype, verify_files=verify, **placement.arguments()) if placement else load(folder, dtype=dtype, verify_files=verify).to(device)
+    quantized = load_folder(folder, dtype, verify, device, placement)
     notes, baseline = [], None
     calibration = block.get("calibration") or {}
     if isinstance(block.get("smoothing"), dict):
