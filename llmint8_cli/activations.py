@@ -17,11 +17,16 @@ import torch
 from torch import nn
 
 
+SYSTEMATIC_LAYER_SHARE = 0.25  # a systematic feature touches at least this share of the layers (paper §4)
+SYSTEMATIC_POSITION_SHARE = 0.06  # and of the sequence positions
+
+
 class ActivationStats:
     """Per layer: max |x| of each input column, and how many rows reached the threshold there."""
 
-    def __init__(self, threshold: float):
+    def __init__(self, threshold: float, hidden_size: int | None = None):
         self.threshold = threshold
+        self.hidden_size = hidden_size  # the width of the residual stream: which layers read it (systematic features)
         self.col_max: dict[str, torch.Tensor] = {}
         self.col_hits: dict[str, torch.Tensor] = {}
         self.rows: dict[str, int] = {}
@@ -45,14 +50,36 @@ class ActivationStats:
             handles.append(model.get_submodule(name).register_forward_pre_hook(hook))
         return handles
 
-    def outlier_columns(self, threshold: float | None = None, ratio: float = 0.0) -> dict[str, torch.Tensor]:
-        """Sorted indices of the columns that reached the threshold (the collector's, or a higher
-        one), per layer; with `ratio` > 0 also those whose max |x| is at least `ratio` times the
-        layer's median column max: a feature far above the rest is an outlier whatever its size
-        (planted or emergent features of 30 in a layer whose columns peak near 0.5)."""
-        threshold = self.threshold if threshold is None else threshold
-        return {name: torch.nonzero((m >= threshold) | ((m >= ratio * m.median()) if ratio > 0 else False)).flatten() for name, m in self.col_max.items()}
+    def hidden_state_layers(self) -> list[str]:
+        """The layers whose input is the (normalized) residual stream, where emergent features live."""
+        if self.hidden_size is None:
+            return []
+        return [name for name, m in self.col_max.items() if reads_hidden_state(name, m.numel(), self.hidden_size)]
 
+    def standing_out(self, ratio: float) -> dict[str, torch.Tensor]:
+        """Per layer reading the hidden state, a mask of the columns whose max |x| is at least
+        `ratio` times the layer's median column max."""
+        return {name: self.col_max[name] >= ratio * self.col_max[name].median() for name in self.hidden_state_layers()}
+
+    def systematic_columns(self, ratio: float, layer_share: float = SYSTEMATIC_LAYER_SHARE) -> dict[str, torch.Tensor]:
+        """Per layer reading the hidden state, a mask of the columns of systematic features: hidden
+        dimensions that stand `ratio` times above the layer's typical column there and do so in at
+        least `layer_share` of those layers (the paper's 25 %, §4). Emergent features are known by
+        that shape, not their size: one of 30 in layers whose columns peak near 0.5 is one. A column
+        far above the rest in a single layer is left to the threshold, so models without such
+        features store what the threshold alone stores."""
+        standing = self.standing_out(ratio)
+        if not standing:
+            return {}
+        systematic = torch.stack(list(standing.values())).float().mean(0) >= layer_share
+        return {name: mask & systematic for name, mask in standing.items()}
+
+    def outlier_columns(self, threshold: float | None = None, ratio: float = 0.0) -> dict[str, torch.Tensor]:
+        """Sorted indices of the columns to store, per layer: those that reached the threshold (the
+        collector's, or a higher one) and, with `ratio` > 0, the systematic features' columns."""
+        threshold = self.threshold if threshold is None else threshold
+        systematic = self.systematic_columns(ratio) if ratio > 0 else {}
+        return {name: torch.nonzero((m >= threshold) | systematic.get(name, False)).flatten() for name, m in self.col_max.items()}
 
 def decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
     """The model's stack of decoder blocks: its ModuleList holding the most parameters."""
@@ -106,7 +133,7 @@ def collect(model: nn.Module, batches: Iterable[torch.Tensor], layer_names: Iter
 
     on_batch(rows done so far) is called after each batch (calibration's progress).
     """
-    stats = ActivationStats(threshold)
+    stats = ActivationStats(threshold, hidden_size=model.get_input_embeddings().weight.shape[-1])
     handles = stats.attach(model, layer_names) + (streamer.attach() if streamer else [])
     base = getattr(model, "base_model", model)
     device = model.get_input_embeddings().weight.device
@@ -144,7 +171,8 @@ def layer_kind(name: str) -> str:
     return "attention" if any(word in name for word in ATTENTION_WORDS) else "ffn"
 
 
-def analyze(stats: ActivationStats, layer_shapes: Mapping[str, tuple[int, int]], hidden_size: int, layer_share: float = 0.25, position_share: float = 0.06) -> dict:
+def analyze(stats: ActivationStats, layer_shapes: Mapping[str, tuple[int, int]], hidden_size: int, layer_share: float = SYSTEMATIC_LAYER_SHARE,
+            position_share: float = SYSTEMATIC_POSITION_SHARE) -> dict:
     """The paper's §4 view of the collected statistics.
 
     Per layer: outlier columns and largest magnitude. Per feature dimension of the hidden state

@@ -37,10 +37,30 @@ def test_an_unknown_place_or_factor_is_refused():
         plant(model, [1], 0.0, "mlp")
 
 
+def test_only_systematic_features_are_stored_by_the_ratio():
+    """A hidden dimension standing 20x above its layer's median (under the threshold) in 2 of the 8 layers that read
+    the hidden state (25 %) is stored there; one doing so in a single layer, or in an output
+    projection's input, is left to the threshold."""
+    stats = activations.ActivationStats(6.0, hidden_size=8)
+    readers = [f"model.layers.{i}.{name}" for i in range(2) for name in ("self_attn.q_proj", "self_attn.k_proj", "mlp.gate_proj", "mlp.up_proj")]
+    for name in readers:
+        stats.col_max[name] = torch.full((8,), 0.25)
+    stats.col_max["model.layers.0.mlp.down_proj"] = torch.full((16,), 0.25)
+    stats.col_max[readers[0]][2] = stats.col_max[readers[5]][2] = 5.0  # systematic, though under the threshold
+    stats.col_max[readers[3]][5] = 5.0  # one layer only
+    stats.col_max["model.layers.0.mlp.down_proj"][7] = 5.0  # not the hidden state
+    stats.col_max[readers[1]][6] = 7.0  # the threshold's, ratio or not
+    columns = stats.outlier_columns(6.0, 16.0)
+    assert {n: c.tolist() for n, c in columns.items() if c.numel()} == {readers[0]: [2], readers[1]: [6], readers[5]: [2]}
+    assert {n: c.tolist() for n, c in stats.outlier_columns(6.0).items() if c.numel()} == {readers[1]: [6]}
+    assert not activations.ActivationStats(6.0).systematic_columns(16.0)  # no hidden size known: the threshold alone
+
+
 def test_an_outlier_ratio_stores_planted_features_below_the_threshold(tmp_path):
     """Features 60 times their layer's typical column but below the threshold (here 1000) are
-    stored as 16-bit columns with --outlier-ratio 16, not without; the folder records the ratio,
-    and eval-ppl on the fly computes the stored folder's perplexity."""
+    stored as 16-bit columns with --outlier-ratio 16, not without, and by llm.int8-rotate at its
+    default ratio; the folder records the ratio and the columns it added, eval-ppl on the fly
+    computes the stored folder's perplexity, and its cache is named by the ratio."""
     import json
 
     from typer.testing import CliRunner
@@ -66,13 +86,31 @@ def test_an_outlier_ratio_stores_planted_features_below_the_threshold(tmp_path):
     assert stored["0"]["outlier_columns_total"] == 0
     attention = stored["16"]["outlier_columns"]  # per layer: every q/k/v and gate/up reads the planted dims
     assert stored["16"]["outlier_columns_total"] >= 2 * 5 * model.config.num_hidden_layers and attention
-    assert stored["16"]["calibration"]["outlier_ratio"] == 16
+    info = stored["16"]["calibration"]
+    assert (info["outlier_ratio"], info["systematic_columns"]) == (16, stored["16"]["outlier_columns_total"])
+    rotate = runner.invoke(app, ["quantize", str(src), str(tmp_path / "rotate"), *common, "--method", "llm.int8-rotate", "-q"])
+    assert rotate.exit_code == 0, rotate.stderr
+    assert json.loads(rotate.stdout)["outlier_columns"] == stored["16"]["outlier_columns"]  # the default ratio of llm.int8-rotate
     layer = json.loads((tmp_path / "r16" / "config.json").read_text())["quantization_config"]["calibration"]
     assert layer["outlier_ratio"] == 16
     args = ["--dataset", str(text), "--seq-len", "64", "-q"]
     folder = json.loads(runner.invoke(app, ["eval-ppl", str(tmp_path / "r16"), *args]).stdout)
     fly = runner.invoke(app, ["eval-ppl", str(src), *args, "--methods", "llm.int8", "--threshold", "1000", "--calib-samples", "4", "--calib-seq-len", "64",
-                              "--calib-dataset", str(calibration), "--outlier-ratio", "16"])
+                              "--calib-dataset", str(calibration), "--outlier-ratio", "16", "--cache-dir", str(tmp_path / "cache")])
     assert fly.exit_code == 0, fly.stderr
+    assert "llm.int8-t1000-calib4x64-calibration.txt-ratio16-float32-cpu" in [p.name for p in (tmp_path / "cache").glob("*/*")]
     assert json.loads(fly.stdout)["results"]["llm.int8"]["calibration"]["outlier_ratio"] == 16
     assert json.loads(fly.stdout)["results"]["llm.int8"]["ppl"] == folder["results"]["llm.int8"]["ppl"]
+
+
+@pytest.mark.parametrize("ratio", ["0.5", "1", "inf", "nan"])
+def test_a_ratio_that_stores_no_outlier_is_refused(tmp_path, ratio):
+    from typer.testing import CliRunner
+
+    from llmint8_cli.cli import app
+
+    for command in (["quantize", "smollm2-135m", str(tmp_path / "out")], ["eval-ppl", "smollm2-135m"]):
+        result = CliRunner().invoke(app, [*command, "--outlier-ratio", ratio, "-q"])
+        assert result.exit_code == 2 and "outlier ratio must be 0 (off) or a finite number above 1" in result.stderr, result.stderr
+        assert len(result.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "out").exists()

@@ -47,7 +47,7 @@ class QuantizeOptions:
     calib_dataset: str = "wikitext2-train"
     calib_batch_size: int = 4
     smooth_alpha: float = DEFAULT_SMOOTH_ALPHA  # smoothing methods: how much of X's range moves into W
-    outlier_ratio: float = 0.0  # also store columns whose calibrated max |x| is this many times their layer's median (0: the threshold only)
+    outlier_ratio: float | None = None  # also store systematic features this many times their layers' typical column (None: the method's own; 0: off)
     rotation_block: int = reference.ROTATION_BLOCK  # rotation methods: the Hadamard block width (a power of 4)
     max_shard_bytes: int = 2 << 30
     data_dir: str | None = None
@@ -222,9 +222,17 @@ def calibrate(model, tensors: TensorSource | None, layer_names: list[str], token
     on_batch = (lambda done: progress("calibrate", done, windows)) if progress else None
     threshold = get_method(options.method).threshold_or_default(options.threshold)
     stats = activations.collect(model, batches, layer_names, threshold, streamer, on_batch)
-    if options.outlier_ratio > 0:
-        info["outlier_ratio"] = options.outlier_ratio
     return stats, info
+
+
+def calibrated_columns(stats: activations.ActivationStats, threshold: float, ratio: float) -> tuple[dict[str, torch.Tensor], dict]:
+    """The columns a calibration stores at a threshold and outlier ratio, and what its calibration
+    block records of the ratio: the ratio and how many columns it added beyond the threshold."""
+    columns = stats.outlier_columns(threshold, ratio)
+    if ratio <= 0:
+        return columns, {}
+    added = sum(int(v.numel()) for v in columns.values()) - sum(int(v.numel()) for v in stats.outlier_columns(threshold).values())
+    return columns, {"outlier_ratio": ratio, "systematic_columns": added}
 
 
 def all_finite(tensor: torch.Tensor) -> bool:
@@ -333,7 +341,7 @@ def quantize_checkpoint(src: str, out: str | os.PathLike, options: QuantizeOptio
     method = get_method(options.method)
     if not method.quantized:
         raise InvalidArgumentError("method 'fp16' quantizes nothing; choose one of the 8-bit methods")
-    options = replace(options, threshold=method.threshold_or_default(options.threshold))
+    options = replace(options, threshold=method.threshold_or_default(options.threshold), outlier_ratio=method.outlier_ratio_or_default(options.outlier_ratio))
     check_alpha(options.smooth_alpha)
     check_rotation_block(options.rotation_block)
     if method.smoothing and options.calib_samples <= 0:
@@ -375,7 +383,9 @@ def quantize_checkpoint(src: str, out: str | os.PathLike, options: QuantizeOptio
             if tokenizer is None:
                 tokenizer = models.load_tokenizer(source)
             stats, calibration = calibrate(model, tensors if streaming else None, list(layers), tokenizer, options, progress)
-            outliers, input_max = stats.outlier_columns(ratio=options.outlier_ratio), stats.col_max
+            outliers, ratio_info = calibrated_columns(stats, options.threshold, options.outlier_ratio)
+            calibration.update(ratio_info)
+            input_max = stats.col_max
         groups, clamped = [], []
         for name in model.state_dict():
             if name not in tensors.parts:

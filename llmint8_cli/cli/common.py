@@ -51,8 +51,9 @@ Threshold = Annotated[float | None, typer.Option(help="Outlier threshold |x| of 
 CalibSamples = Annotated[int, typer.Option(min=0, help="Calibration windows that find the outlier columns stored in 16-bit (the same calibration in quantize and in evaluations on the fly); 0 = run-time detection only.")]
 CalibSeqLen = Annotated[int, typer.Option(min=2, help="Tokens per calibration window.")]
 SmoothAlpha = Annotated[float, typer.Option(min=0.0, max=1.0, help="llm.int8-smooth: how much of each input feature's calibrated range moves into W (SmoothQuant's alpha).")]
-OutlierRatio = Annotated[float, typer.Option(min=0.0, help="Calibration also stores every column whose max |x| is at least R times its layer's median column max, "
-                                            "whatever its size (0: the threshold alone); for models with large emergent features, e.g. 16.")]
+OutlierRatio = Annotated[float | None, typer.Option(help="Calibration also stores the columns of systematic features: hidden dimensions whose max |x| is at least R times their "
+                                                   "layer's median column max in 25 % of the layers or more (paper §4), whatever their size. Default: 16 for llm.int8-rotate, "
+                                                   "0 (the threshold alone) for the others.", show_default=False)]
 RotationBlock = Annotated[int, typer.Option(help="llm.int8-rotate: width of the Hadamard blocks (4, 16, 64, 256 or 1024); wider spreads a large value thinner.")]
 METHODS_HELP = ("Comma-separated methods, 'paper' (Table 1's nine) or 'all' (those, llm.int8-smooth and llm.int8-rotate); the 16-bit baseline is always included. "
                 "For a 16-bit MODEL; a quantized folder is evaluated as stored, and asking it for another method or threshold is an error.")

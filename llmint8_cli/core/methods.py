@@ -15,6 +15,7 @@ from llmint8_cli.errors import InvalidArgumentError
 DEFAULT_METHOD = "llm.int8"
 DEFAULT_THRESHOLD = 6.0  # the paper's; every method's default but llm.int8-rotate's
 ROTATE_THRESHOLD = 60.0  # after a 256-wide rotation only extreme features need 16-bit (bench/results/2026-12-05-rotation-block-256.md)
+ROTATE_OUTLIER_RATIO = 16.0  # and systematic features 16x their layers' typical column, whatever their size (bench/results/2026-12-06-planted-outliers.md)
 DEFAULT_SMOOTH_ALPHA = 0.5  # SmoothQuant's migration strength; measured best of 0.3/0.5/0.7 on SmolLM2
 PAPER_METHODS = 9  # the first nine of METHODS are the paper's Table 1 (`--methods paper`)
 
@@ -30,10 +31,17 @@ class Method:
     smoothing: bool = False  # per-input-feature smoothing calibrated at quantize time (not in the paper)
     rotation: bool = False  # the int8 part in a block-Hadamard basis (not in the paper)
     default_threshold: float = DEFAULT_THRESHOLD  # the outlier threshold when none is given
+    default_outlier_ratio: float = 0.0  # calibration's systematic-feature ratio when none is given (0: the threshold alone)
 
     def threshold_or_default(self, threshold: float | None) -> float:
         """The threshold a run of this method uses: the one given (checked), else the method's own."""
         return self.default_threshold if threshold is None else check_threshold(threshold)
+
+    def outlier_ratio_or_default(self, ratio: float | None) -> float:
+        """The outlier ratio a calibration of this method uses: the one given, else the method's own (0 without decomposition)."""
+        if not self.decomposition:
+            return 0.0
+        return self.default_outlier_ratio if ratio is None else check_outlier_ratio(ratio)
 
     @property
     def quantized(self) -> bool:
@@ -59,7 +67,7 @@ METHODS: dict[str, Method] = {
         Method("llm.int8-zp", "vector-wise zeropoint + decomposition", "row", "row", zeropoint=True, decomposition=True),
         Method("llm.int8-smooth", "llm.int8 + calibrated per-feature smoothing (beyond the paper)", "row", "row", decomposition=True, smoothing=True),
         Method("llm.int8-rotate", "llm.int8 with the int8 part in a block-Hadamard basis (beyond the paper)", "row", "row", decomposition=True, rotation=True,
-               default_threshold=ROTATE_THRESHOLD),
+               default_threshold=ROTATE_THRESHOLD, default_outlier_ratio=ROTATE_OUTLIER_RATIO),
     )
 }
 
@@ -88,6 +96,13 @@ def check_threshold(threshold: float) -> float:
     if not isinstance(threshold, (int, float)) or math.isnan(threshold) or threshold <= 0 or math.isinf(threshold):
         raise InvalidArgumentError(f"threshold must be a positive finite number, got {threshold!r}")
     return float(threshold)
+
+
+def check_outlier_ratio(ratio: float) -> float:
+    """0 (the threshold alone) or a finite ratio above 1: a feature must stand above its layer's typical column."""
+    if not isinstance(ratio, (int, float)) or not (ratio == 0 or 1 < ratio < math.inf):
+        raise InvalidArgumentError(f"outlier ratio must be 0 (off) or a finite number above 1, got {ratio!r}")
+    return float(ratio)
 
 
 def check_rotation_block(block: int) -> int:

@@ -22,9 +22,9 @@ from llmint8_cli.backends import cpu_kernels
 from llmint8_cli.checkpoint import bitsandbytes
 from llmint8_cli.checkpoint.format import is_llmint8_checkpoint, read_quantization_config, stored_rotation_block
 from llmint8_cli.checkpoint.load import load
-from llmint8_cli.checkpoint.quantize import QuantizeOptions, calibrate, refuse_given
+from llmint8_cli.checkpoint.quantize import QuantizeOptions, calibrate, calibrated_columns, refuse_given
 from llmint8_cli.activations import ActivationStats
-from llmint8_cli.core.methods import DEFAULT_SMOOTH_ALPHA, Method, check_rotation_block, get_method
+from llmint8_cli.core.methods import DEFAULT_SMOOTH_ALPHA, Method, check_outlier_ratio, check_rotation_block, get_method
 from llmint8_cli.core.reference import FIRST_ROTATION_BLOCK, ROTATION_BLOCK
 from llmint8_cli.errors import InvalidArgumentError, LLMInt8Error
 from llmint8_cli.nn.convert import kept_line, parameter_report, quantizable_layers, quantize_model
@@ -36,6 +36,7 @@ BASELINE = "fp16"
 DEFAULT_CALIBRATION = QuantizeOptions().calib_dataset
 HELD_OUT_CALIBRATION = ("wikitext2", "ptb")  # where the default calibration text is the evaluation text (C4 offline)
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+RATIO_INFO = ("outlier_ratio", "systematic_columns")  # what calibrated_columns records of a method's outlier ratio
 CHOSEN_BY_FOLDER = ("calib_samples", "calib_seq_len", "calib_dataset", "smooth_alpha", "rotation_block", "outlier_ratio")  # --methods and --threshold: check_request
 
 
@@ -87,6 +88,7 @@ class Subject:
     rotation_block: int = ROTATION_BLOCK  # the Hadamard block width of the rotation methods
     thresholds: dict[str, float] = field(default_factory=dict)  # the outlier threshold each quantized variant runs at
     stored_columns: dict[str, int] = field(default_factory=dict)  # on the fly: each decomposition variant's calibrated 16-bit columns
+    ratio_info: dict[str, dict] = field(default_factory=dict)  # on the fly: each variant's outlier ratio and the columns it added (calibrated_columns)
     parameters: dict = field(default_factory=dict)  # nn.convert.parameter_report: the int8 share and what stays 16-bit unasked
 
     @property
@@ -104,7 +106,9 @@ class Subject:
         """The calibration a variant's stored outlier columns come from (None: it stores none)."""
         if self.calibration is None or not get_method(method).decomposition:
             return None
-        return {**self.calibration, "outlier_columns_total": self.stored_columns[method]} if method in self.stored_columns else self.calibration
+        if method not in self.stored_columns:
+            return self.calibration
+        return {**self.calibration, **self.ratio_info.get(method, {}), "outlier_columns_total": self.stored_columns[method]}
 
     @property
     def calibration_key(self) -> str:
@@ -112,7 +116,12 @@ class Subject:
         info = self.calibration or {}
         if not info.get("samples") or self.stored:
             return ""
-        return f"calib{info['samples']}x{info['seq_len']}-{info['dataset']}" + (f"-ratio{info['outlier_ratio']:g}" if info.get("outlier_ratio") else "")
+        return f"calib{info['samples']}x{info['seq_len']}-{info['dataset']}"
+
+    def ratio_key(self, method: str) -> str:
+        """Part of a cache folder's name: the outlier ratio, where it stored columns the threshold alone does not (else the model is the same)."""
+        info = self.ratio_info.get(method, {})
+        return f"-ratio{info['outlier_ratio']:g}" if info.get("systematic_columns") else ""
 
     def settings_of(self, method: str) -> dict:
         """A variant's settings beyond method and threshold, for the JSON (the rotation block of a rotation method)."""
@@ -141,6 +150,8 @@ def subject(spec: str, methods: list[Method], threshold: float | None, dtype: to
     """
     given = calibration.given if calibration else frozenset()
     wanted = {m.name for m in methods if m.quantized}
+    if calibration and calibration.outlier_ratio is not None:  # before a load and a calibration of minutes
+        check_outlier_ratio(calibration.outlier_ratio)
     if is_llmint8_checkpoint(spec):
         check_request(spec, read_quantization_config(spec), given, wanted, threshold)
         return _stored(spec, dtype, device, verify, held_out, placement=placement)
@@ -166,13 +177,14 @@ def subject(spec: str, methods: list[Method], threshold: float | None, dtype: to
         return _streamed(spec, source, tokenizer, ordered, thresholds, dtype, placement, calibration, held_out, rotation_block)
     base = models.load_model(source, dtype=dtype).to(device)
     unfuse_experts(base)  # experts as linear layers, quantized like any other (the same function in 16-bit)
-    outliers, input_max, info, stats = {}, {}, None, None
+    outliers, ratio_info, input_max, info, stats = {}, {}, {}, None, None
     decomposing = [m.name for m in methods if m.decomposition]
     if calibrated and decomposing:  # one pass; each method's stored columns at its own threshold
         options = replace(calibration, threshold=min(thresholds[n] for n in decomposing))
         # under torchrun on rank 0 only, every process then quantizes with the same columns
         stats, info = distributed.from_main(lambda: calibrate_on_the_fly(base, tokenizer, options, held_out), "sharing the calibration")
-        outliers = {n: stats.outlier_columns(thresholds[n], calibration.outlier_ratio) for n in decomposing}
+        chosen = {n: calibrated_columns(stats, thresholds[n], get_method(n).outlier_ratio_or_default(calibration.outlier_ratio)) for n in decomposing}
+        outliers, ratio_info = {n: columns for n, (columns, _) in chosen.items()}, {n: info for n, (_, info) in chosen.items() if info}
         input_max = stats.col_max
         if smoothing:
             info["smoothing_alpha"] = calibration.smooth_alpha
@@ -192,7 +204,7 @@ def subject(spec: str, methods: list[Method], threshold: float | None, dtype: to
     stored_columns = {n: sum(int(v.numel()) for v in columns.values()) for n, columns in outliers.items()}
     parameters = parameter_report(base, [module for _, module in quantizable_layers(base)])
     return Subject(source.label, source, tokenizer, base.config, generate(), [], calibration=info, rotation_block=rotation_block, thresholds=thresholds,
-                   stored_columns=stored_columns, parameters=parameters)
+                   stored_columns=stored_columns, ratio_info=ratio_info, parameters=parameters)
 
 
 def load_folder(folder, dtype: torch.dtype, verify: bool, device: torch.device, placement: Placement | None) -> torch.nn.Module:
@@ -249,8 +261,10 @@ def _streamed(spec: str, source: models.ModelSource, tokenizer, ordered: list[st
             chosen = replace(options, method=name, threshold=thresholds[name], rotation_block=rotation_block, given=frozenset())
             model, summary = placed_quantized(spec, work / name, chosen, dtype, placement)
             if get_method(name).decomposition and summary["calibration"].get("samples"):  # recorded as the in-memory path's one calibration records it
-                result.calibration = {**summary["calibration"], **({"note": note} if note else {}), **({"smoothing_alpha": options.smooth_alpha} if smoothing else {})}
+                shared = {k: v for k, v in summary["calibration"].items() if k not in RATIO_INFO}  # the ratio is each method's own
+                result.calibration = {**shared, **({"note": note} if note else {}), **({"smoothing_alpha": options.smooth_alpha} if smoothing else {})}
                 result.stored_columns[name] = summary["outlier_columns_total"]
+                result.ratio_info[name] = {k: summary["calibration"][k] for k in RATIO_INFO if k in summary["calibration"]}
             yield name, model
             shutil.rmtree(work / name, ignore_errors=True)
         shutil.rmtree(work, ignore_errors=True)
@@ -264,12 +278,12 @@ def calibration_line(subject: Subject) -> str:
     info = subject.calibration or {}
     if not info.get("samples"):
         return "outlier columns: run-time detection only (no calibration)"
-    counts = {}  # stored columns by threshold: methods at the same threshold store the same columns
+    counts = {}  # stored columns by threshold and ratio: methods at the same ones store the same columns
     for name, columns in subject.stored_columns.items():
-        counts.setdefault(subject.threshold_of(name), columns)
+        counts.setdefault((subject.threshold_of(name), subject.ratio_info.get(name, {}).get("outlier_ratio", 0)), columns)
     stored = ""  # a stored folder's count is in its quantize summary
     if len(counts) > 1:
-        stored = ", stored outlier columns " + ", ".join(f"{n} at threshold {t:g}" for t, n in sorted(counts.items()))
+        stored = ", stored outlier columns " + ", ".join(f"{n} at threshold {t:g}" + (f" and ratio {r:g}" if r else "") for (t, r), n in sorted(counts.items()))
     elif counts:
         stored = f", {next(iter(counts.values()))} stored outlier columns"
     smoothing = f", smoothing alpha {info['smoothing_alpha']:g}" if "smoothing_alpha" in info else ""
@@ -356,7 +370,7 @@ def cache_folder(cache_dir: str, subject: Subject, method: str, dtype: torch.dty
     """
     setting = method if method == BASELINE else f"{method}-t{subject.threshold_of(method):g}"
     if subject.calibration_of(method) and subject.calibration_key:  # stored columns change the outputs
-        setting += f"-{subject.calibration_key}"
+        setting += f"-{subject.calibration_key}{subject.ratio_key(method)}"
         if get_method(method).smoothing:
             setting += f"-a{subject.calibration['smoothing_alpha']:g}"
     if get_method(method).rotation and subject.rotation_block != FIRST_ROTATION_BLOCK:  # older caches name no block
