@@ -127,13 +127,19 @@ class LayerStreamer:
         return {name for index in range(len(self.layers)) for name in self._names(index)}
 
 
+def hidden_size_of(model: nn.Module) -> int:
+    """The width of the residual stream: the (text) config's hidden size, else the embeddings' (OPT-350m embeds in 512 and projects to 1024)."""
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    return getattr(config, "hidden_size", None) or model.get_input_embeddings().weight.shape[-1]
+
+
 @torch.inference_mode()
 def collect(model: nn.Module, batches: Iterable[torch.Tensor], layer_names: Iterable[str], threshold: float, streamer: LayerStreamer | None = None, on_batch: Callable[[int], None] | None = None) -> ActivationStats:
     """Run the model's base (no LM head) over the batches with hooks on the named layers.
 
     on_batch(rows done so far) is called after each batch (calibration's progress).
     """
-    stats = ActivationStats(threshold, hidden_size=model.get_input_embeddings().weight.shape[-1])
+    stats = ActivationStats(threshold, hidden_size=hidden_size_of(model))
     handles = stats.attach(model, layer_names) + (streamer.attach() if streamer else [])
     base = getattr(model, "base_model", model)
     device = model.get_input_embeddings().weight.device
@@ -171,14 +177,17 @@ def layer_kind(name: str) -> str:
     return "attention" if any(word in name for word in ATTENTION_WORDS) else "ffn"
 
 
-def analyze(stats: ActivationStats, layer_shapes: Mapping[str, tuple[int, int]], hidden_size: int, layer_share: float = SYSTEMATIC_LAYER_SHARE,
+def analyze(stats: ActivationStats, layer_shapes: Mapping[str, tuple[int, int]], ratio: float, layer_share: float = SYSTEMATIC_LAYER_SHARE,
             position_share: float = SYSTEMATIC_POSITION_SHARE) -> dict:
     """The paper's §4 view of the collected statistics.
 
     Per layer: outlier columns and largest magnitude. Per feature dimension of the hidden state
     (over the layers whose input is the hidden state): the share of those layers where it is an
     outlier and the share of their (layer, position) pairs where |x| >= threshold; it is
-    systematic when it reaches both `layer_share` (25 %) and `position_share` (6 %).
+    systematic when it reaches both `layer_share` (25 %) and `position_share` (6 %). Beside it,
+    the calibration's view: how far the feature stands above its layers' typical column
+    (`times_median`) and the share of layers where it stands `ratio` times above, which makes it
+    systematic for an outlier ratio whatever its size (ActivationStats.systematic_columns).
     Also the share of activations and of linear parameters the decomposition keeps in 16-bit.
     """
     columns = stats.outlier_columns()
@@ -191,7 +200,7 @@ def analyze(stats: ActivationStats, layer_shapes: Mapping[str, tuple[int, int]],
         all_acts += in_f * rows
         kept_params += int(idx.numel()) * out_f
         all_params += in_f * out_f
-    hidden_layers = [n for n in columns if reads_hidden_state(n, layer_shapes[n][1], hidden_size)]
+    hidden_layers = stats.hidden_state_layers()
     per_dim = []
     if hidden_layers:
         is_outlier = torch.stack([stats.col_max[n] >= stats.threshold for n in hidden_layers]).float()
@@ -199,22 +208,27 @@ def analyze(stats: ActivationStats, layer_shapes: Mapping[str, tuple[int, int]],
         rows = sum(stats.rows[n] for n in hidden_layers)
         layers_affected = is_outlier.mean(0)
         positions_affected = hits / max(rows, 1)
-        for dim in torch.nonzero(layers_affected > 0).flatten().tolist():
-            share_l, share_p = float(layers_affected[dim]), float(positions_affected[dim])
+        above_median = torch.stack([stats.col_max[n] / stats.col_max[n].median().clamp(min=torch.finfo(torch.float32).tiny) for n in hidden_layers])
+        standing = torch.stack(list(stats.standing_out(ratio).values())).float().mean(0)
+        for dim in torch.nonzero((layers_affected > 0) | (standing > 0)).flatten().tolist():
+            share_l, share_p, share_s = float(layers_affected[dim]), float(positions_affected[dim]), float(standing[dim])
             per_dim.append({
                 "dim": dim, "layer_share": round(share_l, 4), "position_share": round(share_p, 5),
                 "max_abs": round(max(float(stats.col_max[n][dim]) for n in hidden_layers), 3),
                 "systematic": share_l >= layer_share and share_p >= position_share,
+                "times_median": round(float(above_median[:, dim].max()), 1), "standing_share": round(share_s, 4), "systematic_by_ratio": share_s >= layer_share,
             })
-        per_dim.sort(key=lambda d: (-d["layer_share"], -d["position_share"]))
+        per_dim.sort(key=lambda d: (-d["layer_share"], -d["standing_share"], -d["position_share"]))
     return {
         "threshold": stats.threshold,
         "criteria": {"layer_share": layer_share, "position_share": position_share},
-        "hidden_size": hidden_size,
+        "hidden_size": stats.hidden_size,
         "hidden_state_layers": len(hidden_layers),
         "layers": layers,
         "features": per_dim,
         "systematic_features": [d["dim"] for d in per_dim if d["systematic"]],
+        "outlier_ratio": ratio,
+        "systematic_by_ratio": [d["dim"] for d in per_dim if d["systematic_by_ratio"]],
         "activation_share_16bit": round(kept_acts / max(all_acts, 1), 6),
         "parameter_share_16bit": round(kept_params / max(all_params, 1), 6),
         "outlier_columns_by_kind": {

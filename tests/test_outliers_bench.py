@@ -28,8 +28,8 @@ def test_planted_features_are_found_and_systematic():
     layers = dict(quantizable_layers(model))
     ids = torch.randint(3, 128, (4, 32), generator=torch.Generator().manual_seed(0))
     stats = activations.collect(model, ids.split(2), list(layers), 6.0)
-    report = activations.analyze(stats, {n: tuple(as_linear(m).weight.shape) for n, m in layers.items()}, 32)
-    assert report["systematic_features"] == [3, 17]
+    report = activations.analyze(stats, {n: tuple(as_linear(m).weight.shape) for n, m in layers.items()}, 16.0)
+    assert report["systematic_features"] == report["systematic_by_ratio"] == [3, 17]
     hidden = [n for n in layers if not n.endswith(("o_proj", "down_proj"))]
     assert report["hidden_state_layers"] == len(hidden) == 10
     for name in hidden:

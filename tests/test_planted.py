@@ -25,7 +25,7 @@ def test_planting_keeps_the_function_and_makes_systematic_features(arch, place):
 
     layers = dict(quantizable_layers(model))
     stats = activations.collect(model.float(), ids.split(1), list(layers), 6.0)
-    report = activations.analyze(stats, {n: tuple(as_linear(m).weight.shape) for n, m in layers.items()}, model.config.hidden_size)
+    report = activations.analyze(stats, {n: tuple(as_linear(m).weight.shape) for n, m in layers.items()}, 16.0)
     assert set(dims) <= set(report["systematic_features"]), report["systematic_features"]
 
 
@@ -56,6 +56,45 @@ def test_only_systematic_features_are_stored_by_the_ratio():
     assert not activations.ActivationStats(6.0).systematic_columns(16.0)  # no hidden size known: the threshold alone
 
 
+def planted_folder(tmp_path):
+    """A tiny Llama with 2 dims planted 60x in both places, saved in fp16 with a tokenizer; an evaluation text and a calibration text."""
+    from conftest import save_tiny, tiny_tokenizer
+
+    model = tiny_model("llama")
+    dims = chosen_dims(model.config.hidden_size, 2, seed=5)
+    plant(model, dims, 60.0, "both")
+    src = save_tiny(model.half(), tmp_path / "src")
+    tiny_tokenizer().save_pretrained(src)
+    text, calibration = tmp_path / "text.txt", tmp_path / "calibration.txt"
+    text.write_text("The quick brown fox jumps over the lazy dog. " * 40)
+    calibration.write_text("A stitch in time saves nine; every cloud has a silver lining. " * 40)
+    return src, dims, text, calibration
+
+
+def test_the_outliers_command_shows_planted_features_and_what_each_method_stores(tmp_path):
+    """`llmint8 outliers` calls the planted dims systematic by the paper's criteria and by the
+    ratio, and says what the decomposition methods would store, and why."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from llmint8_cli.cli import app
+
+    src, dims, text, _ = planted_folder(tmp_path)
+    result = CliRunner().invoke(app, ["outliers", str(src), "--dataset", str(text), "--samples", "2", "--seq-len", "64", "--threshold", "1000"])
+    assert result.exit_code == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["systematic_features"] == [] and sorted(report["systematic_by_ratio"]) == sorted(dims)  # under 1000, yet 60x the rest
+    planted = [f for f in report["features"] if f["dim"] in dims]
+    assert len(planted) == 2 and all(f["times_median"] >= 16 and f["standing_share"] == 1.0 for f in planted)
+    stored = {tuple(s["methods"]): s for s in report["stored_columns"]}
+    rotate, paper = stored[("llm.int8-rotate",)], stored[("rowwise+decomp", "llm.int8", "llm.int8-zp", "llm.int8-smooth")]
+    assert (rotate["threshold"], rotate["outlier_ratio"], paper["outlier_ratio"]) == (60.0, 16.0, 0.0)
+    layers = tiny_model("llama").config.num_hidden_layers
+    assert rotate["columns"] >= 2 * 5 * layers and paper["columns"] >= rotate["columns"]  # every q/k/v and gate/up reads the planted dims
+    assert "llm.int8-rotate" in result.stderr and "by the ratio 16" in result.stderr
+
+
 def test_an_outlier_ratio_stores_planted_features_below_the_threshold(tmp_path):
     """Features 60 times their layer's typical column but below the threshold (here 1000) are
     stored as 16-bit columns with --outlier-ratio 16, not without, and by llm.int8-rotate at its
@@ -65,18 +104,11 @@ def test_an_outlier_ratio_stores_planted_features_below_the_threshold(tmp_path):
 
     from typer.testing import CliRunner
 
-    from conftest import save_tiny, tiny_tokenizer
     from llmint8_cli.cli import app
 
     runner = CliRunner()
+    src, dims, text, calibration = planted_folder(tmp_path)
     model = tiny_model("llama")
-    dims = chosen_dims(model.config.hidden_size, 2, seed=5)
-    plant(model, dims, 60.0, "both")
-    src = save_tiny(model.half(), tmp_path / "src")
-    tiny_tokenizer().save_pretrained(src)
-    text, calibration = tmp_path / "text.txt", tmp_path / "calibration.txt"
-    text.write_text("The quick brown fox jumps over the lazy dog. " * 40)
-    calibration.write_text("A stitch in time saves nine; every cloud has a silver lining. " * 40)
     common = ["--method", "llm.int8", "--threshold", "1000", "--calib-samples", "4", "--calib-seq-len", "64", "--calib-dataset", str(calibration)]
     stored = {}
     for ratio in ("0", "16"):
