@@ -71,15 +71,26 @@ def key(point: dict) -> tuple:
     return point["dims"], point["magnitude"], point["place"]
 
 
+def cell(result: dict) -> str:
+    """A method's perplexity change, with the columns its calibration stored (and those its outlier ratio added)."""
+    if result.get("delta_pct") is None:
+        return "n/a"
+    calibration = result.get("calibration") or {}
+    stored = calibration.get("outlier_columns_total")
+    added = f", {calibration['systematic_columns']} by ratio" if calibration.get("systematic_columns") else ""
+    return f"{result['delta_pct']:+.2f}" + (f" ({stored}{added})" if stored is not None else "")
+
+
 def write_table(out: Path, points: list[dict]) -> None:
     methods = [m for m in points[0]["results"] if m != "fp16"]
     base = points[0]["results"]["fp16"]["ppl"]
     lines = [f"# Planted outlier features: {points[0]['model']}, {points[0]['tokens']} tokens of {points[0]['dataset']}", "",
-             "perplexity change against the planted model's 16-bit perplexity (%); 16-bit: that perplexity, and its change against the unplanted model", "",
+             "perplexity change against the planted model's 16-bit perplexity (%), and for calibrated methods the 16-bit columns they store (of which systematic "
+             "features added by their outlier ratio); 16-bit: that perplexity, and its change against the unplanted model", "",
              "| place | dims | magnitude | 16-bit | " + " | ".join(methods) + " |", "| --- | --- | --- | --- | " + " | ".join("---" for _ in methods) + " |"]
     for p in sorted(points, key=lambda p: (p["place"] != "none", p["place"], p["dims"], p["magnitude"])):
         fp = p["results"]["fp16"]["ppl"]
-        cells = [f"{p['results'][m]['delta_pct']:+.2f}" if p["results"][m].get("delta_pct") is not None else "n/a" for m in methods]
+        cells = [cell(p["results"][m]) for m in methods]
         lines.append(f"| {p['place']} | {p['dims']} | {p['magnitude']:g} | {fp:.4f} ({100 * (fp / base - 1):+.3f} %) | " + " | ".join(cells) + " |")
     (out / "table.md").write_text("\n".join(lines) + "\n")
 
