@@ -115,6 +115,8 @@ def write_plot(out: Path, points: list[dict]) -> None:
         ax.axhline(0.5, color="grey", linestyle=":", linewidth=1)
         ax.set(title=f"{place}, {dims} dim{'s' * (dims > 1)}", xlabel="planted magnitude (x)", xscale="log")
         ax.set_yscale("symlog", linthresh=1.0)  # linear within ±1 %, where the methods that matter are; a collapse stays on the plot
+    low, high = ax.get_ylim()  # shared by the panels: from at least -0.5 % to +1 %, so that 0 and the +0.5 % line have ticks around them
+    ax.set_ylim(min(low, -0.5), max(high, 1.0))
     axes[0][0].set_ylabel("perplexity change vs 16-bit (%)")
     axes[0][-1].legend(fontsize=7)
     fig.suptitle(f"{points[0]['model']}: planted outlier features")
