@@ -58,8 +58,13 @@ class ActivationStats:
 
     def standing_out(self, ratio: float) -> dict[str, torch.Tensor]:
         """Per layer reading the hidden state, a mask of the columns whose max |x| is at least
-        `ratio` times the layer's median column max."""
-        return {name: self.col_max[name] >= ratio * self.col_max[name].median() for name in self.hidden_state_layers()}
+        `ratio` times the layer's median column max (none where that median is 0: no typical
+        column to stand above)."""
+        masks = {}
+        for name in self.hidden_state_layers():
+            median = self.col_max[name].median()
+            masks[name] = (self.col_max[name] >= ratio * median) & (median > 0)
+        return masks
 
     def systematic_columns(self, ratio: float, layer_share: float = SYSTEMATIC_LAYER_SHARE) -> dict[str, torch.Tensor]:
         """Per layer reading the hidden state, a mask of the columns of systematic features: hidden
@@ -80,6 +85,7 @@ class ActivationStats:
         threshold = self.threshold if threshold is None else threshold
         systematic = self.systematic_columns(ratio) if ratio > 0 else {}
         return {name: torch.nonzero((m >= threshold) | systematic.get(name, False)).flatten() for name, m in self.col_max.items()}
+
 
 def decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
     """The model's stack of decoder blocks: its ModuleList holding the most parameters."""

@@ -54,6 +54,10 @@ def test_only_systematic_features_are_stored_by_the_ratio():
     assert {n: c.tolist() for n, c in columns.items() if c.numel()} == {readers[0]: [2], readers[1]: [6], readers[5]: [2]}
     assert {n: c.tolist() for n, c in stats.outlier_columns(6.0).items() if c.numel()} == {readers[1]: [6]}
     assert not activations.ActivationStats(6.0).systematic_columns(16.0)  # no hidden size known: the threshold alone
+    for name in readers:  # layers whose typical column is 0 (most inputs zero) have nothing to stand above
+        stats.col_max[name] = torch.zeros(8)
+        stats.col_max[name][2] = 1.0
+    assert not any(mask.any() for mask in stats.systematic_columns(16.0).values())
 
 
 def planted_folder(tmp_path):

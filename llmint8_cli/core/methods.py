@@ -15,7 +15,7 @@ from llmint8_cli.errors import InvalidArgumentError
 DEFAULT_METHOD = "llm.int8"
 DEFAULT_THRESHOLD = 6.0  # the paper's; every method's default but llm.int8-rotate's
 ROTATE_THRESHOLD = 60.0  # after a 256-wide rotation only extreme features need 16-bit (bench/results/2026-12-05-rotation-block-256.md)
-ROTATE_OUTLIER_RATIO = 16.0  # and systematic features 16x their layers' typical column, whatever their size (bench/results/2026-12-06-planted-outliers.md)
+ROTATE_OUTLIER_RATIO = 16.0  # and systematic features 16x their layers' typical column, whatever their size (bench/results/2026-12-06-emergent-outliers-grid.md)
 DEFAULT_SMOOTH_ALPHA = 0.5  # SmoothQuant's migration strength; measured best of 0.3/0.5/0.7 on SmolLM2
 PAPER_METHODS = 9  # the first nine of METHODS are the paper's Table 1 (`--methods paper`)
 
@@ -39,9 +39,11 @@ class Method:
 
     def outlier_ratio_or_default(self, ratio: float | None) -> float:
         """The outlier ratio a calibration of this method uses: the one given, else the method's own (0 without decomposition)."""
+        if ratio is not None:
+            check_outlier_ratio(ratio)
         if not self.decomposition:
             return 0.0
-        return self.default_outlier_ratio if ratio is None else check_outlier_ratio(ratio)
+        return self.default_outlier_ratio if ratio is None else float(ratio)
 
     @property
     def quantized(self) -> bool:

@@ -184,7 +184,7 @@ def subject(spec: str, methods: list[Method], threshold: float | None, dtype: to
         # under torchrun on rank 0 only, every process then quantizes with the same columns
         stats, info = distributed.from_main(lambda: calibrate_on_the_fly(base, tokenizer, options, held_out), "sharing the calibration")
         chosen = {n: calibrated_columns(stats, thresholds[n], get_method(n).outlier_ratio_or_default(calibration.outlier_ratio)) for n in decomposing}
-        outliers, ratio_info = {n: columns for n, (columns, _) in chosen.items()}, {n: info for n, (_, info) in chosen.items() if info}
+        outliers, ratio_info = {n: columns for n, (columns, _) in chosen.items()}, {n: recorded for n, (_, recorded) in chosen.items() if recorded}
         input_max = stats.col_max
         if smoothing:
             info["smoothing_alpha"] = calibration.smooth_alpha
@@ -365,7 +365,8 @@ def cache_folder(cache_dir: str, subject: Subject, method: str, dtype: torch.dty
     """The folder (created) where one variant's evaluation results are kept, so that a stopped run resumes.
 
     Everything that changes the model's outputs is in the path: the model's files (fingerprint),
-    the method, threshold and rotation block, the compute dtype and the device type. A stored folder's 16-bit
+    the method, threshold and rotation block, the calibration and the outlier ratio where it added
+    columns, the compute dtype and the device type. A stored folder's 16-bit
     baseline is keyed by its source, so it is shared with the runs on the 16-bit model.
     """
     setting = method if method == BASELINE else f"{method}-t{subject.threshold_of(method):g}"
