@@ -28,11 +28,8 @@ from pathlib import Path
 import torch
 
 from llmint8_cli import models
+from llmint8_cli.cli.bench import parse_ints
 from llmint8_cli.evaluation.planted import PLACES, chosen_dims, plant
-
-
-def parse_ints(text: str) -> list[int]:
-    return [int(part) for part in text.split(",") if part.strip()]
 
 
 def planted_folder(spec: str, dims: int, magnitude: float, place: str, seed: int, where: Path) -> Path:
@@ -60,7 +57,7 @@ def evaluate(folder: Path, args) -> dict:
 
 def grid(args) -> list[tuple[int, float, str]]:
     points = [(0, 1.0, "none")]
-    points += [(d, float(m), p) for p in args.places.split(",") for d in parse_ints(args.dims) for m in parse_ints(args.magnitudes)]
+    points += [(d, float(m), p) for p in args.places.split(",") for d in parse_ints(args.dims, "--dims") for m in parse_ints(args.magnitudes, "--magnitudes")]
     for _, _, place in points[1:]:
         if place not in PLACES:
             raise SystemExit(f"--places: {place!r} is not one of {', '.join(PLACES)}")
