@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
 import hashlib
 import importlib.util
+import json
 import os
 import socket
 from urllib.parse import urlparse
@@ -161,6 +164,64 @@ def check_quantization(folder: Path) -> None:
     raise ModelLoadError(f"{folder}: already quantized ({kind}); llmint8 reads 16-bit models, llmint8 folders and bitsandbytes 8-bit folders")
 
 
+_TRUST_REMOTE_CODE = contextvars.ContextVar("llmint8_trust_remote_code", default=False)
+REMOTE_CODE_FILES = ("config.json", "tokenizer_config.json")
+
+
+@contextlib.contextmanager
+def trusting_remote_code(enabled: bool):
+    """Whether loads inside the block may run a model folder's own Python (`--trust-remote-code`)."""
+    token = _TRUST_REMOTE_CODE.set(bool(enabled))
+    try:
+        yield
+    finally:
+        _TRUST_REMOTE_CODE.reset(token)
+
+
+def remote_code_allowed() -> bool:
+    return _TRUST_REMOTE_CODE.get()
+
+
+def remote_code_file(folder) -> Path | None:
+    """The first of a folder's config.json and tokenizer_config.json that names code of its own (`auto_map`)."""
+    for name in REMOTE_CODE_FILES:
+        try:
+            document = json.loads((Path(folder) / name).read_text(encoding="utf-8"))
+        except (OSError, ValueError):  # absent or unreadable: its loader says what is wrong
+            continue
+        if isinstance(document, dict) and document.get("auto_map"):
+            return Path(folder) / name
+    return None
+
+
+def needs_remote_code(exc: Exception) -> bool:
+    """transformers' refusal to load a folder whose classes exist only in its own code, with trust_remote_code=False."""
+    return "trust_remote_code" in str(exc)
+
+
+def remote_code_error(source: "ModelSource") -> ModelLoadError:
+    named = remote_code_file(source.from_pretrained_args()[0]) if source.kind != "hub" else None
+    where = named or f"{source.location} (its config or tokenizer config)"
+    return ModelLoadError(f"{where}: the model needs its own Python code (auto_map), which llmint8 runs only with --trust-remote-code "
+                          "(trust_remote_code=True in Python); read that code first")
+
+
+def _loaded(source: "ModelSource", what: str, load):
+    """`load(trust_remote_code)` for a source: never a prompt on stdin (transformers asks when the
+    flag is unset), a folder's own code only when the user allowed it, every failure one line."""
+    require_hub(source)
+    try:
+        return load(remote_code_allowed())
+    except ModelLoadError:
+        raise
+    except Exception as exc:  # transformers raises many types; report one line
+        if not remote_code_allowed() and needs_remote_code(exc):
+            raise remote_code_error(source) from None
+        if source.kind == "hub":
+            raise _hub_error(source, exc) from None
+        raise ModelLoadError(f"{source.location}: {what} ({one_line(exc)})") from None
+
+
 @functools.cache
 def hub_online() -> bool:
     """Whether the Hugging Face Hub answers; offline, Hub paths fail at once instead of retrying.
@@ -201,19 +262,13 @@ def require_hub(source: ModelSource) -> None:
 def load_tokenizer(source: ModelSource):
     from transformers import AutoTokenizer
 
-    require_hub(source)
     name, kwargs = source.from_pretrained_args()
     if source.kind == "folder" and not any((Path(name) / file).is_file() for file in TOKENIZER_FILES):
         raise ModelLoadError(
             f"{name}: no tokenizer in the folder (none of {', '.join(TOKENIZER_FILES)}); save_pretrained of a model writes none: "
             "copy the tokenizer files of the model it came from into it"
         )
-    try:
-        return AutoTokenizer.from_pretrained(name, **kwargs)
-    except Exception as exc:  # transformers raises many types; report one line
-        if source.kind == "hub":
-            raise _hub_error(source, exc) from None
-        raise ModelLoadError(f"{source.location}: cannot load the tokenizer ({one_line(exc)})") from None
+    return _loaded(source, "cannot load the tokenizer", lambda trust: AutoTokenizer.from_pretrained(name, trust_remote_code=trust, **kwargs))
 
 
 def context_length(config) -> int | None:
@@ -240,17 +295,18 @@ def build_skeleton(factory, config_path):
     return model
 
 
+def causal_lm_from_config(config, dtype: torch.dtype | None = None):
+    """transformers' causal LM of a config (its own code only where the user allowed it)."""
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=remote_code_allowed())
+
+
 def load_config(source: ModelSource):
     from transformers import AutoConfig
 
-    require_hub(source)
     name, kwargs = source.from_pretrained_args()
-    try:
-        return AutoConfig.from_pretrained(name, **kwargs)
-    except Exception as exc:
-        if source.kind == "hub":
-            raise _hub_error(source, exc) from None
-        raise ModelLoadError(f"{source.location}: unsupported or unreadable config ({one_line(exc)})") from None
+    return _loaded(source, "unsupported or unreadable config", lambda trust: AutoConfig.from_pretrained(name, trust_remote_code=trust, **kwargs))
 
 
 def load_model(source: ModelSource, dtype: torch.dtype | None = None, placement=None):
@@ -261,20 +317,14 @@ def load_model(source: ModelSource, dtype: torch.dtype | None = None, placement=
     which transformers expands whole, is loaded first and dispatched by accelerate."""
     from transformers import AutoModelForCausalLM
 
-    require_hub(source)
     name, kwargs = source.from_pretrained_args()
     if dtype is not None:
         kwargs["dtype"] = dtype
     if placement is not None and source.kind != "gguf":
         config = load_config(source)
-        skeleton = build_skeleton(lambda: AutoModelForCausalLM.from_config(config, dtype=dtype), f"{source.location}: config")
+        skeleton = build_skeleton(lambda: causal_lm_from_config(config, dtype), f"{source.location}: config")
         kwargs.update(device_map=placement.device_map(skeleton, dtype or skeleton.dtype, source.label), offload_folder=placement.offload_folder)
-    try:
-        model = AutoModelForCausalLM.from_pretrained(name, **kwargs)
-    except Exception as exc:
-        if source.kind == "hub":
-            raise _hub_error(source, exc) from None
-        raise ModelLoadError(f"{source.location}: cannot load as a causal LM ({one_line(exc)})") from None
+    model = _loaded(source, "cannot load as a causal LM", lambda trust: AutoModelForCausalLM.from_pretrained(name, trust_remote_code=trust, **kwargs))
     if placement is not None and source.kind == "gguf":
         from accelerate import dispatch_model
 

@@ -194,9 +194,123 @@ def test_a_request_cache_line_outside_its_domain_is_refused_naming_it(tmp_path, 
     assert "lm-eval.jsonl:2: " in str(raised.value) and words in str(raised.value)
 
 
-@pytest.mark.parametrize("option", [["--use_cache", "x"], ["--cache_requests", "true"], ["--cache_requests=refresh"]])
-def test_lm_eval_options_that_read_pickles_are_refused(option):
-    assert_one_line_error(run("lm-eval", "--model", "hf", "--tasks", "piqa", *option), "pickles")
+@pytest.mark.parametrize("spelling", ["--use_cache", "-c", "--use_ca", "--cache_requests", "--cache_requests=true", "--cache_requests=refresh",
+                                      "use_cache: in --config", "cache_requests: in --config"])
+def test_every_spelling_of_lm_evals_pickled_caches_is_refused_before_a_planted_pickle_runs(tmp_path, spelling):
+    """lm-eval's own parser takes short flags, abbreviations, a bare flag and a YAML --config:
+    all of them are refused, and a pickle planted where the cache would be is never read."""
+    marker = tmp_path / "pwned"
+    cache = tmp_path / "cache"
+    crafted_sqlite_cache(Path(f"{cache}_rank0.db"), marker)
+    (tmp_path / "requests.pickle").write_bytes(pickle.dumps(RunsCode(marker)))
+    if spelling.endswith("in --config"):
+        key = spelling.split(":")[0]
+        (tmp_path / "config.yaml").write_text(f"{key}: {cache if key == 'use_cache' else 'true'}\n")
+        option = ["--config", tmp_path / "config.yaml"]
+    else:
+        option = [spelling] if "=" in spelling or spelling == "--cache_requests" else [spelling, cache]
+    result = run("lm-eval", "--model", "hf", "--model_args", f"pretrained={tmp_path / 'nowhere'}", "--tasks", "piqa", "--limit", "1", *option)
+    assert result.exit_code == 2, result.stderr
+    assert [line for line in result.stderr.splitlines() if line.startswith("llmint8: error:")] == [next(
+        line for line in result.stderr.splitlines() if "pickles, which can run code" in line)]
+    assert not marker.exists()
+
+
+def tiny_task_model(folder: Path) -> Path:
+    from conftest import tiny_tokenizer
+
+    save_tiny(tiny_model("llama"), folder)
+    tiny_tokenizer().save_pretrained(folder)
+    return folder
+
+
+PIQA_ROWS = [{"goal": f"How do I open jar {i}?", "sol1": "Twist the lid.", "sol2": "Paint the lid.", "label": i % 2} for i in range(4)]
+
+
+@pytest.mark.parametrize("name", ["plain", "a space #and hash", "x\ndoc_to_text: !function llmint8_planted_probe.run\n#", "brackets[1]*?"])
+def test_a_data_folder_name_is_never_read_as_yaml_or_a_pattern(tmp_path, monkeypatch, name):
+    """The task YAML is written by a dumper and `datasets` reads a copy under a name we chose: a
+    newline and `!function` in the folder name import nothing, a space, `#` or glob characters
+    change nothing (the same accuracy as a plain name)."""
+    marker = tmp_path / "pwned"
+    (tmp_path / "modules").mkdir()
+    (tmp_path / "modules" / "llmint8_planted_probe.py").write_text(f"import pathlib\npathlib.Path({str(marker)!r}).touch()\ndef run(doc):\n    return ''\n")
+    monkeypatch.syspath_prepend(str(tmp_path / "modules"))
+    data = tmp_path / "data" / name
+    (data / "piqa").mkdir(parents=True)
+    (data / "piqa" / "validation.jsonl").write_text("".join(json.dumps(row) + "\n" for row in PIQA_ROWS))
+    model = tiny_task_model(tmp_path / "model")
+    result = run("eval-zeroshot", model, "--tasks", "piqa", "--methods", "fp16", "--data-dir", data, "-q")
+    assert result.exit_code == 0, result.stderr
+    assert not marker.exists()
+    accuracy = json.loads(result.stdout)["tasks"]["piqa"]["fp16"]["acc"]
+    assert accuracy in (0.0, 0.25, 0.5, 0.75, 1.0)  # four real answers scored
+    if name == "plain":
+        return
+    plain = tmp_path / "data" / "plain"
+    shutil.copytree(data, plain)
+    assert json.loads(run("eval-zeroshot", model, "--tasks", "piqa", "--methods", "fp16", "--data-dir", plain, "-q").stdout)["tasks"] == \
+        json.loads(result.stdout)["tasks"]
+
+
+def with_own_code(folder: Path, marker: Path, in_file: str = "config.json", model_type: str | None = "llmint8probe") -> Path:
+    """A model folder that names its own Python code (auto_map) in config.json or
+    tokenizer_config.json; importing that code creates `marker`."""
+    document = json.loads((folder / in_file).read_text())
+    if in_file == "config.json":
+        document["auto_map"] = {"AutoConfig": "probe.ProbeConfig", "AutoModelForCausalLM": "probe.ProbeModel"}
+        document["model_type"] = model_type or document["model_type"]
+    else:
+        document.update(auto_map={"AutoTokenizer": ["probe.ProbeTokenizer", None]}, tokenizer_class="ProbeTokenizer")
+    (folder / in_file).write_text(json.dumps(document))
+    (folder / "probe.py").write_text(
+        f"import pathlib\npathlib.Path({str(marker)!r}).touch()\n"
+        "from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast\n"
+        "class ProbeConfig(LlamaConfig):\n    model_type = 'llmint8probe'\n"
+        "class ProbeModel(LlamaForCausalLM):\n    config_class = ProbeConfig\n"
+        "class ProbeTokenizer(PreTrainedTokenizerFast):\n    pass\n")
+    return folder
+
+
+CALIBRATED = ["--calib-samples", "1", "--calib-seq-len", "16", "--calib-dataset"]
+
+
+@pytest.mark.parametrize("in_file", ["config.json", "tokenizer_config.json"])
+def test_a_folders_own_code_runs_only_with_trust_remote_code(tmp_path, in_file):
+    """`yes | llmint8 quantize` once ran the folder's Python after a prompt on stdout: now no
+    prompt, no code, one line naming the file; --trust-remote-code runs it."""
+    marker = tmp_path / "pwned"
+    (tmp_path / "calib.txt").write_text("Once upon a time there was a cat. " * 20)
+    src = with_own_code(tiny_task_model(tmp_path / "src"), marker, in_file)
+    args = ["quantize", src, tmp_path / "out", *CALIBRATED, tmp_path / "calib.txt", "-q"]
+    result = RUNNER.invoke(app, list(map(str, args)), input="y\n" * 100)
+    assert_one_line_error(result, f"{src / in_file}: the model needs its own Python code (auto_map)")
+    assert "--trust-remote-code" in result.stderr and result.stdout == "" and not marker.exists() and not (tmp_path / "out").exists()
+    trusted = run(*args, "--trust-remote-code")
+    assert trusted.exit_code == 0, trusted.stderr
+    assert marker.exists()
+
+
+def test_a_known_architecture_naming_its_own_code_loads_with_transformers_classes(tmp_path):
+    """transformers' default, ours too: where transformers has the class, the folder's code is not run."""
+    marker = tmp_path / "pwned"
+    src = with_own_code(tiny_task_model(tmp_path / "src"), marker, model_type=None)
+    result = RUNNER.invoke(app, ["quantize", str(src), str(tmp_path / "out"), "--calib-samples", "0", "-q"], input="y\n" * 100)
+    assert result.exit_code == 0, result.stderr
+    assert not marker.exists() and json.loads(result.stdout)["command"] == "quantize"
+
+
+@pytest.mark.parametrize("command", ["eval-ppl", "eval-zeroshot", "generate"])
+def test_a_quantized_folder_is_verified_before_its_tokenizer_is_read(tmp_path, command):
+    marker = tmp_path / "pwned"
+    src = tiny_task_model(tmp_path / "src")
+    assert run("quantize", src, tmp_path / "int8", "--calib-samples", "0", "-q").exit_code == 0
+    with_own_code(tmp_path / "int8", marker, "tokenizer_config.json")
+    (tmp_path / "text.txt").write_text("Once upon a time there was a cat. " * 20)
+    extra = {"eval-ppl": ["--dataset", tmp_path / "text.txt", "--seq-len", "16"], "eval-zeroshot": ["--tasks", "piqa"], "generate": ["Once"]}[command]
+    result = RUNNER.invoke(app, list(map(str, [command, tmp_path / "int8", *extra, "-q"])), input="y\n" * 100)
+    assert result.exit_code == 2 and not marker.exists(), result.stderr
+    assert "not listed in llmint8_manifest.json" in result.stderr or "does not match the manifest" in result.stderr
 
 
 # -- tampering -----------------------------------------------------------------------------------

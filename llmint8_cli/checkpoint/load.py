@@ -7,6 +7,7 @@ from pathlib import Path
 
 import torch
 
+from llmint8_cli import models
 from llmint8_cli.checkpoint.format import read_quantization_config, stored_rotation_block
 from llmint8_cli.checkpoint.manifest import verify, verifying
 from llmint8_cli.checkpoint.sources import DTYPES, read_header
@@ -74,7 +75,6 @@ def check_loaded(model, where) -> None:
 def placed_device_map(folder: Path, block: dict, dtype: torch.dtype, placement) -> dict:
     """The placement's map for this folder, computed on the model transformers will build (int8
     shells on meta, their real sizes) before a weight is read."""
-    from llmint8_cli import models
     from llmint8_cli.checkpoint.quantize import empty_model
 
     config = models.load_config(models.ModelSource("folder", str(folder)))
@@ -113,10 +113,12 @@ def load(path, device_map=None, dtype: torch.dtype | None = None, verify_files: 
         verify(folder)
     with verifying(False):  # checked already
         try:
-            model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, **placed)
+            model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, trust_remote_code=models.remote_code_allowed(), **placed)
         except LLMInt8Error:
             raise
         except Exception as exc:  # transformers raises many types for a bad folder
+            if not models.remote_code_allowed() and models.needs_remote_code(exc):
+                raise models.remote_code_error(models.ModelSource("folder", str(folder))) from None
             raise CheckpointError(f"{folder}: cannot load ({one_line(exc)})") from None
     if placed:
         model.hf_device_map = placed["device_map"]  # transformers leaves it unset where the map is one device

@@ -96,9 +96,10 @@ def download(source: models.ModelSource) -> models.ModelSource:
 def empty_model(config, dtype: torch.dtype, config_path):
     from transformers import AutoModelForCausalLM
 
-    if type(config) not in AutoModelForCausalLM._model_mapping:
+    own_class = models.remote_code_allowed() and "AutoModelForCausalLM" in (getattr(config, "auto_map", None) or {})
+    if type(config) not in AutoModelForCausalLM._model_mapping and not own_class:
         raise ModelLoadError(f"unsupported architecture {getattr(config, 'model_type', '?')!r}: transformers has no causal LM for it")
-    model = models.build_skeleton(lambda: AutoModelForCausalLM.from_config(config, dtype=dtype), config_path)
+    model = models.build_skeleton(lambda: models.causal_lm_from_config(config, dtype), config_path)
     unfuse_experts(model)  # one linear layer per expert, as the llmint8 format stores them
     return model
 

@@ -11,7 +11,7 @@ import typer
 from llmint8_cli.backends import gemm_report
 from llmint8_cli.checkpoint.quantize import QuantizeOptions
 from llmint8_cli.cli.common import (
-    PIPED_MODEL_HELP, CalibDataset, CalibSamples, CalibSeqLen, ComputeDtype, DataDir, Device, DeviceMap, MaxMemory, NoVerify, OffloadFolder, Quiet, OutlierRatio, RotationBlock, SmoothAlpha,
+    PIPED_MODEL_HELP, CalibDataset, CalibSamples, CalibSeqLen, ComputeDtype, DataDir, Device, DeviceMap, MaxMemory, NoVerify, OffloadFolder, Quiet, TrustRemoteCode, OutlierRatio, RotationBlock, SmoothAlpha,
     Threshold, choose_model, chosen_placement, command, emit_json, print_table, progress_bar, report_placement, stderr_console,
 )
 from llmint8_cli.core.methods import DEFAULT_METHOD, check_rotation_block, get_method
@@ -91,6 +91,7 @@ def bench(
     max_memory: MaxMemory = None,
     offload_folder: OffloadFolder = None,
     no_verify: NoVerify = False,
+    trust_remote_code: TrustRemoteCode = False,
     quiet: Quiet = False,
 ) -> None:
     """Time 16-bit versus int8 layers or models; JSON on stdout, a table on stderr."""

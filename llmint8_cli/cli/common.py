@@ -32,7 +32,7 @@ try:
 except ImportError:
     from click import exceptions as click_errors
 
-from llmint8_cli import distributed, placement
+from llmint8_cli import distributed, models, placement
 from llmint8_cli.errors import InvalidArgumentError, LLMInt8Error, one_line
 
 EXIT_BAD_INPUT = 2
@@ -41,6 +41,8 @@ EXIT_NOT_FINITE = 3
 # Options several commands share, declared once.
 Quiet = Annotated[bool, typer.Option("-q", "--quiet", help="Nothing on stderr.")]
 NoVerify = Annotated[bool, typer.Option("--no-verify", help="Skip the sha256 check of an llmint8 folder against its manifest.")]
+TrustRemoteCode = Annotated[bool, typer.Option("--trust-remote-code", help="Run the Python code a model folder names for its own classes (auto_map); "
+                                               "without it such a folder is loaded with transformers' built-in classes, or refused where it has none.")]
 Device = Annotated[str, typer.Option(help="cpu, cuda, cuda:N or auto (the whole model on one device; --device-map spreads it).")]
 DeviceMap = Annotated[str | None, typer.Option(help=placement.DEVICE_MAP_HELP, show_default=False)]
 MaxMemory = Annotated[str | None, typer.Option(help=placement.MAX_MEMORY_HELP, show_default=False)]
@@ -280,13 +282,14 @@ def terminate_like_interrupt():
 
 
 def command(function: Callable) -> Callable:
-    """Turn library errors into `llmint8: error: ...` and an exit code, never a traceback."""
+    """Turn library errors into `llmint8: error: ...` and an exit code, never a traceback; a
+    command's `--trust-remote-code` holds for every model it loads (models.trusting_remote_code)."""
 
     @functools.wraps(function)
     def wrapper(*args, **kwargs):
         quiet_libraries()
         try:
-            with terminate_like_interrupt():
+            with terminate_like_interrupt(), models.trusting_remote_code(kwargs.get("trust_remote_code", False)):
                 return function(*args, **kwargs)
         except typer.Exit:
             raise

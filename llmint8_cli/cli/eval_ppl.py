@@ -12,7 +12,7 @@ from llmint8_cli import data, distributed
 from llmint8_cli.backends import gemm_report
 from llmint8_cli import models
 from llmint8_cli.checkpoint.quantize import QuantizeOptions
-from llmint8_cli.cli.common import EXIT_NOT_FINITE, METHODS_HELP, CalibDataset, CalibSamples, CalibSeqLen, OutlierRatio, RotationBlock, SmoothAlpha, ComputeDtype, DataDir, Device, DeviceMap, MaxMemory, Model, NoVerify, OffloadFolder, Quiet, Threshold, choose_model, evaluation_placement, command, emit_json, given_options, fail, report_placement, print_table, progress_bar, stderr_console, warn
+from llmint8_cli.cli.common import EXIT_NOT_FINITE, METHODS_HELP, CalibDataset, CalibSamples, CalibSeqLen, OutlierRatio, RotationBlock, SmoothAlpha, ComputeDtype, DataDir, Device, DeviceMap, MaxMemory, Model, NoVerify, OffloadFolder, Quiet, TrustRemoteCode, Threshold, choose_model, evaluation_placement, command, emit_json, given_options, fail, report_placement, print_table, progress_bar, stderr_console, warn
 from llmint8_cli.core.methods import DEFAULT_METHOD, parse_methods
 from llmint8_cli.errors import DataError
 from llmint8_cli.evaluation import variants
@@ -63,6 +63,7 @@ def eval_ppl(
     dtype: ComputeDtype = "auto",
     data_dir: DataDir = None,
     no_verify: NoVerify = False,
+    trust_remote_code: TrustRemoteCode = False,
     quiet: Quiet = False,
 ) -> None:
     """Perplexity per method on WikiText-2, PTB, C4 or a file; JSON on stdout, a table on stderr.

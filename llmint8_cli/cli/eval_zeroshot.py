@@ -13,7 +13,7 @@ import typer
 from llmint8_cli.backends import gemm_report
 from llmint8_cli import distributed, models
 from llmint8_cli.checkpoint.quantize import QuantizeOptions
-from llmint8_cli.cli.common import METHODS_HELP, CalibDataset, CalibSamples, CalibSeqLen, ComputeDtype, Device, DeviceMap, MaxMemory, OffloadFolder, OutlierRatio, RotationBlock, SmoothAlpha, Model, NoVerify, Quiet, Threshold, choose_model, evaluation_placement, command, emit_json, given_options, print_table, report_placement, stderr_console, warn
+from llmint8_cli.cli.common import METHODS_HELP, CalibDataset, CalibSamples, CalibSeqLen, ComputeDtype, Device, DeviceMap, MaxMemory, OffloadFolder, OutlierRatio, RotationBlock, SmoothAlpha, Model, NoVerify, Quiet, TrustRemoteCode, Threshold, choose_model, evaluation_placement, command, emit_json, given_options, print_table, report_placement, stderr_console, warn
 from llmint8_cli.core.methods import DEFAULT_METHOD, parse_methods
 from llmint8_cli.evaluation import request_cache, variants, zeroshot
 
@@ -42,6 +42,7 @@ def eval_zeroshot(
     offload_folder: OffloadFolder = None,
     dtype: ComputeDtype = "auto",
     no_verify: NoVerify = False,
+    trust_remote_code: TrustRemoteCode = False,
     quiet: Quiet = False,
 ) -> None:
     """Zero-shot accuracy through lm-eval per method; JSON on stdout, a table on stderr. Under

@@ -12,7 +12,7 @@ from llmint8_cli import models
 from llmint8_cli.checkpoint.format import is_llmint8_checkpoint, read_quantization_config
 from llmint8_cli.checkpoint.quantize import QuantizeOptions
 from llmint8_cli.cli.common import (
-    ComputeDtype, Device, DeviceMap, MaxMemory, NoVerify, OffloadFolder, Quiet, Threshold, chosen_placement, command, emit_json, given_options, report_placement, stderr_console,
+    ComputeDtype, Device, DeviceMap, MaxMemory, NoVerify, OffloadFolder, Quiet, TrustRemoteCode, Threshold, chosen_placement, command, emit_json, given_options, report_placement, stderr_console,
 )
 from llmint8_cli.core.methods import DEFAULT_METHOD, get_method
 from llmint8_cli.errors import InvalidArgumentError
@@ -27,11 +27,10 @@ def load_for_generation(spec: str, method: str, threshold: float | None, dtype: 
     for another method or threshold is refused), a 16-bit model quantized on the fly; with a
     placement spread over devices (a 16-bit model then streamed through quantize first)."""
     if is_llmint8_checkpoint(spec):
-        from transformers import AutoTokenizer
-
         block = read_quantization_config(spec)
         variants.check_request(spec, block, given, {method}, threshold, "method", "run as stored", "generate from the 16-bit model it came from to try another")
-        return variants.load_folder(spec, dtype, verify, device, placement), AutoTokenizer.from_pretrained(spec), block["method"], block["threshold"]
+        model = variants.load_folder(spec, dtype, verify, device, placement)  # verified before its tokenizer is read
+        return model, models.load_tokenizer(models.ModelSource("folder", spec)), block["method"], block["threshold"]
     source = models.resolve(spec)
     threshold = get_method(method).threshold_or_default(threshold)
     if placement is None:
@@ -59,6 +58,7 @@ def generate(
     offload_folder: OffloadFolder = None,
     dtype: ComputeDtype = "auto",
     no_verify: NoVerify = False,
+    trust_remote_code: TrustRemoteCode = False,
     quiet: Quiet = False,
 ) -> None:
     """Greedy or sampled text; the text and tokens/s on stderr, JSON on stdout."""

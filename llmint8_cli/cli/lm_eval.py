@@ -8,8 +8,10 @@ Hub unreachable, the tasks we ship local configs for (configs/lm_eval) read the 
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import sys
+from unittest import mock
 from pathlib import Path
 
 import typer
@@ -32,15 +34,44 @@ def option_value(args: list[str], option: str) -> tuple[int, str] | None:
     return None
 
 
-def refuse_pickled_caches(args: list[str]) -> None:
-    """lm-eval's --use_cache (a SqliteDict of pickles) and --cache_requests (dill files) read pickles
-    back, and a crafted one runs code; llmint8 keeps answers as data (eval-zeroshot --cache-dir)."""
-    requests = option_value(args, "--cache_requests")
-    if option_value(args, "--use_cache") is not None or "--use_cache" in args:
-        raise InvalidArgumentError("--use_cache stores lm-eval's answers as pickles, which can run code when read back; "
+PICKLES = "which can run code when read back"
+
+
+def refuse_pickled_caches(config) -> None:
+    """lm-eval's use_cache (a SqliteDict of pickles) and cache_requests (dill files) read pickles
+    back, and a crafted one runs code; llmint8 keeps answers as data (eval-zeroshot --cache-dir).
+
+    Checked on the configuration lm-eval resolved, so every spelling is caught: `-c DIR`, an
+    abbreviated `--use_ca`, a bare `--cache_requests`, or the keys in a `--config` YAML."""
+    if config.use_cache:
+        raise InvalidArgumentError(f"--use_cache (or use_cache in --config) stores lm-eval's answers as pickles, {PICKLES}; "
                                    "llmint8 eval-zeroshot --cache-dir keeps them as JSON lines instead")
-    if requests is not None and requests[1] in ("true", "refresh"):
-        raise InvalidArgumentError("--cache_requests stores lm-eval's requests as pickles, which can run code when read back; leave it out")
+    requests = config.cache_requests if isinstance(config.cache_requests, dict) else {"cache_requests": config.cache_requests}
+    if requests.get("cache_requests") or requests.get("rewrite_requests_cache"):
+        raise InvalidArgumentError(f"--cache_requests (or cache_requests in --config) stores lm-eval's requests as pickles, {PICKLES}; leave it out")
+
+
+def never_unpickled(*args, **kwargs):
+    """Stands in for lm-eval's readers of pickled caches, should any path reach one unchecked."""
+    raise InvalidArgumentError(f"lm-eval tried to read a pickled cache, {PICKLES}; refused")
+
+
+@contextlib.contextmanager
+def without_pickled_caches():
+    """lm-eval's configuration checked as it is resolved (refuse_pickled_caches), and its two
+    pickle readers replaced, while lm-eval runs."""
+    from lm_eval.config.evaluate_config import EvaluatorConfig
+
+    resolve = EvaluatorConfig.from_cli.__func__
+
+    def checked(cls, namespace):
+        config = resolve(cls, namespace)
+        refuse_pickled_caches(config)
+        return config
+
+    with (mock.patch.object(EvaluatorConfig, "from_cli", classmethod(checked)), mock.patch("lm_eval.api.model.CachingLM", never_unpickled),
+          mock.patch("lm_eval.api.task.load_from_cache", never_unpickled)):
+        yield
 
 
 def with_local_tasks(args: list[str], folder: Path) -> tuple[list[str], str | None]:
@@ -81,8 +112,7 @@ def lm_eval(ctx: typer.Context) -> None:
         from lm_eval.__main__ import cli_evaluate
     except ImportError as exc:
         raise InvalidArgumentError(f"lm-eval is not installed ({exc.name}); pip install 'llmint8[eval]'") from None
-    refuse_pickled_caches(list(ctx.args))
-    with zeroshot.task_configs() as folder:  # removed at the end, also on Ctrl-C or SIGTERM
+    with zeroshot.task_configs() as folder, without_pickled_caches():  # removed at the end, also on Ctrl-C or SIGTERM
         args, note = with_local_tasks(list(ctx.args), folder)
         if note:
             print(f"llmint8: {note}", file=sys.stderr)

@@ -11,7 +11,7 @@ import typer
 
 from llmint8_cli import activations, data, models, placement
 from llmint8_cli.cli.common import (
-    PIPED_MODEL_HELP, DataDir, DeviceMap, MaxMemory, OffloadFolder, Quiet, choose_model, command, emit_json, print_table, report_placement, stderr_console,
+    PIPED_MODEL_HELP, DataDir, DeviceMap, MaxMemory, OffloadFolder, Quiet, TrustRemoteCode, choose_model, command, emit_json, print_table, report_placement, stderr_console,
 )
 from llmint8_cli.checkpoint.quantize import calibrated_columns
 from llmint8_cli.core.methods import DEFAULT_THRESHOLD, METHODS, ROTATE_OUTLIER_RATIO, check_outlier_ratio, check_threshold
@@ -101,6 +101,7 @@ def outliers(
     device_map: DeviceMap = None,
     max_memory: MaxMemory = None,
     offload_folder: OffloadFolder = None,
+    trust_remote_code: TrustRemoteCode = False,
     quiet: Quiet = False,
 ) -> None:
     """Per-layer outlier columns, systematic outlier features and what the decomposition keeps in 16-bit."""

@@ -8,7 +8,7 @@ import typer
 
 from llmint8_cli.checkpoint.quantize import QuantizeOptions, quantize_checkpoint
 from llmint8_cli.checkpoint.output import parse_size
-from llmint8_cli.cli.common import CalibDataset, CalibSamples, CalibSeqLen, DataDir, OutlierRatio, RotationBlock, SmoothAlpha, Quiet, Threshold, command, emit_json, given_options, progress_bar, stderr_console, warn
+from llmint8_cli.cli.common import CalibDataset, CalibSamples, CalibSeqLen, DataDir, OutlierRatio, RotationBlock, SmoothAlpha, Quiet, TrustRemoteCode, Threshold, command, emit_json, given_options, progress_bar, stderr_console, warn
 from llmint8_cli.core.methods import DEFAULT_METHOD, METHODS
 from llmint8_cli.nn.convert import kept_line
 
@@ -32,6 +32,7 @@ def quantize(
     max_shard_size: Annotated[str, typer.Option(help="Largest safetensors shard, e.g. 2GB.")] = "2GB",
     clamp_overflow: Annotated[bool, typer.Option("--clamp-overflow", help="Clamp finite weights beyond the 16-bit range (with a warning) instead of refusing them.")] = False,
     force: Annotated[bool, typer.Option("--force", help="Replace OUT if it is an earlier llmint8 output or an empty folder.")] = False,
+    trust_remote_code: TrustRemoteCode = False,
     quiet: Quiet = False,
 ) -> None:
     """Convert a 16-bit causal LM to the llmint8 int8 format; prints a JSON summary."""

@@ -110,14 +110,12 @@ class LLMInt8LM(UnpaddedHFLM):
     """UnpaddedHFLM over `llmint8_cli.load(path)`; `dtype` (auto|fp32|fp16|bf16) casts the 16-bit tensors."""
 
     def __init__(self, path: str, device: str = "auto", dtype: str = "auto", verify: bool = True, **kwargs):
-        from transformers import AutoTokenizer
-
         from llmint8_cli.checkpoint.load import load
 
         run_device = resolve_device(device or "auto")
         model = load(path, dtype=resolve_dtype(dtype, run_device), verify_files=str(verify).lower() not in ("false", "0")).to(run_device)
         requested = kwargs.get("batch_size", 1)
-        super().__init__(model, tokenizer=AutoTokenizer.from_pretrained(path), device=str(run_device), **kwargs)
+        super().__init__(model, tokenizer=models.load_tokenizer(models.ModelSource("folder", path)), device=str(run_device), **kwargs)
         if self.unpadded and str(requested) != "1":
             logging.getLogger(__name__).warning("llmint8: batch_size 1 (outlier columns span a sequence; lm-eval pads batches without a mask)")
 

@@ -237,10 +237,8 @@ def _streamed(spec: str, source: models.ModelSource, tokenizer, ordered: list[st
               calibration: QuantizeOptions | None, held_out: str | None, rotation_block: int) -> Subject:
     """On the fly for a model spread over devices: the 16-bit model loaded placed, and each method
     quantized as `llmint8 quantize` streams it (placed_quantized), one method at a time."""
-    from transformers import AutoModelForCausalLM
-
     config = models.load_config(source)
-    skeleton = models.build_skeleton(lambda: AutoModelForCausalLM.from_config(config, dtype=dtype), f"{source.location}: config")
+    skeleton = models.build_skeleton(lambda: models.causal_lm_from_config(config, dtype), f"{source.location}: config")
     unfuse_experts(skeleton)
     options = calibration or QuantizeOptions(calib_samples=0)
     options, note = held_out_options(options, held_out) if options.calib_samples > 0 else (options, None)
@@ -330,12 +328,10 @@ def check_request(label: str, block: dict, given: frozenset[str], wanted: set[st
 def _stored(folder: str, dtype: torch.dtype, device: torch.device, verify: bool, held_out: str | None = None, label: str | None = None,
             placement: Placement | None = None) -> Subject:
     """A quantized folder evaluated as stored; `label` names it in messages (a bitsandbytes folder converted into a temporary one)."""
-    from transformers import AutoTokenizer
-
     label = label or folder
     block = read_quantization_config(folder)
-    tokenizer = AutoTokenizer.from_pretrained(folder)
-    quantized = load_folder(folder, dtype, verify, device, placement)
+    quantized = load_folder(folder, dtype, verify, device, placement)  # verifies the folder: nothing of it is read before
+    tokenizer = models.load_tokenizer(models.ModelSource("folder", str(folder)))
     notes, baseline = [], None
     calibration = block.get("calibration") or {}
     if isinstance(block.get("smoothing"), dict):

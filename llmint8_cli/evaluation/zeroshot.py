@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import shutil
 import statistics
 import tempfile
 from collections.abc import Callable
@@ -119,26 +120,44 @@ def check_task_file(path: Path, spec: TaskSpec) -> None:
 
 def write_local_configs(names: list[str], data_dir, folder: Path) -> Path:
     """Ready task YAMLs `<builtin>_local` in `folder` (a temporary one of the caller's): the
-    templates of configs/lm_eval filled in with lm-eval's task folder and the local data, every
-    file checked first; returns the data folder they read."""
+    templates of configs/lm_eval with lm-eval's task folder and a checked copy of each local data
+    file filled in; returns the data folder they read.
+
+    No path reaches lm-eval as text it parses: the YAML is written by a dumper (a folder name with a
+    newline, a quote or `!function` stays a string), and `datasets`, which reads a data file's name
+    as a glob pattern or a URL, gets the copy in `folder`, whose name we chose. Its Arrow cache
+    goes there too, so a run leaves nothing behind.
+    """
     import lm_eval.tasks
+    import yaml
 
     base = local_data_dir(names, data_dir).resolve()
-    for name in names:
-        check_task_file(base / TASKS[name].local_file, TASKS[name])
     builtin_dir = Path(lm_eval.tasks.__file__).parent
     templates = resources.files("llmint8_cli.configs") / "lm_eval"
     for name in names:
-        template = (templates / f"{TASKS[name].builtin}_local.yaml").read_text()
-        text = template.replace("{lm_eval_tasks}", str(builtin_dir)).replace("{data_dir}", str(base))
-        (folder / f"{TASKS[name].builtin}_local.yaml").write_text(text)
+        spec = TASKS[name]
+        check_task_file(base / spec.local_file, spec)
+        copy = folder / "data" / spec.local_file
+        copy.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(base / spec.local_file, copy)
+        config = yaml.safe_load((templates / f"{spec.builtin}_local.yaml").read_text())
+        config["include"] = str(builtin_dir / config["include"])
+        config["dataset_kwargs"]["data_files"] = {split: str(copy) for split in config["dataset_kwargs"]["data_files"]}
+        config["dataset_kwargs"]["cache_dir"] = str(folder / "datasets")
+        (folder / f"{spec.builtin}_local.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
     return base
+
+
+PATTERN_CHARACTERS = ("*", "?", "[", "]", "::", "://")  # what `datasets` reads as a glob or a URL in a data file's name
 
 
 @contextlib.contextmanager
 def task_configs():
     """A temporary folder for the local task YAMLs, removed when the run ends (Ctrl-C and SIGTERM too)."""
     with tempfile.TemporaryDirectory(prefix="llmint8-tasks-") as folder:
+        if any(part in folder for part in PATTERN_CHARACTERS):
+            raise InvalidArgumentError(f"the temporary folder {folder!r} holds one of {' '.join(PATTERN_CHARACTERS)}, which `datasets` reads as a pattern; "
+                                       "set TMPDIR to a plain path")
         yield Path(folder)
 
 
