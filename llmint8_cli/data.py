@@ -10,8 +10,10 @@ Conventions (as in GPTQ and the HF perplexity guide):
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -70,26 +72,64 @@ def read_jsonl(path: Path, limit: int | None = None) -> list[tuple[int, object]]
     return rows
 
 
+def _own_file(path: Path, flags: int) -> int:
+    """A descriptor of a file llmint8 appends to (a cache): opened without following a symbolic
+    link, and only a regular file with no other hard link, so that writing it never reaches a
+    user's file under another name. Anything else is a DataError naming the path."""
+    try:
+        descriptor = os.open(path, flags | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0), 0o644)
+    except OSError as exc:
+        why = "a symbolic link; cache files are llmint8's own, never a link to another file" if exc.errno == errno.ELOOP else exc.strerror or str(exc)
+        raise DataError(f"{path}: cannot use it as a cache file: {why}") from None
+    status = os.fstat(descriptor)
+    if not stat.S_ISREG(status.st_mode) or status.st_nlink != 1:
+        os.close(descriptor)
+        why = "not a regular file" if not stat.S_ISREG(status.st_mode) else "it has other hard links, so writing it would change another file"
+        raise DataError(f"{path}: cannot use it as a cache file: {why}; remove it")
+    return descriptor
+
+
 def read_appended_jsonl(path: Path) -> list[tuple[int, object]]:
     """(line number, parsed value) of each line of a file that is appended to line by line (a
-    cache): a last line cut short by a killed writer is dropped from the file, so that later appends
-    stay whole; any other bad line is a DataError naming it. A missing file has no lines."""
-    if not path.is_file():
+    cache): a last line cut short by a killed writer (or a full disk) is cut from the file, so that
+    later appends stay whole; any other bad line is a DataError naming it. A missing file has no
+    lines; a link or anything else not made by append_jsonl is refused (_own_file)."""
+    if not os.path.lexists(path):
         return []
+    descriptor = _own_file(path, os.O_RDWR)
     try:
-        text = path.read_text(encoding="utf-8")
+        with os.fdopen(descriptor, "rb", closefd=False) as handle:
+            raw = handle.read()
+        whole = raw[: raw.rfind(b"\n") + 1]
+        if len(whole) != len(raw):
+            os.ftruncate(descriptor, len(whole))
+        text = whole.decode("utf-8")
     except UnicodeDecodeError:
         raise DataError(f"{path}: not a UTF-8 text file") from None
-    if not text.endswith("\n"):
-        text = text[: text.rfind("\n") + 1]
-        path.write_text(text, encoding="utf-8")
+    except OSError as exc:
+        raise DataError(f"{path}: cannot read the cache file: {exc.strerror or exc}") from None
+    finally:
+        os.close(descriptor)
     rows = []
     for number, line in enumerate(text.splitlines(), 1):
         try:
             rows.append((number, json.loads(line)))
-        except json.JSONDecodeError:
+        except (json.JSONDecodeError, RecursionError):
             raise DataError(f"{path}:{number}: not valid JSON") from None
     return rows
+
+
+def append_jsonl(path: Path, entries: list) -> None:
+    """Append one JSON line per entry to a cache file (created if missing; see _own_file); a full
+    disk or a read-only folder is a DataError naming the file."""
+    descriptor = _own_file(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
+    try:
+        with os.fdopen(descriptor, "a", encoding="utf-8", closefd=False) as handle:
+            handle.writelines(json.dumps(entry) + "\n" for entry in entries)
+    except OSError as exc:
+        raise DataError(f"{path}: cannot write the cache file: {exc.strerror or exc}") from None
+    finally:
+        os.close(descriptor)
 
 
 def text_fields(path: Path, limit: int | None = None) -> list[str]:

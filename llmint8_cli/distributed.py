@@ -11,6 +11,7 @@ and a non-zero exit instead of a hang.
 from __future__ import annotations
 
 import datetime
+import math
 import os
 import re
 from collections.abc import Callable
@@ -29,12 +30,24 @@ class RankFailedError(LLMInt8Error):
     """A collective did not complete: another process of the run ended or stopped answering."""
 
 
+def _count(name: str, default: int, least: int) -> int:
+    """An integer that torchrun sets in the environment, or a one-line error naming the variable."""
+    raw = os.environ.get(name, str(default))
+    try:
+        value = int(raw)
+    except ValueError:
+        value = least - 1
+    if value < least:
+        raise LLMInt8Error(f"{name} must be an integer of at least {least} (torchrun sets it), got {raw!r:.40}")
+    return value
+
+
 def world_size() -> int:
-    return int(os.environ.get("WORLD_SIZE", "1"))
+    return _count("WORLD_SIZE", 1, 1)
 
 
 def rank() -> int:
-    return int(os.environ.get("RANK", "0"))
+    return _count("RANK", 0, 0)
 
 
 def is_main() -> bool:
@@ -50,7 +63,9 @@ def timeout() -> datetime.timedelta:
     try:
         seconds = float(raw)
     except ValueError:
-        raise LLMInt8Error(f"LLMINT8_DIST_TIMEOUT must be a number of seconds, got {raw!r}") from None
+        seconds = math.nan
+    if not 0 < seconds < 10**9:  # NaN and infinity too: timedelta cannot hold them
+        raise LLMInt8Error(f"LLMINT8_DIST_TIMEOUT must be a number of seconds above 0, got {raw!r:.40}")
     return datetime.timedelta(seconds=seconds)
 
 
@@ -60,6 +75,8 @@ def start(device: torch.device) -> None:
         return
     if device.type == "cuda":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    if rank() >= world_size():
+        raise LLMInt8Error(f"RANK {rank()} is not below WORLD_SIZE {world_size()}: start a multi-process run with torchrun")
     missing = [name for name in ("MASTER_ADDR", "MASTER_PORT", "RANK") if name not in os.environ]
     if missing:
         raise LLMInt8Error(f"WORLD_SIZE={world_size()} but {', '.join(missing)} unset: start a multi-process run with torchrun (torchrun --nproc-per-node N -m llmint8_cli ...)")
@@ -91,6 +108,21 @@ def all_gather(value: T, what: str) -> list[T]:
     gathered = [None] * world_size()
     collective(lambda: torch.distributed.all_gather_object(gathered, value), what)
     return gathered
+
+
+def agree(parts: dict[str, str], advice: str = "") -> None:
+    """Refuse a run whose processes would combine results of different things: every rank must
+    hold the same `parts` ({what: a digest}, e.g. the windows of the text, the model, the methods),
+    else every rank ends with the same one-line error naming what differs, before any result is
+    gathered."""
+    if not active():
+        return
+    gathered = all_gather(parts, "comparing what each process evaluates")
+    for other, theirs in enumerate(gathered):
+        differing = [what for what in parts if theirs.get(what) != gathered[0].get(what)]
+        if differing:
+            raise LLMInt8Error(f"rank {other} of {world_size()} does not evaluate what rank 0 does: {' and '.join(differing)} differ"
+                               f"{f' ({advice})' if advice else ''}; every process must be started with the same data, model and options")
 
 
 def from_main(compute: Callable[[], T], what: str) -> T:

@@ -100,6 +100,29 @@ def fingerprint(source: ModelSource) -> str:
     return hashlib.sha256("\n".join(identity).encode()).hexdigest()[:12]
 
 
+SAMPLED_BYTES = 1 << 20
+
+
+def quick_identity(source: ModelSource) -> str:
+    """A short id of the model's files that costs milliseconds whatever their size: names, sizes,
+    small files (config, tokenizer, an llmint8 manifest, which holds every file's sha256) whole, and
+    the first and last MiB of large ones. What the processes of one run compare (distributed.agree)."""
+    digest = hashlib.sha256(source.kind.encode())
+    path = Path(source.location)
+    if source.kind == "hub":
+        digest.update(source.location.encode())
+        return digest.hexdigest()[:16]
+    for file in [path] if path.is_file() else sorted(p for p in path.iterdir() if p.is_file()):
+        size = file.stat().st_size
+        digest.update(f"\n{file.name}:{size}:".encode())
+        with file.open("rb") as handle:
+            digest.update(handle.read(SAMPLED_BYTES))
+            if size > 2 * SAMPLED_BYTES:
+                handle.seek(size - SAMPLED_BYTES)
+                digest.update(handle.read(SAMPLED_BYTES))
+    return digest.hexdigest()[:16]
+
+
 def looks_like_repo_id(spec: str) -> bool:
     parts = spec.split("/")
     return len(parts) == 2 and all(parts) and not spec.startswith((".", "~")) and not spec.endswith((".gguf", ".safetensors", ".bin"))

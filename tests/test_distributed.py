@@ -115,3 +115,45 @@ def test_two_processes_give_the_zero_shot_figures_of_one(tmp_path):
     assert two["processes"] == 2 and two["tasks"] == one["tasks"]
     assert "acc" in one["tasks"]["piqa"]["llm.int8"]["delta_stderr"] and one["tasks"]["lambada"]["fp16"]["perplexity_stderr"] > 0  # compared above
     assert len(list((tmp_path / "2").rglob("*.rank1.jsonl"))) == 2  # each process its own request cache per variant
+
+
+def two_ranks(args: list[str], data_dirs: tuple, extra_env: dict | None = None) -> list[subprocess.CompletedProcess]:
+    """Two processes of one run started by hand (as torchrun starts them), each with its own LLMINT8_DATA_DIR."""
+    base = environment(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), WORLD_SIZE="2", LLMINT8_DIST_TIMEOUT="60", **(extra_env or {}))
+    processes = [subprocess.Popen([sys.executable, "-m", "llmint8_cli", *args], env={**base, "RANK": str(r), "LOCAL_RANK": str(r), "LLMINT8_DATA_DIR": str(data_dirs[r])},
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in range(2)]
+    outputs = [p.communicate(timeout=300) for p in processes]
+    return [subprocess.CompletedProcess(p.args, p.returncode, *output) for p, output in zip(processes, outputs)]
+
+
+@pytest.mark.parametrize("command", ["eval-ppl", "eval-zeroshot"])
+def test_ranks_that_read_different_data_are_refused_before_anything_is_summed(model_and_texts, tmp_path, command):
+    """Rank 1's NLLs (or answers) of another text were once summed in silently: now every rank
+    ends with one line naming what differs, exit 2, and nothing on stdout."""
+    model, text, _ = model_and_texts
+    folders = (tmp_path / "a", tmp_path / "b")
+    for number, folder in enumerate(folders):
+        (folder / "ptb").mkdir(parents=True)
+        (folder / "ptb" / "ptb.test.txt").write_text(text.read_text() if number == 0 else text.read_text().replace("girl", "boy"))
+        (folder / "piqa").mkdir()
+        rows = [{"goal": f"Open jar {i}{' now' * number}", "sol1": "Twist.", "sol2": "Paint.", "label": i % 2} for i in range(4)]
+        (folder / "piqa" / "validation.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    args = {"eval-ppl": ["--dataset", "ptb", "--seq-len", "48"], "eval-zeroshot": ["--tasks", "piqa"]}[command]
+    done = two_ranks([command, str(model), *args, "--methods", "llm.int8", "--calib-samples", "0", "-q"], folders)
+    what = {"eval-ppl": "the text's windows differ", "eval-zeroshot": "the task data differ"}[command]
+    for process in done:
+        assert process.returncode == 2 and process.stdout == "", process.stderr[-2000:]
+        assert process.stderr.strip().splitlines() == [next(line for line in process.stderr.splitlines() if "rank 1 of 2 does not evaluate what rank 0 does" in line)]
+        assert what in process.stderr
+    same = two_ranks(["eval-ppl", str(model), "--dataset", "ptb", "--seq-len", "48", "--methods", "llm.int8", "--calib-samples", "0", "-q"], (folders[0], folders[0]))
+    assert [p.returncode for p in same] == [0, 0] and json.loads(same[0].stdout)["processes"] == 2
+
+
+@pytest.mark.parametrize(("name", "value"), [("LLMINT8_DIST_TIMEOUT", "nan"), ("LLMINT8_DIST_TIMEOUT", "inf"), ("RANK", "one"), ("WORLD_SIZE", "2.5"),
+                                             ("RANK", "7")])
+def test_distributed_settings_out_of_their_domain_are_one_line(model_and_texts, name, value):
+    model, text, _ = model_and_texts
+    env = {**environment(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), WORLD_SIZE="2", RANK="0"), name: value}
+    done = subprocess.run([sys.executable, "-m", "llmint8_cli", "eval-ppl", str(model), "--dataset", str(text), "--seq-len", "48", "--calib-samples", "0", "-q"],
+                          capture_output=True, text=True, env=env, timeout=120)
+    assert done.returncode == 2 and len(done.stderr.strip().splitlines()) == 1 and name in done.stderr, done.stderr[-2000:]

@@ -602,3 +602,46 @@ def test_messages_name_real_sizes_and_files(tmp_path):
     assert [human_size(n) for n in (0, 812, 410_409, 13 << 30)] == ["0 B", "812 B", "400.8 KiB", "13.0 GiB"]
     with pytest.raises(DataError, match="^notes.txt has 5 tokens, shorter than one window of 10$"):
         make_windows(list(range(5)), 10, source="notes.txt")
+
+
+# -- cache files are ours ------------------------------------------------------------------------
+
+
+def cached_run(tmp_path: Path, command: str):
+    """A first run that fills a cache, and the arguments to run it again."""
+    model = tiny_task_model(tmp_path / "model")
+    (tmp_path / "text.txt").write_text("Once upon a time there was a cat. " * 20)
+    (tmp_path / "data" / "piqa").mkdir(parents=True)
+    (tmp_path / "data" / "piqa" / "validation.jsonl").write_text("".join(json.dumps(row) + "\n" for row in PIQA_ROWS))
+    extra = {"eval-ppl": ["--dataset", tmp_path / "text.txt", "--seq-len", "16"], "eval-zeroshot": ["--tasks", "piqa", "--data-dir", tmp_path / "data"]}[command]
+    args = [command, model, *extra, "--methods", "fp16", "--cache-dir", tmp_path / "cache", "-q"]
+    first = run(*args)
+    assert first.exit_code == 0, first.stderr
+    return args, next((tmp_path / "cache").rglob("*.jsonl"))
+
+
+@pytest.mark.parametrize("command", ["eval-ppl", "eval-zeroshot"])
+@pytest.mark.parametrize("kind", ["symlink", "hard link", "folder"])
+def test_a_cache_file_that_is_not_ours_is_refused_and_the_users_file_is_untouched(tmp_path, command, kind):
+    """A cache file linked to a user's file was cut to its complete lines through the link."""
+    args, cache = cached_run(tmp_path, command)
+    mine = tmp_path / "notes.txt"
+    mine.write_text("my notes\nhalf a line")
+    cache.unlink()
+    {"symlink": lambda: cache.symlink_to(mine), "hard link": lambda: os.link(mine, cache), "folder": cache.mkdir}[kind]()
+    result = run(*args)
+    assert_one_line_error(result, f"{cache}: cannot use it as a cache file")
+    assert mine.read_text() == "my notes\nhalf a line"
+
+
+def test_a_full_disk_under_the_cache_is_one_line(tmp_path, monkeypatch):
+    import errno
+
+    args, cache = cached_run(tmp_path, "eval-ppl")
+    cache.unlink()
+
+    def full(descriptor, *rest, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr("llmint8_cli.data.os.fdopen", full)
+    assert_one_line_error(run(*args), f"{cache}: cannot write the cache file: No space left on device")

@@ -90,6 +90,8 @@ def eval_ppl(
         raise DataError(f"--seq-len {seq_len} is longer than the model's context ({limit} tokens)")
     ids, bos_id = tokenize(subject.tokenizer, text.text, bos)
     windows = make_windows(ids, seq_len, stride, bos_id, max_tokens, text.source)
+    distributed.agree({"the text's windows": windows.digest(), **variants.run_identity(subject, chosen, calibration)},
+                      "another --dataset, --data-dir or LLMINT8_DATA_DIR, tokenizer, --seq-len or --max-tokens?")
     results, baseline = {}, None
     with progress_bar(console) as bar:
         for name, network in subject.variants:

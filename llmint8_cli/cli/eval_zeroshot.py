@@ -62,6 +62,8 @@ def eval_zeroshot(
             subject = variants.subject(model, chosen, threshold, run_dtype, run_device, verify=not no_verify, calibration=calibration, placement=placed)
         for line in subject.warnings:
             warn(line)
+        distributed.agree({"the task data": zeroshot.data_digest(configs, task_names, limit, num_fewshot), **variants.run_identity(subject, chosen, calibration)},
+                          "another --data-dir or LLMINT8_DATA_DIR, --tasks, --limit or --num-fewshot?")
         results, per_document, seconds, caches, notes, placements = {}, {}, {}, {}, list(subject.notes), {}
         for name, network in subject.variants:
             console.print(f"[bold]{variants.shown_name(name, run_dtype)}[/]: {', '.join(names)}")

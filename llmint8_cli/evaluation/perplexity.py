@@ -14,7 +14,6 @@ Protocol (stated in every result):
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 import sys
 from collections.abc import Callable
@@ -25,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from llmint8_cli import distributed
-from llmint8_cli.data import read_appended_jsonl
+from llmint8_cli.data import append_jsonl, read_appended_jsonl
 from llmint8_cli.models import input_device
 from llmint8_cli.errors import DataError
 
@@ -136,8 +135,7 @@ class WindowCache:
         return done
 
     def append(self, nll: dict[int, float]) -> None:
-        with self.path.open("a") as handle:
-            handle.writelines(json.dumps({"window": i, "nll": v}) + "\n" for i, v in nll.items())
+        append_jsonl(self.path, [{"window": i, "nll": v} for i, v in nll.items()])
 
 
 @torch.inference_mode()

@@ -10,14 +10,13 @@ greedy flag a boolean, a generation a string; anything else is a one-line error 
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from collections.abc import Callable
 from pathlib import Path
 
 from llmint8_cli import distributed
-from llmint8_cli.data import read_appended_jsonl
+from llmint8_cli.data import append_jsonl, read_appended_jsonl
 from llmint8_cli.errors import DataError
 
 SUFFIX = ".jsonl"
@@ -80,8 +79,7 @@ class RequestCache:
     def add(self, kind: str, args, answer) -> None:
         entry = {"kind": kind, "key": self.key(kind, args), "answer": as_stored(answer)}
         check_line(self.path, len(self.answers) + 1, entry)  # never write what could not be read back
-        with self.path.open("a", encoding="utf-8") as handle:
-            handle.write(json.dumps(entry) + "\n")
+        append_jsonl(self.path, [entry])
         self.answers[entry["key"]] = entry["answer"]
 
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import atexit
 import copy
+import hashlib
+import json
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -269,6 +271,20 @@ def _streamed(spec: str, source: models.ModelSource, tokenizer, ordered: list[st
 
     result.variants = generate()
     return result
+
+
+def digest(value) -> str:
+    return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def run_identity(subject: Subject, methods: list[Method], calibration: QuantizeOptions | None) -> dict[str, str]:
+    """What the processes of a torchrun must agree on besides their data (distributed.agree): the
+    model's files (and a stored folder's 16-bit source), and the methods with the settings each
+    process applies (calibration itself runs on rank 0 alone, its columns shared)."""
+    sources = [subject.source, *([subject.baseline_source] if subject.baseline_source else [])]
+    applied = {} if calibration is None else {key: getattr(calibration, key) for key in ("smooth_alpha", "outlier_ratio")}  # by each process to rank 0's calibration
+    settings = {"methods": [m.name for m in methods], "thresholds": subject.thresholds, "rotation_block": subject.rotation_block, **applied}
+    return {"the model files": digest([models.quick_identity(source) for source in sources]), "the methods and their settings": digest(settings)}
 
 
 def calibration_line(subject: Subject) -> str:

@@ -8,6 +8,8 @@ a local JSON Lines file (layout of shared/data/README.md).
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
 import math
 import os
 import shutil
@@ -146,6 +148,17 @@ def write_local_configs(names: list[str], data_dir, folder: Path) -> Path:
         config["dataset_kwargs"]["cache_dir"] = str(folder / "datasets")
         (folder / f"{spec.builtin}_local.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
     return base
+
+
+def data_digest(folder: Path, task_names: dict[str, str], limit, num_fewshot: int) -> str:
+    """The documents a run evaluates: the task names, the limit and shots, and the copied local
+    files' contents (write_local_configs; none for the Hub's tasks)."""
+    digest = hashlib.sha256(json.dumps([task_names, limit, num_fewshot]).encode())
+    for path in sorted((folder / "data").rglob("*.jsonl")) if (folder / "data").is_dir() else []:
+        digest.update(path.relative_to(folder).as_posix().encode())
+        with path.open("rb") as handle:
+            digest.update(hashlib.file_digest(handle, "sha256").digest())
+    return digest.hexdigest()[:16]
 
 
 PATTERN_CHARACTERS = ("*", "?", "[", "]", "::", "://")  # what `datasets` reads as a glob or a URL in a data file's name
