@@ -9,6 +9,7 @@ import hashlib
 import importlib.util
 import json
 import os
+import re
 import socket
 from urllib.parse import urlparse
 from dataclasses import dataclass
@@ -16,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from llmint8_cli.checkpoint.format import config_block
+from llmint8_cli.checkpoint.format import QUANT_METHOD, config_block, refuse_lost_block
 from llmint8_cli.errors import ModelLoadError, one_line
 
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
@@ -178,7 +179,9 @@ def resolve(spec: str | os.PathLike) -> ModelSource:
 def check_quantization(folder: Path) -> None:
     """A folder quantized by another method is no 16-bit model: quantizing it again would be wrong."""
     block = config_block(folder)  # an unreadable config: transformers will say what is wrong with it
-    if block is None or block.get("quant_method") in (None, "llmint8"):
+    if block is None or block.get("quant_method") != QUANT_METHOD:
+        refuse_lost_block(folder, block)  # llmint8 tensors under a config that lost its block
+    if block is None or block.get("quant_method") in (None, QUANT_METHOD):
         return
     method = block["quant_method"]
     if method == "bitsandbytes" and block.get("load_in_8bit"):
@@ -294,6 +297,19 @@ def load_tokenizer(source: ModelSource):
     return _loaded(source, "cannot load the tokenizer", lambda trust: AutoTokenizer.from_pretrained(name, trust_remote_code=trust, **kwargs))
 
 
+LAYER_INDEX = re.compile(r"(?:^|\.)(?:layers|layer|h|blocks|blk)\.(\d+)\.")  # the decoder layer of a tensor name, as transformers and GGUF name them
+
+
+def check_layer_count(config, keys, where) -> None:
+    """A config that asks for more decoder layers than its weights hold is refused before
+    transformers builds them: a config of 10^6 layers would take hours to build, then fail."""
+    indices = [int(found.group(1)) for key in keys if (found := LAYER_INDEX.search(key))]
+    text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+    asked = getattr(text, "num_hidden_layers", None)
+    if indices and isinstance(asked, int) and asked > max(indices) + 1:
+        raise ModelLoadError(f"{where}: num_hidden_layers is {asked}, but the weights hold {max(indices) + 1} layers (does the config belong to these weights?)")
+
+
 def context_length(config) -> int | None:
     """The longest sequence a model's positions reach (None where its config does not say)."""
     for attr in ("max_position_embeddings", "n_positions", "max_sequence_length"):
@@ -329,7 +345,13 @@ def load_config(source: ModelSource):
     from transformers import AutoConfig
 
     name, kwargs = source.from_pretrained_args()
-    return _loaded(source, "unsupported or unreadable config", lambda trust: AutoConfig.from_pretrained(name, trust_remote_code=trust, **kwargs))
+    config = _loaded(source, "unsupported or unreadable config", lambda trust: AutoConfig.from_pretrained(name, trust_remote_code=trust, **kwargs))
+    if source.kind == "folder":  # before any caller builds the model it describes
+        from llmint8_cli.checkpoint.sources import read_header
+
+        keys = [key for file in sorted(Path(name).glob("*.safetensors")) for key in read_header(file)]
+        check_layer_count(config, keys, Path(name) / "config.json")
+    return config
 
 
 def load_model(source: ModelSource, dtype: torch.dtype | None = None, placement=None):

@@ -4,6 +4,7 @@ cache, tampered folders, impossible values read back, exit 2 (never a traceback)
 import json
 import os
 import pickle
+import re
 import shutil
 import signal
 import sqlite3
@@ -16,7 +17,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
-from conftest import DATA, ROOT, STORIES, needs_data, needs_stories, save_tiny, tiny_model
+from conftest import DATA, ROOT, STORIES, needs_data, needs_stories, save_tiny, tiny_model, tiny_tokenizer
 import llmint8_cli
 from llmint8_cli.checkpoint.manifest import MANIFEST, write_manifest
 from llmint8_cli.cli import app
@@ -217,8 +218,6 @@ def test_every_spelling_of_lm_evals_pickled_caches_is_refused_before_a_planted_p
 
 
 def tiny_task_model(folder: Path) -> Path:
-    from conftest import tiny_tokenizer
-
     save_tiny(tiny_model("llama"), folder)
     tiny_tokenizer().save_pretrained(folder)
     return folder
@@ -392,6 +391,10 @@ def test_manifest_names_outside_the_folder_are_refused_before_anything_is_hashed
         (lambda t, layer: t[f"{layer}.weight_scale"].fill_(float("nan")), "weight_scale: holds NaN"),
         (lambda t, layer: t.pop(f"{layer}.weight_scale"), "weight_scale missing"),
         (lambda t, layer: t.update({f"{layer}.weight": t[f"{layer}.weight"][:, :3].contiguous()}), "has shape"),
+        (lambda t, layer: t.update({f"{layer}.weight_scale": t[f"{layer}.weight_scale"].to(torch.int32)}), "weight_scale is torch.int32, the format stores torch.float32"),
+        (lambda t, layer: t.update({f"{layer}.outlier_weight": t[f"{layer}.outlier_weight"].to(torch.bfloat16)}),
+         "outlier_weight is torch.bfloat16, the format stores torch.float16 (the dtype quantization_config records)"),
+        ("dropped from the list", "belongs to a quantized layer that quantization_config does not list"),
     ],
 )
 def test_without_verification_impossible_values_are_still_refused(copy_of, monkeypatch, change, words):
@@ -399,11 +402,16 @@ def test_without_verification_impossible_values_are_still_refused(copy_of, monke
     from transformers import AutoModelForCausalLM
 
     folder = copy_of()
-    rewrite_tensors(folder, change)
-    with pytest.raises(CheckpointError, match=words):
+    if change == "dropped from the list":
+        config = json.loads((folder / "config.json").read_text())
+        config["quantization_config"]["quantized_modules"].pop(0)
+        (folder / "config.json").write_text(json.dumps(config))
+    else:
+        rewrite_tensors(folder, change)
+    with pytest.raises(CheckpointError, match=re.escape(words)):
         llmint8_cli.load(folder, verify_files=False)
     monkeypatch.setenv("LLMINT8_NO_VERIFY", "1")
-    with pytest.raises(CheckpointError, match=words):
+    with pytest.raises(CheckpointError, match=re.escape(words)):
         AutoModelForCausalLM.from_pretrained(folder)
 
 
@@ -645,3 +653,57 @@ def test_a_full_disk_under_the_cache_is_one_line(tmp_path, monkeypatch):
 
     monkeypatch.setattr("llmint8_cli.data.os.fdopen", full)
     assert_one_line_error(run(*args), f"{cache}: cannot write the cache file: No space left on device")
+
+
+# -- an llmint8 folder is what its tensors say -----------------------------------------------------
+
+
+def edited_config(folder: Path, change) -> Path:
+    """The folder's config changed and its manifest written again, as a careful tamperer would."""
+    config = json.loads((folder / "config.json").read_text())
+    change(config)
+    (folder / "config.json").write_text(json.dumps(config))
+    write_manifest(folder)
+    return folder
+
+
+@pytest.mark.parametrize("edit", ["block removed", "quant_method renamed"])
+def test_a_folder_whose_config_lost_its_block_is_recognised_by_its_tensors(copy_of, tmp_path, monkeypatch, edit):
+    """It loaded as a 16-bit model holding int8 values (exit 0) through every loader."""
+    from transformers import AutoModelForCausalLM
+
+    change = (lambda c: c.pop("quantization_config")) if edit == "block removed" else (lambda c: c["quantization_config"].update(quant_method="llmint9"))
+    folder = copy_of()
+    tiny_tokenizer().save_pretrained(folder)
+    edited_config(folder, change)
+    words = "the folder holds llmint8 tensors (int8 weights, weight_scale, outlier_idx) but its config has no quantization_config"
+    for loader in (llmint8_cli.load, AutoModelForCausalLM.from_pretrained):
+        with pytest.raises(CheckpointError, match=re.escape(words)):
+            loader(folder)
+    (tmp_path / "text.txt").write_text("Once upon a time there was a cat. " * 20)
+    assert_one_line_error(run("eval-ppl", folder, "--dataset", tmp_path / "text.txt", "--seq-len", "16", "-q"), words)
+    assert_one_line_error(run("generate", folder, "Once", "-q"), words)
+    (tmp_path / "data" / "piqa").mkdir(parents=True)
+    (tmp_path / "data" / "piqa" / "validation.jsonl").write_text("".join(json.dumps(row) + "\n" for row in PIQA_ROWS))
+    monkeypatch.setenv("LLMINT8_DATA_DIR", str(tmp_path / "data"))
+    result = run("lm-eval", "--model", "hf", "--model_args", f"pretrained={folder}", "--tasks", "piqa", "--limit", "1")
+    errors = [line for line in result.stderr.splitlines() if line.startswith("llmint8: error:")]
+    renamed = "Unknown quantization type, got llmint9"  # lm-eval's HFLM asks transformers for the block's type first, which refuses it
+    assert result.exit_code == 2 and len(errors) == 1 and (f"{folder / 'config.json'}: {words}" in errors[0] or renamed in errors[0]), result.stderr
+
+
+def test_a_config_with_a_million_layers_is_refused_before_it_is_built(tmp_path, int8_folder):
+    """transformers built every layer before any check (hours); the weights say how many there are."""
+    from transformers import AutoModelForCausalLM
+
+    src = edited_config(Path(shutil.copytree(int8_folder.parent / "src", tmp_path / "src")), lambda c: c.update(num_hidden_layers=10**6))
+    words = "num_hidden_layers is 1000000, but the weights hold 2 layers"
+    assert_one_line_error(run("quantize", src, tmp_path / "out", "--calib-samples", "0", "-q"), words)
+    assert not (tmp_path / "out").exists()
+    folder = edited_config(Path(shutil.copytree(int8_folder, tmp_path / "int8")), lambda c: c.update(num_hidden_layers=10**6))
+    for loader in (llmint8_cli.load, AutoModelForCausalLM.from_pretrained):
+        with pytest.raises(llmint8_cli.LLMInt8Error, match=words):
+            loader(folder)
+    tiny_tokenizer().save_pretrained(src)
+    (tmp_path / "text.txt").write_text("Once upon a time there was a cat. " * 20)
+    assert_one_line_error(run("eval-ppl", src, "--dataset", tmp_path / "text.txt", "--seq-len", "16", "--calib-samples", "0", "-q"), words)

@@ -11,6 +11,8 @@ LLMINT8_NO_VERIFY=1 skips the manifest check (the value checks always run).
 
 from __future__ import annotations
 
+import functools
+import sys
 import types
 from pathlib import Path
 
@@ -18,7 +20,7 @@ from transformers.quantizers.auto import AUTO_QUANTIZATION_CONFIG_MAPPING, AUTO_
 from transformers.quantizers.base import HfQuantizer
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
-from llmint8_cli.checkpoint.format import QUANT_METHOD, check_block
+from llmint8_cli.checkpoint.format import QUANT_METHOD, check_block, config_block, refuse_lost_block
 from llmint8_cli.checkpoint.manifest import verification_wanted, verify, write_manifest
 from llmint8_cli.errors import CheckpointError
 from llmint8_cli.nn.experts import unfuse_experts
@@ -106,5 +108,40 @@ def attach(model, block: dict) -> None:
     keep_saving_valid(model)
 
 
+def checked_before_building(get_hf_quantizer):
+    """transformers' `get_hf_quantizer`, the last step of `from_pretrained` before it builds the
+    model, followed by what must be refused before then: a local folder holding llmint8 tensors
+    whose config lost its block (it would load as a 16-bit model holding int8 values), and a config
+    that asks for more layers than the weights hold (a config of 10^6 layers builds for hours)."""
+    if getattr(get_hf_quantizer, "llmint8_checked", False):
+        return get_hf_quantizer
+
+    @functools.wraps(get_hf_quantizer)
+    def checked(config, *args, **kwargs):
+        from llmint8_cli import models
+        from llmint8_cli.checkpoint.sources import read_header
+
+        hf_quantizer, config, device_map = get_hf_quantizer(config, *args, **kwargs)
+        folder = Path(str(getattr(config, "name_or_path", "") or ""))
+        if str(folder) and folder.is_dir() and not kwargs.get("gguf_file"):  # a GGUF file's folder may hold anything beside it
+            if not isinstance(hf_quantizer, LLMInt8HfQuantizer):
+                refuse_lost_block(folder, config_block(folder))
+            keys = [key for file in sorted(folder.glob("*.safetensors")) for key in read_header(file)]
+            models.check_layer_count(config, keys, folder / "config.json")
+        return hf_quantizer, config, device_map
+
+    checked.llmint8_checked = True
+    return checked
+
+
+def install_checks() -> None:
+    """checked_before_building in place of transformers' own, where from_pretrained calls it."""
+    for name in ("transformers.quantizers.auto", "transformers.modeling_utils"):
+        module = sys.modules.get(name)
+        if module is not None and hasattr(module, "get_hf_quantizer"):
+            module.get_hf_quantizer = checked_before_building(module.get_hf_quantizer)
+
+
 AUTO_QUANTIZATION_CONFIG_MAPPING.setdefault(QUANT_METHOD, LLMInt8Config)
 AUTO_QUANTIZER_MAPPING.setdefault(QUANT_METHOD, LLMInt8HfQuantizer)
+install_checks()

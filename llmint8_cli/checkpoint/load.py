@@ -32,6 +32,12 @@ def install_shells(model, block: dict, stored: dict[str, tuple[tuple[int, ...], 
     check every tensor the model will read against the stored shapes: a missing or misshapen one
     is refused here, naming it, before any data is read."""
     modules = dict(quantizable_layers(model, block["skip_modules"]))
+    listed = set(block["quantized_modules"])
+    stray = next((key for key, (_, stored_dtype) in stored.items() if key.rpartition(".")[2] in Int8Linear.STORED_DTYPES and not stored_dtype.is_floating_point
+                  and key.rpartition(".")[0] not in listed), None)
+    if stray is not None:
+        raise CheckpointError(f"{where}: tensor {stray} ({stored[stray][1]}) belongs to a quantized layer that quantization_config does not list in quantized_modules")
+    sixteen_bit = getattr(torch, block["dtype"])
     for name in block["quantized_modules"]:
         if name not in modules:
             raise CheckpointError(f"{where}: quantized module {name} does not exist in the model built from config.json")
@@ -48,8 +54,10 @@ def install_shells(model, block: dict, stored: dict[str, tuple[tuple[int, ...], 
         for key, tensor in [*shell.named_buffers(), *shell.named_parameters()]:
             if f"{name}.{key}" not in stored:
                 raise CheckpointError(f"{where}: tensor {name}.{key} missing from the checkpoint")
-            if not tensor.is_floating_point() and stored[f"{name}.{key}"][1] != tensor.dtype:
-                raise CheckpointError(f"{where}: tensor {name}.{key} is {stored[f'{name}.{key}'][1]}, the format stores {tensor.dtype}")
+            expected = Int8Linear.STORED_DTYPES.get(key, sixteen_bit)
+            if stored[f"{name}.{key}"][1] != expected:
+                raise CheckpointError(f"{where}: tensor {name}.{key} is {stored[f'{name}.{key}'][1]}, the format stores {expected}"
+                                      f"{'' if key in Int8Linear.STORED_DTYPES else ' (the dtype quantization_config records)'}")
     tied = getattr(model, "all_tied_weights_keys", None) or {}  # {alias: the tensor stored once}
     missing = [key for key, _ in model.named_parameters() if key not in stored and key not in tied]  # buffers: transformers may rebuild them
     if missing:

@@ -367,6 +367,7 @@ def quantize_checkpoint(src: str, out: str | os.PathLike, options: QuantizeOptio
     else:
         config = models.load_config(source)
         raw = open_folder(Path(source.location))
+        models.check_layer_count(config, raw.keys(), Path(source.location) / "config.json")
         src_dtype = source_dtype(raw, config)
         model = empty_model(config, torch.float32, Path(source.location) / "config.json")
         streaming = True

@@ -52,8 +52,14 @@ def refuse_pickled_caches(config) -> None:
 
 
 def never_unpickled(*args, **kwargs):
-    """Stands in for lm-eval's readers of pickled caches, should any path reach one unchecked."""
+    """Stands in for lm-eval's CachingLM, should any path reach it unchecked."""
     raise InvalidArgumentError(f"lm-eval tried to read a pickled cache, {PICKLES}; refused")
+
+
+def no_request_cache(file_name: str, cache: bool = False):
+    """Stands in for lm-eval's load_from_cache, which every task calls: nothing cached, unless asked to read one."""
+    if cache:
+        never_unpickled()
 
 
 @contextlib.contextmanager
@@ -70,7 +76,7 @@ def without_pickled_caches():
         return config
 
     with (mock.patch.object(EvaluatorConfig, "from_cli", classmethod(checked)), mock.patch("lm_eval.api.model.CachingLM", never_unpickled),
-          mock.patch("lm_eval.api.task.load_from_cache", never_unpickled)):
+          mock.patch("lm_eval.api.task.load_from_cache", no_request_cache)):
         yield
 
 

@@ -23,6 +23,9 @@ class Int8Linear(nn.Module):
     rebuilt whenever the buffers move or are replaced.
     """
 
+    # The dtype each tensor has in a checkpoint; the others (outlier_weight, bias) are the checkpoint's 16-bit dtype.
+    STORED_DTYPES = {"weight": torch.int8, "weight_scale": torch.float32, "weight_zero": torch.int32, "outlier_idx": torch.int32, "input_smooth": torch.float32}
+
     def __init__(
         self,
         in_features: int,
