@@ -171,16 +171,16 @@ def test_stale_cleanup_spares_live_writers_and_foreign_folders(tmp_path):
     live = output.make_temporary(out)  # this process: alive
     gone = tmp_path / f".out.tmp-999999999-1-{'ab' * 4}"  # a pid beyond pid_max: gone
     gone.mkdir()
-    (gone / PARTIAL_MARKER).write_text("")
+    (gone / PARTIAL_MARKER).write_text(output.marker_text("tmp", gone.name))
     reused = tmp_path / f".out.tmp-{os.getpid()}-1-{'cd' * 4}"  # our pid, another start time: gone
     reused.mkdir()
-    (reused / PARTIAL_MARKER).write_text("")
+    (reused / PARTIAL_MARKER).write_text(output.marker_text("tmp", reused.name))
     foreign = tmp_path / f".out.tmp-999999999-1-{'ef' * 4}"  # our name pattern, but no marker: not ours
     foreign.mkdir()
     (foreign / "data.bin").write_bytes(b"x")
     other_out = tmp_path / f".other.tmp-999999999-1-{'ab' * 4}"
     other_out.mkdir()
-    (other_out / PARTIAL_MARKER).write_text("")
+    (other_out / PARTIAL_MARKER).write_text(output.marker_text("tmp", other_out.name))
     removed = output.remove_stale(out)
     expected = [gone, reused] if output._process_start(os.getpid()) else [gone]
     assert sorted(removed) == sorted(expected)

@@ -105,7 +105,39 @@ def test_an_old_output_set_aside_by_a_writer_that_died_is_put_back(tmp_path, int
     out = tmp_path / "out"
     set_aside = tmp_path / f".out.old-999999999-1-{'ab' * 4}"  # a pid beyond pid_max: its writer is gone
     shutil.copytree(int8_folder, set_aside)
+    (set_aside / ".llmint8-set-aside").write_text(output.marker_text("old", set_aside.name))  # as install() marks it
     assert output.remove_stale(out) == [] and tree(out) == tree(int8_folder) and not set_aside.exists()
+
+
+@pytest.mark.parametrize("marker", [None, "another folder's", "a partial one"])
+def test_a_users_folder_named_like_our_working_folders_is_left_alone(tmp_path, int8_folder, marker):
+    """Named `.OUT.old-<pid>-<start>-<hex>` (or `.tmp-`) by a user, it was renamed onto OUT or removed."""
+    from llmint8_cli.checkpoint import output
+
+    out = tmp_path / "out"
+    for kind in ("old", "tmp"):
+        mine = tmp_path / f".out.{kind}-999999999-1-{'cd' * 4}"
+        shutil.copytree(int8_folder, mine)
+        name = {"old": ".llmint8-set-aside", "tmp": ".llmint8-partial"}[kind]
+        if marker == "another folder's":
+            (mine / name).write_text(output.marker_text(kind, f".out.{kind}-1-1-{'ef' * 4}"))
+        elif marker == "a partial one":
+            (mine / name).write_text("llmint8")
+    before = tree(tmp_path)
+    assert output.remove_stale(out) == [] and not out.exists() and tree(tmp_path) == before
+
+
+def test_force_never_replaces_a_folder_whose_forged_manifest_lists_a_users_files(tmp_path, int8_folder):
+    """Every file listed with its true hash, but no llmint8 output: no config with our block, no weights."""
+    project = tmp_path / "proj"
+    project.mkdir()
+    (project / "main.py").write_text("code")
+    (project / "config.json").write_text('{"name": "my project"}')
+    write_manifest(project)
+    before = tree(project)
+    result = run("quantize", int8_folder.parent / "src", project, "--force", "--calib-samples", "0", "-q")
+    assert_one_line_error(result, "not an llmint8 output that --force may replace")
+    assert "no quantization_config of an llmint8 output" in result.stderr and tree(project) == before
 
 
 def test_a_legal_240_character_output_name_is_written(tmp_path, int8_folder):

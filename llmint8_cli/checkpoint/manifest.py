@@ -22,6 +22,7 @@ from llmint8_cli.errors import CheckpointError
 
 MANIFEST = "llmint8_manifest.json"
 PARTIAL_MARKER = ".llmint8-partial"  # present while a folder is being written; never in the manifest
+SET_ASIDE_MARKER = ".llmint8-set-aside"  # in an earlier output moved aside while its replacement takes its place
 MANIFEST_VERSION = 1
 SHA256 = re.compile(r"[0-9a-f]{64}")
 NO_VERIFY_ENV = "LLMINT8_NO_VERIFY"  # from_pretrained's escape: it takes no llmint8 argument
@@ -105,10 +106,11 @@ def verify(folder: Path) -> None:
             raise CheckpointError(f"{path}: size or sha256 does not match the manifest (corrupted or modified); {NO_VERIFY_HINT}")
 
 
-def foreign_entry(folder: Path) -> str | None:
-    """The first entry of `folder` that is not a file its manifest lists unchanged (None: all ours,
-    or the folder is empty), with why: `--force` may remove a folder only when this is None."""
-    entries = sorted(folder.iterdir(), key=lambda path: (path.name == MANIFEST, path.name))  # a user's own entry named first
+def foreign_entry(folder: Path, ignored: tuple[str, ...] = ()) -> str | None:
+    """The first entry of `folder` (but `ignored` names) that is not a file its manifest lists
+    unchanged (None: all ours, or the folder is empty), with why: `--force` may remove a folder
+    only when this is None."""
+    entries = sorted((p for p in folder.iterdir() if p.name not in ignored), key=lambda path: (path.name == MANIFEST, path.name))  # a user's own entry named first
     if not entries:
         return None
     try:

@@ -16,13 +16,15 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import os
 import re
 import secrets
 import shutil
 from pathlib import Path
 
-from llmint8_cli.checkpoint.manifest import MANIFEST, PARTIAL_MARKER, foreign_entry
+from llmint8_cli.checkpoint.format import QUANT_METHOD, check_block, config_block
+from llmint8_cli.checkpoint.manifest import MANIFEST, PARTIAL_MARKER, SET_ASIDE_MARKER, foreign_entry
 from llmint8_cli.errors import CheckpointError, InvalidArgumentError, OutputExistsError
 
 _WORKING = re.compile(r"\.(?P<name>.+)\.(?P<kind>tmp|old)-(?P<pid>\d+)-(?P<start>\d+)-[0-9a-f]{8}")
@@ -88,6 +90,32 @@ def _overlap(a: Path, b: Path) -> bool:
     return a == b or a in b.parents or b in a.parents
 
 
+def not_whole_output(folder: Path) -> str | None:
+    """Why a folder whose entries its manifest lists is still no output of ours (None: it is one):
+    an output has a config.json with llmint8's block (or the bitsandbytes 8-bit block `export`
+    writes) and the weights it loads, model.safetensors or an index with every shard it names. A
+    manifest alone can be written by anyone over anything."""
+    config = folder / "config.json"
+    block = config_block(folder)
+    if block is None or block.get("quant_method") not in (QUANT_METHOD, "bitsandbytes"):
+        return f"{config} (no quantization_config of an llmint8 output)"
+    if block["quant_method"] == QUANT_METHOD:
+        try:
+            check_block(config, block)
+        except CheckpointError as exc:
+            return f"{config} (an invalid llmint8 block: {exc})"
+    elif not block.get("load_in_8bit"):
+        return f"{config} (not the bitsandbytes 8-bit block llmint8 export writes)"
+    if (folder / "model.safetensors").is_file():
+        return None
+    try:
+        shards = set(json.loads((folder / "model.safetensors.index.json").read_text())["weight_map"].values())
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return f"{folder} (no model.safetensors, nor an index of its shards)"
+    missing = sorted(name for name in shards if not (isinstance(name, str) and (folder / name).is_file()))
+    return f"{folder} (the index names shard {missing[0]!r}, which is not there)" if missing else None
+
+
 def check_output(out: Path, source_path: Path | None, force: bool) -> Path:
     """Refuse an OUT that would lose or modify data; returns OUT's real path (where to write).
 
@@ -105,7 +133,7 @@ def check_output(out: Path, source_path: Path | None, force: bool) -> Path:
         raise OutputExistsError(f"{out} exists already; pass --force to replace an earlier llmint8 output")
     if not real.is_dir():
         raise OutputExistsError(f"{out} exists and is not a folder; --force replaces only an earlier llmint8 output")
-    foreign = foreign_entry(real)
+    foreign = foreign_entry(real) or (not_whole_output(real) if any(real.iterdir()) else None)
     if foreign is not None:
         raise OutputExistsError(f"{out} is not an llmint8 output that --force may replace (only those, or an empty folder): {foreign}; nothing was changed")
     return real
@@ -127,14 +155,33 @@ def remove_stale(out: Path) -> list[Path]:
         match = _WORKING.fullmatch(path.name)
         if not match or match["name"] != _tag(out.name) or path.is_symlink() or not path.is_dir():
             continue
-        if _writer_alive(int(match["pid"]), int(match["start"])):
+        if _writer_alive(int(match["pid"]), int(match["start"])) or not _left_by_us(path, match):
             continue
         if match["kind"] == "old" and not os.path.lexists(out):
             path.rename(out)
-        elif (path / PARTIAL_MARKER).is_file() if match["kind"] == "tmp" else foreign_entry(path) is None:
+            (out / SET_ASIDE_MARKER).unlink()
+        else:
             shutil.rmtree(path, ignore_errors=True)
             removed.append(path)
     return removed
+
+
+def marker_text(kind: str, name: str) -> str:
+    """What our marker in a working folder says: its kind and the folder's own name, so that a
+    user's folder named like ours is never taken for one (a copied marker names another folder)."""
+    what = "an incomplete output, removed by the next run" if kind == "tmp" else "an earlier output set aside while its replacement takes its place"
+    return f"llmint8: {name}: {what}\n"
+
+
+def _left_by_us(path: Path, match) -> bool:
+    """A working folder that our own marker names, and (an earlier output) whole and unchanged."""
+    marker = path / (PARTIAL_MARKER if match["kind"] == "tmp" else SET_ASIDE_MARKER)
+    try:
+        if marker.is_symlink() or marker.read_text() != marker_text(match["kind"], path.name):
+            return False
+    except (OSError, UnicodeDecodeError):
+        return False
+    return match["kind"] == "tmp" or (foreign_entry(path, (SET_ASIDE_MARKER,)) is None and not_whole_output(path) is None)
 
 
 def _working_name(out: Path, kind: str) -> Path:
@@ -148,7 +195,7 @@ def make_temporary(out: Path) -> Path:
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp.mkdir()
-        (tmp / PARTIAL_MARKER).write_text(f"llmint8 quantize, pid {os.getpid()}: an incomplete output, removed by the next run\n")
+        (tmp / PARTIAL_MARKER).write_text(marker_text("tmp", tmp.name))
     except OSError as exc:
         shutil.rmtree(tmp, ignore_errors=True)
         raise CheckpointError(f"cannot write to {out.parent}: {exc.strerror or exc}") from None
@@ -170,14 +217,21 @@ def install(tmp: Path, out: Path, force: bool) -> None:
     OUT is checked again here: another run may have written it while this one worked.
     """
     (tmp / PARTIAL_MARKER).unlink()
-    old = None
-    if os.path.lexists(out):
-        check_output(out, None, force)
-        old = _working_name(out, "old")
-        out.rename(old)
-    tmp.rename(out)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+    if not os.path.lexists(out):
+        tmp.rename(out)
+        return
+    check_output(out, None, force)
+    old = _working_name(out, "old")
+    out.rename(old)
+    try:
+        (old / SET_ASIDE_MARKER).write_text(marker_text("old", old.name))  # what lets a later run put it back, were this one to die now
+        tmp.rename(out)
+    except BaseException:
+        if not os.path.lexists(out):
+            old.rename(out)
+            (out / SET_ASIDE_MARKER).unlink(missing_ok=True)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
 
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf", ".pt", ".pth", ".ckpt", ".h5", ".msgpack")
