@@ -53,8 +53,37 @@ def _local(relative: str, data_dir) -> Path | None:
     return None
 
 
+MAX_TEXT_BYTES = 1 << 30  # an evaluation or calibration text; past this, tokenizers abort the process
+
+
+def checked_size(path: Path) -> None:
+    """A text file llmint8 reads whole must be a readable file of at most MAX_TEXT_BYTES."""
+    try:
+        size = path.stat().st_size
+    except OSError as exc:
+        raise DataError(f"{path}: cannot read it ({exc.strerror or exc})") from None
+    if size > MAX_TEXT_BYTES:
+        raise DataError(f"{path}: {size / 2**30:.1f} GiB, more text than llmint8 reads (1 GiB); cut the file (--max-tokens uses only its start)")
+
+
+def read_text(path: Path) -> str:
+    """A whole UTF-8 text file (size, readability, encoding and NUL bytes checked: a binary file is
+    one line naming it, never a tokenizer that aborts the process)."""
+    checked_size(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise DataError(f"{path}: not a UTF-8 text file") from None
+    except OSError as exc:
+        raise DataError(f"{path}: cannot read it ({exc.strerror or exc})") from None
+    if "\0" in text:
+        raise DataError(f"{path}: holds NUL bytes, so it is not a text file")
+    return text
+
+
 def read_jsonl(path: Path, limit: int | None = None) -> list[tuple[int, object]]:
     """(line number, parsed value) of each non-blank line; a bad line is a DataError naming it."""
+    checked_size(path)
     rows = []
     try:
         with path.open(encoding="utf-8") as handle:
@@ -63,12 +92,14 @@ def read_jsonl(path: Path, limit: int | None = None) -> list[tuple[int, object]]
                     continue
                 try:
                     rows.append((number, json.loads(line)))
-                except json.JSONDecodeError:
+                except (json.JSONDecodeError, RecursionError):
                     raise DataError(f"{path}:{number}: not valid JSON") from None
                 if limit is not None and len(rows) >= limit:
                     break
     except UnicodeDecodeError:
         raise DataError(f"{path}: not a UTF-8 text file") from None
+    except OSError as exc:
+        raise DataError(f"{path}: cannot read it ({exc.strerror or exc})") from None
     return rows
 
 
@@ -162,7 +193,7 @@ def wikitext2(data_dir=None) -> Text:
     relative = "wikitext-2-raw/wiki.test.raw"
     path = _local(relative, data_dir)
     if path is not None:
-        raw = path.read_text(encoding="utf-8")
+        raw = read_text(path)
         rows = [line + "\n" if line.strip() else "" for line in raw.split("\n")[:-1]]
         return Text("wikitext2", "\n\n".join(rows), str(path))
     rows = _hub("wikitext", "wikitext-2-raw-v1", "test", "text", "WikiText-2", relative)
@@ -173,7 +204,7 @@ def ptb(data_dir=None) -> Text:
     relative = "ptb/ptb.test.txt"
     path = _local(relative, data_dir)
     if path is not None:
-        sentences = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
+        sentences = [line.strip() for line in read_text(path).splitlines()]
         return Text("ptb", " ".join(sentences), str(path))
     sentences = _hub("ptb_text_only", "penn_treebank", "test", "sentence", "PTB", relative)
     return Text("ptb", " ".join(sentences), "hf:ptb_text_only:test")
@@ -195,14 +226,7 @@ def c4(data_dir=None) -> Text:
 
 
 def from_path(path: Path) -> Text:
-    if path.suffix == ".jsonl":
-        text = "\n\n".join(text_fields(path))
-    else:
-        try:
-            text = path.read_text(encoding="utf-8")
-        except UnicodeDecodeError:
-            raise DataError(f"{path}: not a UTF-8 text file") from None
-    return Text(path.name, text, str(path))
+    return Text(path.name, "\n\n".join(text_fields(path)) if path.suffix == ".jsonl" else read_text(path), str(path))
 
 
 DATASETS = {"wikitext2": wikitext2, "ptb": ptb, "c4": c4}
@@ -236,7 +260,7 @@ def calibration_text(dataset: str, data_dir=None) -> Text:
         return load_text(dataset, data_dir)
     path = _local("wikitext-2-raw/wiki.train.raw", data_dir)
     if path is not None:
-        return Text("wikitext2-train", path.read_text(encoding="utf-8"), str(path))
+        return Text("wikitext2-train", read_text(path), str(path))
     try:
         rows = _hub("wikitext", "wikitext-2-raw-v1", "train", "text", "WikiText-2 train", "wikitext-2-raw/wiki.train.raw")
         return Text("wikitext2-train", "\n\n".join(rows), "hf:wikitext/wikitext-2-raw-v1:train")

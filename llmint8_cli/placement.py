@@ -11,6 +11,7 @@ then what transformers loads with, and what the commands print and record.
 from __future__ import annotations
 
 import json
+import tempfile
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -125,11 +126,13 @@ def parse_max_memory(text: str) -> dict:
 
 def parse_explicit(text: str) -> dict:
     path = Path(text)
-    source = path.read_text() if text.endswith(".json") and path.is_file() else text
     try:
+        source = path.read_text(encoding="utf-8") if text.endswith(".json") and path.is_file() else text
         mapping = json.loads(source)
-    except json.JSONDecodeError:
+    except (ValueError, RecursionError):  # not JSON, not UTF-8, nested past Python's stack
         raise InvalidArgumentError(f"--device-map must be one of {', '.join(STRATEGIES)}, a JSON object or a .json file; got {text[:60]!r}") from None
+    except OSError as exc:
+        raise InvalidArgumentError(f"--device-map {text}: cannot read it ({exc.strerror or exc})") from None
     if not isinstance(mapping, dict) or not mapping or not all(isinstance(key, str) for key in mapping):
         raise InvalidArgumentError("--device-map: the JSON must be an object of module name -> device")
     return {key: parse_device(device, "--device-map") for key, device in mapping.items()}
@@ -141,10 +144,26 @@ def parse(device_map: str | None, max_memory: str | None, offload_folder: str | 
         if max_memory is not None or offload_folder is not None:
             raise InvalidArgumentError(f"{'--max-memory' if max_memory is not None else '--offload-folder'} places a model with --device-map; give one (e.g. --device-map auto)")
         return None
-    if offload_folder is not None and Path(offload_folder).exists() and not Path(offload_folder).is_dir():
-        raise InvalidArgumentError(f"--offload-folder {offload_folder}: not a folder")
+    if offload_folder is not None:
+        check_writable_folder(Path(offload_folder), "--offload-folder")
     explicit = None if device_map in STRATEGIES else parse_explicit(device_map)
     return Placement(None if explicit else device_map, explicit, parse_max_memory(max_memory) if max_memory is not None else None, offload_folder)
+
+
+def check_writable_folder(folder: Path, option: str) -> None:
+    """A folder llmint8 will write into, tried now with a temporary file (in its nearest existing
+    parent where it is not made yet, so nothing is left behind): a read-only one is one line
+    here, not an error from accelerate after the model was read."""
+    if folder.exists() and not folder.is_dir():
+        raise InvalidArgumentError(f"{option} {folder}: not a folder")
+    existing = next(p for p in (folder.absolute(), *folder.absolute().parents) if p.exists())
+    try:
+        if not existing.is_dir():
+            raise NotADirectoryError(20, f"{existing} is not a folder")
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as exc:
+        raise InvalidArgumentError(f"{option} {folder}: cannot write there ({exc.strerror or exc})") from None
 
 
 def main_device(device_map: dict) -> torch.device:

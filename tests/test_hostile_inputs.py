@@ -739,3 +739,149 @@ def test_a_config_with_a_million_layers_is_refused_before_it_is_built(tmp_path, 
     tiny_tokenizer().save_pretrained(src)
     (tmp_path / "text.txt").write_text("Once upon a time there was a cat. " * 20)
     assert_one_line_error(run("eval-ppl", src, "--dataset", tmp_path / "text.txt", "--seq-len", "16", "--calib-samples", "0", "-q"), words)
+
+
+# -- bounded resources, and exit 2 where exit 1 was ----------------------------------------------
+
+
+def overlapping_header(src: Path) -> None:
+    """Two tensors of one size made to share their bytes in the safetensors header."""
+    import struct
+
+    raw = (src / "model.safetensors").read_bytes()
+    (length,) = struct.unpack("<Q", raw[:8])
+    header = json.loads(raw[8 : 8 + length])
+    first, second = [key for key in header if key.endswith("input_layernorm.weight")][:2]
+    header[second]["data_offsets"] = header[first]["data_offsets"]
+    text = json.dumps(header, separators=(",", ":")).encode()
+    assert len(text) <= length
+    text += b" " * (length - len(text))
+    (src / "model.safetensors").write_bytes(raw[:8] + text + raw[8 + length :])
+
+
+@pytest.mark.parametrize(("damage", "words"), [
+    (overlapping_header, "overlap"),
+    (lambda src: (src / "model.safetensors.index.json").write_text('{"weight_map": ["model.safetensors"]}'), "\"weight_map\" must be an object"),
+    (lambda src: (src / "model.safetensors.index.json").write_text('{"weight_map": {"x": "../../etc/passwd"}}'), "\"weight_map\" must be an object"),
+])
+def test_a_damaged_safetensors_source_is_one_line(tmp_path, int8_folder, damage, words):
+    src = Path(shutil.copytree(int8_folder.parent / "src", tmp_path / "src"))
+    damage(src)
+    assert_one_line_error(run("quantize", src, tmp_path / "out", "--calib-samples", "0", "-q"), words)
+    assert not (tmp_path / "out").exists()
+
+
+def test_more_calibration_windows_than_the_text_holds_is_refused_at_once(tmp_path, int8_folder):
+    """--calib-samples 1000000000 calibrated over the whole text for hours."""
+    src = Path(shutil.copytree(int8_folder.parent / "src", tmp_path / "src"))
+    tiny_tokenizer().save_pretrained(src)
+    (tmp_path / "calib.txt").write_text("Once upon a time there was a cat. " * 40)
+    result = run("quantize", src, tmp_path / "out", "--calib-samples", "1000000000", "--calib-seq-len", "64", "--calib-dataset", tmp_path / "calib.txt", "-q")
+    assert_one_line_error(result, "--calib-samples 1000000000: the calibration text")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["calib.txt", "src"]
+
+
+def test_bench_past_the_context_is_refused_before_any_timing(tmp_path, monkeypatch):
+    monkeypatch.setattr("llmint8_cli.evaluation.speed.bench_models", lambda *a, **k: pytest.fail("timing started"))
+    model = tiny_task_model(tmp_path / "model")
+    result = run("bench", model, "--prompt-tokens", "250", "--new-tokens", "32", "--calib-samples", "0", "-q")
+    assert_one_line_error(result, "--prompt-tokens 250 and --new-tokens 32 exceed the model's context (256 tokens)")
+
+
+@pytest.mark.parametrize(("content", "words"), [("sparse 2 GiB", "more text than llmint8 reads (1 GiB)"), ("NUL bytes", "holds NUL bytes"),
+                                                 ("/proc/self/mem", "cannot read it")])
+def test_a_dataset_that_is_not_readable_text_is_one_line(tmp_path, content, words):
+    """A 2 GiB file of NUL bytes aborted the process in the tokenizer (exit -6)."""
+    model = tiny_task_model(tmp_path / "model")
+    dataset = tmp_path / "data.txt"
+    if content == "sparse 2 GiB":
+        with dataset.open("wb") as handle:
+            handle.truncate(2 << 30)
+    elif content == "NUL bytes":
+        dataset.write_bytes(b"text\0" * 100)
+    else:
+        dataset = Path("/proc/self/mem")
+        if not dataset.exists():
+            pytest.skip("no /proc")
+    assert_one_line_error(run("eval-ppl", model, "--dataset", dataset, "--seq-len", "16", "--calib-samples", "0", "-q"), words)
+
+
+def test_an_unreadable_weight_file_is_one_line(tmp_path, int8_folder):
+    if not Path("/proc/self/mem").exists():
+        pytest.skip("no /proc")
+    src = Path(shutil.copytree(int8_folder.parent / "src", tmp_path / "src"))
+    (src / "model.safetensors").unlink()
+    (src / "model.safetensors").symlink_to("/proc/self/mem")  # opens, and every read fails
+    assert_one_line_error(run("quantize", src, tmp_path / "out", "--calib-samples", "0", "-q"), "model.safetensors: cannot read it")
+
+
+@pytest.mark.parametrize("damage", ["deleted", "garbage"])
+def test_a_deleted_or_garbage_tokenizer_is_one_line(tmp_path, damage):
+    model = tiny_task_model(tmp_path / "model")
+    assert run("quantize", model, tmp_path / "int8", "--calib-samples", "0", "-q").exit_code == 0
+    for name in ("tokenizer.json", "tokenizer_config.json") if damage == "deleted" else ("tokenizer.json",):
+        if damage == "deleted":
+            (tmp_path / "int8" / name).unlink()
+        else:
+            (tmp_path / "int8" / name).write_bytes(b"\x89PNG garbage")
+    (tmp_path / "text.txt").write_text("Once upon a time there was a cat. " * 20)
+    for command in (["eval-ppl", tmp_path / "int8", "--dataset", tmp_path / "text.txt", "--seq-len", "16"], ["generate", tmp_path / "int8", "Once"]):
+        assert_one_line_error(run(*command, "--no-verify", "-q"), str(tmp_path / "int8"))
+
+
+@pytest.mark.parametrize(("option", "value", "words"), [
+    ("--device-map", "binary.json", "--device-map must be one of"),
+    ("--offload-folder", "a-file/off", "--offload-folder"),
+    ("--temperature", "inf", "--temperature must be a finite number"),
+    ("--temperature", "nan", "--temperature"),
+])
+def test_options_outside_their_domain_are_one_line(tmp_path, monkeypatch, option, value, words):
+    monkeypatch.chdir(tmp_path)
+    Path("binary.json").write_bytes(b"\xff\xfe\x00garbage")
+    Path("a-file").write_text("not a folder")
+    placement = ["--device-map", "auto"] if option == "--offload-folder" else []
+    assert_one_line_error(run("generate", "unused-model", "Once", *placement, option, value, "-q"), words)
+
+
+@pytest.mark.parametrize("stdin", [b"\xff\xfe\x00\x01 binary", b"[" * 100_000 + b"]" * 100_000])
+def test_stdin_that_is_no_json_document_is_one_line(stdin):
+    result = subprocess.run([sys.executable, "-m", "llmint8_cli", "eval-ppl", "-q"], cwd=ROOT, input=stdin, capture_output=True, timeout=120)
+    assert result.returncode == 2 and result.stderr.decode().startswith("llmint8: error: stdin is not an llmint8 JSON document"), result.stderr[-500:]
+    assert len(result.stderr.decode().strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("args", [["--version"], ["-h"], ["quantize", "-h"]])
+def test_help_and_version_into_a_full_stdout_are_one_line(args):
+    if not Path("/dev/full").exists():
+        pytest.skip("no /dev/full")
+    with open("/dev/full", "w") as full:
+        done = subprocess.run([sys.executable, "-m", "llmint8_cli", *args], cwd=ROOT, stdout=full, stderr=subprocess.PIPE, text=True, timeout=120)
+    assert done.returncode == 2 and done.stderr.strip().splitlines() == ["llmint8: error: cannot write to stdout: No space left on device"]
+
+
+def test_an_interrupted_quantize_leaves_no_folder_it_made(tmp_path, int8_folder, monkeypatch):
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("llmint8_cli.checkpoint.quantize.write_tensors", interrupted)
+    result = run("quantize", int8_folder.parent / "src", tmp_path / "a" / "b" / "c" / "out", "--calib-samples", "0", "-q")
+    assert result.exit_code == 130 and list(tmp_path.iterdir()) == []
+
+
+def test_a_plan_cache_naming_an_unknown_gemm_path_is_measured_again(tmp_path, monkeypatch):
+    from llmint8_cli.backends import cpu_kernels
+
+    monkeypatch.setenv("LLMINT8_CACHE_DIR", str(tmp_path))
+    cpu_kernels.decision.cache_clear()
+    try:
+        good = cpu_kernels.decision((64, 64))
+        cached = json.loads(cpu_kernels.cache_file().read_text())
+        entry = next(iter(cached.values()))["shapes"]["64x64"]
+        entry["fused"] = [[None, "rm -rf /"]]
+        cpu_kernels.cache_file().write_text(json.dumps(cached))
+        cpu_kernels.decision.cache_clear()
+        again = cpu_kernels.decision((64, 64))
+        assert {name for _, name in again["fused"]} <= set(cpu_kernels.PATHS) and set(again["timings_ms"]) == set(good["timings_ms"])
+        assert next(iter(json.loads(cpu_kernels.cache_file().read_text()).values()))["shapes"]["64x64"]["fused"] == again["fused"]
+    finally:
+        cpu_kernels.decision.cache_clear()

@@ -330,6 +330,19 @@ def measured_shape(n: int, k: int) -> tuple[int, int]:
     return min(n, LARGEST_MEASURED), min(k, LARGEST_MEASURED)
 
 
+def valid_entry(entry, available: list[GemmPath]) -> bool:
+    """A cached decision measured over exactly the available paths, whose plans name only paths
+    that may serve them (the int32 plan, exact-int32 paths): anything else (an older version,
+    another torch, an edited file) is measured again and written over."""
+    def valid_plan(plan, names: set[str]) -> bool:
+        return (isinstance(plan, list) and bool(plan) and all(isinstance(step, list) and len(step) == 2 and step[1] in names
+                                                               and (step[0] is None or type(step[0]) is int) for step in plan))
+
+    names = {p.name for p in available}
+    return (isinstance(entry, dict) and isinstance(entry.get("timings_ms"), dict) and set(entry["timings_ms"]) == names
+            and valid_plan(entry.get("fused"), names) and valid_plan(entry.get("int32"), {p.name for p in available if p.int32}))
+
+
 @functools.cache
 def decision(shape: tuple[int, int]) -> dict:
     """This machine's timings and plans for a weight shape, from the cache or measured now.
@@ -346,8 +359,9 @@ def decision(shape: tuple[int, int]) -> dict:
     except (OSError, ValueError, AttributeError):
         machine_entry = {}
     available = [p for p in PATHS.values() if p.available()]
-    cached = machine_entry.get("shapes", {}).get(label) if machine_entry.get("version") == CACHE_VERSION else None
-    if cached and set(cached.get("timings_ms", {})) == {p.name for p in available}:
+    shapes = machine_entry.get("shapes") if isinstance(machine_entry, dict) and machine_entry.get("version") == CACHE_VERSION else None
+    cached = shapes.get(label) if isinstance(shapes, dict) else None
+    if valid_entry(cached, available):
         return cached
     timings = measure(available, shape)
     entry = {
@@ -357,9 +371,12 @@ def decision(shape: tuple[int, int]) -> dict:
     }
     try:
         everything = json.loads(path.read_text()) if path.is_file() else {}
+        everything = everything if isinstance(everything, dict) else {}
         machine_entry = everything.get(digest) if isinstance(everything.get(digest), dict) and everything[digest].get("version") == CACHE_VERSION else {}
         machine_entry.update({"version": CACHE_VERSION, "machine": key})
-        machine_entry.setdefault("shapes", {})[label] = entry
+        if not isinstance(machine_entry.get("shapes"), dict):
+            machine_entry["shapes"] = {}
+        machine_entry["shapes"][label] = entry
         everything[digest] = machine_entry
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(f".tmp-{os.getpid()}")

@@ -249,12 +249,18 @@ def writing(out: Path, force: bool):
     """A marked temporary folder beside OUT (a killed writer's debris removed first), moved into
     place when the block ends; on any failure it is removed and OUT is left as it was."""
     remove_stale(out)
-    tmp = make_temporary(out)
+    made = [folder for folder in out.parents if not os.path.lexists(folder)]  # the parents make_temporary creates, innermost first
+    tmp = None
     try:
+        tmp = make_temporary(out)
         yield tmp
         install(tmp, out, force)
     except BaseException as exc:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+        for folder in made:  # what this run made for OUT and left empty goes too
+            with contextlib.suppress(OSError):
+                folder.rmdir()
         if isinstance(exc, OSError):
             raise CheckpointError(f"writing {out} failed: {exc.strerror or exc}") from None
         raise

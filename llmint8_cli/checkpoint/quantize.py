@@ -28,7 +28,7 @@ from llmint8_cli.checkpoint.sources import ModelKeyedSource, ModelSource, Tensor
 from llmint8_cli.checkpoint.writer import Entry, Group, write_tensors
 from llmint8_cli.core import reference
 from llmint8_cli.core.methods import DEFAULT_METHOD, DEFAULT_SMOOTH_ALPHA, check_alpha, check_rotation_block, get_method
-from llmint8_cli.errors import InvalidArgumentError, InvalidWeightError, ModelLoadError
+from llmint8_cli.errors import DataError, InvalidArgumentError, InvalidWeightError, ModelLoadError
 from llmint8_cli.evaluation.perplexity import make_windows, tokenize
 from llmint8_cli.nn.convert import Conv1D, parameter_report, quantizable_layers
 from llmint8_cli.nn.experts import unfuse_experts
@@ -194,6 +194,9 @@ def calibration_batches(tokenizer, options: QuantizeOptions) -> tuple[list[torch
     if len(ids) < needed:
         ids, bos_id = tokenize(tokenizer, text.text, "window")
     windows = make_windows(ids, options.calib_seq_len, bos_id=bos_id, source=f"calibration text {text.source}")
+    if len(windows.input_ids) < options.calib_samples and "calib_samples" in options.given:  # the default takes what there is
+        raise DataError(f"--calib-samples {options.calib_samples}: the calibration text {text.source} holds {len(windows.input_ids)} windows of "
+                        f"{options.calib_seq_len} tokens; ask for at most that many, or pass a longer --calib-dataset")
     samples = windows.input_ids[: options.calib_samples]
     batches = list(samples.split(options.calib_batch_size))
     info = {"dataset": text.name, "source": text.source, "samples": len(samples), "seq_len": options.calib_seq_len}

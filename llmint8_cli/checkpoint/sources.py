@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 
+from llmint8_cli.checkpoint.manifest import is_plain_name
 from llmint8_cli.checkpoint.writer import SAFETENSORS_DTYPES
 from llmint8_cli.errors import ModelLoadError, one_line
 
@@ -43,9 +44,11 @@ class SafetensorsSource(TensorSource):
         index = folder / "model.safetensors.index.json"
         if index.is_file():
             try:
-                weight_map = json.loads(index.read_text())["weight_map"]
-            except (json.JSONDecodeError, KeyError, TypeError):
-                raise ModelLoadError(f"{index}: not a valid safetensors index") from None
+                weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+            except (ValueError, KeyError, TypeError, RecursionError):
+                raise ModelLoadError(f"{index}: not a valid safetensors index (JSON with a \"weight_map\" object)") from None
+            if not isinstance(weight_map, dict) or not all(isinstance(key, str) and is_plain_name(name) for key, name in weight_map.items()):
+                raise ModelLoadError(f"{index}: \"weight_map\" must be an object of tensor name -> shard file name in the folder")
             files = sorted(set(weight_map.values()))
         else:
             files = ["model.safetensors"]
@@ -70,10 +73,14 @@ class SafetensorsSource(TensorSource):
         path, start, entry = self._entries[key]
         begin, end = entry["data_offsets"]
         buffer = torch.empty(end - begin, dtype=torch.uint8)  # not zero-filled, unlike a bytearray
-        with path.open("rb") as handle:
-            handle.seek(start + begin)
-            if handle.readinto(buffer.numpy()) != len(buffer):
-                raise ModelLoadError(f"{path}: truncated while reading tensor {key}")
+        try:
+            with path.open("rb") as handle:
+                handle.seek(start + begin)
+                complete = handle.readinto(buffer.numpy()) == len(buffer)
+        except OSError as exc:
+            raise ModelLoadError(f"{path}: cannot read tensor {key} ({exc.strerror or exc})") from None
+        if not complete:
+            raise ModelLoadError(f"{path}: truncated while reading tensor {key}")
         return buffer.view(self.dtype(key)).reshape(entry["shape"])
 
 
@@ -87,8 +94,8 @@ def read_header(path: Path) -> dict[str, tuple[int, dict]]:
     a byte range inside the file and exactly as long as the shape needs), so that a bad tensor is
     reported here, naming it, and never later as a failed reshape.
     """
-    size = path.stat().st_size
     try:
+        size = path.stat().st_size
         with path.open("rb") as handle:
             (length,) = struct.unpack("<Q", handle.read(8))
             if length > size - 8 or length > 100 << 20:
@@ -100,9 +107,20 @@ def read_header(path: Path) -> dict[str, tuple[int, dict]]:
         entries = {k: v for k, v in header.items() if k != "__metadata__"}
         for key, entry in entries.items():
             check_entry(key, entry, size - start)
-    except (ValueError, struct.error, UnicodeDecodeError) as exc:
+        check_disjoint(entries)
+    except OSError as exc:
+        raise ModelLoadError(f"{path}: cannot read it ({exc.strerror or exc})") from None
+    except (ValueError, struct.error, UnicodeDecodeError, RecursionError) as exc:
         raise ModelLoadError(f"{path}: corrupt or truncated safetensors file ({exc})") from None
     return {key: (start, entry) for key, entry in entries.items()}
+
+
+def check_disjoint(entries: dict[str, dict]) -> None:
+    """No two tensors share bytes: a header whose ranges overlap makes one tensor's data another's."""
+    ranges = sorted((entry["data_offsets"][0], entry["data_offsets"][1], key) for key, entry in entries.items() if entry["data_offsets"][1] > entry["data_offsets"][0])
+    for (_, end, first), (begin, _, second) in zip(ranges, ranges[1:]):
+        if begin < end:
+            raise ValueError(f"the data of tensors {first} and {second} overlap")
 
 
 def check_entry(key: str, entry, data_size: int) -> None:

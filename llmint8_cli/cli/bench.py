@@ -8,6 +8,7 @@ from typing import Annotated
 
 import typer
 
+from llmint8_cli import models
 from llmint8_cli.backends import gemm_report
 from llmint8_cli.checkpoint.quantize import QuantizeOptions
 from llmint8_cli.cli.common import (
@@ -131,6 +132,9 @@ def bench(
         with console.status(f"loading {model}"):
             subject = variants.subject(model, [get_method(method)], threshold, run_dtype, run_device, verify=not no_verify, calibration=calibration,
                                        placement=placed)
+        limit = models.context_length(subject.config)
+        if limit is not None and max(lengths) + new_tokens > limit:
+            raise InvalidArgumentError(f"--prompt-tokens {max(lengths)} and --new-tokens {new_tokens} exceed the model's context ({limit} tokens)")
         notes = list(subject.notes)
         baseline = next(short for short, full in variants.DTYPES.items() if full == run_dtype)  # the 16-bit row, named by what ran
         networks, calibrations, placements = {}, {}, {}

@@ -118,10 +118,14 @@ def emit_json(command: str, model: str | None, document: dict) -> None:
         sys.stdout.write(text)
         sys.stdout.flush()
     except (AttributeError, OSError, ValueError) as exc:  # None (closed at start), EPIPE, ENOSPC, closed file
-        with contextlib.suppress(OSError, ValueError, AttributeError):  # later flushes (at exit) go nowhere, silently
-            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        why = "it is closed" if sys.stdout is None or isinstance(exc, (AttributeError, ValueError)) else (exc.strerror or str(exc))
-        raise InvalidArgumentError(f"cannot write the JSON result to stdout: {why}") from None
+        raise InvalidArgumentError(f"cannot write the JSON result to stdout: {stdout_lost(exc)}") from None
+
+
+def stdout_lost(exc: Exception) -> str:
+    """Why a write to stdout failed; later flushes (at exit) then go nowhere, silently, instead of a traceback."""
+    with contextlib.suppress(OSError, ValueError, AttributeError):
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    return "it is closed" if sys.stdout is None or isinstance(exc, (AttributeError, ValueError)) else (exc.strerror or str(exc))
 
 
 def stdin_is_piped() -> bool:
@@ -146,6 +150,8 @@ def model_from_stdin(text: str) -> str:
         document = json.loads(text)
     except json.JSONDecodeError as exc:
         raise InvalidArgumentError(f"stdin is not an llmint8 JSON document (not JSON: {exc.msg} at line {exc.lineno})") from None
+    except RecursionError:
+        raise InvalidArgumentError("stdin is not an llmint8 JSON document (nested deeper than one is)") from None
     if not isinstance(document, dict) or not isinstance(document.get("command"), str):
         raise InvalidArgumentError("stdin is not an llmint8 JSON document (no \"command\" field); pass MODEL instead")
     model = document.get("output") if document["command"] == "quantize" else document.get("model")
@@ -160,7 +166,13 @@ def choose_model(given: str | None, console: Console, default: str | None = None
         return given
     if stdin_is_piped():
         console.print("reading MODEL from the JSON document on stdin")
-        model = model_from_stdin(sys.stdin.read(STDIN_LIMIT + 1))
+        try:
+            text = sys.stdin.read(STDIN_LIMIT + 1)
+        except UnicodeDecodeError:
+            raise InvalidArgumentError("stdin is not an llmint8 JSON document (bytes that are not UTF-8 text); pass MODEL instead") from None
+        except OSError as exc:
+            raise InvalidArgumentError(f"cannot read stdin ({exc.strerror or exc}); pass MODEL instead") from None
+        model = model_from_stdin(text)
         console.print(f"model from stdin: {model}")
         return model
     if default is not None:
@@ -229,6 +241,9 @@ class OneLineErrors(TyperGroup):
                 sys.exit(exc.exit_code)
             where = f" (see '{exc.ctx.command_path} --help')" if getattr(exc, "ctx", None) is not None else ""
             print(f"llmint8: error: {exc.format_message()}{where}", file=sys.stderr)
+            sys.exit(EXIT_BAD_INPUT)
+        except OSError as exc:  # the help or the version into a full or closed stdout (a command's own errors never get here)
+            print(f"llmint8: error: cannot write to stdout: {stdout_lost(exc)}", file=sys.stderr)
             sys.exit(EXIT_BAD_INPUT)
         sys.exit(code if isinstance(code, int) else 0)
 

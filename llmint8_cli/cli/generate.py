@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 from typing import Annotated
 
@@ -66,6 +67,8 @@ def generate(
     get_method(method).threshold_or_default(threshold)
     if not prompt.strip():
         raise InvalidArgumentError("PROMPT is empty")
+    if not math.isfinite(temperature):
+        raise InvalidArgumentError(f"--temperature must be a finite number of at least 0, got {temperature}")
     placed, run_device = chosen_placement(ctx, device, device_map, max_memory, offload_folder)
     run_dtype = variants.resolve_dtype(dtype, run_device, inference=True)
     with console.status(f"loading {model}"):
