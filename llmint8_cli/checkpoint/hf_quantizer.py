@@ -68,7 +68,13 @@ class LLMInt8HfQuantizer(HfQuantizer):
 
     @property
     def is_trainable(self) -> bool:
-        return False
+        """Adapters (peft LoRA, nn/lora.py) train on it, as on bitsandbytes 8-bit; the int8 weights stay frozen."""
+        return True
+
+    @property
+    def is_compileable(self) -> bool:
+        """Int8Linear is one torch op with a fake implementation (ops.py): generate may compile the model."""
+        return True
 
 
 def keep_saving_valid(model) -> None:

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from llmint8_cli import ops
 from llmint8_cli.core.reference import ROTATION_BLOCK
 from llmint8_cli.nn.linear import Int8Linear
 
@@ -35,8 +36,7 @@ def machine() -> dict:
 
 def gemm_plan(layer: nn.Module) -> str | None:
     """The int8 GEMM plan an Int8Linear ran with (CPU), or None."""
-    prepared = getattr(layer, "_prepared", None)
-    gemm = getattr(prepared[1], "gemm", None) if prepared else None
+    gemm = getattr(ops.prepared_of(layer), "gemm", None)
     return gemm.name if gemm is not None else None
 
 

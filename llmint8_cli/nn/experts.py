@@ -52,15 +52,18 @@ class LinearExperts(nn.Module):
         return cls(_linears(module.gate_up_proj), _linears(module.down_proj), module.act_fn)
 
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
-        """transformers' eager experts loop (modeling_mixtral.MixtralExperts), a layer per expert."""
+        """transformers' eager experts loop (modeling_mixtral.MixtralExperts), a layer per expert.
+
+        The loop runs over every expert, a number fixed by the model, and each takes the tokens
+        routed to it, however many: traced with torch._dynamo's capture_dynamic_output_shape_ops
+        (what `compiled` in llmint8 sets), a whole block is one graph. Eager, an expert no token
+        chose is skipped, as transformers skips it."""
         final = torch.zeros_like(hidden_states)
-        with torch.no_grad():
-            mask = nn.functional.one_hot(top_k_index, num_classes=self.num_experts + 1).permute(2, 1, 0)
-            hit = torch.greater(mask.sum(dim=(-1, -2)), 0).nonzero()
-        for expert in hit[:, 0].tolist():
-            if expert == self.num_experts:
+        routed = top_k_index.t()  # [k, tokens]
+        for expert in range(self.num_experts):
+            position, token = torch.where(routed == expert)
+            if not torch.compiler.is_compiling() and not token.numel():
                 continue
-            position, token = torch.where(mask[expert])
             gate, up = self.gate_up_proj[expert](hidden_states[token]).chunk(2, dim=-1)
             out = self.down_proj[expert](self.act_fn(gate) * up) * top_k_weights[token, position, None]
             final.index_add_(0, token, out.to(final.dtype))

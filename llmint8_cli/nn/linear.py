@@ -5,10 +5,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from llmint8_cli import ops
 from llmint8_cli.backends import backend_for
 from llmint8_cli.core import reference
 from llmint8_cli.core.methods import DEFAULT_METHOD, DEFAULT_SMOOTH_ALPHA, check_alpha, check_rotation_block, get_method
-from llmint8_cli.core.reference import Quantized, QuantizedWeight
+from llmint8_cli.core.reference import QuantizedWeight
 from llmint8_cli.errors import InvalidArgumentError
 
 
@@ -19,8 +20,8 @@ class Int8Linear(nn.Module):
     [out], `weight_zero` int32 [out] (zeropoint methods only), `outlier_idx` int32 [k],
     `outlier_weight` 16-bit [out, k] and `input_smooth` fp32 [in] (smoothing methods only: X's
     multiplier m; `weight` then holds W / m). Rotation methods hold W' R in `weight`, R's Hadamard
-    blocks `rotation_block` wide. The backend's prepared weight is built on first use and
-    rebuilt whenever the buffers move or are replaced.
+    blocks `rotation_block` wide. The forward pass is the op llmint8::int8_linear (ops.py), whose
+    backend prepares the weight on first use and again whenever a buffer moves or changes.
     """
 
     # The dtype each tensor has in a checkpoint; the others (outlier_weight, bias) are the checkpoint's 16-bit dtype.
@@ -55,7 +56,15 @@ class Int8Linear(nn.Module):
         smooth = torch.ones(in_features, dtype=torch.float32, device=device) if self.method.smoothing else None
         self.register_buffer("input_smooth", smooth)
         self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device), requires_grad=False) if bias else None
-        self._prepared: tuple | None = None
+        ops.register_layer(self)  # it keeps its weight's prepared state (ops.prepared)
+
+    def __getstate__(self) -> dict:
+        """Copies and pickles leave the prepared state out: it is made again from the copy's own tensors."""
+        return {key: value for key, value in self.__dict__.items() if key != "_prepared"}
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        ops.register_layer(self)
 
     @classmethod
     def from_linear(
@@ -117,24 +126,15 @@ class Int8Linear(nn.Module):
 
     def quantized_weight(self) -> QuantizedWeight:
         """The buffers as the reference's QuantizedWeight (no copies)."""
-        int8 = Quantized(self.weight, self.weight_scale, self.weight_zero)
-        return QuantizedWeight(int8, self.outlier_idx.long(), self.outlier_weight, self.input_smooth, self.rotation_block)
-
-    def _prepared_for(self, x: torch.Tensor):
-        """The backend's prepared weight, rebuilt when a buffer was replaced or moved. Read from
-        _buffers directly: nn.Module.__getattr__ costs about 1 µs a lookup, 200 layers a token."""
-        backend = backend_for(x.device)
-        buffers = self._buffers
-        weight, smooth = buffers["weight"], buffers["input_smooth"]
-        key = (backend.name, weight.device, weight.data_ptr(), buffers["weight_scale"].data_ptr(), buffers["outlier_weight"].data_ptr(),
-               smooth.data_ptr() if smooth is not None else None)
-        if self._prepared is None or self._prepared[0] != key:
-            self._prepared = (key, backend.prepare(self.quantized_weight(), self.method))
-        return backend, self._prepared[1]
+        return ops.quantized_weight(self.weight, self.weight_scale, self.weight_zero, self.outlier_idx, self.outlier_weight, self.input_smooth,
+                                    self.rotation_block)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        backend, prepared = self._prepared_for(x)
-        return backend.linear(x, prepared, self.method, self.threshold, self.bias)
+        """One llmint8::int8_linear op (llmint8_cli/ops.py): compiled, exported and differentiated as one node.
+        The tensors are read from _buffers directly: nn.Module.__getattr__ costs about 1 µs a lookup, 200 layers a token."""
+        buffers = self._buffers
+        return ops.int8_linear(x, buffers["weight"], buffers["weight_scale"], buffers["weight_zero"], buffers["outlier_idx"], buffers["outlier_weight"],
+                               buffers["input_smooth"], self._parameters.get("bias"), self.method.name, self.threshold, self.rotation_block, owner=self)
 
     def extra_repr(self) -> str:
         return (
