@@ -320,9 +320,9 @@ def context_length(config) -> int | None:
 
 
 def build_skeleton(factory, config_path):
-    """The model `factory` builds from a config, its parameters on the meta device (buffers real,
-    as transformers computes them); a config whose sizes cannot be built, absurd ones included, is
-    one line naming the config."""
+    """The model `factory` builds from a config, in eval mode, its parameters on the meta device
+    (buffers real, as transformers computes them); a config whose sizes cannot be built, absurd
+    ones included, is one line naming the config."""
     from accelerate import init_empty_weights
 
     try:
@@ -331,7 +331,7 @@ def build_skeleton(factory, config_path):
     except (RuntimeError, MemoryError, OverflowError, ValueError, TypeError, AttributeError) as exc:
         raise ModelLoadError(f"{config_path}: transformers cannot build the model it describes ({one_line(exc)})") from None
     model.tie_weights()  # on meta, ties are only made here: tied tensors then share one source key
-    return model
+    return model.eval()  # from_config builds in training mode: dropout would perturb a calibration pass
 
 
 def causal_lm_from_config(config, dtype: torch.dtype | None = None):

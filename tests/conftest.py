@@ -42,6 +42,7 @@ needs_data = pytest.mark.skipif(not (DATA / "wikitext-2-raw" / "wiki.test.raw").
 
 
 ARCHITECTURES = ("llama", "opt", "gpt2", "gemma3", "gpt_neox", "gptj", "bloom", "falcon", "phi", "mistral", "qwen2", "mixtral", "qwen2_moe")
+LINEAR_MISUSE = ("mamba", "phimoe")  # a layer whose weight the model reads (Mamba's dt_proj), a Linear whose forward is no linear map (PhiMoE's router)
 
 
 def tiny_config(arch: str):
@@ -60,6 +61,9 @@ def tiny_config(arch: str):
         "mistral": lambda: transformers.MistralConfig(intermediate_size=64, num_key_value_heads=2, max_position_embeddings=256, **small),
         "qwen2": lambda: transformers.Qwen2Config(intermediate_size=64, num_key_value_heads=2, max_position_embeddings=256, **small),
         "mixtral": lambda: transformers.MixtralConfig(intermediate_size=64, num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2, max_position_embeddings=256, **small),
+        "mamba": lambda: transformers.MambaConfig(hidden_size=32, num_hidden_layers=2, state_size=8, **common),
+        "phimoe": lambda: transformers.PhimoeConfig(intermediate_size=64, num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2, max_position_embeddings=256,
+                                                    **small),
         "qwen2_moe": lambda: transformers.Qwen2MoeConfig(intermediate_size=64, moe_intermediate_size=48, shared_expert_intermediate_size=64, num_experts=4, num_experts_per_tok=2,
                                                           num_key_value_heads=2, max_position_embeddings=256, **small),
     }

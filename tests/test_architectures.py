@@ -11,7 +11,7 @@ import torch
 from typer.testing import CliRunner
 
 import llmint8_cli
-from conftest import ARCHITECTURES, save_tiny, tiny_model, tiny_tokenizer
+from conftest import ARCHITECTURES, LINEAR_MISUSE, save_tiny, tiny_model, tiny_tokenizer
 from llmint8_cli.cli import app
 from llmint8_cli.nn.linear import Int8Linear
 
@@ -20,8 +20,10 @@ TEXT = (
     "The quick brown fox jumps over the lazy dog. A stitch in time saves nine. Every cloud has a silver lining.\n"
     "Large language models keep a few hidden features far larger than the rest; LLM.int8() keeps them in 16-bit.\n"
 ) * 12
-BITSANDBYTES_REFUSES = {"falcon": "FalconLinear", "mixtral": "3-D tensor", "qwen2_moe": "3-D tensor"}  # transformers + bitsandbytes replace exact nn.Linear only
-ROUTERS = {"mixtral": {"model.layers.*.mlp.gate"}, "qwen2_moe": {"model.layers.*.mlp.gate"}}  # what may stay 16-bit unasked
+BITSANDBYTES_REFUSES = {"falcon": "FalconLinear", "mixtral": "3-D tensor", "qwen2_moe": "3-D tensor", "phimoe": "3-D tensor"}  # transformers + bitsandbytes replace exact nn.Linear only
+ROUTERS = {"mixtral": {"model.layers.*.mlp.gate"}, "qwen2_moe": {"model.layers.*.mlp.gate"}, "phimoe": {"model.layers.*.mlp.router"},  # what may stay 16-bit unasked
+           "mamba": {"backbone.layers.*.mixer", "backbone.layers.*.mixer.conv1d", "backbone.layers.*.mixer.dt_proj"}}
+KEPT_BECAUSE = {"phimoe": "its forward (PhimoeTopKRouter) returns tuple, not its linear map", "mamba": "MambaMixer reads its weight directly, not through the layer"}
 
 
 def run(*args) -> dict:
@@ -37,7 +39,7 @@ def text_file(tmp_path_factory):
     return path
 
 
-@pytest.mark.parametrize("arch", [*ARCHITECTURES, "llama-bf16"])
+@pytest.mark.parametrize("arch", [*ARCHITECTURES, *LINEAR_MISUSE, "llama-bf16"])
 def test_architecture_end_to_end(tmp_path, text_file, arch):
     from transformers import AutoModelForCausalLM
 
@@ -47,7 +49,12 @@ def test_architecture_end_to_end(tmp_path, text_file, arch):
     out = tmp_path / "int8"
     summary = run("quantize", src, out, "--calib-samples", "4", "--calib-seq-len", "64", "--calib-dataset", text_file)
     assert summary["dtype"] == str(dtype).removeprefix("torch.") and set(summary["parameters"]["kept_16bit"]) == ROUTERS.get(name, set())
-    assert name not in ROUTERS or summary["parameters"]["int8_share"] > 0.8  # the experts are int8
+    assert name not in BITSANDBYTES_REFUSES or "3-D tensor" not in BITSANDBYTES_REFUSES[name] or summary["parameters"]["int8_share"] > 0.8  # the experts are int8
+    if name in KEPT_BECAUSE:  # a linear layer the model does not use as one stays 16-bit, named with the reason, in the JSON and the folder
+        kept = {pattern: entry["reason"] for pattern, entry in summary["parameters"]["kept_16bit"].items() if entry["reason"] != "not a linear layer"}
+        assert set(kept.values()) == {KEPT_BECAUSE[name]}
+        block = json.loads((out / "config.json").read_text())["quantization_config"]
+        assert set(block["kept_16bit"].values()) == {KEPT_BECAUSE[name]} and not set(block["kept_16bit"]) & set(block["quantized_modules"])
 
     ours, theirs = llmint8_cli.load(out), AutoModelForCausalLM.from_pretrained(out)
     assert any(isinstance(m, Int8Linear) for m in theirs.modules())
@@ -130,9 +137,66 @@ def test_mixture_of_experts_evaluated_on_the_fly_quantizes_the_experts(tmp_path,
     document = json.loads(result.stdout)
     assert document["parameters"]["int8_share"] > 0.8 and set(document["parameters"]["kept_16bit"]) == {"model.layers.*.mlp.gate"}
     assert abs(document["results"]["llm.int8"]["delta_pct"]) < 1.0
-    assert "llmint8: warning: kept in 16-bit because llmint8 quantizes linear layers only: model.layers.*.mlp.gate" in result.stderr
+    assert "llmint8: warning: kept in 16-bit: model.layers.*.mlp.gate (" in result.stderr and "% of parameters: not a linear layer)" in result.stderr
 
 
 def test_a_mistyped_model_name_suggests_the_offline_one_first():
     result = RUNNER.invoke(app, ["eval-ppl", "smolm2-135m", "-q"])
     assert result.exit_code == 2 and "did you mean smollm2-135m, SmolLM2-135M" in result.stderr
+
+
+class ReadsWeightDirectly(torch.nn.Module):
+    """An MLP that computes its output projection itself, from the layer's weight (as Mamba's mixer does with dt_proj)."""
+
+    def __init__(self, mlp):
+        super().__init__()
+        self.gate_proj, self.up_proj, self.down_proj, self.act_fn = mlp.gate_proj, mlp.up_proj, mlp.down_proj, mlp.act_fn
+
+    def forward(self, x):
+        return (self.act_fn(self.gate_proj(x)) * self.up_proj(x)) @ self.down_proj.weight.t()
+
+
+class Doubled(torch.nn.Linear):
+    """An nn.Linear subclass whose own forward is not its linear map."""
+
+    def forward(self, x):
+        return 2 * super().forward(x)
+
+
+class SameMap(torch.nn.Linear):
+    """An nn.Linear subclass whose own forward is its linear map (as FalconLinear's): converted."""
+
+    def forward(self, x):
+        return x @ self.weight.t() + self.bias
+
+
+def planted(linear, kind):
+    layer = kind(linear.in_features, linear.out_features, bias=True)
+    layer.load_state_dict({"weight": linear.weight, "bias": torch.zeros(linear.out_features)})
+    return layer
+
+
+def test_layers_the_model_does_not_use_as_linear_layers_stay_16_bit_and_are_named():
+    from llmint8_cli import quantize_model
+    from llmint8_cli.nn.convert import parameter_report
+
+    model = tiny_model("llama", outlier_scale=20.0)
+    layers = model.model.layers
+    layers[0].mlp = ReadsWeightDirectly(layers[0].mlp)
+    layers[1].self_attn.o_proj = planted(layers[1].self_attn.o_proj, Doubled)
+    layers[1].self_attn.q_proj = planted(layers[1].self_attn.q_proj, SameMap)
+    ids = torch.tensor([[1, 40, 72, 69, 4, 85, 89, 73, 67, 75]])
+    with torch.no_grad():
+        before = model(ids).logits
+    quantize_model(model, "llm.int8")
+    assert model.llmint8_kept_16bit == {"model.layers.0.mlp.down_proj": "ReadsWeightDirectly reads its weight directly, not through the layer",
+                                        "model.layers.1.self_attn.o_proj": "its forward (Doubled) is not its linear map"}
+    assert type(layers[0].mlp.down_proj) is torch.nn.Linear and type(layers[1].self_attn.o_proj) is Doubled
+    assert isinstance(layers[1].self_attn.q_proj, Int8Linear) and isinstance(layers[0].mlp.gate_proj, Int8Linear)
+    with torch.no_grad():
+        after = model(ids).logits
+    assert (after - before).norm() / before.norm() < 0.05
+    report = parameter_report(model, [m for m in model.modules() if isinstance(m, Int8Linear)], model.llmint8_kept_16bit)
+    assert {name: entry["reason"] for name, entry in report["kept_16bit"].items()} == {
+        "model.layers.*.mlp.down_proj": "ReadsWeightDirectly reads its weight directly, not through the layer",
+        "model.layers.*.self_attn.o_proj": "its forward (Doubled) is not its linear map"}

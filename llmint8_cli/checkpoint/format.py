@@ -133,6 +133,9 @@ def check_block(config_path: Path, block: dict) -> None:
         for key in ("calibration", "smoothing"):
             if not isinstance(block.get(key, {}), dict):
                 raise InvalidArgumentError(f"{key} is not an object")
+        kept = block.get("kept_16bit", {})
+        if not (isinstance(kept, dict) and all(isinstance(name, str) and isinstance(why, str) for name, why in kept.items())):
+            raise InvalidArgumentError("kept_16bit is not an object of layer name -> reason")
     except InvalidArgumentError as exc:
         raise CheckpointError(f"{config_path}: quantization_config: {exc}") from None
 

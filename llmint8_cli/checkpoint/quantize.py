@@ -32,6 +32,7 @@ from llmint8_cli.errors import DataError, InvalidArgumentError, InvalidWeightErr
 from llmint8_cli.evaluation.perplexity import make_windows, tokenize
 from llmint8_cli.nn.convert import Conv1D, parameter_report, quantizable_layers
 from llmint8_cli.nn.experts import unfuse_experts
+from llmint8_cli.nn.probe import probe_ids, watching
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -210,6 +211,15 @@ def calibrate(model, tensors: TensorSource | None, layer_names: list[str], token
     windows; with `tensors` (keyed by the model's names) the model is a skeleton and its decoder
     layers are streamed from them, one in memory at a time."""
     batches, info = calibration_batches(tokenizer, options)
+    windows = sum(len(batch) for batch in batches)
+    on_batch = (lambda done: progress("calibrate", done, windows)) if progress else None
+    threshold = get_method(options.method).threshold_or_default(options.threshold)
+    return forward_pass(model, tensors, batches, layer_names, threshold, on_batch), info
+
+
+def forward_pass(model, tensors: TensorSource | None, batches: list[torch.Tensor], layer_names: list[str], threshold: float, on_batch=None) -> activations.ActivationStats:
+    """The model's base run over `batches`, the inputs of `layer_names` observed; with `tensors` the
+    model is a skeleton whose decoder layers are streamed in from them, one at a time."""
     streamer = None
     if tensors is not None:
         from accelerate.utils import set_module_tensor_to_device
@@ -222,11 +232,7 @@ def calibrate(model, tensors: TensorSource | None, layer_names: list[str], token
         for name, param in list(model.named_parameters()):  # the base model's own weights; no LM head
             if name not in streamed and name in tensors.parts and id(param) not in unused:
                 set_module_tensor_to_device(model, name, "cpu", value=fetch(name))
-    windows = sum(len(batch) for batch in batches)
-    on_batch = (lambda done: progress("calibrate", done, windows)) if progress else None
-    threshold = get_method(options.method).threshold_or_default(options.threshold)
-    stats = activations.collect(model, batches, layer_names, threshold, streamer, on_batch)
-    return stats, info
+    return activations.collect(model, batches, layer_names, threshold, streamer, on_batch)
 
 
 def calibrated_columns(stats: activations.ActivationStats, threshold: float, ratio: float) -> tuple[dict[str, torch.Tensor], dict]:
@@ -384,13 +390,18 @@ def quantize_checkpoint(src: str, out: str | os.PathLike, options: QuantizeOptio
     with writing(out, force) as tmp:  # made before calibration: an unwritable OUT fails now, not minutes later
         check_free_space(tmp, expected_bytes)
         outliers, input_max, calibration = {}, {}, {"samples": 0}
-        if method.decomposition and options.calib_samples > 0:
-            if tokenizer is None:
-                tokenizer = models.load_tokenizer(source)
-            stats, calibration = calibrate(model, tensors if streaming else None, list(layers), tokenizer, options, progress)
-            outliers, ratio_info = calibrated_columns(stats, options.threshold, options.outlier_ratio)
-            calibration.update(ratio_info)
-            input_max = stats.col_max
+        with watching(model, layers) as probe:  # which layers the model uses as linear layers (nn/probe.py), seen in the pass that runs anyway
+            if method.decomposition and options.calib_samples > 0:
+                if tokenizer is None:
+                    tokenizer = models.load_tokenizer(source)
+                stats, calibration = calibrate(model, tensors if streaming else None, list(layers), tokenizer, options, progress)
+                outliers, ratio_info = calibrated_columns(stats, options.threshold, options.outlier_ratio)
+                calibration.update(ratio_info)
+                input_max = stats.col_max
+            else:
+                forward_pass(model, tensors if streaming else None, [probe_ids(model)], [], options.threshold)
+        kept = probe.reasons
+        layers = {name: module for name, module in layers.items() if name not in kept}
         groups, clamped = [], []
         for name in model.state_dict():
             if name not in tensors.parts:
@@ -407,6 +418,8 @@ def quantize_checkpoint(src: str, out: str | os.PathLike, options: QuantizeOptio
         if method.rotation:
             block["rotation"] = {"block": options.rotation_block}
         block["source"] = src if source.kind == "hub" or src in models.ALIASES else str(Path(src).expanduser().absolute())
+        if kept:
+            block["kept_16bit"] = kept  # linear layers the model does not use as such, and why (nn/probe.py)
         hashes = write_tensors(tmp, groups, options.max_shard_bytes, progress and (lambda done, total: progress("write", done, total)))
         config_dict = config.to_dict()
         config_dict.update({"dtype": str(dtype).removeprefix("torch."), "quantization_config": block})
@@ -421,7 +434,7 @@ def quantize_checkpoint(src: str, out: str | os.PathLike, options: QuantizeOptio
         **({"rotation_block": options.rotation_block} if method.rotation else {}),
         "dtype": str(dtype).removeprefix("torch."), "files": files, "size_bytes": size,
         "fp16_size_bytes": fp16_bytes, "ratio_vs_fp16": round(size / fp16_bytes, 4),
-        "quantized_layers": len(layers), "parameters": parameter_report(model, layers.values()), "calibration": calibration,
+        "quantized_layers": len(layers), "parameters": parameter_report(model, layers.values(), kept), "calibration": calibration,
         "outlier_columns": activations.outlier_summary(outliers),
         "outlier_columns_total": sum(int(v.numel()) for v in outliers.values()),
         "clamped_tensors": clamped,

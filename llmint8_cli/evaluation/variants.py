@@ -31,6 +31,7 @@ from llmint8_cli.core.reference import FIRST_ROTATION_BLOCK, ROTATION_BLOCK
 from llmint8_cli.errors import InvalidArgumentError, LLMInt8Error
 from llmint8_cli.nn.convert import kept_line, parameter_report, quantizable_layers, quantize_model
 from llmint8_cli.nn.experts import unfuse_experts
+from llmint8_cli.nn.probe import linear_use
 from llmint8_cli.nn.linear import Int8Linear
 from llmint8_cli.placement import Placement
 
@@ -179,6 +180,7 @@ def subject(spec: str, methods: list[Method], threshold: float | None, dtype: to
         return _streamed(spec, source, tokenizer, ordered, thresholds, dtype, placement, calibration, held_out, rotation_block)
     base = models.load_model(source, dtype=dtype).to(device)
     unfuse_experts(base)  # experts as linear layers, quantized like any other (the same function in 16-bit)
+    kept = linear_use(base, dict(quantizable_layers(base)))  # linear layers the model does not use as such stay 16-bit, in every variant
     outliers, ratio_info, input_max, info, stats = {}, {}, {}, None, None
     decomposing = [m.name for m in methods if m.decomposition]
     if calibrated and decomposing:  # one pass; each method's stored columns at its own threshold
@@ -197,14 +199,14 @@ def subject(spec: str, methods: list[Method], threshold: float | None, dtype: to
             return base
         return quantize_model(copy.deepcopy(base), name, thresholds[name], outliers=outliers.get(name),
                               input_max=input_max if method.smoothing else None, alpha=calibration.smooth_alpha if calibration else DEFAULT_SMOOTH_ALPHA,
-                              rotation_block=rotation_block)
+                              rotation_block=rotation_block, kept=kept)
 
     def generate() -> Iterator[tuple[str, torch.nn.Module]]:
         for name in ordered:
             yield name, variant(name)
 
     stored_columns = {n: sum(int(v.numel()) for v in columns.values()) for n, columns in outliers.items()}
-    parameters = parameter_report(base, [module for _, module in quantizable_layers(base)])
+    parameters = parameter_report(base, [module for name, module in quantizable_layers(base) if name not in kept], kept)
     return Subject(source.label, source, tokenizer, base.config, generate(), [], calibration=info, rotation_block=rotation_block, thresholds=thresholds,
                    stored_columns=stored_columns, ratio_info=ratio_info, parameters=parameters)
 
@@ -260,6 +262,7 @@ def _streamed(spec: str, source: models.ModelSource, tokenizer, ordered: list[st
                 continue
             chosen = replace(options, method=name, threshold=thresholds[name], rotation_block=rotation_block, given=frozenset())
             model, summary = placed_quantized(spec, work / name, chosen, dtype, placement)
+            result.parameters = summary["parameters"]  # with the layers quantize kept 16-bit, and why
             if get_method(name).decomposition and summary["calibration"].get("samples"):  # recorded as the in-memory path's one calibration records it
                 shared = {k: v for k, v in summary["calibration"].items() if k not in RATIO_INFO}  # the ratio is each method's own
                 result.calibration = {**shared, **({"note": note} if note else {}), **({"smoothing_alpha": options.smooth_alpha} if smoothing else {})}
@@ -368,7 +371,7 @@ def _stored(folder: str, dtype: torch.dtype, device: torch.device, verify: bool,
             yield BASELINE, models.load_model(baseline, dtype=dtype, placement=placement) if placement else models.load_model(baseline, dtype=dtype).to(device)
         yield block["method"], quantized
 
-    parameters = parameter_report(quantized, [m for m in quantized.modules() if isinstance(m, Int8Linear)])
+    parameters = parameter_report(quantized, [m for m in quantized.modules() if isinstance(m, Int8Linear)], block.get("kept_16bit"))
     return Subject(label, models.ModelSource("folder", str(folder)), tokenizer, quantized.config, generate(), notes, baseline, calibration=calibration, stored=True,
                    rotation_block=stored_rotation_block(block) or ROTATION_BLOCK, thresholds={block["method"]: block["threshold"]}, parameters=parameters)
 

@@ -43,38 +43,50 @@ def quantizable_layers(model: nn.Module, skip: Iterable[str] = ()) -> Iterator[t
         yield name, module
 
 
-def kept_in_16_bit(model: nn.Module) -> dict[str, int]:
-    """Weight matrices that stay 16-bit for no reason a user chose: not a linear layer (those are
-    quantized or --skip'ped), not an embedding or the LM head (the paper's rule). Mixture-of-experts
-    blocks keep their experts as 3-D tensors and their router as a matrix, for example.
-    {module name, layer numbers as *: parameters}."""
+NOT_LINEAR = "not a linear layer"
+
+
+def kept_in_16_bit(model: nn.Module, kept_linears: Mapping[str, str] | None = None) -> dict[str, dict]:
+    """Weight matrices that stay 16-bit for no reason a user chose, with the reason: not a linear
+    layer (those are quantized or --skip'ped), or a linear layer the model does not use as one
+    (`kept_linears`, nn/probe.py); embeddings and the LM head are the paper's rule. Mixture-of-experts
+    blocks keep their router as a matrix, for example.
+    {module name, layer numbers as *: {"parameters": n, "reason": why}}."""
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    kept: dict[str, int] = {}
+    kept_linears = kept_linears or {}
+    kept: dict[str, dict] = {}
     for name, module in model.named_modules():
-        if isinstance(module, (nn.Linear, Conv1D, Int8Linear, nn.Embedding)) or module is head:
+        if name in kept_linears:
+            reason = kept_linears[name]
+        elif isinstance(module, (nn.Linear, Conv1D, Int8Linear, nn.Embedding)) or module is head:
             continue
+        else:
+            reason = NOT_LINEAR
         count = sum(p.numel() for p in module.parameters(recurse=False) if p.dim() >= 2)
         if count:
-            pattern = re.sub(r"\.\d+(?=\.|$)", ".*", name)
-            kept[pattern] = kept.get(pattern, 0) + count
+            entry = kept.setdefault(re.sub(r"\.\d+(?=\.|$)", ".*", name), {"parameters": 0, "reason": reason})
+            entry["parameters"] += count
     return kept
 
 
-def parameter_report(model: nn.Module, int8_layers: Iterable[nn.Module]) -> dict:
-    """How many of the model's parameters are int8, and which matrices stay 16-bit unasked (for the JSON)."""
+def parameter_report(model: nn.Module, int8_layers: Iterable[nn.Module], kept_linears: Mapping[str, str] | None = None) -> dict:
+    """How many of the model's parameters are int8, and which matrices stay 16-bit unasked and why (for the JSON)."""
     int8_layers = list(int8_layers)
     int8 = sum(m.weight.numel() for m in int8_layers)
-    total = sum(p.numel() for p in model.parameters()) + sum(m.weight.numel() for m in int8_layers if isinstance(m, Int8Linear))  # tied once; int8 rows are buffers
-    return {"total": total, "int8": int8, "int8_share": round(int8 / max(total, 1), 4), "kept_16bit": kept_in_16_bit(model)}
+    tied = getattr(model, "all_tied_weights_keys", None) or {}  # {alias: the tensor stored once}; on meta a tie may be two tensors
+    distinct = {id(p): p.numel() for name, p in model.named_parameters(remove_duplicate=False) if name not in tied}
+    total = sum(distinct.values()) + sum(m.weight.numel() for m in int8_layers if isinstance(m, Int8Linear))  # tied once; int8 rows are buffers
+    return {"total": total, "int8": int8, "int8_share": round(int8 / max(total, 1), 4), "kept_16bit": kept_in_16_bit(model, kept_linears)}
 
 
 def kept_line(report: dict) -> str | None:
-    """One stderr line naming what stays 16-bit unasked, with its share of the parameters; None if nothing does."""
+    """One stderr line naming what stays 16-bit unasked, why, and its share of the parameters; None if nothing does."""
     kept = report["kept_16bit"]
     if not kept:
         return None
-    parts = ", ".join(f"{name} ({100 * count / report['total']:.1f} % of parameters)" for name, count in sorted(kept.items(), key=lambda item: -item[1]))
-    return f"kept in 16-bit because llmint8 quantizes linear layers only: {parts}; {100 * report['int8_share']:.1f} % of parameters are int8"
+    parts = ", ".join(f"{name} ({100 * entry['parameters'] / report['total']:.1f} % of parameters: {entry['reason']})"
+                      for name, entry in sorted(kept.items(), key=lambda item: -item[1]["parameters"]))
+    return f"kept in 16-bit: {parts}; {100 * report['int8_share']:.1f} % of parameters are int8"
 
 
 def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
@@ -91,10 +103,13 @@ def quantize_model(
     input_max: Mapping[str, torch.Tensor] | None = None,
     alpha: float = DEFAULT_SMOOTH_ALPHA,
     rotation_block: int = ROTATION_BLOCK,
+    kept: Mapping[str, str] | None = None,
 ) -> nn.Module:
     """Replace the model's linear layers by Int8Linear in place and return the model.
 
-    Embeddings, norms and the LM head stay 16-bit (tied weights stay tied). `outliers` maps a
+    Only layers the model uses as linear layers are converted (`kept`: {name: why not}, observed by
+    nn.probe.linear_use, which runs here when `kept` is None; the verdicts are on the model as
+    `llmint8_kept_16bit`). Embeddings, norms and the LM head stay 16-bit (tied weights stay tied). `outliers` maps a
     layer name to its calibrated outlier columns and `input_max` to its calibrated max |x| per
     input feature (what smoothing methods need, with `alpha`); rotation methods rotate in Hadamard
     blocks `rotation_block` wide; `threshold` None is the method's own (6.0, or 60 for
@@ -105,7 +120,12 @@ def quantize_model(
     if not spec.quantized:
         return model
     outliers, input_max = outliers or {}, input_max or {}
-    layers = list(quantizable_layers(model, skip))
+    if kept is None:
+        from llmint8_cli.nn.probe import linear_use
+
+        kept = linear_use(model, dict(quantizable_layers(model, skip)))
+    model.llmint8_kept_16bit = dict(kept)
+    layers = [(name, module) for name, module in quantizable_layers(model, skip) if name not in kept]
     if spec.rotation:
         check_rotation_block(rotation_block)
     if spec.smoothing:
