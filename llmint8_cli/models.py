@@ -372,12 +372,22 @@ def load_model(source: ModelSource, dtype: torch.dtype | None = None, placement=
     model = _loaded(source, "cannot load as a causal LM", lambda trust: AutoModelForCausalLM.from_pretrained(name, trust_remote_code=trust, **kwargs))
     if placement is not None and source.kind == "gguf":
         from accelerate import dispatch_model
+        from accelerate.utils import offload_state_dict
 
         kwargs["device_map"] = placement.device_map(model, model.dtype, source.label)
+        on_disk = {key: tensor for key, tensor in model.state_dict().items() if placed_on(kwargs["device_map"], key) == "disk"}
+        if on_disk:  # written here: accelerate finds no weight of the root module "" itself, whose map sends everything to disk
+            offload_state_dict(placement.offload_folder, on_disk)
         model = dispatch_model(model, kwargs["device_map"], offload_dir=placement.offload_folder)
     if placement is not None:
         model.hf_device_map = kwargs["device_map"]  # transformers leaves it unset where the map is one device
     return model.eval()
+
+
+def placed_on(device_map: dict, key: str):
+    """Where a device map puts a tensor: the entry of its longest enclosing module ("" encloses all)."""
+    module = max((name for name in device_map if name == "" or key == name or key.startswith(name + ".")), key=len)
+    return device_map[module]
 
 
 def input_device(model) -> torch.device:

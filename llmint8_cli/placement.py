@@ -10,10 +10,12 @@ then what transformers loads with, and what the commands print and record.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import shutil
 import tempfile
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -39,6 +41,7 @@ class Placement:
     explicit: dict | None  # module name -> device
     max_memory: dict | None  # device (int GPU index, "cpu") -> bytes
     offload_folder: str | None
+    from_python: bool = False  # asked for with load()'s arguments: messages name those, not the CLI's options
 
     @classmethod
     def of(cls, device_map: str | dict, max_memory: dict | None = None, offload_folder: str | None = None) -> Placement:
@@ -49,7 +52,7 @@ class Placement:
         memory = None if max_memory is None else {
             parse_device(device, "max_memory"): size if isinstance(size, int) else parse_size(str(size), "max_memory") for device, size in max_memory.items()
         }
-        return cls(None if explicit is not None else device_map, explicit, memory, None if offload_folder is None else str(offload_folder))
+        return cls(None if explicit is not None else device_map, explicit, memory, None if offload_folder is None else str(offload_folder), from_python=True)
 
     def main_device(self) -> torch.device:
         """Where inputs start: the first GPU the placement may use, else the CPU."""
@@ -57,10 +60,6 @@ class Placement:
             return main_device(self.explicit)
         gpus = [d for d in self.max_memory if isinstance(d, int)] if self.max_memory is not None else list(range(torch.cuda.device_count()))
         return torch.device("cuda", min(gpus)) if gpus else torch.device("cpu")
-
-    def arguments(self) -> dict:
-        """The keyword arguments of `llmint8_cli.load` that give this placement."""
-        return {"device_map": self.explicit if self.explicit is not None else self.strategy, "max_memory": self.max_memory, "offload_folder": self.offload_folder}
 
     def device_map(self, model: torch.nn.Module, dtype: torch.dtype, label: str, buffers_are_weights: bool = False) -> dict:
         """module -> device for `model` (a skeleton on meta is enough): checked devices, every
@@ -76,8 +75,9 @@ class Placement:
             device_map = infer(model, self.strategy, self.max_memory, dtype, buffers_are_weights)
         if "disk" in device_map.values() and not self.offload_folder:
             memory = ", ".join(f"{device}={human_size(size)}" for device, size in (self.max_memory or {}).items()) or "what is free on this machine"
-            raise InvalidArgumentError(f"{label} ({human_size(model_bytes(model, dtype))} of weights) does not fit in {memory}: "
-                                       "give more with --max-memory, or --offload-folder DIR to keep the rest on disk")
+            more = "max_memory={...}, or offload_folder=DIR" if self.from_python else "--max-memory, or --offload-folder DIR"
+            raise InvalidArgumentError(f"{label} ({human_size(model_bytes(model, dtype))} of weights in {str(dtype).removeprefix('torch.')}) does not fit in "
+                                       f"{memory}: give more with {more} to keep the rest on disk")
         return device_map
 
 
@@ -164,6 +164,31 @@ def check_writable_folder(folder: Path, option: str) -> None:
             pass
     except OSError as exc:
         raise InvalidArgumentError(f"{option} {folder}: cannot write there ({exc.strerror or exc})") from None
+
+
+def for_this_run(chosen: Placement | None, at_end) -> Placement | None:
+    """The CLI's placement: what accelerate offloads goes to a folder of this run inside
+    --offload-folder, removed by `at_end` (a callback registrar: when the command ends, Ctrl-C and
+    SIGTERM too), and the --offload-folder itself with it where the run made it; the disk is left
+    as it was found."""
+    if chosen is None or chosen.offload_folder is None:
+        return chosen
+    folder = Path(chosen.offload_folder).absolute()
+    made = [p for p in (folder, *folder.parents) if not p.exists()]  # innermost first
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        run = Path(tempfile.mkdtemp(prefix="llmint8-offload-", dir=folder))
+    except OSError as exc:
+        raise InvalidArgumentError(f"--offload-folder {chosen.offload_folder}: cannot write there ({exc.strerror or exc})") from None
+
+    def remove() -> None:
+        shutil.rmtree(run, ignore_errors=True)
+        for parent in made:
+            with contextlib.suppress(OSError):
+                parent.rmdir()
+
+    at_end(remove)
+    return replace(chosen, offload_folder=str(run))
 
 
 def main_device(device_map: dict) -> torch.device:

@@ -12,7 +12,7 @@ from llmint8_cli.checkpoint.format import read_quantization_config, stored_rotat
 from llmint8_cli.checkpoint.manifest import verify, verifying
 from llmint8_cli.checkpoint.sources import DTYPES, read_header
 from llmint8_cli.core.reference import ROTATION_BLOCK
-from llmint8_cli.errors import CheckpointError, LLMInt8Error, one_line
+from llmint8_cli.errors import CheckpointError, InvalidArgumentError, LLMInt8Error, one_line
 from llmint8_cli.nn.convert import quantizable_layers, replace_module
 from llmint8_cli.nn.linear import Int8Linear
 
@@ -99,13 +99,16 @@ def load(path, device_map=None, dtype: torch.dtype | None = None, verify_files: 
 
     `dtype` casts the 16-bit tensors (int8 and scales are never cast), e.g. fp32 for fast CPU runs;
     `device_map` ("auto", "balanced", "balanced_low_0", "sequential" or a dict of module ->
-    device), `max_memory` and `offload_folder` are transformers' (accelerate's): the map is
-    computed before any weight is read, and a model that does not fit is refused then.
+    device; the CLI passes its own placement.Placement), `max_memory` and `offload_folder` are
+    transformers' (accelerate's): the map is computed before any weight is read, a model that does
+    not fit is refused then, and `max_memory` counts the weights as they are held, in `dtype`.
     """
     from llmint8_cli.placement import Placement
 
     from transformers import AutoModelForCausalLM
 
+    if device_map is None and (max_memory is not None or offload_folder is not None):
+        raise InvalidArgumentError("max_memory and offload_folder place a model with device_map: give one too (device_map=\"auto\")")
     folder = Path(path)
     block = read_quantization_config(folder)
     if block is None:
@@ -113,7 +116,7 @@ def load(path, device_map=None, dtype: torch.dtype | None = None, verify_files: 
     dtype = dtype or getattr(torch, block["dtype"])
     placed = {}
     if device_map is not None:  # from the headers (our parser, checked shapes): a model that does not fit is refused before a weight is read
-        placement = Placement.of(device_map, max_memory, offload_folder)
+        placement = device_map if isinstance(device_map, Placement) else Placement.of(device_map, max_memory, offload_folder)  # the CLI's own, or transformers' arguments
         device_map = placed_device_map(folder, block, dtype, placement)
         # Int8Linear's int8 rows are buffers: offloaded with the parameters, or they would all sit on the main device
         placed = {"device_map": device_map, "offload_folder": placement.offload_folder, "offload_buffers": bool({"cpu", "disk"} & set(device_map.values()))}

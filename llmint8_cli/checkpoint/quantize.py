@@ -34,14 +34,14 @@ from llmint8_cli.nn.convert import Conv1D, parameter_report, quantizable_layers
 from llmint8_cli.nn.experts import unfuse_experts
 from llmint8_cli.nn.probe import probe_ids, watching
 
-DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
+DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}  # fp32: twice the size, for a copy that must compute as an fp32 source does
 
 
 @dataclass
 class QuantizeOptions:
     method: str = DEFAULT_METHOD
     threshold: float | None = None  # None: the method's own (Method.default_threshold)
-    dtype: str = "auto"  # fp16 | bf16 | auto (the source's 16-bit dtype, fp32 sources -> fp16)
+    dtype: str = "auto"  # fp16 | bf16 | fp32 | auto (the source's 16-bit dtype, fp32 sources -> fp16)
     skip: list[str] = field(default_factory=list)
     calib_samples: int = 32
     calib_seq_len: int = 512
@@ -109,7 +109,7 @@ def target_dtype(option: str, source_dtype: torch.dtype) -> torch.dtype:
     if option == "auto":
         return source_dtype if source_dtype in (torch.float16, torch.bfloat16) else torch.float16
     if option not in DTYPES:
-        raise InvalidArgumentError(f"--dtype must be fp16, bf16 or auto, got {option!r}")
+        raise InvalidArgumentError(f"--dtype must be fp16, bf16, fp32 or auto, got {option!r}")
     return DTYPES[option]
 
 

@@ -8,6 +8,7 @@ result is not finite (null in the JSON, with the reason), 1 an unexpected intern
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import functools
 import io
 import json
@@ -242,7 +243,9 @@ class OneLineErrors(TyperGroup):
             where = f" (see '{exc.ctx.command_path} --help')" if getattr(exc, "ctx", None) is not None else ""
             print(f"llmint8: error: {exc.format_message()}{where}", file=sys.stderr)
             sys.exit(EXIT_BAD_INPUT)
-        except OSError as exc:  # the help or the version into a full or closed stdout (a command's own errors never get here)
+        except OSError as exc:  # the help or the version into a full or closed stdout (a command's own errors get here only to be debugged)
+            if os.environ.get("LLMINT8_DEBUG"):
+                raise
             print(f"llmint8: error: cannot write to stdout: {stdout_lost(exc)}", file=sys.stderr)
             sys.exit(EXIT_BAD_INPUT)
         sys.exit(code if isinstance(code, int) else 0)
@@ -296,16 +299,29 @@ def terminate_like_interrupt():
             signal.signal(s, handler)
 
 
+_AT_END: contextvars.ContextVar[contextlib.ExitStack] = contextvars.ContextVar("llmint8_at_end")
+
+
+def at_end(callback: Callable[[], None]) -> None:
+    """Run `callback` when the command ends, however it ends (an error, Ctrl-C, SIGTERM)."""
+    _AT_END.get().callback(callback)
+
+
 def command(function: Callable) -> Callable:
     """Turn library errors into `llmint8: error: ...` and an exit code, never a traceback; a
-    command's `--trust-remote-code` holds for every model it loads (models.trusting_remote_code)."""
+    command's `--trust-remote-code` holds for every model it loads (models.trusting_remote_code),
+    and what it registered with `at_end` runs as it ends."""
 
     @functools.wraps(function)
     def wrapper(*args, **kwargs):
         quiet_libraries()
         try:
-            with terminate_like_interrupt(), models.trusting_remote_code(kwargs.get("trust_remote_code", False)):
-                return function(*args, **kwargs)
+            with (terminate_like_interrupt(), models.trusting_remote_code(kwargs.get("trust_remote_code", False)), contextlib.ExitStack() as cleanup):
+                token = _AT_END.set(cleanup)
+                try:
+                    return function(*args, **kwargs)
+                finally:
+                    _AT_END.reset(token)
         except typer.Exit:
             raise
         except LLMInt8Error as exc:
@@ -338,7 +354,7 @@ def chosen_placement(ctx: typer.Context, device: str, device_map: str | None, ma
     """(the placement asked for, the device inputs start on): --device-map, or the one --device."""
     from llmint8_cli.evaluation.variants import resolve_device
 
-    chosen = placement.parse(device_map, max_memory, offload_folder)
+    chosen = placement.for_this_run(placement.parse(device_map, max_memory, offload_folder), at_end)
     if chosen is None:
         return None, resolve_device(device)
     if "device" in given_options(ctx):

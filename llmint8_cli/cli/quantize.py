@@ -20,7 +20,7 @@ def quantize(
     out: Annotated[str, typer.Argument(help="Output folder (written atomically).")],
     method: Annotated[str, typer.Option(help=f"One of: {', '.join(m for m in METHODS if m != 'fp16')}.")] = DEFAULT_METHOD,
     threshold: Threshold = None,
-    dtype: Annotated[str, typer.Option(help="16-bit dtype of the unquantized tensors: fp16, bf16, or auto (the source's; fp32 -> fp16).")] = "auto",
+    dtype: Annotated[str, typer.Option(help="dtype of the unquantized tensors: fp16, bf16, auto (the source's; fp32 -> fp16), or fp32 (twice the size of fp16).")] = "auto",
     skip: Annotated[list[str] | None, typer.Option(help="Glob of module names to keep 16-bit (repeatable), e.g. '*.mlp.down_proj'.")] = None,
     calib_samples: CalibSamples = QuantizeOptions.calib_samples,
     calib_seq_len: CalibSeqLen = QuantizeOptions.calib_seq_len,

@@ -215,7 +215,7 @@ def load_folder(folder, dtype: torch.dtype, verify: bool, device: torch.device, 
     """An llmint8 folder on `device`, or spread over devices as `placement` says."""
     if placement is None:
         return load(folder, dtype=dtype, verify_files=verify).to(device)
-    return load(folder, dtype=dtype, verify_files=verify, **placement.arguments())
+    return load(folder, dtype=dtype, verify_files=verify, device_map=placement)
 
 
 def placed_quantized(spec: str, folder: Path, options: QuantizeOptions, dtype: torch.dtype, placement: Placement) -> tuple[torch.nn.Module, dict]:
@@ -247,11 +247,9 @@ def _streamed(spec: str, source: models.ModelSource, tokenizer, ordered: list[st
     options = calibration or QuantizeOptions(calib_samples=0)
     options, note = held_out_options(options, held_out) if options.calib_samples > 0 else (options, None)
     smoothing = any(get_method(n).smoothing for n in ordered)
-    notes = []
-    if getattr(config, "dtype", None) not in (torch.float16, torch.bfloat16) and len(ordered) > 1:
-        notes.append(f"{source.label} is not stored in 16-bit: quantized as `llmint8 quantize` writes it, its unquantized tensors (embeddings, norms, "
-                     "LM head, outlier columns) are rounded to fp16, which an evaluation on one device keeps in fp32; its figures can differ slightly")
-    result = Subject(source.label, source, tokenizer, config, iter(()), notes, thresholds=thresholds, rotation_block=rotation_block,
+    # the copies keep what is not int8 as a one-device evaluation computes it: an fp32 source's in the compute dtype, not rounded to fp16
+    stored = "auto" if getattr(config, "dtype", None) in (torch.float16, torch.bfloat16) else next(short for short, full in DTYPES.items() if full == dtype)
+    result = Subject(source.label, source, tokenizer, config, iter(()), [], thresholds=thresholds, rotation_block=rotation_block,
                      parameters=parameter_report(skeleton, [module for _, module in quantizable_layers(skeleton)]))
     work = scratch_folder(placement)
 
@@ -260,7 +258,7 @@ def _streamed(spec: str, source: models.ModelSource, tokenizer, ordered: list[st
             if name == BASELINE:
                 yield name, models.load_model(source, dtype=dtype, placement=placement)
                 continue
-            chosen = replace(options, method=name, threshold=thresholds[name], rotation_block=rotation_block, given=frozenset())
+            chosen = replace(options, method=name, threshold=thresholds[name], rotation_block=rotation_block, dtype=stored, given=frozenset())
             model, summary = placed_quantized(spec, work / name, chosen, dtype, placement)
             result.parameters = summary["parameters"]  # with the layers quantize kept 16-bit, and why
             if get_method(name).decomposition and summary["calibration"].get("samples"):  # recorded as the in-memory path's one calibration records it
