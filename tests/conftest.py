@@ -43,6 +43,8 @@ needs_data = pytest.mark.skipif(not (DATA / "wikitext-2-raw" / "wiki.test.raw").
 
 ARCHITECTURES = ("llama", "opt", "gpt2", "gemma3", "gpt_neox", "gptj", "bloom", "falcon", "phi", "mistral", "qwen2", "mixtral", "qwen2_moe")
 LINEAR_MISUSE = ("mamba", "phimoe")  # a layer whose weight the model reads (Mamba's dt_proj), a Linear whose forward is no linear map (PhiMoE's router)
+MORE_ARCHITECTURES = ("phi3", "qwen3", "qwen3_moe", "olmo", "olmo2", "stablelm", "gpt_bigcode", "cohere", "granite", "granitemoe", "deepseek_v2", "deepseek_v3",
+                      "jamba", "gemma2", "starcoder2", "glm", "smollm3", "mpt", "codegen", "opt350m", "llama4_text", "gpt_oss")
 
 
 def tiny_config(arch: str):
@@ -61,6 +63,38 @@ def tiny_config(arch: str):
         "mistral": lambda: transformers.MistralConfig(intermediate_size=64, num_key_value_heads=2, max_position_embeddings=256, **small),
         "qwen2": lambda: transformers.Qwen2Config(intermediate_size=64, num_key_value_heads=2, max_position_embeddings=256, **small),
         "mixtral": lambda: transformers.MixtralConfig(intermediate_size=64, num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2, max_position_embeddings=256, **small),
+        "phi3": lambda: transformers.Phi3Config(intermediate_size=64, num_key_value_heads=2, max_position_embeddings=256, **small),
+        "qwen3": lambda: transformers.Qwen3Config(intermediate_size=64, num_key_value_heads=2, head_dim=8, max_position_embeddings=256, **small),
+        "qwen3_moe": lambda: transformers.Qwen3MoeConfig(intermediate_size=64, moe_intermediate_size=48, num_experts=4, num_experts_per_tok=2, num_key_value_heads=2,
+                                                         head_dim=8, max_position_embeddings=256, **small),
+        "olmo": lambda: transformers.OlmoConfig(intermediate_size=64, max_position_embeddings=256, **small),
+        "olmo2": lambda: transformers.Olmo2Config(intermediate_size=64, max_position_embeddings=256, **small),
+        "stablelm": lambda: transformers.StableLmConfig(intermediate_size=64, num_key_value_heads=4, max_position_embeddings=256, **small),
+        "gpt_bigcode": lambda: transformers.GPTBigCodeConfig(n_embd=32, n_layer=2, n_head=4, n_positions=256, **common),
+        "cohere": lambda: transformers.CohereConfig(intermediate_size=64, max_position_embeddings=256, **small),
+        "granite": lambda: transformers.GraniteConfig(intermediate_size=64, max_position_embeddings=256, **small),
+        "granitemoe": lambda: transformers.GraniteMoeConfig(intermediate_size=64, num_local_experts=4, num_experts_per_tok=2, max_position_embeddings=256, **small),
+        "deepseek_v2": lambda: transformers.DeepseekV2Config(intermediate_size=64, moe_intermediate_size=32, n_routed_experts=4, num_experts_per_tok=2, n_shared_experts=1,
+                                                             first_k_dense_replace=1, kv_lora_rank=16, q_lora_rank=None, qk_rope_head_dim=8, v_head_dim=8,
+                                                             qk_nope_head_dim=8, max_position_embeddings=256, **small),
+        "deepseek_v3": lambda: transformers.DeepseekV3Config(intermediate_size=64, moe_intermediate_size=32, n_routed_experts=4, num_experts_per_tok=2, n_shared_experts=1,
+                                                             first_k_dense_replace=1, kv_lora_rank=16, q_lora_rank=16, qk_rope_head_dim=8, v_head_dim=8,
+                                                             qk_nope_head_dim=8, n_group=1, topk_group=1, max_position_embeddings=256, **small),
+        "jamba": lambda: transformers.JambaConfig(intermediate_size=64, num_experts=2, num_experts_per_tok=1, expert_layer_period=2, expert_layer_offset=1,
+                                                  attn_layer_period=2, attn_layer_offset=1, mamba_d_state=8, mamba_dt_rank=4, num_key_value_heads=2,
+                                                  use_mamba_kernels=False, **small),
+        "gemma2": lambda: transformers.Gemma2Config(intermediate_size=64, num_key_value_heads=2, head_dim=8, max_position_embeddings=256, **small),
+        "starcoder2": lambda: transformers.Starcoder2Config(intermediate_size=64, num_key_value_heads=2, max_position_embeddings=256, **small),
+        "glm": lambda: transformers.GlmConfig(intermediate_size=64, num_key_value_heads=2, head_dim=8, max_position_embeddings=256, **small),
+        "smollm3": lambda: transformers.SmolLM3Config(intermediate_size=64, num_key_value_heads=2, max_position_embeddings=256, **small),
+        "mpt": lambda: transformers.MptConfig(d_model=32, n_heads=4, n_layers=2, max_seq_len=256, **common),
+        "codegen": lambda: transformers.CodeGenConfig(n_embd=32, n_layer=2, n_head=4, n_positions=256, rotary_dim=4, **common),
+        "opt350m": lambda: OPTConfig(hidden_size=32, ffn_dim=64, num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=256, word_embed_proj_dim=24,
+                                     do_layer_norm_before=False, **common),  # project_in / project_out around the decoder, as opt-350m
+        "llama4_text": lambda: transformers.Llama4TextConfig(intermediate_size=64, intermediate_size_mlp=64, num_local_experts=4, num_experts_per_tok=1,
+                                                             num_key_value_heads=2, head_dim=8, max_position_embeddings=256, **small),
+        "gpt_oss": lambda: transformers.GptOssConfig(intermediate_size=64, num_local_experts=4, num_experts_per_tok=2, num_key_value_heads=2, head_dim=8,
+                                                     max_position_embeddings=256, **small),
         "mamba": lambda: transformers.MambaConfig(hidden_size=32, num_hidden_layers=2, state_size=8, **common),
         "phimoe": lambda: transformers.PhimoeConfig(intermediate_size=64, num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2, max_position_embeddings=256,
                                                     **small),
@@ -81,14 +115,14 @@ def tiny_config(arch: str):
 
 
 def tiny_model(arch: str, seed: int = 0, outlier_scale: float = 0.0):
-    """A random model; outlier_scale > 0 plants large features in the input embeddings (columns 3 and 17)."""
+    """A random model; outlier_scale > 0 plants large features in the input embeddings (columns 3 and 10)."""
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(tiny_config(arch)).eval()
     if outlier_scale:
         with torch.no_grad():
-            model.get_input_embeddings().weight[:, [3, 17]] *= outlier_scale
+            model.get_input_embeddings().weight[:, [3, 10]] *= outlier_scale
     return model
 
 

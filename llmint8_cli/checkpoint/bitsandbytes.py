@@ -82,6 +82,32 @@ def skip_modules(config: dict, quantized: list[str], src: Path) -> list[str]:
     return [name for name, module in modules.items() if isinstance(module, (torch.nn.Linear, Conv1D)) and name not in set(quantized)]
 
 
+def refuse_unloadable(config: dict, written: set[str], src: Path) -> None:
+    """The model transformers + bitsandbytes build from the export's config (on meta, through
+    transformers' own bitsandbytes quantizer) must find every weight it holds among the tensors
+    the export writes: where it builds modules of its own (Llama-4's experts become one linear
+    layer per expert), the folder would load with random weights, so it is refused. Without
+    bitsandbytes the check cannot be made and the export is written."""
+    import importlib.util
+
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM, BitsAndBytesConfig
+    from transformers.quantizers import AutoHfQuantizer
+
+    if importlib.util.find_spec("bitsandbytes") is None:
+        return
+    plain = {key: value for key, value in config.items() if key != "quantization_config"}
+    with init_empty_weights():
+        model = AutoModelForCausalLM.from_config(AutoConfig.for_model(**plain))
+    quantizer = AutoHfQuantizer.from_config(BitsAndBytesConfig.from_dict(config["quantization_config"]), pre_quantized=True)
+    quantizer.preprocess_model(model=model, device_map={"": "cpu"}, dtype=torch.float16, checkpoint_files=None)
+    tied = set(getattr(model, "all_tied_weights_keys", None) or {})
+    missing = sorted(key for key in model.state_dict() if key not in written and key not in tied and key.endswith((".weight", ".bias")))
+    if missing:
+        raise CheckpointError(f"{src}: transformers + bitsandbytes build {type(model).__name__} with {missing[0]} (and {len(missing) - 1} more tensors) that "
+                              "this export does not hold (they would load as random weights), so it is refused")
+
+
 def write_folder(out: Path, force: bool, groups: list[Group], config: dict, src: Path, max_shard_bytes: int) -> None:
     """OUT atomically: the tensors, config.json, the source's side files and a manifest."""
     with writing(out, force) as tmp:
@@ -135,6 +161,7 @@ def export(folder: str, dest: str, force: bool = False, max_shard_bytes: int = 2
     config["quantization_config"] = BitsAndBytesConfig(
         load_in_8bit=True, llm_int8_threshold=threshold, llm_int8_skip_modules=skip_modules(config, block["quantized_modules"], src),
     ).to_dict()
+    refuse_unloadable(config, {entry.name for group in groups for entry in group.entries}, src)
     write_folder(out, force, groups, config, src, max_shard_bytes)
     notes = []
     if columns:

@@ -154,6 +154,7 @@ def match_keys(model: torch.nn.Module, tensors: TensorSource) -> ModelKeyedSourc
     expected = model.state_dict()
     rename, converters = key_renamer(model)
     parts: dict[str, dict[int, str]] = {}
+    slices: dict[str, int] = {}
     for key in tensors.keys():
         name, fused_by = rename(key)
         place = 0
@@ -161,7 +162,10 @@ def match_keys(model: torch.nn.Module, tensors: TensorSource) -> ModelKeyedSourc
             name, place = expert_part(key, name, fused_by, converters)
         if name in expected:
             parts.setdefault(name, {})[place] = key
-    source = ModelKeyedSource(tensors, {name: [keys[i] for i in sorted(keys)] for name, keys in parts.items()})
+        elif f"{name}.0.weight" in expected and len(tensors.shape(key)) == 3:  # every expert of a block in one stored tensor (GraniteMoE's input_linear)
+            for expert in range(tensors.shape(key)[0]):
+                parts[f"{name}.{expert}.weight"], slices[f"{name}.{expert}.weight"] = {0: key}, expert
+    source = ModelKeyedSource(tensors, {name: [keys[i] for i in sorted(keys)] for name, keys in parts.items()}, slices)
     for name in source.keys():
         if tuple(source.shape(name)) != tuple(expected[name].shape):
             raise ModelLoadError(f"tensor {source.described(name)} has shape {list(source.shape(name))}, but the model config.json describes needs {list(expected[name].shape)}")

@@ -258,7 +258,7 @@ def quiet_libraries() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     warnings.filterwarnings("ignore")
     # the peers warn on import (torchao also through transformers); accelerate on every placed load ("offloaded to the disk": our placement line says it)
-    for name in ("lm_eval", "torchao", "torch.utils._pytree", "bitsandbytes", "accelerate"):
+    for name in ("lm_eval", "torchao", "torch.utils._pytree", "bitsandbytes", "accelerate", "kernels"):  # kernels: bitsandbytes asks the Hub for its kernels
         logging.getLogger(name).setLevel(logging.ERROR)
     try:
         from tqdm.auto import tqdm

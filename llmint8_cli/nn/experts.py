@@ -12,20 +12,27 @@ ordinary linear layers (`model.layers.0.mlp.experts.gate_up_proj.3.weight`, ...)
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 from torch import nn
 
 FUSED = ("gate_up_proj", "down_proj")
 
 
+ROUTED_CALL = ["hidden_states", "top_k_index", "top_k_weights"]  # how transformers' experts classes are called, LinearExperts too
+
+
 def is_fused_experts(module: nn.Module) -> bool:
     """A transformers experts module in the layout LinearExperts reproduces: concatenated
-    [gate; up] rows, not transposed, no biases, no norm after each expert."""
+    [gate; up] rows, not transposed, no biases, no norm after each expert, called with the routed
+    tokens (Llama-4's experts take every token, each expert's share already weighted: not this)."""
     names = {name for name, _ in module.named_parameters(recurse=False)}
     return (
         names == set(FUSED) and all(getattr(module, name).dim() == 3 for name in FUSED) and hasattr(module, "act_fn")
         and getattr(module, "has_gate", True) and not getattr(module, "has_bias", False) and not getattr(module, "is_transposed", False)
         and getattr(module, "is_concatenated", True) and not getattr(module, "has_post_expert_norm", False)
+        and list(inspect.signature(type(module).forward).parameters)[1:] == ROUTED_CALL
     )
 
 
