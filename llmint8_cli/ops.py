@@ -41,8 +41,8 @@ def quantized_weight(weight: Tensor, weight_scale: Tensor, weight_zero: Tensor |
 
 
 def register_layer(layer: torch.nn.Module) -> None:
-    """A layer (Int8Linear) that keeps the prepared state of the weight in its `weight` buffer:
-    held by the layer, the state goes with it (no table of ours keeps a weight alive)."""
+    """A layer (Int8Linear) whose `weight` buffer the op may be given: the layer keeps that weight's
+    prepared state, so the state goes with the layer (no table of ours keeps a weight alive)."""
     _LAYERS.add(layer)
 
 

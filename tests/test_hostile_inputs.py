@@ -258,30 +258,29 @@ def tiny_task_model(folder: Path) -> Path:
 PIQA_ROWS = [{"goal": f"How do I open jar {i}?", "sol1": "Twist the lid.", "sol2": "Paint the lid.", "label": i % 2} for i in range(4)]
 
 
-@pytest.mark.parametrize("name", ["plain", "a space #and hash", "x\ndoc_to_text: !function llmint8_planted_probe.run\n#", "brackets[1]*?"])
-def test_a_data_folder_name_is_never_read_as_yaml_or_a_pattern(tmp_path, monkeypatch, name):
+WEIRD_FOLDER_NAMES = ("a space #and hash", "x\ndoc_to_text: !function llmint8_planted_probe.run\n#", "brackets[1]*?")
+
+
+def test_a_data_folder_name_is_never_read_as_yaml_or_a_pattern(tmp_path, monkeypatch):
     """The task YAML is written by a dumper and `datasets` reads a copy under a name we chose: a
     newline and `!function` in the folder name import nothing, a space, `#` or glob characters
-    change nothing (the same accuracy as a plain name)."""
+    change nothing (the same answers as under a plain name)."""
     marker = tmp_path / "pwned"
     (tmp_path / "modules").mkdir()
     (tmp_path / "modules" / "llmint8_planted_probe.py").write_text(f"import pathlib\npathlib.Path({str(marker)!r}).touch()\ndef run(doc):\n    return ''\n")
     monkeypatch.syspath_prepend(str(tmp_path / "modules"))
-    data = tmp_path / "data" / name
-    (data / "piqa").mkdir(parents=True)
-    (data / "piqa" / "validation.jsonl").write_text("".join(json.dumps(row) + "\n" for row in PIQA_ROWS))
     model = tiny_task_model(tmp_path / "model")
-    result = run("eval-zeroshot", model, "--tasks", "piqa", "--methods", "fp16", "--data-dir", data, "-q")
-    assert result.exit_code == 0, result.stderr
+    tasks = {}
+    for name in ("plain", *WEIRD_FOLDER_NAMES):
+        data = tmp_path / "data" / name
+        (data / "piqa").mkdir(parents=True)
+        (data / "piqa" / "validation.jsonl").write_text("".join(json.dumps(row) + "\n" for row in PIQA_ROWS))
+        result = run("eval-zeroshot", model, "--tasks", "piqa", "--methods", "fp16", "--data-dir", data, "-q")
+        assert result.exit_code == 0, result.stderr
+        tasks[name] = json.loads(result.stdout)["tasks"]
     assert not marker.exists()
-    accuracy = json.loads(result.stdout)["tasks"]["piqa"]["fp16"]["acc"]
-    assert accuracy in (0.0, 0.25, 0.5, 0.75, 1.0)  # four real answers scored
-    if name == "plain":
-        return
-    plain = tmp_path / "data" / "plain"
-    shutil.copytree(data, plain)
-    assert json.loads(run("eval-zeroshot", model, "--tasks", "piqa", "--methods", "fp16", "--data-dir", plain, "-q").stdout)["tasks"] == \
-        json.loads(result.stdout)["tasks"]
+    assert tasks["plain"]["piqa"]["fp16"]["acc"] in (0.0, 0.25, 0.5, 0.75, 1.0)  # four real answers scored
+    assert all(answers == tasks["plain"] for answers in tasks.values())
 
 
 def with_own_code(folder: Path, marker: Path, in_file: str = "config.json", model_type: str | None = "llmint8probe") -> Path:
@@ -660,8 +659,7 @@ def cached_run(tmp_path: Path, command: str):
     return args, next((tmp_path / "cache").rglob("*.jsonl"))
 
 
-@pytest.mark.parametrize("command", ["eval-ppl", "eval-zeroshot"])
-@pytest.mark.parametrize("kind", ["symlink", "hard link", "folder"])
+@pytest.mark.parametrize(("command", "kind"), [("eval-ppl", "symlink"), ("eval-ppl", "hard link"), ("eval-ppl", "folder"), ("eval-zeroshot", "symlink")])
 def test_a_cache_file_that_is_not_ours_is_refused_and_the_users_file_is_untouched(tmp_path, command, kind):
     """A cache file linked to a user's file was cut to its complete lines through the link."""
     args, cache = cached_run(tmp_path, command)
