@@ -347,10 +347,9 @@ def load_config(source: ModelSource):
     name, kwargs = source.from_pretrained_args()
     config = _loaded(source, "unsupported or unreadable config", lambda trust: AutoConfig.from_pretrained(name, trust_remote_code=trust, **kwargs))
     if source.kind == "folder":  # before any caller builds the model it describes
-        from llmint8_cli.checkpoint.sources import read_header
+        from llmint8_cli.checkpoint.sources import safetensors_keys
 
-        keys = [key for file in sorted(Path(name).glob("*.safetensors")) for key in read_header(file)]
-        check_layer_count(config, keys, Path(name) / "config.json")
+        check_layer_count(config, safetensors_keys(Path(name)), Path(name) / "config.json")
     return config
 
 

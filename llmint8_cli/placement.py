@@ -10,7 +10,6 @@ then what transformers loads with, and what the commands print and record.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import shutil
 import tempfile
@@ -20,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from llmint8_cli.checkpoint.output import human_size, parse_size
+from llmint8_cli.checkpoint.output import human_size, missing_folders, parse_size, remove_empty
 from llmint8_cli.errors import InvalidArgumentError
 
 STRATEGIES = ("auto", "balanced", "balanced_low_0", "sequential")
@@ -144,26 +143,10 @@ def parse(device_map: str | None, max_memory: str | None, offload_folder: str | 
         if max_memory is not None or offload_folder is not None:
             raise InvalidArgumentError(f"{'--max-memory' if max_memory is not None else '--offload-folder'} places a model with --device-map; give one (e.g. --device-map auto)")
         return None
-    if offload_folder is not None:
-        check_writable_folder(Path(offload_folder), "--offload-folder")
+    if offload_folder is not None and Path(offload_folder).exists() and not Path(offload_folder).is_dir():
+        raise InvalidArgumentError(f"--offload-folder {offload_folder}: not a folder")
     explicit = None if device_map in STRATEGIES else parse_explicit(device_map)
     return Placement(None if explicit else device_map, explicit, parse_max_memory(max_memory) if max_memory is not None else None, offload_folder)
-
-
-def check_writable_folder(folder: Path, option: str) -> None:
-    """A folder llmint8 will write into, tried now with a temporary file (in its nearest existing
-    parent where it is not made yet, so nothing is left behind): a read-only one is one line
-    here, not an error from accelerate after the model was read."""
-    if folder.exists() and not folder.is_dir():
-        raise InvalidArgumentError(f"{option} {folder}: not a folder")
-    existing = next(p for p in (folder.absolute(), *folder.absolute().parents) if p.exists())
-    try:
-        if not existing.is_dir():
-            raise NotADirectoryError(20, f"{existing} is not a folder")
-        with tempfile.TemporaryFile(dir=existing):
-            pass
-    except OSError as exc:
-        raise InvalidArgumentError(f"{option} {folder}: cannot write there ({exc.strerror or exc})") from None
 
 
 def for_this_run(chosen: Placement | None, at_end) -> Placement | None:
@@ -174,18 +157,17 @@ def for_this_run(chosen: Placement | None, at_end) -> Placement | None:
     if chosen is None or chosen.offload_folder is None:
         return chosen
     folder = Path(chosen.offload_folder).absolute()
-    made = [p for p in (folder, *folder.parents) if not p.exists()]  # innermost first
-    try:
+    made = missing_folders(folder)
+    try:  # a folder that cannot be written is one line now, not an error from accelerate after the model was read
         folder.mkdir(parents=True, exist_ok=True)
         run = Path(tempfile.mkdtemp(prefix="llmint8-offload-", dir=folder))
     except OSError as exc:
+        remove_empty(made)
         raise InvalidArgumentError(f"--offload-folder {chosen.offload_folder}: cannot write there ({exc.strerror or exc})") from None
 
     def remove() -> None:
         shutil.rmtree(run, ignore_errors=True)
-        for parent in made:
-            with contextlib.suppress(OSError):
-                parent.rmdir()
+        remove_empty(made)
 
     at_end(remove)
     return replace(chosen, offload_folder=str(run))

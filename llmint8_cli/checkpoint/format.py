@@ -77,26 +77,24 @@ def config_block(folder) -> dict | None:
 LLMINT8_TENSOR_SUFFIXES = (".weight_scale", ".outlier_idx")  # every quantized layer stores both; no other format does
 
 
-def holds_llmint8_tensors(folder) -> bool:
-    """Whether a folder's safetensors hold llmint8's quantized layers, whatever its config says
-    (from the headers alone; an unreadable file is left to its loader)."""
-    from llmint8_cli.checkpoint.sources import read_header
+def holds_llmint8_tensors(keys) -> bool:
+    """Whether these tensor names are llmint8's quantized layers, whatever the config beside them says."""
+    return all(any(key.endswith(suffix) for key in keys) for suffix in LLMINT8_TENSOR_SUFFIXES)
+
+
+def refuse_lost_block(folder, block: dict | None, keys: list[str] | None = None) -> None:
+    """An llmint8 folder is recognised by its tensors (`keys`, else read from its headers; a file
+    that cannot be read is left to its loader): one whose config lost its block (or had it
+    renamed) would load as a 16-bit model holding int8 values, silently wrong."""
+    from llmint8_cli.checkpoint.sources import safetensors_keys
     from llmint8_cli.errors import LLMInt8Error
 
-    for file in sorted(Path(folder).glob("*.safetensors")):
+    if keys is None:
         try:
-            keys = read_header(file)
+            keys = safetensors_keys(folder)
         except (LLMInt8Error, OSError):
-            continue
-        if all(any(key.endswith(suffix) for key in keys) for suffix in LLMINT8_TENSOR_SUFFIXES):
-            return True
-    return False
-
-
-def refuse_lost_block(folder, block: dict | None) -> None:
-    """An llmint8 folder is recognised by its tensors: one whose config lost its block (or had it
-    renamed) would load as a 16-bit model holding int8 values, silently wrong."""
-    if holds_llmint8_tensors(folder):
+            return
+    if holds_llmint8_tensors(keys):
         found = "none" if block is None else f"quant_method {block.get('quant_method')!r}"
         raise CheckpointError(f"{Path(folder) / 'config.json'}: the folder holds llmint8 tensors (int8 weights, weight_scale, outlier_idx) but its config has "
                               f"no quantization_config with quant_method {QUANT_METHOD!r} ({found}); the config was edited or replaced: restore it")

@@ -125,14 +125,14 @@ def checked_before_building(get_hf_quantizer):
     @functools.wraps(get_hf_quantizer)
     def checked(config, *args, **kwargs):
         from llmint8_cli import models
-        from llmint8_cli.checkpoint.sources import read_header
+        from llmint8_cli.checkpoint.sources import safetensors_keys
 
         hf_quantizer, config, device_map = get_hf_quantizer(config, *args, **kwargs)
         folder = Path(str(getattr(config, "name_or_path", "") or ""))
         if str(folder) and folder.is_dir() and not kwargs.get("gguf_file"):  # a GGUF file's folder may hold anything beside it
+            keys = safetensors_keys(folder)
             if not isinstance(hf_quantizer, LLMInt8HfQuantizer):
-                refuse_lost_block(folder, config_block(folder))
-            keys = [key for file in sorted(folder.glob("*.safetensors")) for key in read_header(file)]
+                refuse_lost_block(folder, config_block(folder), keys)
             models.check_layer_count(config, keys, folder / "config.json")
         return hf_quantizer, config, device_map
 

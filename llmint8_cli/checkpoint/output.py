@@ -86,6 +86,18 @@ def _writer_alive(pid: int, start: int) -> bool:
     return start == 0 or _process_start(pid) in (0, start)
 
 
+def missing_folders(folder: Path) -> list[Path]:
+    """`folder` and those of its parents that do not exist yet, innermost first: what making it makes."""
+    return [path for path in (folder, *folder.parents) if not os.path.lexists(path)]
+
+
+def remove_empty(folders: list[Path]) -> None:
+    """Remove what a run made (missing_folders) where it is empty again, innermost first."""
+    for folder in folders:
+        with contextlib.suppress(OSError):
+            folder.rmdir()
+
+
 def _overlap(a: Path, b: Path) -> bool:
     return a == b or a in b.parents or b in a.parents
 
@@ -249,7 +261,7 @@ def writing(out: Path, force: bool):
     """A marked temporary folder beside OUT (a killed writer's debris removed first), moved into
     place when the block ends; on any failure it is removed and OUT is left as it was."""
     remove_stale(out)
-    made = [folder for folder in out.parents if not os.path.lexists(folder)]  # the parents make_temporary creates, innermost first
+    made = missing_folders(out.parent)  # what make_temporary creates
     tmp = None
     try:
         tmp = make_temporary(out)
@@ -258,9 +270,7 @@ def writing(out: Path, force: bool):
     except BaseException as exc:
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
-        for folder in made:  # what this run made for OUT and left empty goes too
-            with contextlib.suppress(OSError):
-                folder.rmdir()
+        remove_empty(made)  # what this run made for OUT goes too
         if isinstance(exc, OSError):
             raise CheckpointError(f"writing {out} failed: {exc.strerror or exc}") from None
         raise

@@ -115,6 +115,11 @@ def read_header(path: Path) -> dict[str, tuple[int, dict]]:
     return {key: (start, entry) for key, entry in entries.items()}
 
 
+def safetensors_keys(folder: Path) -> list[str]:
+    """Every tensor name of a folder's safetensors files, from their headers (a bad file raises)."""
+    return [key for file in sorted(Path(folder).glob("*.safetensors")) for key in read_header(file)]
+
+
 def check_disjoint(entries: dict[str, dict]) -> None:
     """No two tensors share bytes: a header whose ranges overlap makes one tensor's data another's."""
     ranges = sorted((entry["data_offsets"][0], entry["data_offsets"][1], key) for key, entry in entries.items() if entry["data_offsets"][1] > entry["data_offsets"][0])
