@@ -37,3 +37,7 @@ def one_line(exc: BaseException) -> str:
     type name if it has none): a one-line error must stay one line without losing its point."""
     text = " ".join(line.strip() for line in str(exc).splitlines() if line.strip()) or type(exc).__name__
     return text if len(text) <= MESSAGE_CHARACTERS else text[: MESSAGE_CHARACTERS - 3] + "..."
+
+
+class ConversionError(LLMInt8Error):
+    """A converted model that does not compute what its 16-bit model computes (nothing is written)."""

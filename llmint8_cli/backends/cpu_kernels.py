@@ -24,6 +24,7 @@ forces a path.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import json
@@ -77,7 +78,10 @@ def load_extension(what: str, name: str, sources: list[str], **options):
 
     if not (Path(cpp_extension._get_build_directory(name, verbose=False)) / f"{name}.so").is_file():
         print(f"llmint8: compiling {what} (once per machine and version, about 30-60 s)", file=sys.stderr, flush=True)
-    return cpp_extension.load(name=name, sources=sources, verbose=False, **options)
+    with contextlib.ExitStack() as stack:
+        if sys.stdout is None:  # a process started with stdout closed: torch flushes sys.stdout
+            stack.enter_context(contextlib.redirect_stdout(stack.enter_context(open(os.devnull, "w"))))
+        return cpp_extension.load(name=name, sources=sources, verbose=False, **options)
 
 
 @functools.cache

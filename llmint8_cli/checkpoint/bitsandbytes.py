@@ -20,7 +20,7 @@ from llmint8_cli.checkpoint.output import check_output, copy_side_files, writing
 from llmint8_cli.checkpoint.sources import open_folder
 from llmint8_cli.checkpoint.writer import Entry, Group, write_tensors
 from llmint8_cli.core.methods import get_method
-from llmint8_cli.errors import CheckpointError
+from llmint8_cli.errors import CheckpointError, ConversionError
 
 QUANT_METHOD = "bitsandbytes"
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json")
@@ -108,13 +108,45 @@ def refuse_unloadable(config: dict, written: set[str], src: Path) -> None:
                               "this export does not hold (they would load as random weights), so it is refused")
 
 
-def write_folder(out: Path, force: bool, groups: list[Group], config: dict, src: Path, max_shard_bytes: int) -> None:
-    """OUT atomically: the tensors, config.json, the source's side files and a manifest."""
+def checked_against_bitsandbytes(ours: Path, theirs: Path, layers: list[str], exported: bool) -> dict:
+    """The written folder checked against the one it came from (nn/check.py), the bitsandbytes one
+    as transformers + bitsandbytes run it: `exported` (ours -> theirs) or imported (theirs -> ours).
+    Both models are held whole, so where they would not fit in the memory free, or bitsandbytes is
+    absent, the check is skipped and the JSON says why."""
+    import importlib.util
+
+    import psutil
+    from transformers import AutoModelForCausalLM
+
+    from llmint8_cli import models
+    from llmint8_cli.checkpoint.load import load
+    from llmint8_cli.nn.check import CHECK_TOKENS, check_conversion
+    from llmint8_cli.nn.probe import probe_ids
+
+    if importlib.util.find_spec("bitsandbytes") is None:
+        return {"skipped": "bitsandbytes is not installed"}
+    needed, free = 2 * sum(p.stat().st_size for p in theirs.glob("*.safetensors")), psutil.virtual_memory().available
+    if needed > free:
+        return {"skipped": f"the two int8 models need {needed / 2**30:.1f} GiB, {free / 2**30:.1f} GiB are free"}
+    llmint8_model = load(ours, verify_files=False)
+    bitsandbytes_model = AutoModelForCausalLM.from_pretrained(theirs, device_map="cpu", trust_remote_code=models.remote_code_allowed()).eval()
+    reference, converted = (llmint8_model, bitsandbytes_model) if exported else (bitsandbytes_model, llmint8_model)
+    return {**check_conversion(reference, converted, probe_ids(reference, CHECK_TOKENS), layers=layers), "text": "token ids spread over the vocabulary"}
+
+
+def write_folder(out: Path, force: bool, groups: list[Group], config: dict, src: Path, max_shard_bytes: int, check=None) -> dict | None:
+    """OUT atomically: the tensors, config.json, the source's side files and a manifest; with
+    `check(folder)`, what it returns, a ConversionError leaving nothing written."""
     with writing(out, force) as tmp:
         hashes = write_tensors(tmp, groups, max_shard_bytes)
         (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         copy_side_files(src, tmp)
+        try:
+            checked = check(tmp) if check else None
+        except ConversionError as exc:
+            raise ConversionError(f"{out} not written: {exc}") from None
         manifest.write_manifest(tmp, hashes)
+    return checked
 
 
 def export(folder: str, dest: str, force: bool = False, max_shard_bytes: int = 2 << 30, verify: bool = True) -> dict:
@@ -162,7 +194,7 @@ def export(folder: str, dest: str, force: bool = False, max_shard_bytes: int = 2
         load_in_8bit=True, llm_int8_threshold=threshold, llm_int8_skip_modules=skip_modules(config, block["quantized_modules"], src),
     ).to_dict()
     refuse_unloadable(config, {entry.name for group in groups for entry in group.entries}, src)
-    write_folder(out, force, groups, config, src, max_shard_bytes)
+    checked = write_folder(out, force, groups, config, src, max_shard_bytes, lambda tmp: checked_against_bitsandbytes(src, tmp, block["quantized_modules"], exported=True))
     notes = []
     if columns:
         notes.append(f"{columns} stored 16-bit outlier columns were put into the int8 rows (bitsandbytes keeps none); "
@@ -174,7 +206,7 @@ def export(folder: str, dest: str, force: bool = False, max_shard_bytes: int = 2
     return {
         "source": str(src), "output": str(out), "format": "bitsandbytes", "method": method.name, "llm_int8_threshold": threshold,
         "layers": len(quantized), "outlier_columns_merged": columns, "rows_rerounded": rewritten["rows"],
-        "size_bytes": sum(p.stat().st_size for p in out.iterdir()), "notes": notes,
+        "size_bytes": sum(p.stat().st_size for p in out.iterdir()), "check": checked, "notes": notes,
     }
 
 
@@ -248,10 +280,10 @@ def import_folder(folder: str, out: str, force: bool = False, max_shard_bytes: i
         **fmt.quantization_config(method.name, threshold, [], layers, dtype, calibration), "source": "",
     }
     config["dtype"] = str(dtype).removeprefix("torch.")
-    write_folder(out_path, force, groups, config, src, max_shard_bytes)
+    checked = write_folder(out_path, force, groups, config, src, max_shard_bytes, lambda tmp: checked_against_bitsandbytes(tmp, src, layers, exported=False))
     return {
         "source": str(src), "output": str(out_path), "format": "llmint8", "from": "bitsandbytes", "method": method.name,
         "threshold": threshold, "dtype": str(dtype).removeprefix("torch."), "quantized_layers": len(layers),
-        "size_bytes": sum(p.stat().st_size for p in out_path.iterdir()), "clamped_tensors": clamped,
+        "size_bytes": sum(p.stat().st_size for p in out_path.iterdir()), "clamped_tensors": clamped, "check": checked,
         "notes": ["int8 rows and scales kept as bitsandbytes stored them (scale = SCB / 127); outlier columns are found at run time, as bitsandbytes does"],
     }

@@ -22,16 +22,18 @@ from llmint8_cli import activations, data, models
 from llmint8_cli.backends import backend_for
 from llmint8_cli.checkpoint import bitsandbytes
 from llmint8_cli.checkpoint import format as fmt
+from llmint8_cli.checkpoint.load import install_shells, stored_tensors
 from llmint8_cli.checkpoint.manifest import write_manifest
 from llmint8_cli.checkpoint.output import check_free_space, check_output, copy_side_files, writing
 from llmint8_cli.checkpoint.sources import ModelKeyedSource, ModelSource, TensorSource, open_folder
 from llmint8_cli.checkpoint.writer import Entry, Group, write_tensors
 from llmint8_cli.core import reference
 from llmint8_cli.core.methods import DEFAULT_METHOD, DEFAULT_SMOOTH_ALPHA, check_alpha, check_rotation_block, get_method
-from llmint8_cli.errors import DataError, InvalidArgumentError, InvalidWeightError, ModelLoadError
+from llmint8_cli.errors import ConversionError, DataError, InvalidArgumentError, InvalidWeightError, ModelLoadError
 from llmint8_cli.evaluation.perplexity import make_windows, tokenize
 from llmint8_cli.nn.convert import Conv1D, parameter_report, quantizable_layers
 from llmint8_cli.nn.experts import unfuse_experts
+from llmint8_cli.nn.check import CHECK_TOKENS, check_conversion
 from llmint8_cli.nn.probe import probe_ids, watching
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}  # fp32: twice the size, for a copy that must compute as an fp32 source does
@@ -249,6 +251,35 @@ def calibrated_columns(stats: activations.ActivationStats, threshold: float, rat
     return columns, {"outlier_ratio": ratio, "systematic_columns": added}
 
 
+def check_ids(model, tokenizer, options: QuantizeOptions) -> tuple[torch.Tensor, str]:
+    """(the token ids [1, CHECK_TOKENS] a converted model is checked on, what they are): the
+    calibration text's first tokens where there is a calibration (`tokenizer`), else ids spread
+    over the vocabulary (the check's faults are in the code path, not in what the text says)."""
+    if tokenizer is None:
+        return probe_ids(model, CHECK_TOKENS), "token ids spread over the vocabulary"
+    batches, _ = calibration_batches(tokenizer, replace(options, calib_samples=1, calib_seq_len=CHECK_TOKENS, given=frozenset()))
+    return batches[0][:1], "calibration text"
+
+
+def check_written(folder: Path, config, block: dict, model, tensors: TensorSource | None, ids: torch.Tensor) -> dict:
+    """The model written in `folder` checked against its 16-bit `model` (nn/check.py), both streamed
+    a decoder block at a time: the written tensors from the folder, and the source's from `tensors`
+    where `model` is a skeleton (None: `model` is in memory)."""
+    converted = empty_model(config, torch.float32, folder / "config.json")
+    install_shells(converted, block, stored_tensors(sorted(folder.glob("*.safetensors"))), torch.float32, folder)
+    written = open_folder(folder)
+    names = set(written.keys())
+
+    def fetch_written(name: str) -> torch.Tensor | None:
+        if name not in names:
+            return None
+        tensor = written.get(name)
+        return tensor.float() if tensor.is_floating_point() else tensor
+
+    fetch_source = None if tensors is None else (lambda name: tensors.get(name).float() if name in tensors.parts else None)
+    return check_conversion(model, converted, ids, fetch_source, fetch_written)
+
+
 def all_finite(tensor: torch.Tensor) -> bool:
     """Checked in chunks, so that no tensor-sized mask is allocated."""
     return all(bool(torch.isfinite(part).all()) for part in tensor.reshape(-1).split(1 << 22))
@@ -428,6 +459,11 @@ def quantize_checkpoint(src: str, out: str | os.PathLike, options: QuantizeOptio
         config_dict = config.to_dict()
         config_dict.update({"dtype": str(dtype).removeprefix("torch."), "quantization_config": block})
         (tmp / "config.json").write_text(json.dumps(config_dict, indent=2, sort_keys=True) + "\n")
+        ids, text = check_ids(model, tokenizer if calibration["samples"] else None, options)
+        try:
+            check = {**check_written(tmp, config, block, model, tensors if streaming else None, ids), "text": text}
+        except ConversionError as exc:
+            raise ConversionError(f"{out} not written: {exc}") from None
         side_files(source, tmp, model, tokenizer)
         write_manifest(tmp, hashes)
     seconds = time.time() - started
@@ -441,7 +477,7 @@ def quantize_checkpoint(src: str, out: str | os.PathLike, options: QuantizeOptio
         "quantized_layers": len(layers), "parameters": parameter_report(model, layers.values(), kept), "calibration": calibration,
         "outlier_columns": activations.outlier_summary(outliers),
         "outlier_columns_total": sum(int(v.numel()) for v in outliers.values()),
-        "clamped_tensors": clamped,
+        "clamped_tensors": clamped, "check": check,
         "seconds": round(seconds, 2), "source_mb_per_s": round(source_bytes / 1e6 / max(seconds, 1e-9), 1),
     }
 

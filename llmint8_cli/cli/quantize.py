@@ -68,6 +68,7 @@ def quantize(
     else:
         console.print(
             f"[green]done[/] {summary['size_bytes'] / 2**20:.1f} MiB, {summary['ratio_vs_fp16']:.3f}x of fp16, "
-            f"{summary['outlier_columns_total']} stored outlier columns, {summary['seconds']:.1f}s"
+            f"{summary['outlier_columns_total']} stored outlier columns, {summary['seconds']:.1f}s; checked on {summary['check']['tokens']} tokens: "
+            f"logits within {summary['check']['logits_relative_error']:.1%} of the 16-bit model's, top-1 agreement {summary['check']['top1_agreement']:.0%}"
         )
     emit_json("quantize", summary["output"], summary)

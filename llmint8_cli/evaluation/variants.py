@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import atexit
 import copy
+import functools
 import hashlib
 import json
 import shutil
@@ -24,13 +25,14 @@ from llmint8_cli.backends import cpu_kernels
 from llmint8_cli.checkpoint import bitsandbytes
 from llmint8_cli.checkpoint.format import is_llmint8_checkpoint, read_quantization_config, stored_rotation_block
 from llmint8_cli.checkpoint.load import load
-from llmint8_cli.checkpoint.quantize import QuantizeOptions, calibrate, calibrated_columns, refuse_given
+from llmint8_cli.checkpoint.quantize import QuantizeOptions, calibrate, calibrated_columns, check_ids, refuse_given
 from llmint8_cli.activations import ActivationStats
 from llmint8_cli.core.methods import DEFAULT_SMOOTH_ALPHA, Method, check_outlier_ratio, check_rotation_block, get_method
 from llmint8_cli.core.reference import FIRST_ROTATION_BLOCK, ROTATION_BLOCK
 from llmint8_cli.errors import InvalidArgumentError, LLMInt8Error
 from llmint8_cli.nn.convert import kept_line, parameter_report, quantizable_layers, quantize_model
 from llmint8_cli.nn.experts import unfuse_experts
+from llmint8_cli.nn.check import check_conversion
 from llmint8_cli.nn.probe import linear_use
 from llmint8_cli.nn.linear import Int8Linear
 from llmint8_cli.placement import Placement
@@ -193,13 +195,19 @@ def subject(spec: str, methods: list[Method], threshold: float | None, dtype: to
         if smoothing:
             info["smoothing_alpha"] = calibration.smooth_alpha
 
+    @functools.cache
+    def check_tokens() -> torch.Tensor:  # the calibration text's where a calibration ran, as quantize's check
+        return check_ids(base, tokenizer if info is not None else None, calibration or QuantizeOptions())[0]
+
     def variant(name: str) -> torch.nn.Module:
         method = get_method(name)
         if not method.quantized:
             return base
-        return quantize_model(copy.deepcopy(base), name, thresholds[name], outliers=outliers.get(name),
-                              input_max=input_max if method.smoothing else None, alpha=calibration.smooth_alpha if calibration else DEFAULT_SMOOTH_ALPHA,
-                              rotation_block=rotation_block, kept=kept)
+        converted = quantize_model(copy.deepcopy(base), name, thresholds[name], outliers=outliers.get(name),
+                                   input_max=input_max if method.smoothing else None, alpha=calibration.smooth_alpha if calibration else DEFAULT_SMOOTH_ALPHA,
+                                   rotation_block=rotation_block, kept=kept)
+        check_conversion(base, converted, check_tokens())  # as quantize checks what it writes (nn/check.py)
+        return converted
 
     def generate() -> Iterator[tuple[str, torch.nn.Module]]:
         for name in ordered:

@@ -28,9 +28,19 @@ def own_forward(module: nn.Module) -> bool:
     return type(module).forward is not base.forward
 
 
-def _linear_map(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+def linear_map(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     weight = module.weight.t() if isinstance(module, Conv1D) else module.weight
     return nn.functional.linear(x.to(weight.dtype), weight, module.bias)
+
+
+def linear_map_problem(module: nn.Module, x: torch.Tensor, output) -> str | None:
+    """Why `output`, what a linear layer's own forward returned for `x`, is not its linear map; None if it is."""
+    if not isinstance(output, torch.Tensor):
+        return f"its forward ({type(module).__name__}) returns {type(output).__name__}, not its linear map"
+    expected = linear_map(module, x)
+    if output.shape != expected.shape or not torch.allclose(output.float(), expected.float(), rtol=1e-2, atol=1e-3):
+        return f"its forward ({type(module).__name__}) is not its linear map"
+    return None
 
 
 class LinearUseProbe(TorchFunctionMode):
@@ -75,16 +85,13 @@ class LinearUseProbe(TorchFunctionMode):
         name = self.names.get(id(module))
         if name is None or name in self.reasons or not own_forward(module) or not args or not isinstance(args[0], torch.Tensor):
             return
-        if not isinstance(output, torch.Tensor):
-            self.reasons[name] = f"its forward ({type(module).__name__}) returns {type(output).__name__}, not its linear map"
-            return
         self.checking = True
         try:
-            expected = _linear_map(module, args[0])
+            problem = linear_map_problem(module, args[0], output)
         finally:
             self.checking = False
-        if output.shape != expected.shape or not torch.allclose(output.float(), expected.float(), rtol=1e-2, atol=1e-3):
-            self.reasons[name] = f"its forward ({type(module).__name__}) is not its linear map"
+        if problem:
+            self.reasons[name] = problem
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -114,11 +121,11 @@ def watching(model: nn.Module, layers: dict[str, nn.Module]):
             handle.remove()
 
 
-def probe_ids(model: nn.Module) -> torch.Tensor:
-    """A few token ids the model's vocabulary holds (what they say does not matter, the code path does)."""
+def probe_ids(model: nn.Module, count: int = PROBE_TOKENS) -> torch.Tensor:
+    """`count` token ids the model's vocabulary holds, spread over it (what they say does not matter, the code path does)."""
     config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
     vocab = getattr(config, "vocab_size", None) or model.get_input_embeddings().weight.shape[0]
-    return (torch.arange(1, PROBE_TOKENS + 1) % vocab)[None]
+    return ((torch.arange(count) * 7919 + 1) % vocab)[None]
 
 
 def linear_use(model: nn.Module, layers: dict[str, nn.Module]) -> dict[str, str]:
