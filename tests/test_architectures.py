@@ -20,15 +20,13 @@ TEXT = (
     "The quick brown fox jumps over the lazy dog. A stitch in time saves nine. Every cloud has a silver lining.\n"
     "Large language models keep a few hidden features far larger than the rest; LLM.int8() keeps them in 16-bit.\n"
 ) * 12
-EXPERTS_INT8 = {"mixtral", "qwen2_moe", "phimoe", "qwen3_moe", "granitemoe", "deepseek_v2", "deepseek_v3", "jamba"}  # bitsandbytes keeps 3-D experts 16-bit
-BITSANDBYTES_REFUSES = {"falcon": "FalconLinear", **{name: "3-D tensor" for name in EXPERTS_INT8},  # transformers + bitsandbytes replace exact nn.Linear only
-                        "llama4_text": "feed_forward.experts.0.down_proj.weight"}  # ... and build Llama-4's experts as a linear layer each
+EXPERTS_INT8 = {"mixtral", "qwen2_moe", "phimoe", "qwen3_moe", "granitemoe", "deepseek_v2", "deepseek_v3", "jamba", "gpt_oss", "llama4_text"}  # bitsandbytes keeps 3-D experts 16-bit
+BITSANDBYTES_REFUSES = {"falcon": "FalconLinear", **{name: "3-D tensor" for name in EXPERTS_INT8}}  # transformers + bitsandbytes replace exact nn.Linear only
 ROUTERS = {"mixtral": {"model.layers.*.mlp.gate"}, "qwen2_moe": {"model.layers.*.mlp.gate"}, "phimoe": {"model.layers.*.mlp.router"},  # what may stay 16-bit unasked
            "qwen3_moe": {"model.layers.*.mlp.gate"}, "deepseek_v2": {"model.layers.*.mlp.gate"}, "deepseek_v3": {"model.layers.*.mlp.gate"},
            "granitemoe": {"model.layers.*.block_sparse_moe.router"},
            "jamba": {"model.layers.*.mamba", "model.layers.*.mamba.conv1d", "model.layers.*.mamba.dt_proj", "model.layers.*.feed_forward.router"},
-           "llama4_text": {"model.layers.*.feed_forward.experts", "model.layers.*.feed_forward.router"},  # experts take every token, not the routed ones (nn/experts.py)
-           "gpt_oss": {"model.layers.*.mlp.experts", "model.layers.*.mlp.router"},  # experts with biases and a clamped gate: not LinearExperts' function
+           "llama4_text": {"model.layers.*.feed_forward.router"}, "gpt_oss": {"model.layers.*.mlp.router"},
            "mamba": {"backbone.layers.*.mixer", "backbone.layers.*.mixer.conv1d", "backbone.layers.*.mixer.dt_proj"}}
 KEPT_BECAUSE = {"phimoe": "its forward (PhimoeTopKRouter) returns tuple, not its linear map", "mamba": "MambaMixer reads its weight directly, not through the layer"}
 
@@ -80,8 +78,6 @@ def test_architecture_end_to_end(tmp_path, text_file, arch):
     assert generated["new_tokens"] >= 1 and generated["method"] == "llm.int8"
 
     exported = RUNNER.invoke(app, ["export", str(out), str(tmp_path / "bnb"), "-q"])
-    if name == "llama4_text" and importlib.util.find_spec("bitsandbytes") is None:
-        pytest.skip("what transformers + bitsandbytes would build is known only with bitsandbytes (a peer: pip install 'llmint8[peers]')")
     if name in BITSANDBYTES_REFUSES:
         assert exported.exit_code == 2 and exported.stderr.count("\n") == 1 and BITSANDBYTES_REFUSES[name] in exported.stderr
         return
@@ -147,6 +143,25 @@ def test_mixture_of_experts_evaluated_on_the_fly_quantizes_the_experts(tmp_path,
     assert document["parameters"]["int8_share"] > 0.8 and set(document["parameters"]["kept_16bit"]) == {"model.layers.*.mlp.gate"}
     assert abs(document["results"]["llm.int8"]["delta_pct"]) < 1.0
     assert "llmint8: warning: kept in 16-bit: model.layers.*.mlp.gate (" in result.stderr and "% of parameters: not a linear layer)" in result.stderr
+
+
+@pytest.mark.parametrize("arch", sorted(EXPERTS_INT8))
+def test_experts_as_a_linear_layer_each_compute_what_transformers_computes(arch):
+    """unfuse_experts is the 16-bit side of every check and calibration: it must be the same function."""
+    from llmint8_cli.nn.experts import LinearExperts, unfuse_experts
+
+    model = tiny_model(arch, outlier_scale=20.0)
+    ids = torch.tensor([[1, 40, 72, 69, 4, 85, 89, 73, 67, 75, 3, 99, 12, 7]])
+    with torch.no_grad():
+        fused = model(ids).logits
+        assert unfuse_experts(model) >= 1 and any(isinstance(m, LinearExperts) for m in model.modules())
+        unfused = model(ids).logits
+        experts = [m for m in model.modules() if isinstance(m, LinearExperts)]
+        for layer in experts[0].gate_up_proj:  # the experts take part: without them the logits move
+            layer.weight.zero_()
+        without = model(ids).logits
+    torch.testing.assert_close(unfused, fused, rtol=1e-5, atol=1e-6)
+    assert (without - fused).abs().max() > 1e-4
 
 
 def test_a_mistyped_model_name_suggests_the_offline_one_first():

@@ -156,7 +156,7 @@ def match_keys(model: torch.nn.Module, tensors: TensorSource) -> ModelKeyedSourc
     expected = model.state_dict()
     rename, converters = key_renamer(model)
     parts: dict[str, dict[int, str]] = {}
-    slices: dict[str, int] = {}
+    slices: dict[str, tuple[int, bool]] = {}
     for key in tensors.keys():
         name, fused_by = rename(key)
         place = 0
@@ -164,9 +164,13 @@ def match_keys(model: torch.nn.Module, tensors: TensorSource) -> ModelKeyedSourc
             name, place = expert_part(key, name, fused_by, converters)
         if name in expected:
             parts.setdefault(name, {})[place] = key
-        elif f"{name}.0.weight" in expected and len(tensors.shape(key)) == 3:  # every expert of a block in one stored tensor (GraniteMoE's input_linear)
+            continue
+        # every expert of a block in one stored tensor (GraniteMoE's input_linear, gpt-oss's gate_up_proj [E, in, out] and gate_up_proj_bias [E, out])
+        stem, leaf = (name.removesuffix("_bias"), "bias") if name.endswith("_bias") else (name, "weight")
+        if f"{stem}.0.{leaf}" in expected and len(tensors.shape(key)) == (3 if leaf == "weight" else 2):
+            transposed = leaf == "weight" and getattr(model.get_submodule(stem.rpartition(".")[0]), "transposed", False)
             for expert in range(tensors.shape(key)[0]):
-                parts[f"{name}.{expert}.weight"], slices[f"{name}.{expert}.weight"] = {0: key}, expert
+                parts[f"{stem}.{expert}.{leaf}"], slices[f"{stem}.{expert}.{leaf}"] = {0: key}, (expert, transposed)
     source = ModelKeyedSource(tensors, {name: [keys[i] for i in sorted(keys)] for name, keys in parts.items()}, slices)
     for name in source.keys():
         if tuple(source.shape(name)) != tuple(expected[name].shape):

@@ -167,9 +167,10 @@ class ModelKeyedSource(TensorSource):
     """Another source's tensors under the model's own names (`parts`: name -> the source keys it
     is made of); a name made of several (an expert's gate and up rows) joins them along the first
     dimension, and a name in `slices` is one slice of a source tensor that holds every expert of a
-    block (name -> its index along the first dimension; the tensor read once for all its experts)."""
+    block (name -> (its index along the first dimension, whether the slice is stored transposed);
+    the tensor read once for all its experts)."""
 
-    def __init__(self, source: TensorSource, parts: dict[str, list[str]], slices: dict[str, int] | None = None):
+    def __init__(self, source: TensorSource, parts: dict[str, list[str]], slices: dict[str, tuple[int, bool]] | None = None):
         self.source, self.parts, self.slices = source, parts, slices or {}
         self._last: tuple[str, torch.Tensor] | None = None  # the block's tensor its experts are sliced from, read once
 
@@ -178,7 +179,8 @@ class ModelKeyedSource(TensorSource):
 
     def shape(self, key: str) -> tuple[int, ...]:
         if key in self.slices:
-            return tuple(self.source.shape(self.parts[key][0])[1:])
+            shape = tuple(self.source.shape(self.parts[key][0])[1:])
+            return shape[::-1] if self.slices[key][1] else shape
         first, *rest = (self.source.shape(k) for k in self.parts[key])
         return (first[0] + sum(shape[0] for shape in rest), *first[1:])
 
@@ -190,12 +192,14 @@ class ModelKeyedSource(TensorSource):
         if key in self.slices:
             if self._last is None or self._last[0] != keys[0]:
                 self._last = (keys[0], self.source.get(keys[0]))
-            return self._last[1][self.slices[key]].clone()
+            index, transposed = self.slices[key]
+            part = self._last[1][index]
+            return part.t().contiguous() if transposed else part.clone()
         return self.source.get(keys[0]) if len(keys) == 1 else torch.cat([self.source.get(k) for k in keys])
 
     def described(self, key: str) -> str:
         """The source keys behind a name, for messages (a user knows their checkpoint's names)."""
-        return f"{self.parts[key][0]}[{self.slices[key]}]" if key in self.slices else " + ".join(self.parts[key])
+        return f"{self.parts[key][0]}[{self.slices[key][0]}]" if key in self.slices else " + ".join(self.parts[key])
 
 
 class TorchBinSource(DictSource):
