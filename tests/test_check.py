@@ -16,7 +16,7 @@ from llmint8_cli.activations import collect
 from llmint8_cli.cli import app
 from llmint8_cli.core.methods import METHODS
 from llmint8_cli.errors import ConversionError
-from llmint8_cli.nn.check import check_conversion
+from llmint8_cli.nn.check import check_conversion, originals_in
 from llmint8_cli.nn.convert import quantizable_layers, quantize_model
 from llmint8_cli.nn.experts import unfuse_experts
 from test_architectures import Doubled, ReadsWeightDirectly, planted
@@ -60,7 +60,7 @@ def test_a_fault_is_named_with_its_layer_and_the_skip_that_keeps_it_16_bit(fault
     unfuse_experts(base)
     converted = quantize_model(copy.deepcopy(base), "llm.int8", kept={})
     with pytest.raises(ConversionError) as raised:
-        check_conversion(base, converted, IDS)
+        check_conversion(converted, originals_in(base, converted), IDS)
     message = str(raised.value)
     pattern = layer.replace(".0.", ".*.").replace(".1.", ".*.")
     assert message.startswith(f"{layer}: the converted model fails its check") and words in message, message
@@ -73,7 +73,7 @@ def test_every_method_passes_on_planted_outliers_and_reports_how_close_it_is(met
     stats = collect(base, [IDS], [name for name, _ in quantizable_layers(base)], 6.0)
     spec = METHODS[method]
     converted = quantize_model(copy.deepcopy(base), method, outliers=stats.outlier_columns(spec.threshold_or_default(None)), input_max=stats.col_max)
-    report = check_conversion(base, converted, IDS)
+    report = check_conversion(converted, originals_in(base, converted), IDS)
     assert report["tokens"] == 64 and report["blocks"] == 2
     assert 0 < report["logits_relative_error"] < 0.5 and 0.5 <= report["top1_agreement"] <= 1
     if spec.decomposition:  # the outliers in 16-bit: close
@@ -95,9 +95,11 @@ def blind_probe(monkeypatch):
     """The probe that keeps Mamba's dt_proj 16-bit sees nothing: the check alone stands."""
     from llmint8_cli.checkpoint import quantize
     from llmint8_cli.evaluation import variants
+    from llmint8_cli.nn import probe
 
     monkeypatch.setattr(quantize, "watching", lambda model, layers: contextlib.nullcontext(SimpleNamespace(reasons={})))
     monkeypatch.setattr(variants, "linear_use", lambda model, layers: {})
+    monkeypatch.setattr(probe, "linear_use", lambda model, layers: {})
 
 
 def test_quantize_writes_nothing_that_fails_its_check(mamba_folder, tmp_path, monkeypatch):
@@ -124,3 +126,11 @@ def test_quantize_reports_the_check_of_what_it_wrote(mamba_folder, tmp_path):
     check = json.loads(result.stdout)["check"]
     assert check["tokens"] == 64 and check["text"] == "calibration text" and check["blocks"] == 2
     assert check["largest_block_error"]["block"].startswith("backbone.layers.") and check["logits_relative_error"] < 0.1
+
+
+def test_generation_on_the_fly_stops_at_a_conversion_that_fails_its_check(mamba_folder, monkeypatch):
+    blind_probe(monkeypatch)
+    monkeypatch.setattr("transformers.GenerationMixin.generate", lambda *a, **k: pytest.fail("generation started"))
+    result = RUNNER.invoke(app, ["generate", str(mamba_folder), "The quick", "--max-new-tokens", "2", "-q"])
+    assert result.exit_code == 2 and result.stderr.count("\n") == 1, result.stderr
+    assert "backbone.layers.0.mixer.dt_proj: the converted model fails its check" in result.stderr

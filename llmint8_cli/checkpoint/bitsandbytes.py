@@ -120,7 +120,7 @@ def checked_against_bitsandbytes(ours: Path, theirs: Path, layers: list[str], ex
 
     from llmint8_cli import models
     from llmint8_cli.checkpoint.load import load
-    from llmint8_cli.nn.check import CHECK_TOKENS, check_conversion
+    from llmint8_cli.nn.check import CHECK_TOKENS, check_conversion, originals_in
     from llmint8_cli.nn.probe import probe_ids
 
     if importlib.util.find_spec("bitsandbytes") is None:
@@ -131,7 +131,7 @@ def checked_against_bitsandbytes(ours: Path, theirs: Path, layers: list[str], ex
     llmint8_model = load(ours, verify_files=False)
     bitsandbytes_model = AutoModelForCausalLM.from_pretrained(theirs, device_map="cpu", trust_remote_code=models.remote_code_allowed()).eval()
     reference, converted = (llmint8_model, bitsandbytes_model) if exported else (bitsandbytes_model, llmint8_model)
-    return {**check_conversion(reference, converted, probe_ids(reference, CHECK_TOKENS), layers=layers), "text": "token ids spread over the vocabulary"}
+    return {**check_conversion(converted, originals_in(reference, converted, layers), probe_ids(reference, CHECK_TOKENS)), "text": "token ids spread over the vocabulary"}
 
 
 def write_folder(out: Path, force: bool, groups: list[Group], config: dict, src: Path, max_shard_bytes: int, check=None) -> dict | None:

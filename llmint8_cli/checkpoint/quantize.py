@@ -33,7 +33,7 @@ from llmint8_cli.errors import ConversionError, DataError, InvalidArgumentError,
 from llmint8_cli.evaluation.perplexity import make_windows, tokenize
 from llmint8_cli.nn.convert import Conv1D, parameter_report, quantizable_layers
 from llmint8_cli.nn.experts import unfuse_experts
-from llmint8_cli.nn.check import CHECK_TOKENS, check_conversion
+from llmint8_cli.nn.check import CHECK_TOKENS, check_conversion, originals_in
 from llmint8_cli.nn.probe import probe_ids, watching
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}  # fp32: twice the size, for a copy that must compute as an fp32 source does
@@ -281,7 +281,7 @@ def check_written(folder: Path, config, block: dict, model, tensors: TensorSourc
         return tensor.float() if tensor.is_floating_point() else tensor
 
     fetch_source = None if tensors is None else (lambda name: tensors.get(name).float() if name in tensors.parts else None)
-    return check_conversion(model, converted, ids, fetch_source, fetch_written)
+    return check_conversion(converted, originals_in(model, converted, block["quantized_modules"]), ids, fetch_written, fetch_source)
 
 
 def all_finite(tensor: torch.Tensor) -> bool:

@@ -18,7 +18,10 @@ from llmint8_cli.cli.common import (
 from llmint8_cli.core.methods import DEFAULT_METHOD, get_method
 from llmint8_cli.errors import InvalidArgumentError
 from llmint8_cli.evaluation import variants
-from llmint8_cli.nn.convert import quantize_model
+from llmint8_cli.nn.check import CHECK_TOKENS, check_conversion
+from llmint8_cli.nn.convert import quantizable_layers, quantize_model
+from llmint8_cli.nn.experts import unfuse_experts
+from llmint8_cli.nn.probe import probe_ids
 from llmint8_cli.placement import Placement
 
 
@@ -35,7 +38,14 @@ def load_for_generation(spec: str, method: str, threshold: float | None, dtype: 
     source = models.resolve(spec)
     threshold = get_method(method).threshold_or_default(threshold)
     if placement is None:
-        return quantize_model(models.load_model(source, dtype=dtype), method, threshold).to(device), models.load_tokenizer(source), method, threshold
+        model = models.load_model(source, dtype=dtype)
+        unfuse_experts(model)  # experts as linear layers, as every other path converts them
+        originals = dict(quantizable_layers(model))
+        quantize_model(model, method, threshold)
+        converted = {name: layer for name, layer in originals.items() if model.get_submodule(name) is not layer}
+        if converted:  # as quantize checks what it writes (nn/check.py)
+            check_conversion(model, converted, probe_ids(model, CHECK_TOKENS))
+        return model.to(device), models.load_tokenizer(source), method, threshold
     if not get_method(method).quantized:
         return models.load_model(source, dtype=dtype, placement=placement), models.load_tokenizer(source), method, threshold
     options = QuantizeOptions(method=method, threshold=threshold, calib_samples=0)  # as on one device: run-time outlier detection

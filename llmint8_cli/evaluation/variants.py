@@ -32,7 +32,7 @@ from llmint8_cli.core.reference import FIRST_ROTATION_BLOCK, ROTATION_BLOCK
 from llmint8_cli.errors import InvalidArgumentError, LLMInt8Error
 from llmint8_cli.nn.convert import kept_line, parameter_report, quantizable_layers, quantize_model
 from llmint8_cli.nn.experts import unfuse_experts
-from llmint8_cli.nn.check import check_conversion
+from llmint8_cli.nn.check import check_conversion, originals_in
 from llmint8_cli.nn.probe import linear_use
 from llmint8_cli.nn.linear import Int8Linear
 from llmint8_cli.placement import Placement
@@ -206,7 +206,7 @@ def subject(spec: str, methods: list[Method], threshold: float | None, dtype: to
         converted = quantize_model(copy.deepcopy(base), name, thresholds[name], outliers=outliers.get(name),
                                    input_max=input_max if method.smoothing else None, alpha=calibration.smooth_alpha if calibration else DEFAULT_SMOOTH_ALPHA,
                                    rotation_block=rotation_block, kept=kept)
-        check_conversion(base, converted, check_tokens())  # as quantize checks what it writes (nn/check.py)
+        check_conversion(converted, originals_in(base, converted), check_tokens())  # as quantize checks what it writes (nn/check.py)
         return converted
 
     def generate() -> Iterator[tuple[str, torch.nn.Module]]:
