@@ -341,6 +341,39 @@ def causal_lm_from_config(config, dtype: torch.dtype | None = None):
     return AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=remote_code_allowed())
 
 
+def shape_names() -> list[str]:
+    """The model shapes shipped as configs (configs/shapes): what `bench --random-weights` builds offline."""
+    from importlib import resources
+
+    return sorted(entry.name.removesuffix(".json") for entry in (resources.files("llmint8_cli.configs") / "shapes").iterdir() if entry.name.endswith(".json"))
+
+
+def shape_config(spec: str):
+    """(a model's config, what it is) for a random-weight model: a shipped shape (`llama-3-8b`,
+    `opt-13b`, ... see shape_names), a config.json file, or any model's own config (a folder, a
+    GGUF file, a Hub id)."""
+    from importlib import resources
+
+    from transformers import AutoConfig
+
+    from llmint8_cli.data import read_text
+
+    shipped = resources.files("llmint8_cli.configs") / "shapes" / f"{spec.lower()}.json"
+    path = Path(spec).expanduser()
+    if shipped.is_file():
+        text, where = shipped.read_text(), spec.lower()
+    elif path.is_file() and path.suffix == ".json":
+        text, where = read_text(path), str(path)
+    else:
+        source = resolve(spec)
+        return load_config(source), source.label
+    try:
+        values = json.loads(text)
+        return AutoConfig.for_model(**values), where
+    except (json.JSONDecodeError, ValueError, TypeError, KeyError) as exc:
+        raise ModelLoadError(f"{where}: not a transformers config.json ({one_line(exc)})") from None
+
+
 def load_config(source: ModelSource):
     from transformers import AutoConfig
 

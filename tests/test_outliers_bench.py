@@ -102,3 +102,34 @@ def test_bench_model_mode_takes_the_threshold_and_run_time_detection():
     assert document["threshold"] == 20.0 and document["calibration"] == {"llm.int8-rotate": None}
     bad = RUNNER.invoke(app, [*args, "--threshold", "-1"])
     assert bad.exit_code == 2 and "threshold must be a positive finite number" in bad.stderr
+
+
+def test_bench_times_a_shape_alone_with_random_weights(tmp_path):
+    """A config.json is a shape: both models built from it with random weights, said in the JSON."""
+    from conftest import tiny_config
+
+    config = tmp_path / "config.json"
+    config.write_text(tiny_config("llama").to_json_string())
+    args = ["bench", str(config), "--batch", "1", "--prompt-tokens", "16", "--new-tokens", "2", "--repeat", "1", "-q"]
+    result = RUNNER.invoke(app, args)
+    assert result.exit_code == 0, result.stderr
+    document = json.loads(result.stdout)
+    baseline = {"bfloat16": "bf16", "float32": "fp32"}[document["dtype"]]
+    assert document["weights"] == "random" and document["shape"] == str(config) and document["model"] == str(config)
+    assert set(document["results"]) == {baseline, "llm.int8"} and document["calibration"] == {"llm.int8": None}
+    assert document["results"]["llm.int8"]["weight_ratio"] < 1 and document["results"]["llm.int8"]["decode"]["1"]["tokens_per_s"] > 0
+    assert any("random weights" in note for note in document["notes"])
+
+
+def test_bench_random_weights_refuses_what_does_not_fit_or_is_no_config(tmp_path, monkeypatch):
+    import psutil
+    from types import SimpleNamespace
+
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: SimpleNamespace(available=1 << 30))
+    big = RUNNER.invoke(app, ["bench", "Llama-3.2-1B", "--random-weights", "-q"])  # a shipped shape: 1.2 B parameters
+    assert big.exit_code == 2 and big.stderr.count("\n") == 1 and "llama-3.2-1b: 2.3 GiB of" in big.stderr and "1.0 GiB free" in big.stderr, big.stderr
+    (tmp_path / "list.json").write_text("[1, 2]")
+    bad = RUNNER.invoke(app, ["bench", str(tmp_path / "list.json"), "-q"])
+    assert bad.exit_code == 2 and bad.stderr.count("\n") == 1 and "not a transformers config.json" in bad.stderr
+    placed = RUNNER.invoke(app, ["bench", "opt-1.3b", "--random-weights", "--device-map", "auto", "-q"])
+    assert placed.exit_code == 2 and "--random-weights builds the model on --device" in placed.stderr

@@ -66,6 +66,12 @@ def check_layer_sizes(shapes: list[tuple[int, int]], outliers: list[int]) -> Non
         raise InvalidArgumentError(f"--shapes {largest[0]}x{largest[1]} needs about {needed / 2**30:.1f} GiB for its layers, {available / 2**30:.1f} GiB free")
 
 
+def check_context(config, lengths: list[int], new_tokens: int) -> None:
+    limit = models.context_length(config)
+    if limit is not None and max(lengths) + new_tokens > limit:
+        raise InvalidArgumentError(f"--prompt-tokens {max(lengths)} and --new-tokens {new_tokens} exceed the model's context ({limit} tokens)")
+
+
 @command
 def bench(
     ctx: typer.Context,
@@ -91,6 +97,9 @@ def bench(
     device_map: DeviceMap = None,
     max_memory: MaxMemory = None,
     offload_folder: OffloadFolder = None,
+    random_weights: Annotated[bool, typer.Option("--random-weights", help="Model mode: only MODEL's shape (a shipped one such as llama-3-8b or opt-13b, a config.json, "
+                                                 "or a model's own config) with random weights, to see what int8 brings before downloading a model. "
+                                                 "A config.json MODEL implies it.")] = False,
     no_verify: NoVerify = False,
     trust_remote_code: TrustRemoteCode = False,
     quiet: Quiet = False,
@@ -126,43 +135,54 @@ def bench(
     else:
         lengths, batches = parse_ints(prompt_tokens, "--prompt-tokens", minimum=1), parse_ints(batch, "--batch", minimum=1)
         run_dtype = variants.resolve_dtype(dtype, run_device, inference=True)
-        # a 16-bit model is calibrated as quantize calibrates it: the speed of the folder a user would get
-        calibration = QuantizeOptions(calib_samples=calib_samples, calib_seq_len=calib_seq_len, calib_dataset=calib_dataset, data_dir=data_dir, smooth_alpha=smooth_alpha,
-                                      rotation_block=rotation_block, outlier_ratio=outlier_ratio)
-        with console.status(f"loading {model}"):
-            subject = variants.subject(model, [get_method(method)], threshold, run_dtype, run_device, verify=not no_verify, calibration=calibration,
-                                       placement=placed)
-        limit = models.context_length(subject.config)
-        if limit is not None and max(lengths) + new_tokens > limit:
-            raise InvalidArgumentError(f"--prompt-tokens {max(lengths)} and --new-tokens {new_tokens} exceed the model's context ({limit} tokens)")
-        notes = list(subject.notes)
         baseline = next(short for short, full in variants.DTYPES.items() if full == run_dtype)  # the 16-bit row, named by what ran
-        networks, calibrations, placements = {}, {}, {}
-        for name, network in subject.variants:
-            networks[baseline if name == variants.BASELINE else name] = network
-            where = report_placement(console, name, network)
-            if where:
-                placements[name] = where
-            if name != variants.BASELINE:
-                calibrations[name] = subject.calibration_of(name)
-            elif placed is not None:
-                notes.append(f"{TORCHAO}: not timed on a model spread over devices")
-            else:
-                try:
-                    networks[TORCHAO] = speed.torchao_model(network)
-                except ImportError as exc:
-                    notes.append(f"{TORCHAO}: not installed ({exc.name}); pip install 'llmint8[peers]'")
-        console.print(variants.calibration_line(subject))  # known once every variant is built (a placed one is quantized as it comes)
-        with console.status("timing prefill and decode, the models in turn"):
-            results = speed.bench_models(networks, lengths, batches, new_tokens, repeat, run_device)
+        if random_weights or model.endswith(".json"):
+            if placed is not None:
+                raise InvalidArgumentError("--random-weights builds the model on --device; --device-map places a model's own weights")
+            config, label = models.shape_config(model)
+            check_context(config, lengths, new_tokens)
+            with console.status(f"{label} with random weights: timing the {baseline} model, then {method} (quantized in place)"):
+                results = speed.bench_random_weights(config, label, method, threshold, run_dtype, run_device, baseline, lengths, batches, new_tokens, repeat)
+            notes = [f"random weights in the shape of {label}: speed only; {method} at run-time outlier detection (nothing to calibrate), "
+                     "the two models timed one after the other"]
+            document.update({"weights": "random", "shape": label, "threshold": get_method(method).threshold_or_default(threshold), "calibration": {method: None}})
+        else:
+            # a 16-bit model is calibrated as quantize calibrates it: the speed of the folder a user would get
+            calibration = QuantizeOptions(calib_samples=calib_samples, calib_seq_len=calib_seq_len, calib_dataset=calib_dataset, data_dir=data_dir, smooth_alpha=smooth_alpha,
+                                          rotation_block=rotation_block, outlier_ratio=outlier_ratio)
+            with console.status(f"loading {model}"):
+                subject = variants.subject(model, [get_method(method)], threshold, run_dtype, run_device, verify=not no_verify, calibration=calibration,
+                                           placement=placed)
+            check_context(subject.config, lengths, new_tokens)
+            label, notes = subject.label, list(subject.notes)
+            networks, calibrations, placements = {}, {}, {}
+            for name, network in subject.variants:
+                networks[baseline if name == variants.BASELINE else name] = network
+                where = report_placement(console, name, network)
+                if where:
+                    placements[name] = where
+                if name != variants.BASELINE:
+                    calibrations[name] = subject.calibration_of(name)
+                elif placed is not None:
+                    notes.append(f"{TORCHAO}: not timed on a model spread over devices")
+                else:
+                    try:
+                        networks[TORCHAO] = speed.torchao_model(network)
+                    except ImportError as exc:
+                        notes.append(f"{TORCHAO}: not installed ({exc.name}); pip install 'llmint8[peers]'")
+            console.print(variants.calibration_line(subject))  # known once every variant is built (a placed one is quantized as it comes)
+            with console.status("timing prefill and decode, the models in turn"):
+                results = speed.bench_models(networks, lengths, batches, new_tokens, repeat, run_device)
+            document.update({
+                "weights": "given", "threshold": subject.threshold_of(method), "calibration": calibrations,
+                "settings": {name: subject.settings_of(name) for name in calibrations if subject.settings_of(name)}, **({"placement": placements} if placements else {}),
+            })
         speed.add_speedups(results, baseline)
         document.update({
-            "mode": "model", "threshold": subject.threshold_of(method),
-            "calibration": calibrations, "settings": {name: subject.settings_of(name) for name in calibrations if subject.settings_of(name)},
-            "dtype": str(run_dtype).removeprefix("torch."), "prompt_tokens": lengths, "batches": batches,
-            "new_tokens": new_tokens, "repeat": repeat, "results": results, "notes": notes, **({"placement": placements} if placements else {}),
+            "mode": "model", "dtype": str(run_dtype).removeprefix("torch."), "prompt_tokens": lengths, "batches": batches,
+            "new_tokens": new_tokens, "repeat": repeat, "results": results, "notes": notes,
         })
-        title = f"llmint8 bench · {subject.label} · {str(run_dtype).removeprefix('torch.')} · {document['machine']['cpu']} · {run_device}"
+        title = f"llmint8 bench · {label}{' (random weights)' if document['weights'] == 'random' else ''} · {str(run_dtype).removeprefix('torch.')} · {document['machine']['cpu']} · {run_device}"
         columns = [("prefill", str(n), f"prefill {n} tok/s") for n in lengths] + [("decode", str(b), f"decode ×{b} tok/s") for b in batches]
         cells = [[name, *(f"{r[phase][size]['tokens_per_s']:.0f}" + (f" ({r[phase][size]['speedup']:.2f}×)" if "speedup" in r[phase][size] else "") for phase, size, _ in columns),
                   f"{r['weight_mib']:.0f}"] for name, r in results.items()]

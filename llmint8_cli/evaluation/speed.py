@@ -14,6 +14,7 @@ from torch import nn
 
 from llmint8_cli import ops
 from llmint8_cli.core.reference import ROTATION_BLOCK
+from llmint8_cli.errors import InvalidArgumentError
 from llmint8_cli.nn.linear import Int8Linear
 
 FLOAT_ROWS = ("fp32", "bfloat16", "float16")
@@ -213,6 +214,38 @@ def bench_models(networks: dict[str, nn.Module], prompt_lengths: list[int], batc
         }
         for name, timing in time_interleaved(calls, max(1, repeat // 2), device).items():
             results[name]["decode"][str(batch)] = {"tokens_per_s": round(batch * new_tokens / (timing.median_ms / 1e3), 2), "median_ms": round(timing.median_ms, 2)}
+    return results
+
+
+def random_model(config, dtype: torch.dtype, device: torch.device, where: str) -> nn.Module:
+    """transformers' causal LM of `config` with random weights (its own initialization, seeded), in
+    `dtype` on `device`; a model larger than the memory free is refused first, in one line."""
+    import psutil
+
+    from llmint8_cli import models
+
+    skeleton = models.build_skeleton(lambda: models.causal_lm_from_config(config, dtype), where)
+    needed = sum(tensor_bytes(p) for p in skeleton.parameters())
+    free = psutil.virtual_memory().available if device.type == "cpu" else torch.cuda.mem_get_info(device)[0]
+    if needed > free:
+        raise InvalidArgumentError(f"{where}: {needed / 2**30:.1f} GiB of {str(dtype).removeprefix('torch.')} weights, {free / 2**30:.1f} GiB free on {device}")
+    torch.manual_seed(0)
+    with torch.device(device):
+        return models.causal_lm_from_config(config, dtype).eval()
+
+
+def bench_random_weights(config, where: str, method: str, threshold: float | None, dtype: torch.dtype, device: torch.device, baseline: str,
+                         prompt_lengths: list[int], batches: list[int], new_tokens: int, repeat: int) -> dict:
+    """bench_models for a model of `config` with random weights: the 16-bit model, then the same
+    weights quantized in place by `method` (run-time outlier detection: random weights have no
+    features of their own to calibrate), timed one after the other, so that a model is never held
+    twice (an 8B model in bf16 fits 24 GiB once)."""
+    from llmint8_cli.nn.convert import quantize_model
+
+    model = random_model(config, dtype, device, where)
+    results = bench_models({baseline: model}, prompt_lengths, batches, new_tokens, repeat, device)
+    quantize_model(model, method, threshold)
+    results.update(bench_models({method: model}, prompt_lengths, batches, new_tokens, repeat, device))
     return results
 
 
