@@ -93,6 +93,9 @@ def test_bench_model_mode_decodes_a_batch():
     assert document["results"]["llm.int8"]["weight_ratio"] < 1
     peer = document["results"].get("torchao W8A8")
     assert peer is not None or any("torchao" in note for note in document["notes"])
+    assert_peer_rows(document, {"CTranslate2 int8", "CTranslate2 fp32"}, "CTranslate2")
+    if "CTranslate2 int8" in document["results"]:  # its int8 model holds int8 weights
+        assert document["results"]["CTranslate2 int8"]["weight_mib"] < document["results"]["CTranslate2 fp32"]["weight_mib"] / 3
 
 
 @needs_stories
@@ -116,9 +119,26 @@ def test_bench_times_a_shape_alone_with_random_weights(tmp_path):
     document = json.loads(result.stdout)
     baseline = {"bfloat16": "bf16", "float32": "fp32"}[document["dtype"]]
     assert document["weights"] == "random" and document["shape"] == str(config) and document["model"] == str(config)
-    assert set(document["results"]) == {baseline, "llm.int8"} and document["calibration"] == {"llm.int8": None}
+    assert {baseline, "llm.int8"} <= set(document["results"]) and document["calibration"] == {"llm.int8": None}
     assert document["results"]["llm.int8"]["weight_ratio"] < 1 and document["results"]["llm.int8"]["decode"]["1"]["tokens_per_s"] > 0
     assert any("random weights" in note for note in document["notes"])
+    assert_peer_rows(document, {"CTranslate2 int8", "CTranslate2 fp32"}, "CTranslate2")
+    alone = json.loads(RUNNER.invoke(app, [*args, "--no-peers"]).stdout)
+    assert set(alone["results"]) == {baseline, "llm.int8"}
+
+
+def assert_peer_rows(document: dict, rows: set[str], engine: str) -> None:
+    """A peer engine's rows were timed like ours (tokens/s, a speedup against the 16-bit row), or a note says why not."""
+    import importlib.util
+
+    timed = rows & set(document["results"])
+    if importlib.util.find_spec(engine.lower()) is None:
+        assert not timed and any(note.startswith(f"{engine}: not installed") for note in document["notes"])
+        return
+    assert timed == rows, document["notes"]
+    for row in rows:
+        entry = document["results"][row]
+        assert entry["weight_mib"] >= 0 and all(e["tokens_per_s"] > 0 and e["speedup"] > 0 for phase in ("prefill", "decode") for e in entry[phase].values())
 
 
 def test_bench_random_weights_refuses_what_does_not_fit_or_is_no_config(tmp_path, monkeypatch):

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
+import tempfile
+from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -17,6 +20,7 @@ from llmint8_cli.cli.common import (
 )
 from llmint8_cli.core.methods import DEFAULT_METHOD, check_rotation_block, get_method
 from llmint8_cli.errors import InvalidArgumentError
+from llmint8_cli.evaluation import peers as peer_engines
 from llmint8_cli.evaluation import speed, variants
 
 
@@ -66,6 +70,16 @@ def check_layer_sizes(shapes: list[tuple[int, int]], outliers: list[int]) -> Non
         raise InvalidArgumentError(f"--shapes {largest[0]}x{largest[1]} needs about {needed / 2**30:.1f} GiB for its layers, {available / 2**30:.1f} GiB free")
 
 
+@contextlib.contextmanager
+def peer_folder(wanted: bool):
+    """A temporary folder for the peer engines' copies of the model (None where no peer is timed), removed at the end."""
+    if not wanted:
+        yield None
+        return
+    with tempfile.TemporaryDirectory(prefix="llmint8-peers-") as folder:
+        yield Path(folder)
+
+
 def check_context(config, lengths: list[int], new_tokens: int) -> None:
     limit = models.context_length(config)
     if limit is not None and max(lengths) + new_tokens > limit:
@@ -100,6 +114,8 @@ def bench(
     random_weights: Annotated[bool, typer.Option("--random-weights", help="Model mode: only MODEL's shape (a shipped one such as llama-3-8b or opt-13b, a config.json, "
                                                  "or a model's own config) with random weights, to see what int8 brings before downloading a model. "
                                                  "A config.json MODEL implies it.")] = False,
+    peers: Annotated[bool, typer.Option("--peers/--no-peers", help="Model mode on the CPU: also time the engines a user would pick instead, on the same "
+                                        "weights (torchao W8A8, CTranslate2 int8 and fp32, llama.cpp Q8_0), each where installed.")] = True,
     no_verify: NoVerify = False,
     trust_remote_code: TrustRemoteCode = False,
     quiet: Quiet = False,
@@ -141,10 +157,12 @@ def bench(
                 raise InvalidArgumentError("--random-weights builds the model on --device; --device-map places a model's own weights")
             config, label = models.shape_config(model)
             check_context(config, lengths, new_tokens)
-            with console.status(f"{label} with random weights: timing the {baseline} model, then {method} (quantized in place)"):
-                results = speed.bench_random_weights(config, label, method, threshold, run_dtype, run_device, baseline, lengths, batches, new_tokens, repeat)
             notes = [f"random weights in the shape of {label}: speed only; {method} at run-time outlier detection (nothing to calibrate), "
-                     "the two models timed one after the other"]
+                     "the models timed one after the other"]
+            with console.status(f"{label} with random weights: timing the {baseline} model, then {method} (quantized in place), then the peers"), \
+                    peer_folder(peers and run_device.type == "cpu") as folder:
+                results = speed.bench_random_weights(config, label, method, threshold, run_dtype, run_device, baseline, lengths, batches, new_tokens, repeat,
+                                                     folder, notes)
             document.update({"weights": "random", "shape": label, "threshold": get_method(method).threshold_or_default(threshold), "calibration": {method: None}})
         else:
             # a 16-bit model is calibrated as quantize calibrates it: the speed of the folder a user would get
@@ -164,15 +182,19 @@ def bench(
                 if name != variants.BASELINE:
                     calibrations[name] = subject.calibration_of(name)
                 elif placed is not None:
-                    notes.append(f"{TORCHAO}: not timed on a model spread over devices")
-                else:
+                    notes.append("peers: not timed on a model spread over devices")
+                elif peers and run_device.type == "cpu":
                     try:
                         networks[TORCHAO] = speed.torchao_model(network)
                     except ImportError as exc:
                         notes.append(f"{TORCHAO}: not installed ({exc.name}); pip install 'llmint8[peers]'")
             console.print(variants.calibration_line(subject))  # known once every variant is built (a placed one is quantized as it comes)
-            with console.status("timing prefill and decode, the models in turn"):
-                results = speed.bench_models(networks, lengths, batches, new_tokens, repeat, run_device)
+            with peer_folder(peers and placed is None and run_device.type == "cpu") as folder:
+                if folder is not None:
+                    with console.status("converting the model for the peer engines"):
+                        networks.update(peer_engines.engines(peer_engines.save_16bit(networks[baseline], folder / "model"), notes))
+                with console.status("timing prefill and decode, the models in turn"):
+                    results = speed.bench_models(networks, lengths, batches, new_tokens, repeat, run_device)
             document.update({
                 "weights": "given", "threshold": subject.threshold_of(method), "calibration": calibrations,
                 "settings": {name: subject.settings_of(name) for name in calibrations if subject.settings_of(name)}, **({"placement": placements} if placements else {}),

@@ -8,6 +8,7 @@ import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -194,24 +195,36 @@ def bench_layer(out_features: int, in_features: int, tokens: list[int], outlier_
 
 
 @torch.inference_mode()
-def bench_models(networks: dict[str, nn.Module], prompt_lengths: list[int], batches: list[int], new_tokens: int, repeat: int, device: torch.device) -> dict:
-    """Per network: prefill tokens/s (one forward over one prompt of each length) and decode
-    tokens/s (greedy, KV cache, `new_tokens` after an 8-token prompt, for each batch of sequences
-    decoded together), the networks timed in turn on the same inputs."""
-    vocab = next(iter(networks.values())).config.vocab_size
+def prefill_call(network, ids: torch.Tensor) -> Callable[[], object]:
+    """One forward over the prompt: our models through transformers, a peer engine (peers.py) its own way."""
+    return functools.partial(network, input_ids=ids, use_cache=False) if isinstance(network, nn.Module) else functools.partial(network.prefill, ids)
+
+
+def decode_call(network, ids: torch.Tensor, new_tokens: int) -> Callable[[], object]:
+    """Greedy decoding of exactly `new_tokens` tokens after the prompts `ids` (one row a sequence)."""
+    if isinstance(network, nn.Module):
+        return functools.partial(network.generate, ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
+    return functools.partial(network.decode, ids, new_tokens)
+
+
+def bench_models(networks: dict, prompt_lengths: list[int], batches: list[int], new_tokens: int, repeat: int, device: torch.device,
+                 vocab_size: int | None = None) -> dict:
+    """Per network (our models, or peer engines: peers.py): prefill tokens/s (one forward over one
+    prompt of each length) and decode tokens/s (greedy, KV cache, `new_tokens` after an 8-token
+    prompt, for each batch of sequences decoded together), the networks timed in turn on the same
+    inputs (the same again in a later call: the ids come from a fixed seed)."""
+    vocab = vocab_size or next(net for net in networks.values() if isinstance(net, nn.Module)).config.vocab_size
     g = torch.Generator().manual_seed(0)
-    results = {name: {"prefill": {}, "decode": {}, "weight_mib": round(weight_bytes(net) / 2**20, 1)} for name, net in networks.items()}
+    results = {name: {"prefill": {}, "decode": {}, "weight_mib": round((weight_bytes(net) if isinstance(net, nn.Module) else net.weight_bytes) / 2**20, 1)}
+               for name, net in networks.items()}
     for length in prompt_lengths:
         ids = torch.randint(3, vocab, (1, length), generator=g).to(device)
-        calls = {name: functools.partial(net, input_ids=ids, use_cache=False) for name, net in networks.items()}
+        calls = {name: prefill_call(net, ids) for name, net in networks.items()}
         for name, timing in time_interleaved(calls, repeat, device).items():
             results[name]["prefill"][str(length)] = {"tokens_per_s": round(length / (timing.median_ms / 1e3), 1), "median_ms": round(timing.median_ms, 2)}
     for batch in batches:
         ids = torch.randint(3, vocab, (batch, 8), generator=g).to(device)
-        calls = {
-            name: functools.partial(net.generate, ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
-            for name, net in networks.items()
-        }
+        calls = {name: decode_call(net, ids, new_tokens) for name, net in networks.items()}
         for name, timing in time_interleaved(calls, max(1, repeat // 2), device).items():
             results[name]["decode"][str(batch)] = {"tokens_per_s": round(batch * new_tokens / (timing.median_ms / 1e3), 2), "median_ms": round(timing.median_ms, 2)}
     return results
@@ -235,17 +248,25 @@ def random_model(config, dtype: torch.dtype, device: torch.device, where: str) -
 
 
 def bench_random_weights(config, where: str, method: str, threshold: float | None, dtype: torch.dtype, device: torch.device, baseline: str,
-                         prompt_lengths: list[int], batches: list[int], new_tokens: int, repeat: int) -> dict:
+                         prompt_lengths: list[int], batches: list[int], new_tokens: int, repeat: int, peers_folder: Path | None, notes: list[str]) -> dict:
     """bench_models for a model of `config` with random weights: the 16-bit model, then the same
     weights quantized in place by `method` (run-time outlier detection: random weights have no
-    features of their own to calibrate), timed one after the other, so that a model is never held
+    features of their own to calibrate), then the peer engines of the same weights (saved into
+    `peers_folder` first; None: no peers), timed one after the other, so that a model is never held
     twice (an 8B model in bf16 fits 24 GiB once)."""
+    from llmint8_cli.evaluation import peers
     from llmint8_cli.nn.convert import quantize_model
 
     model = random_model(config, dtype, device, where)
+    vocab = model.config.get_text_config().vocab_size
     results = bench_models({baseline: model}, prompt_lengths, batches, new_tokens, repeat, device)
+    saved = peers.save_16bit(model, peers_folder / "model") if peers_folder is not None and device.type == "cpu" else None
     quantize_model(model, method, threshold)
     results.update(bench_models({method: model}, prompt_lengths, batches, new_tokens, repeat, device))
+    del model
+    engines = peers.engines(saved, notes) if saved is not None else {}
+    if engines:
+        results.update(bench_models(engines, prompt_lengths, batches, new_tokens, repeat, device, vocab_size=vocab))
     return results
 
 
