@@ -7,7 +7,7 @@ TORCH ?= torch==2.13.0
 MODEL ?= smollm2-135m
 DEMO_OUT ?= out/smollm2-135m-int8
 
-.PHONY: setup demo test test-slow bench lint clean
+.PHONY: setup demo test test-slow bench peers lint clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -35,6 +35,10 @@ test-slow: setup
 
 bench: setup
 	$(VENV)/bin/llmint8 bench
+
+# llama.cpp for bench's peer rows: llama-cpp-python builds it from source (about 6 minutes on 2 cores)
+peers: setup
+	$(PY) -m pip install -q "llama-cpp-python==0.3.36"
 
 clean:
 	rm -rf $(VENV) out build *.egg-info

@@ -1,7 +1,10 @@
 """`llmint8 outliers` on planted outliers, and `llmint8 bench` end to end on small shapes."""
 
+import importlib.util
 import json
 
+import numpy as np
+import pytest
 import torch
 from typer.testing import CliRunner
 
@@ -93,7 +96,8 @@ def test_bench_model_mode_decodes_a_batch():
     assert document["results"]["llm.int8"]["weight_ratio"] < 1
     peer = document["results"].get("torchao W8A8")
     assert peer is not None or any("torchao" in note for note in document["notes"])
-    assert_peer_rows(document, {"CTranslate2 int8", "CTranslate2 fp32"}, "CTranslate2")
+    assert_peer_rows(document, {"CTranslate2 int8", "CTranslate2 fp32"}, "ctranslate2", "CTranslate2")
+    assert_peer_rows(document, {"llama.cpp Q8_0"}, "llama_cpp", "llama.cpp Q8_0")
     if "CTranslate2 int8" in document["results"]:  # its int8 model holds int8 weights
         assert document["results"]["CTranslate2 int8"]["weight_mib"] < document["results"]["CTranslate2 fp32"]["weight_mib"] / 3
 
@@ -122,17 +126,16 @@ def test_bench_times_a_shape_alone_with_random_weights(tmp_path):
     assert {baseline, "llm.int8"} <= set(document["results"]) and document["calibration"] == {"llm.int8": None}
     assert document["results"]["llm.int8"]["weight_ratio"] < 1 and document["results"]["llm.int8"]["decode"]["1"]["tokens_per_s"] > 0
     assert any("random weights" in note for note in document["notes"])
-    assert_peer_rows(document, {"CTranslate2 int8", "CTranslate2 fp32"}, "CTranslate2")
+    assert_peer_rows(document, {"CTranslate2 int8", "CTranslate2 fp32"}, "ctranslate2", "CTranslate2")
+    assert_peer_rows(document, {"llama.cpp Q8_0"}, "llama_cpp", "llama.cpp Q8_0")
     alone = json.loads(RUNNER.invoke(app, [*args, "--no-peers"]).stdout)
     assert set(alone["results"]) == {baseline, "llm.int8"}
 
 
-def assert_peer_rows(document: dict, rows: set[str], engine: str) -> None:
+def assert_peer_rows(document: dict, rows: set[str], module: str, engine: str) -> None:
     """A peer engine's rows were timed like ours (tokens/s, a speedup against the 16-bit row), or a note says why not."""
-    import importlib.util
-
     timed = rows & set(document["results"])
-    if importlib.util.find_spec(engine.lower()) is None:
+    if importlib.util.find_spec(module) is None:
         assert not timed and any(note.startswith(f"{engine}: not installed") for note in document["notes"])
         return
     assert timed == rows, document["notes"]
@@ -153,3 +156,32 @@ def test_bench_random_weights_refuses_what_does_not_fit_or_is_no_config(tmp_path
     assert bad.exit_code == 2 and bad.stderr.count("\n") == 1 and "not a transformers config.json" in bad.stderr
     placed = RUNNER.invoke(app, ["bench", "opt-1.3b", "--random-weights", "--device-map", "auto", "-q"])
     assert placed.exit_code == 2 and "--random-weights builds the model on --device" in placed.stderr
+
+
+def test_the_llama_cpp_gguf_computes_what_the_model_computes(tmp_path, monkeypatch):
+    """The GGUF bench writes for llama.cpp holds the same weights (q/k rows permuted as llama.cpp's
+    converter does): its logits are the model's up to Q8_0 rounding, far from a GGUF left unpermuted."""
+    from llmint8_cli.evaluation import peers
+
+    if importlib.util.find_spec("llama_cpp") is None:
+        pytest.skip("llama-cpp-python is not installed (make peers)")
+    model = tiny_model("llama")
+    with torch.no_grad():
+        model.model.layers[0].self_attn.q_proj.weight.mul_(8)  # attention that depends on the rotary layout
+        model.model.layers[0].self_attn.k_proj.weight.mul_(8)
+    ids = torch.tensor([[1, 40, 72, 69, 4, 85, 89, 73, 67, 75, 3, 99, 12, 7, 64, 31]])
+    with torch.no_grad():
+        expected = model(ids).logits[0].numpy()
+
+    def error(folder) -> float:
+        notes = []
+        engine = peers.llama_cpp_engines(peers.save_16bit(model, folder), [16], [2], 4, notes)[peers.LLAMA_CPP]
+        assert any("written with the gguf package" in note for note in notes)
+        engine.prefill(ids)
+        logits = np.stack([np.ctypeslib.as_array(engine.api.llama_get_logits_ith(engine.context, i), shape=(128,)).copy() for i in range(16)])
+        engine.decode(ids[:, :8].repeat(2, 1), 4)  # two sequences decoded together
+        return float(np.linalg.norm(logits - expected) / np.linalg.norm(expected))
+
+    permuted = error(tmp_path / "permuted")
+    monkeypatch.setattr(peers, "permuted_for_rope", lambda weight, heads: weight)
+    assert permuted < 0.05 and error(tmp_path / "as-stored") > 2 * permuted

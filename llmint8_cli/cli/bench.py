@@ -192,7 +192,7 @@ def bench(
             with peer_folder(peers and placed is None and run_device.type == "cpu") as folder:
                 if folder is not None:
                     with console.status("converting the model for the peer engines"):
-                        networks.update(peer_engines.engines(peer_engines.save_16bit(networks[baseline], folder / "model"), notes))
+                        networks.update(peer_engines.engines(peer_engines.save_16bit(networks[baseline], folder / "model"), lengths, batches, new_tokens, notes))
                 with console.status("timing prefill and decode, the models in turn"):
                     results = speed.bench_models(networks, lengths, batches, new_tokens, repeat, run_device)
             document.update({

@@ -264,7 +264,7 @@ def bench_random_weights(config, where: str, method: str, threshold: float | Non
     quantize_model(model, method, threshold)
     results.update(bench_models({method: model}, prompt_lengths, batches, new_tokens, repeat, device))
     del model
-    engines = peers.engines(saved, notes) if saved is not None else {}
+    engines = peers.engines(saved, prompt_lengths, batches, new_tokens, notes) if saved is not None else {}
     if engines:
         results.update(bench_models(engines, prompt_lengths, batches, new_tokens, repeat, device, vocab_size=vocab))
     return results
