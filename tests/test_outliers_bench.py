@@ -104,7 +104,8 @@ def test_bench_model_mode_decodes_a_batch():
 
 @needs_stories
 def test_bench_model_mode_takes_the_threshold_and_run_time_detection():
-    args = ["bench", str(STORIES), "--method", "llm.int8-rotate", "--batch", "1", "--prompt-tokens", "16", "--new-tokens", "2", "--repeat", "1", "--calib-samples", "0", "-q"]
+    args = ["bench", str(STORIES), "--method", "llm.int8-rotate", "--batch", "1", "--prompt-tokens", "16", "--new-tokens", "2", "--repeat", "1", "--calib-samples", "0",
+            "--no-peers", "-q"]
     document = json.loads(RUNNER.invoke(app, [*args, "--threshold", "20"]).stdout)
     assert document["threshold"] == 20.0 and document["calibration"] == {"llm.int8-rotate": None}
     bad = RUNNER.invoke(app, [*args, "--threshold", "-1"])
