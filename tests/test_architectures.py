@@ -224,3 +224,15 @@ def test_layers_the_model_does_not_use_as_linear_layers_stay_16_bit_and_are_name
     assert {name: entry["reason"] for name, entry in report["kept_16bit"].items()} == {
         "model.layers.*.mlp.down_proj": "ReadsWeightDirectly reads its weight directly, not through the layer",
         "model.layers.*.self_attn.o_proj": "its forward (Doubled) is not its linear map"}
+
+
+def test_a_tensor_the_checkpoint_lacks_is_named_with_the_architecture_that_needs_it(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    src = save_tiny(tiny_model("llama"), tmp_path / "src")
+    tensors = load_file(src / "model.safetensors")
+    del tensors["model.layers.1.mlp.up_proj.weight"]
+    save_file(tensors, src / "model.safetensors", metadata={"format": "pt"})
+    result = RUNNER.invoke(app, ["quantize", str(src), str(tmp_path / "out"), "--calib-samples", "0", "-q"])
+    assert result.exit_code == 2 and result.stderr.count("\n") == 1 and not (tmp_path / "out").exists()
+    assert "no tensor for model.layers.1.mlp.up_proj.weight, which LlamaForCausalLM (llama) needs" in result.stderr

@@ -181,7 +181,8 @@ def match_keys(model: torch.nn.Module, tensors: TensorSource) -> ModelKeyedSourc
     for group in aliases.values():
         present = [name for name in group if name in source.parts]
         if not present:
-            raise ModelLoadError(f"the source has no tensor for {group[0]} (does the checkpoint match its config.json?)")
+            raise ModelLoadError(f"the source has no tensor for {group[0]}, which {type(model).__name__} ({getattr(model.config, 'model_type', '?')}) "
+                                 "needs, under its name or any name transformers renames to it")
         for alias in present[1:]:  # tied weights (embeddings and LM head) are written and counted once
             del source.parts[alias]
     return source
