@@ -19,6 +19,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from llmint8_cli.errors import one_line
+
 CTRANSLATE2 = "CTranslate2"
 
 
@@ -91,8 +93,6 @@ def ctranslate2_engines(saved: Path, notes: list[str]) -> dict[str, CTranslate2E
             TransformersConverter(str(saved), low_cpu_mem_usage=True).convert(str(target), quantization=quantization, force=True)
             engines[row] = CTranslate2Engine(target, quantization)
         except Exception as exc:  # an architecture it does not know, a config it cannot read
-            from llmint8_cli.errors import one_line
-
             notes.append(f"{CTRANSLATE2}: cannot take this model ({type(exc).__name__}: {one_line(exc)})")
             return {}
     notes.append(f"{CTRANSLATE2}: per-row int8 weights and activations without decomposition, head and embeddings int8 too; float32 is its 16-bit row on CPU; "
