@@ -129,6 +129,9 @@ def test_a_bitsandbytes_folder_has_no_baseline_never_the_working_directorys(int8
     assert list(document["results"]) == ["llm.int8"] and document["results"]["llm.int8"]["delta_pct"] is None
     assert any("records no 16-bit source" in note for note in document["notes"])
     assert list(run("eval-ppl", int8, "--dataset", text_file, "--seq-len", "64", "--methods", "llm.int8")["results"]) == ["fp16", "llm.int8"]
+    timed = run("bench", bnb, "--prompt-tokens", "16", "--batch", "1", "--new-tokens", "2", "--repeat", "1")  # timed alone: no ratio, no peer
+    assert list(timed["results"]) == ["llm.int8"] and "speedup" not in timed["results"]["llm.int8"]["prefill"]["16"]
+    assert any("no 16-bit model: no ratios, and no peers" in note for note in timed["notes"])
 
 
 def test_mixture_of_experts_evaluated_on_the_fly_quantizes_the_experts(tmp_path, text_file):

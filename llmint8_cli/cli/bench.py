@@ -189,7 +189,7 @@ def bench(
                     except ImportError as exc:
                         notes.append(f"{TORCHAO}: not installed ({exc.name}); pip install 'llmint8[peers]'")
             console.print(variants.calibration_line(subject))  # known once every variant is built (a placed one is quantized as it comes)
-            with peer_folder(peers and placed is None and run_device.type == "cpu") as folder:
+            with peer_folder(peers and placed is None and run_device.type == "cpu" and baseline in networks) as folder:
                 if folder is not None:
                     with console.status("converting the model for the peer engines"):
                         networks.update(peer_engines.engines(peer_engines.save_16bit(networks[baseline], folder / "model"), lengths, batches, new_tokens, notes))
@@ -199,7 +199,10 @@ def bench(
                 "weights": "given", "threshold": subject.threshold_of(method), "calibration": calibrations,
                 "settings": {name: subject.settings_of(name) for name in calibrations if subject.settings_of(name)}, **({"placement": placements} if placements else {}),
             })
-        speed.add_speedups(results, baseline)
+        if baseline in results:
+            speed.add_speedups(results, baseline)
+        elif document["weights"] == "given":  # a folder that records no 16-bit source (bitsandbytes'): no ratios, no peers
+            notes.append("no 16-bit model: no ratios, and no peers (they are converted from it)")
         document.update({
             "mode": "model", "dtype": str(run_dtype).removeprefix("torch."), "prompt_tokens": lengths, "batches": batches,
             "new_tokens": new_tokens, "repeat": repeat, "results": results, "notes": notes,
