@@ -97,6 +97,7 @@ def test_a_world_size_without_a_launcher_is_one_line(model_and_texts):
         "llmint8: error: WORLD_SIZE=2 but MASTER_ADDR, MASTER_PORT unset: start a multi-process run with torchrun (torchrun --nproc-per-node N -m llmint8_cli ...)")
 
 
+@pytest.mark.slow  # 20-35 s: the default suite stays under 15 minutes; its eval-ppl twin runs there
 @needs_stories
 @needs_data
 def test_two_processes_give_the_zero_shot_figures_of_one(tmp_path):

@@ -130,6 +130,7 @@ def test_the_python_api_takes_transformers_arguments(folders):
         assert model.hf_device_map == {"": "cpu"}, device_map
 
 
+@pytest.mark.slow  # 20-35 s: the default suite stays under 15 minutes; its eval-ppl twin runs there
 @needs_stories
 @needs_data
 def test_eval_zeroshot_placed_gives_the_same_accuracies(tmp_path):

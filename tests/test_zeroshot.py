@@ -167,6 +167,7 @@ def test_unknown_task_is_a_one_line_error():
     ]
 
 
+@pytest.mark.slow  # 20-35 s: the default suite stays under 15 minutes; its eval-ppl twin runs there
 @needs_stories
 @needs_data
 def test_cache_dir_resumes_without_running_the_model_again(tmp_path, monkeypatch):
