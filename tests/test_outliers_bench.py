@@ -157,6 +157,15 @@ def test_bench_random_weights_refuses_what_does_not_fit_or_is_no_config(tmp_path
     assert bad.exit_code == 2 and bad.stderr.count("\n") == 1 and "not a transformers config.json" in bad.stderr
     placed = RUNNER.invoke(app, ["bench", "opt-1.3b", "--random-weights", "--device-map", "auto", "-q"])
     assert placed.exit_code == 2 and "--random-weights builds the model on --device" in placed.stderr
+    layers = RUNNER.invoke(app, ["bench", "--random-weights", "-q"])
+    assert layers.exit_code == 2 and "--random-weights is for model mode" in layers.stderr
+
+
+def test_bench_layer_mode_without_peers_times_our_rows_only():
+    result = RUNNER.invoke(app, ["bench", "--shapes", "64x128", "--tokens", "2", "--outlier-cols", "0", "--repeat", "1", "--no-peers", "-q"])
+    assert result.exit_code == 0, result.stderr
+    rows = {row["row"] for row in json.loads(result.stdout)["rows"]}
+    assert "llm.int8 (0 outliers)" in rows and not any(row.startswith(("bitsandbytes", "torchao")) for row in rows)
 
 
 def test_the_llama_cpp_gguf_computes_what_the_model_computes(tmp_path, monkeypatch):

@@ -114,8 +114,9 @@ def bench(
     random_weights: Annotated[bool, typer.Option("--random-weights", help="Model mode: only MODEL's shape (a shipped one such as llama-3-8b or opt-13b, a config.json, "
                                                  "or a model's own config) with random weights, to see what int8 brings before downloading a model. "
                                                  "A config.json MODEL implies it.")] = False,
-    peers: Annotated[bool, typer.Option("--peers/--no-peers", help="Model mode on the CPU: also time the engines a user would pick instead, on the same "
-                                        "weights (torchao W8A8, CTranslate2 int8 and fp32, llama.cpp Q8_0), each where installed.")] = True,
+    peers: Annotated[bool, typer.Option("--peers/--no-peers", help="Also time the engines a user would pick instead, on the same weights, each where "
+                                        "installed: bitsandbytes and torchao layers in layer mode; torchao W8A8, CTranslate2 int8 and "
+                                        "fp32, llama.cpp Q8_0 in model mode on the CPU.")] = True,
     no_verify: NoVerify = False,
     trust_remote_code: TrustRemoteCode = False,
     quiet: Quiet = False,
@@ -126,6 +127,8 @@ def bench(
     placed, run_device = chosen_placement(ctx, device, device_map, max_memory, offload_folder)
     document = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), "device": str(run_device), "machine": speed.machine()}
     if model is None:
+        if random_weights:
+            raise InvalidArgumentError("--random-weights is for model mode: give MODEL (a shape such as llama-3-8b, or a config.json)")
         if threshold is not None:
             raise InvalidArgumentError("--threshold is for model mode; layer mode plants outliers of about 20 and runs each method at its default threshold")
         if placed is not None:
@@ -135,9 +138,10 @@ def bench(
         block = check_rotation_block(rotation_block)
         rows, notes = [], []
         with progress_bar(console) as bar:
-            task = bar.add_task("layers", total=len(shape_list) * len(token_list) * (4 + len(outliers) + len(speed.PEERS)))
+            task = bar.add_task("layers", total=len(shape_list) * len(token_list) * (4 + len(outliers) + (len(speed.PEERS) if peers else 0)))
             for out_f, in_f in shape_list:
-                rows += speed.bench_layer(out_f, in_f, token_list, outliers, repeat, run_device, progress=lambda: bar.advance(task), notes=notes, rotation_block=block)
+                rows += speed.bench_layer(out_f, in_f, token_list, outliers, repeat, run_device, with_peers=peers, progress=lambda: bar.advance(task), notes=notes,
+                                          rotation_block=block)
         document.update({"mode": "layer", "repeat": repeat, "rows": rows, "notes": notes})
         title = f"llmint8 bench · layers · {document['machine']['cpu']} · {document['machine']['threads']} threads · {run_device}"
         cells = [[
