@@ -341,16 +341,9 @@ def causal_lm_from_config(config, dtype: torch.dtype | None = None):
     return AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=remote_code_allowed())
 
 
-def shape_names() -> list[str]:
-    """The model shapes shipped as configs (configs/shapes): what `bench --random-weights` builds offline."""
-    from importlib import resources
-
-    return sorted(entry.name.removesuffix(".json") for entry in (resources.files("llmint8_cli.configs") / "shapes").iterdir() if entry.name.endswith(".json"))
-
-
 def shape_config(spec: str):
     """(a model's config, what it is) for a random-weight model: a shipped shape (`llama-3-8b`,
-    `opt-13b`, ... see shape_names), a config.json file, or any model's own config (a folder, a
+    `opt-13b`, ... in configs/shapes), a config.json file, or any model's own config (a folder, a
     GGUF file, a Hub id)."""
     from importlib import resources
 

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from llmint8_cli.errors import one_line
+from llmint8_cli.evaluation.speed import DECODE_PROMPT_TOKENS
 
 CTRANSLATE2 = "CTranslate2"
 
@@ -98,8 +99,6 @@ def ctranslate2_engines(saved: Path, notes: list[str]) -> dict[str, CTranslate2E
     notes.append(f"{CTRANSLATE2}: per-row int8 weights and activations without decomposition, head and embeddings int8 too; float32 is its 16-bit row on CPU; "
                  f"CT2_FORCE_CPU_ISA={isa or 'its own choice'}, {torch.get_num_threads()} threads")
     return engines
-
-
 
 
 LLAMA_CPP = "llama.cpp Q8_0"
@@ -239,8 +238,8 @@ def llama_cpp_engines(saved: Path, prompt_lengths: list[int], batches: list[int]
         return {}
     target = saved.parent / "model-q8_0.gguf"
     write_llama_gguf(saved, target)
-    longest = max(max(prompt_lengths), 8 + new_tokens)
-    engine = LlamaCppEngine(target, config["vocab_size"], longest, max(max(prompt_lengths), max(batches) * 8), max(batches))
+    longest = max(max(prompt_lengths), DECODE_PROMPT_TOKENS + new_tokens)
+    engine = LlamaCppEngine(target, config["vocab_size"], longest, max(max(prompt_lengths), max(batches) * DECODE_PROMPT_TOKENS), max(batches))
     notes.append(f"{LLAMA_CPP}: written with the gguf package from the same weights (embeddings and head Q8_0 too), {torch.get_num_threads()} threads")
     return {LLAMA_CPP: engine}
 

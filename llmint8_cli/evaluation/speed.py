@@ -19,6 +19,7 @@ from llmint8_cli.errors import InvalidArgumentError
 from llmint8_cli.nn.linear import Int8Linear
 
 FLOAT_ROWS = ("fp32", "bfloat16", "float16")
+DECODE_PROMPT_TOKENS = 8  # the prompt each decoded sequence starts from
 PAPER_HIDDEN = (768, 1024, 2048, 2560, 4096, 5140, 8192, 12288)  # Appendix D, Table 5: W is 4d x d
 
 
@@ -223,7 +224,7 @@ def bench_models(networks: dict, prompt_lengths: list[int], batches: list[int], 
         for name, timing in time_interleaved(calls, repeat, device).items():
             results[name]["prefill"][str(length)] = {"tokens_per_s": round(length / (timing.median_ms / 1e3), 1), "median_ms": round(timing.median_ms, 2)}
     for batch in batches:
-        ids = torch.randint(3, vocab, (batch, 8), generator=g).to(device)
+        ids = torch.randint(3, vocab, (batch, DECODE_PROMPT_TOKENS), generator=g).to(device)
         calls = {name: decode_call(net, ids, new_tokens) for name, net in networks.items()}
         for name, timing in time_interleaved(calls, max(1, repeat // 2), device).items():
             results[name]["decode"][str(batch)] = {"tokens_per_s": round(batch * new_tokens / (timing.median_ms / 1e3), 2), "median_ms": round(timing.median_ms, 2)}
@@ -260,7 +261,7 @@ def bench_random_weights(config, where: str, method: str, threshold: float | Non
     model = random_model(config, dtype, device, where)
     vocab = model.config.get_text_config().vocab_size
     results = bench_models({baseline: model}, prompt_lengths, batches, new_tokens, repeat, device)
-    saved = peers.save_16bit(model, peers_folder / "model") if peers_folder is not None and device.type == "cpu" else None
+    saved = peers.save_16bit(model, peers_folder / "model") if peers_folder is not None else None
     quantize_model(model, method, threshold)
     results.update(bench_models({method: model}, prompt_lengths, batches, new_tokens, repeat, device))
     del model
