@@ -150,7 +150,21 @@ def int8_linear(x: Tensor, weight: Tensor, weight_scale: Tensor, weight_zero: Te
     """llmint8::int8_linear, computed directly where nothing traces it: a plain eager call with no
     gradient to record skips torch's dispatcher, which costs more than a decode step's GEMV."""
     args = (x, weight, weight_scale, weight_zero, outlier_idx, outlier_weight, input_smooth, bias, method, threshold, rotation_block)
-    traced = type(x) is not torch.Tensor or torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() > 0  # fake, functional, a mode
-    if traced or (x.requires_grad and torch.is_grad_enabled()):
+    gradient = x.requires_grad and torch.is_grad_enabled()
+    if torch.compiler.is_compiling() and not gradient:
+        native = compiled_linear(x, owner, method, threshold, bias)
+        if native is not None:
+            return native
+    if gradient or type(x) is not torch.Tensor or torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() > 0:  # fake, functional, a mode
         return int8_linear_op(*args)
     return linear(*args, owner=owner)
+
+
+def compiled_linear(x: Tensor, owner, method: str, threshold: float, bias: Tensor | None) -> Tensor | None:
+    """The layer in a graph being compiled as its backend's native op (backend.traced_linear), which
+    the compiled code calls without Python in between; None where there is none, or where the layer
+    has not run yet (its prepared state is made at its first eager call, or by `prepare_layers`)."""
+    held = owner.__dict__.get("_prepared") if owner is not None else None
+    if held is None:
+        return None
+    return backend_for(x.device).traced_linear(x, held[1], get_method(method), threshold, bias)

@@ -197,6 +197,22 @@ def test_every_cpu_gemm_path_gives_the_int32_sums(name):
     assert torch.equal(got, exact.int()) if path.int32 else torch.equal(got, exact.int().float())
 
 
+@pytest.mark.skipif(cpu_kernels.native_kernels() is None, reason="no compiler for the native CPU kernels")
+@pytest.mark.parametrize("vnni", [False, True])
+def test_both_native_tiles_give_the_int32_sums(vnni):
+    """The AVX2 tile and, where the CPU has it, the AVX512-VNNI one: the extremes, k with tails of
+    every kind (1, 33, 65 bytes past a 64-byte step) and sums beyond 2^24."""
+    native = cpu_kernels.native_kernels()
+    if vnni and not native.has_vnni():
+        pytest.skip("no AVX512-VNNI on this CPU")
+    g = torch.Generator().manual_seed(1)
+    for m, k, n in [(1, 1, 5), (2, 33, 9), (3, 65, 4), (5, 200, 37), (1, 8192, 8)]:
+        a = torch.randint(-127, 128, (m, k), dtype=torch.int8, generator=g)
+        w = torch.randint(-127, 128, (n, k), dtype=torch.int8, generator=g)
+        a[0], w[0] = 127, -127
+        assert torch.equal(native.int8_gemm(a, w, vnni=vnni), (a.long() @ w.long().t()).int()), (m, k, n)
+
+
 class Saturating(cpu_kernels.IntMmNK):
     """oneDNN's u8 x s8 product without VNNI: pairs of products added in int16 with saturation."""
 
@@ -271,25 +287,30 @@ def test_native_kernels_run_on_torchs_threads():
         torch.set_num_threads(threads)
 
 
-@pytest.mark.skipif("llmint8-amx" not in CPU_PATHS, reason="no AMX-INT8 on this CPU")
+LAYER_PATHS = [name for name in CPU_PATHS if cpu_kernels.PATHS[name].finishes_layer or cpu_kernels.PATHS[name].whole_layer]
+
+
+@pytest.mark.skipif(not LAYER_PATHS, reason="no path here finishes the layer itself")
+@pytest.mark.parametrize("path", LAYER_PATHS)
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("method_name", ["llm.int8", "llm.int8-rotate"])
+@pytest.mark.parametrize("method_name", ["llm.int8", "llm.int8-rotate", "llm.int8-smooth"])
 @pytest.mark.parametrize("stored_columns", [2, 12])  # the epilogue's own loop, and its GEMM for many columns
-def test_amx_epilogue_in_blocks_gives_the_bits_of_the_whole_row_epilogue(monkeypatch, dtype, method_name, stored_columns):
-    """amx_linear finishes each 32 x 32 block of the product in cache; every element must get the
-    bits dequantize_sequences gives it after another exact path, with tails in m, n and k."""
+@pytest.mark.parametrize("lead", [(3, 13), (2, 1)])  # 39 rows, which tiles of 16 do not split; a decoded batch of 2
+def test_a_layer_finished_in_blocks_gets_the_bits_of_the_whole_row_epilogue(monkeypatch, path, dtype, method_name, stored_columns, lead):
+    """amx_linear and rowwise_linear finish each block of the product in cache; every element must
+    get the bits dequantize_sequences gives it after another exact path, with tails in m, n and k."""
     method, cpu = get_method(method_name), next(b for b in BACKENDS if b.name == "cpu")
     g = torch.Generator().manual_seed(5)
-    k, n = 200, 72  # 3 tiles and a half in k, 4.5 W tiles in n
-    x = torch.randn(3, 13, k, generator=g)  # 3 sequences of 13 rows: 39 rows, tiles of 16 do not split them
+    k, n = 200, 300  # 3 AMX tiles and a half in k; in n 18.75 of them, and a strip of 256 rows of W and a tail
+    x = torch.randn(*lead, k, generator=g)
     stored = torch.arange(stored_columns) * (k // stored_columns)
     x[..., stored] *= 15
     x[1, :, 7] *= 20  # a run-time outlier column in one sequence
     qweight = quantized((torch.randn(n, k, generator=g) / k**0.5).to(dtype), method, stored, x)
     bias = torch.randn(n, generator=g).to(dtype)
     outputs = {}
-    for name in ("llmint8-amx", next(p for p in CPU_PATHS if p != "llmint8-amx")):
+    for name in (path, next(p for p in CPU_PATHS if p not in LAYER_PATHS)):
         monkeypatch.setenv(cpu_kernels.FORCE_ENV, name)
         outputs[name] = cpu.linear(x.to(dtype), cpu.prepare(qweight, method), method, 6.0, bias)
-    amx, other = outputs.values()
-    assert amx.dtype == dtype and torch.equal(amx, other)
+    whole, other = outputs.values()
+    assert whole.dtype == dtype and torch.equal(whole, other)

@@ -44,6 +44,11 @@ class Backend:
         """The whole linear; outliers are detected per sequence, as in the reference."""
         return reference.each_sequence(x, method, lambda part: self.linear_call(part, prepared, method, threshold, bias))
 
+    def traced_linear(self, x: torch.Tensor, prepared: Any, method: Method, threshold: float, bias: torch.Tensor | None) -> torch.Tensor | None:
+        """The whole linear as one native torch op that a compiled graph calls without Python, or
+        None where the backend has none for this call (the graph then calls llmint8::int8_linear)."""
+        return None
+
     def linear_call(self, x: torch.Tensor, prepared: Any, method: Method, threshold: float, bias: torch.Tensor | None) -> torch.Tensor:
         """One matmul call over all of x's rows (what backends accelerate)."""
         return reference.linear_call(x, prepared, method, threshold, bias)

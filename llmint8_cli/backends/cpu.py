@@ -35,6 +35,7 @@ class PreparedWeight:
     stored_rows_bf16: torch.Tensor | None  # the same in bf16, where the CPU multiplies bf16 natively (the epilogue's GEMM for many columns)
     stored_mask: torch.Tensor  # bool [k]: True at the stored outlier columns
     stored_pos: torch.Tensor  # int32 [k]: row of a column in stored_rows, -1 if not stored
+    one_call: bool  # the native rowwise_linear may run the whole layer (a row-wise absmax method, not rotated) where the plan's path is its own
 
 
 def column_mask(k: int, columns: torch.Tensor, device: torch.device | None = None) -> torch.Tensor:
@@ -88,7 +89,8 @@ class CpuBackend(Backend):
         packed = gemm.pack(q.q) if on_cpu else q.q.contiguous()
         stored_rows = qweight.outlier_weight.float().t().contiguous()
         stored_rows_bf16 = stored_rows.bfloat16() if on_cpu and cpu_kernels.native_bf16() else None
-        return PreparedWeight(qweight, gemm, packed, q.scale, q.zero, row_sum, stored_rows, stored_rows_bf16, stored_mask, stored_pos)
+        one_call = self._native_for(q.q, method.activation, method) is not None and not method.rotation
+        return PreparedWeight(qweight, gemm, packed, q.scale, q.zero, row_sum, stored_rows, stored_rows_bf16, stored_mask, stored_pos, one_call)
 
     def quantize_activations(self, x: torch.Tensor, method: Method, threshold: float, stored_idx: torch.Tensor, groups: int = 1,
                              rotation_block: int = reference.ROTATION_BLOCK) -> tuple[Quantized, torch.Tensor]:
@@ -130,8 +132,30 @@ class CpuBackend(Backend):
         groups = reference.sequence_count(x) if method.decomposition else 1
         if method.rotation:
             return self._rotated_linear(x, x2, prepared, threshold, bias, groups)
-        q, sx, masks = native.quantize_sequences(x2, prepared.stored_mask, threshold if method.decomposition else math.inf, groups, smooth)
-        out = self._finish(x, q, sx, x2, masks, prepared, bias, smooth)
+        path = prepared.gemm.path_for(x2.shape[0])
+        if path.whole_layer:  # one native call, nothing between its three steps
+            out = native.rowwise_linear(*self._one_call_arguments(x, x2, prepared, path, method, threshold, bias))
+        else:
+            q, sx, masks = native.quantize_sequences(x2, prepared.stored_mask, threshold if method.decomposition else math.inf, groups, smooth)
+            out = self._finish(x, q, sx, x2, masks, prepared, bias, smooth)
+        return out.reshape(*x.shape[:-1], out.shape[-1])
+
+    @staticmethod
+    def _one_call_arguments(x, x2, prepared: PreparedWeight, path, method: Method, threshold: float, bias) -> tuple:
+        """rowwise_linear's arguments: x as [m, k] rows, the prepared weight, the threshold and the sequences."""
+        return (x2, prepared.packed[path.name], prepared.scale, prepared.stored_mask, prepared.stored_rows, prepared.stored_pos, bias,
+                prepared.stored_rows_bf16 if x.dtype == torch.bfloat16 else None, prepared.qweight.smooth,
+                threshold if method.decomposition else math.inf, reference.sequence_count(x) if method.decomposition else 1)
+
+    def traced_linear(self, x: torch.Tensor, prepared: PreparedWeight, method: Method, threshold: float, bias: torch.Tensor | None) -> torch.Tensor | None:
+        """llmint8_cpu::rowwise_linear, where the plan runs this many rows through the native product."""
+        if not prepared.one_call:
+            return None
+        x2 = x.reshape(-1, x.shape[-1]).contiguous()
+        path = prepared.gemm.path_for(x2.shape[0])
+        if not path.whole_layer:
+            return None
+        out = torch.ops.llmint8_cpu.rowwise_linear(*self._one_call_arguments(x, x2, prepared, path, method, threshold, bias))
         return out.reshape(*x.shape[:-1], out.shape[-1])
 
     @staticmethod

@@ -89,10 +89,18 @@ def native_kernels():
     """The compiled extension module (GEMM, activation quantization, epilogue), or None."""
     try:
         sources, flags, name = native_build()
-        return load_extension("the CPU kernels", name, sources, extra_cflags=flags)
+        module = load_extension("the CPU kernels", name, sources, extra_cflags=flags)
     except Exception as exc:  # no compiler, no ninja, read-only cache...
         print(f"llmint8: native CPU kernels unavailable ({type(exc).__name__}); using oneDNN and the torch reference", file=sys.stderr)
         return None
+    if not torch._C._dispatch_has_kernel_for_dispatch_key("llmint8_cpu::rowwise_linear", "Meta"):
+        torch.library.register_fake("llmint8_cpu::rowwise_linear")(rowwise_linear_shape)
+    return module
+
+
+def rowwise_linear_shape(x, w_q, *_):
+    """llmint8_cpu::rowwise_linear's output as compilers and exporters see it: [m, n] in x's dtype."""
+    return x.new_empty(x.shape[0], w_q.shape[0])
 
 
 @dataclass(frozen=True)
@@ -103,6 +111,7 @@ class GemmPath:
     int32: bool = True  # False: the product comes back as float32 = float(int32 sum)
     own_layout: bool = False  # True: `pack` makes a copy of W (more memory); False: W as stored
     finishes_layer: bool = False  # True: `linear` runs the product and the native epilogue in one pass
+    whole_layer: bool = False  # True: the native rowwise_linear runs the activation side, this product and the epilogue in one call
 
     def runs(self) -> bool:
         """Whether this build and CPU can run the path at all."""
@@ -200,7 +209,7 @@ def exact_here(name: str) -> bool:
 PATHS = {
     p.name: p for p in (
         OneDnnPrepacked("onednn-prepacked", int32=False, own_layout=True), IntMmNK("onednn-nk"), IntMmKN("onednn-kn", own_layout=True),
-        NativeAmx("llmint8-amx", own_layout=True, finishes_layer=True), Native("llmint8-avx2"), Native("llmint8-scalar"),
+        NativeAmx("llmint8-amx", own_layout=True, finishes_layer=True), Native("llmint8-avx2", whole_layer=True), Native("llmint8-scalar", whole_layer=True),
     )
 }
 

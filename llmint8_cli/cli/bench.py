@@ -10,8 +10,9 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from torch import nn
 
-from llmint8_cli import models
+from llmint8_cli import compilation, models
 from llmint8_cli.backends import gemm_report
 from llmint8_cli.checkpoint.quantize import QuantizeOptions
 from llmint8_cli.cli.common import (
@@ -117,18 +118,23 @@ def bench(
     peers: Annotated[bool, typer.Option("--peers/--no-peers", help="Also time the engines a user would pick instead, on the same weights, each where "
                                         "installed: bitsandbytes and torchao layers in layer mode; torchao W8A8, CTranslate2 int8 and "
                                         "fp32, llama.cpp Q8_0 in model mode on the CPU.")] = True,
+    compile: Annotated[str, typer.Option("--compile", help="Model mode: " + compilation.HELP + " auto compiles every model of "
+                                         f"{compilation.AUTO_PARAMETERS // 10**6}M parameters and more; compile seconds go in the JSON apart.")] = "auto",
     no_verify: NoVerify = False,
     trust_remote_code: TrustRemoteCode = False,
     quiet: Quiet = False,
 ) -> None:
     """Time 16-bit versus int8 layers or models; JSON on stdout, a table on stderr."""
     console = stderr_console(quiet)
+    compilation.check_choice(compile)
     model = choose_model(model, console)
     placed, run_device = chosen_placement(ctx, device, device_map, max_memory, offload_folder)
     document = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), "device": str(run_device), "machine": speed.machine()}
     if model is None:
         if random_weights:
             raise InvalidArgumentError("--random-weights is for model mode: give MODEL (a shape such as llama-3-8b, or a config.json)")
+        if compile == "on":
+            raise InvalidArgumentError("--compile is for model mode; layer mode times eager calls")
         if threshold is not None:
             raise InvalidArgumentError("--threshold is for model mode; layer mode plants outliers of about 20 and runs each method at its default threshold")
         if placed is not None:
@@ -166,7 +172,7 @@ def bench(
             with console.status(f"{label} with random weights: timing the {baseline} model, then {method} (quantized in place), then the peers"), \
                     peer_folder(peers and run_device.type == "cpu") as folder:
                 results = speed.bench_random_weights(config, label, method, threshold, run_dtype, run_device, baseline, lengths, batches, new_tokens, repeat,
-                                                     folder, notes)
+                                                     folder, notes, compile)
             document.update({"weights": "random", "shape": label, "threshold": get_method(method).threshold_or_default(threshold), "calibration": {method: None}})
         else:
             # a 16-bit model is calibrated as quantize calibrates it: the speed of the folder a user would get
@@ -197,8 +203,12 @@ def bench(
                 if folder is not None:
                     with console.status("converting the model for the peer engines"):
                         networks.update(peer_engines.engines(peer_engines.save_16bit(networks[baseline], folder / "model"), lengths, batches, new_tokens, notes))
-                with console.status("timing prefill and decode, the models in turn"):
-                    results = speed.bench_models(networks, lengths, batches, new_tokens, repeat, run_device)
+                modules = [net for net in networks.values() if isinstance(net, nn.Module)]
+                compiling = placed is None and compilation.decide(compile, run_device, compilation.large_enough(modules[0]), notes)
+                if placed is not None and compile == "on":
+                    raise InvalidArgumentError("--compile on: a model spread over devices (--device-map) runs eager")
+                with console.status("timing prefill and decode, the models in turn" + (" (compiling each shape first)" if compiling else "")):
+                    results = speed.bench_models(networks, lengths, batches, new_tokens, repeat, run_device, compile_choice=compile if compiling else None, notes=notes)
             document.update({
                 "weights": "given", "threshold": subject.threshold_of(method), "calibration": calibrations,
                 "settings": {name: subject.settings_of(name) for name in calibrations if subject.settings_of(name)}, **({"placement": placements} if placements else {}),
@@ -208,14 +218,15 @@ def bench(
         elif document["weights"] == "given":  # a folder that records no 16-bit source (bitsandbytes'): no ratios, no peers
             notes.append("no 16-bit model: no ratios, and no peers (they are converted from it)")
         document.update({
-            "mode": "model", "dtype": str(run_dtype).removeprefix("torch."), "prompt_tokens": lengths, "batches": batches,
+            "mode": "model", "compile": compile, "inductor_cache": str(compilation.cache_folder()) if any(r.get("compiled") for r in results.values()) else None,
+            "dtype": str(run_dtype).removeprefix("torch."), "prompt_tokens": lengths, "batches": batches,
             "new_tokens": new_tokens, "repeat": repeat, "results": results, "notes": notes,
         })
         title = f"llmint8 bench · {label}{' (random weights)' if document['weights'] == 'random' else ''} · {str(run_dtype).removeprefix('torch.')} · {document['machine']['cpu']} · {run_device}"
         columns = [("prefill", str(n), f"prefill {n} tok/s") for n in lengths] + [("decode", str(b), f"decode ×{b} tok/s") for b in batches]
         cells = [[name, *(f"{r[phase][size]['tokens_per_s']:.0f}" + (f" ({r[phase][size]['speedup']:.2f}×)" if "speedup" in r[phase][size] else "") for phase, size, _ in columns),
-                  f"{r['weight_mib']:.0f}"] for name, r in results.items()]
-        table = (title, ["variant", *(c[2] for c in columns), "weights MiB"], cells, ("weights MiB",))
+                  f"{r['weight_mib']:.0f}", f"{sum(s for s in r['compile_s'].values() if s):.0f}" if r.get("compiled") else "eager"] for name, r in results.items()]
+        table = (title, ["variant", *(c[2] for c in columns), "weights MiB", "compile s"], cells, ("weights MiB", "compile s"))
         for note in notes:
             console.print(f"note: {note}")
     document["int8_gemm"] = gemm_report()

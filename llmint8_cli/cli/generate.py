@@ -9,7 +9,7 @@ from typing import Annotated
 import torch
 import typer
 
-from llmint8_cli import models
+from llmint8_cli import compilation, models
 from llmint8_cli.checkpoint.format import is_llmint8_checkpoint, read_quantization_config
 from llmint8_cli.checkpoint.quantize import QuantizeOptions
 from llmint8_cli.cli.common import (
@@ -70,11 +70,13 @@ def generate(
     dtype: ComputeDtype = "auto",
     no_verify: NoVerify = False,
     trust_remote_code: TrustRemoteCode = False,
+    compile: Annotated[str, typer.Option("--compile", help=compilation.HELP + f" auto compiles from --max-new-tokens {compilation.AUTO_DECODE_TOKENS}.")] = "auto",
     quiet: Quiet = False,
 ) -> None:
     """Greedy or sampled text; the text and tokens/s on stderr, JSON on stdout."""
     console = stderr_console(quiet)
     get_method(method).threshold_or_default(threshold)
+    compilation.check_choice(compile)
     if not prompt.strip():
         raise InvalidArgumentError("PROMPT is empty")
     if not math.isfinite(temperature):
@@ -89,19 +91,41 @@ def generate(
     if limit is not None and ids.shape[1] + max_new_tokens > limit:
         raise InvalidArgumentError(f"the prompt's {ids.shape[1]} tokens and --max-new-tokens {max_new_tokens} exceed the model's context ({limit} tokens)")
     sampling = {"do_sample": True, "temperature": temperature} if temperature > 0 else {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
-    torch.manual_seed(seed)
+    notes: list[str] = []
+    compiled = compilation.decide(compile, run_device, max_new_tokens >= compilation.AUTO_DECODE_TOKENS, notes)
+    if compiled and placed is not None:
+        if compile == "on":
+            raise InvalidArgumentError("--compile on: a model spread over devices (--device-map) runs eager")
+        compiled = not notes.append("--compile auto: running eager, the model is spread over devices")
+    clock = compilation.StepClock()
+
+    def run(compiling: bool):
+        clock.times.clear()
+        torch.manual_seed(seed)
+        if compiling:
+            console.print("compiling the decode step (torch.compile, Inductor; tens of seconds the first time for a model shape)")
+        options = compilation.generate_options(network) if compiling else {}
+        with torch.no_grad():
+            return network.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens, streamer=clock,
+                                    pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id, **sampling, **options), compiling
+
     started = time.perf_counter()
-    with torch.no_grad():
-        output = network.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id, **sampling)
+    output, compiled = compilation.run_or_fall_back(run, compiled, compile, notes)
     seconds = time.perf_counter() - started
     new = output[0, ids.shape[1]:]
     text = tokenizer.decode(new, skip_special_tokens=True)
     rate = new.numel() / seconds
     console.print(f"[bold]{prompt}[/]{text}", markup=True, highlight=False)
-    console.print(f"{new.numel()} tokens in {seconds:.2f} s: {rate:.1f} tokens/s ({ran}, {str(run_dtype).removeprefix('torch.')}, {run_device})")
+    for note in notes:
+        console.print(f"note: {note}", highlight=False)
+    steps = clock.figures()
+    steady = f"; {steps['steady_tokens_per_s']} tokens/s after the first decode step" if steps.get("steady_tokens_per_s") else ""
+    console.print(f"{new.numel()} tokens in {seconds:.2f} s: {rate:.1f} tokens/s{steady} ({ran}, {str(run_dtype).removeprefix('torch.')}, {run_device}"
+                  f"{', compiled' if compiled else ''})")
     emit_json("generate", model, {
         "method": ran, "threshold": threshold, "dtype": str(run_dtype).removeprefix("torch."), "device": str(run_device),
         "prompt": prompt, "text": text, "prompt_tokens": ids.shape[1], "new_tokens": new.numel(),
         "sampling": {"temperature": temperature, "seed": seed} if temperature > 0 else "greedy",
-        "seconds": round(seconds, 3), "tokens_per_s": round(rate, 1), **({"placement": where} if where else {}),
+        "seconds": round(seconds, 3), "tokens_per_s": round(rate, 1), "compiled": compiled, **steps,
+        **({"notes": notes} if notes else {}), **({"placement": where} if where else {}),
     })

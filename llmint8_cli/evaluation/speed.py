@@ -195,37 +195,60 @@ def bench_layer(out_features: int, in_features: int, tokens: list[int], outlier_
     return results
 
 
-@torch.inference_mode()
 def prefill_call(network, ids: torch.Tensor) -> Callable[[], object]:
-    """One forward over the prompt: our models through transformers, a peer engine (peers.py) its own way."""
-    return functools.partial(network, input_ids=ids, use_cache=False) if isinstance(network, nn.Module) else functools.partial(network.prefill, ids)
+    """One forward over the prompt: our models through transformers (or their compiled forward), a peer engine (peers.py) its own way."""
+    if not isinstance(network, nn.Module):  # torch.compile's wrapper is a module too
+        return functools.partial(network.prefill, ids)
+    return functools.partial(torch.inference_mode()(network), input_ids=ids, use_cache=False)
 
 
-def decode_call(network, ids: torch.Tensor, new_tokens: int) -> Callable[[], object]:
-    """Greedy decoding of exactly `new_tokens` tokens after the prompts `ids` (one row a sequence)."""
+def decode_call(network, ids: torch.Tensor, new_tokens: int, compiled: bool = False) -> Callable[[], object]:
+    """Greedy decoding of exactly `new_tokens` tokens after the prompts `ids` (one row a sequence);
+    `compiled`: the decode step compiled, through a static cache (compilation.generate_options)."""
     if isinstance(network, nn.Module):
-        return functools.partial(network.generate, ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
+        from llmint8_cli import compilation
+
+        options = compilation.generate_options(network) if compiled else {}
+        return functools.partial(network.generate, ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=0, **options)
     return functools.partial(network.decode, ids, new_tokens)
 
 
 def bench_models(networks: dict, prompt_lengths: list[int], batches: list[int], new_tokens: int, repeat: int, device: torch.device,
-                 vocab_size: int | None = None) -> dict:
+                 vocab_size: int | None = None, compile_choice: str | None = None, notes: list[str] | None = None) -> dict:
     """Per network (our models, or peer engines: peers.py): prefill tokens/s (one forward over one
     prompt of each length) and decode tokens/s (greedy, KV cache, `new_tokens` after an 8-token
     prompt, for each batch of sequences decoded together), the networks timed in turn on the same
-    inputs (the same again in a later call: the ids come from a fixed seed)."""
+    inputs (the same again in a later call: the ids come from a fixed seed). With `compile_choice`
+    (compilation.decide said to compile) our models run compiled: the forward for each prompt length,
+    the decode step through a static cache; each first call's seconds (the compile) go in `compile_s`."""
+    from llmint8_cli import compilation
+
     vocab = vocab_size or next(net for net in networks.values() if isinstance(net, nn.Module)).config.vocab_size
     g = torch.Generator().manual_seed(0)
     results = {name: {"prefill": {}, "decode": {}, "weight_mib": round((weight_bytes(net) if isinstance(net, nn.Module) else net.weight_bytes) / 2**20, 1)}
                for name, net in networks.items()}
+    forwards = {name: compilation.compiled_forward(net) for name, net in networks.items() if compile_choice and isinstance(net, nn.Module)}
+    for name in forwards:
+        results[name].update(compiled=True, compile_s={})
+
+    def calls_for(phase: str, size: int, eager: dict[str, Callable[[], object]], compiled: dict[str, Callable[[], object]]) -> dict[str, Callable[[], object]]:
+        for name, call in compiled.items():
+            if results[name].get("compiled"):
+                eager[name], seconds = compilation.first_call(name, call, eager[name], compile_choice, notes if notes is not None else [])
+                results[name]["compiled"] = seconds is not None
+                results[name]["compile_s"][f"{phase} {size}"] = seconds
+        return eager
+
     for length in prompt_lengths:
         ids = torch.randint(3, vocab, (1, length), generator=g).to(device)
-        calls = {name: prefill_call(net, ids) for name, net in networks.items()}
+        calls = calls_for("prefill", length, {name: prefill_call(net, ids) for name, net in networks.items()},
+                          {name: prefill_call(forward, ids) for name, forward in forwards.items()})
         for name, timing in time_interleaved(calls, repeat, device).items():
             results[name]["prefill"][str(length)] = {"tokens_per_s": round(length / (timing.median_ms / 1e3), 1), "median_ms": round(timing.median_ms, 2)}
     for batch in batches:
         ids = torch.randint(3, vocab, (batch, DECODE_PROMPT_TOKENS), generator=g).to(device)
-        calls = {name: decode_call(net, ids, new_tokens) for name, net in networks.items()}
+        calls = calls_for("decode", batch, {name: decode_call(net, ids, new_tokens) for name, net in networks.items()},
+                          {name: decode_call(networks[name], ids, new_tokens, compiled=True) for name in forwards})
         for name, timing in time_interleaved(calls, max(1, repeat // 2), device).items():
             results[name]["decode"][str(batch)] = {"tokens_per_s": round(batch * new_tokens / (timing.median_ms / 1e3), 2), "median_ms": round(timing.median_ms, 2)}
     return results
@@ -249,21 +272,26 @@ def random_model(config, dtype: torch.dtype, device: torch.device, where: str) -
 
 
 def bench_random_weights(config, where: str, method: str, threshold: float | None, dtype: torch.dtype, device: torch.device, baseline: str,
-                         prompt_lengths: list[int], batches: list[int], new_tokens: int, repeat: int, peers_folder: Path | None, notes: list[str]) -> dict:
+                         prompt_lengths: list[int], batches: list[int], new_tokens: int, repeat: int, peers_folder: Path | None, notes: list[str],
+                         compile_choice: str | None = None) -> dict:
     """bench_models for a model of `config` with random weights: the 16-bit model, then the same
     weights quantized in place by `method` (run-time outlier detection: random weights have no
     features of their own to calibrate), then the peer engines of the same weights (saved into
     `peers_folder` first; None: no peers), timed one after the other, so that a model is never held
-    twice (an 8B model in bf16 fits 24 GiB once)."""
+    twice (an 8B model in bf16 fits 24 GiB once). `compile_choice`: --compile's value."""
     from llmint8_cli.evaluation import peers
     from llmint8_cli.nn.convert import quantize_model
 
+    from llmint8_cli import compilation
+
     model = random_model(config, dtype, device, where)
     vocab = model.config.get_text_config().vocab_size
-    results = bench_models({baseline: model}, prompt_lengths, batches, new_tokens, repeat, device)
+    compile_choice = compile_choice if compile_choice and compilation.decide(compile_choice, device, compilation.large_enough(model), notes) else None
+    results = bench_models({baseline: model}, prompt_lengths, batches, new_tokens, repeat, device, compile_choice=compile_choice, notes=notes)
     saved = peers.save_16bit(model, peers_folder / "model") if peers_folder is not None else None
     quantize_model(model, method, threshold)
-    results.update(bench_models({method: model}, prompt_lengths, batches, new_tokens, repeat, device))
+    torch._dynamo.reset()  # the same module, now quantized: compiled afresh
+    results.update(bench_models({method: model}, prompt_lengths, batches, new_tokens, repeat, device, compile_choice=compile_choice, notes=notes))
     del model
     engines = peers.engines(saved, prompt_lengths, batches, new_tokens, notes) if saved is not None else {}
     if engines:
