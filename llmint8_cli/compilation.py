@@ -31,9 +31,13 @@ AUTO_DECODE_TOKENS = 512  # generate compiles under auto from this many new toke
 AUTO_PARAMETERS = 50_000_000  # bench compiles under auto from this size: a smaller model's whole run is shorter than its compile
 
 
-def check_choice(choice: str) -> str:
+def check_choice(choice: str, device: torch.device | None = None) -> str:
+    """--compile's value, refused at once where it cannot run: `on` where Inductor cannot work for `device`."""
     if choice not in CHOICES:
         raise InvalidArgumentError(f"--compile: expected auto, on or off, got {choice!r}")
+    problem = inductor_problem(device) if choice == "on" and device is not None else None
+    if problem is not None:
+        raise InvalidArgumentError(f"--compile on: {problem}")
     return choice
 
 

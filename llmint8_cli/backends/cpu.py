@@ -134,28 +134,32 @@ class CpuBackend(Backend):
             return self._rotated_linear(x, x2, prepared, threshold, bias, groups)
         path = prepared.gemm.path_for(x2.shape[0])
         if path.whole_layer:  # one native call, nothing between its three steps
-            out = native.rowwise_linear(*self._one_call_arguments(x, x2, prepared, path, method, threshold, bias))
+            out = native.rowwise_linear(*self._one_call_arguments(x, x2, prepared, method, threshold, bias))
         else:
             q, sx, masks = native.quantize_sequences(x2, prepared.stored_mask, threshold if method.decomposition else math.inf, groups, smooth)
             out = self._finish(x, q, sx, x2, masks, prepared, bias, smooth)
         return out.reshape(*x.shape[:-1], out.shape[-1])
 
     @staticmethod
-    def _one_call_arguments(x, x2, prepared: PreparedWeight, path, method: Method, threshold: float, bias) -> tuple:
-        """rowwise_linear's arguments: x as [m, k] rows, the prepared weight, the threshold and the sequences."""
-        return (x2, prepared.packed[path.name], prepared.scale, prepared.stored_mask, prepared.stored_rows, prepared.stored_pos, bias,
+    def _one_call_arguments(x, x2, prepared: PreparedWeight, method: Method, threshold: float, bias) -> tuple:
+        """rowwise_linear's arguments: x as [m, k] rows, the prepared weight (W as stored), the threshold and the sequences."""
+        return (x2, prepared.qweight.int8.q, prepared.scale, prepared.stored_mask, prepared.stored_rows, prepared.stored_pos, bias,
                 prepared.stored_rows_bf16 if x.dtype == torch.bfloat16 else None, prepared.qweight.smooth,
                 threshold if method.decomposition else math.inf, reference.sequence_count(x) if method.decomposition else 1)
 
+    TRACED_NATIVE_ROWS = 16  # a compiled graph runs up to this many rows (a decoded batch) through rowwise_linear even where the plan picks oneDNN
+
     def traced_linear(self, x: torch.Tensor, prepared: PreparedWeight, method: Method, threshold: float, bias: torch.Tensor | None) -> torch.Tensor | None:
-        """llmint8_cpu::rowwise_linear, where the plan runs this many rows through the native product."""
+        """llmint8_cpu::rowwise_linear, where the plan runs this many rows through the native product
+        or there are few of them: the Python op around another path costs more in a graph (~40 µs a
+        call) than the native product loses to it at a decoded batch of 8 (llm.int8 rows x8 decode step)."""
         if not prepared.one_call:
             return None
-        x2 = x.reshape(-1, x.shape[-1]).contiguous()
-        path = prepared.gemm.path_for(x2.shape[0])
-        if not path.whole_layer:
+        rows = x.numel() // x.shape[-1]
+        if rows > self.TRACED_NATIVE_ROWS and not prepared.gemm.path_for(rows).whole_layer:
             return None
-        out = torch.ops.llmint8_cpu.rowwise_linear(*self._one_call_arguments(x, x2, prepared, path, method, threshold, bias))
+        x2 = x.reshape(-1, x.shape[-1]).contiguous()
+        out = torch.ops.llmint8_cpu.rowwise_linear(*self._one_call_arguments(x, x2, prepared, method, threshold, bias))
         return out.reshape(*x.shape[:-1], out.shape[-1])
 
     @staticmethod

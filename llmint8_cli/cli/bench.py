@@ -129,6 +129,8 @@ def bench(
     compilation.check_choice(compile)
     model = choose_model(model, console)
     placed, run_device = chosen_placement(ctx, device, device_map, max_memory, offload_folder)
+    if model is not None:
+        compilation.check_choice(compile, run_device)
     document = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), "device": str(run_device), "machine": speed.machine()}
     if model is None:
         if random_weights:

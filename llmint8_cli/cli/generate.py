@@ -82,6 +82,7 @@ def generate(
     if not math.isfinite(temperature):
         raise InvalidArgumentError(f"--temperature must be a finite number of at least 0, got {temperature}")
     placed, run_device = chosen_placement(ctx, device, device_map, max_memory, offload_folder)
+    compilation.check_choice(compile, run_device)
     run_dtype = variants.resolve_dtype(dtype, run_device, inference=True)
     with console.status(f"loading {model}"):
         network, tokenizer, ran, threshold = load_for_generation(model, method, threshold, run_dtype, run_device, not no_verify, given_options(ctx), placed)
