@@ -69,18 +69,18 @@ def test_a_compiled_decode_step_calls_the_native_op_and_gives_the_eager_logits(m
     assert all(torch.equal(a, b) for a, b in zip(compiled.logits, eager.logits))
 
 
-def test_compiling_where_inductor_cannot_is_one_line_under_on_and_a_note_under_auto(monkeypatch, tmp_path):
-    monkeypatch.setattr(torch._inductor.config.cpp, "cxx", ("llmint8-no-such-compiler",))
-    notes = []
-    assert not compilation.decide("auto", torch.device("cpu"), True, notes) and "C++ compiler" in notes[0]
-    assert not compilation.decide("auto", torch.device("cpu"), False, [])  # too short to compile: no note either
+def test_compiling_where_inductor_cannot_is_one_line_under_on_and_a_note_under_auto(tmp_path):
     folder = save_tiny(tiny_model("llama", outlier_scale=40.0), tmp_path / "tiny")
     tiny_tokenizer().save_pretrained(folder)
-    for command in (["generate", folder, "Once", "--compile", "on"], ["bench", folder, "--compile", "on", "--no-peers"]):
-        result = RUNNER.invoke(app, [*map(str, command)])
-        assert result.exit_code == 2, result.output
-        lines = result.stderr.strip().splitlines()
-        assert lines[-1].startswith("llmint8: error: --compile on: Inductor needs a C++ compiler"), result.stderr
+    with torch._inductor.config.patch({"cpp.cxx": ("llmint8-no-such-compiler",)}):  # (monkeypatch cannot restore torch's config attributes)
+        notes = []
+        assert not compilation.decide("auto", torch.device("cpu"), True, notes) and "C++ compiler" in notes[0]
+        assert not compilation.decide("auto", torch.device("cpu"), False, [])  # too short to compile: no note either
+        for command in (["generate", folder, "Once", "--compile", "on"], ["bench", folder, "--compile", "on", "--no-peers"]):
+            result = RUNNER.invoke(app, [*map(str, command)])
+            assert result.exit_code == 2, result.output
+            lines = result.stderr.strip().splitlines()
+            assert lines[-1].startswith("llmint8: error: --compile on: Inductor needs a C++ compiler"), result.stderr
     result = RUNNER.invoke(app, ["generate", str(folder), "Once", "--compile", "sometimes"])
     assert result.exit_code == 2 and "--compile: expected auto, on or off" in result.stderr
 
