@@ -80,7 +80,7 @@ def test_compiling_where_inductor_cannot_is_one_line_under_on_and_a_note_under_a
             result = RUNNER.invoke(app, [*map(str, command)])
             assert result.exit_code == 2, result.output
             lines = result.stderr.strip().splitlines()
-            assert lines[-1].startswith("llmint8: error: --compile on: Inductor needs a C++ compiler"), result.stderr
+            assert len(lines) == 1 and lines[0].startswith("llmint8: error: --compile on: Inductor needs a C++ compiler"), result.stderr
     result = RUNNER.invoke(app, ["generate", str(folder), "Once", "--compile", "sometimes"])
     assert result.exit_code == 2 and "--compile: expected auto, on or off" in result.stderr
 

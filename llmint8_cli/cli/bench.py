@@ -87,6 +87,14 @@ def check_context(config, lengths: list[int], new_tokens: int) -> None:
         raise InvalidArgumentError(f"--prompt-tokens {max(lengths)} and --new-tokens {new_tokens} exceed the model's context ({limit} tokens)")
 
 
+def decode_step_line(name: str, parts: dict) -> str:
+    """One line on where an eager decode step's time went (speed.decode_step_parts)."""
+    int8 = f"int8 linears {parts['int8_linears_ms']:.1f} ms ({parts['int8_linear_calls']} calls, {parts['int8_weights_gb_per_s']} GB/s) + " if "int8_weights_gb_per_s" in parts else ""
+    head = f", the head at {parts['head_gb_per_s']} GB/s" if "head_gb_per_s" in parts else ""
+    return (f"{name}: an eager decode step {parts['step_ms']:.1f} ms = {int8}16-bit linears {parts['sixteen_bit_linears_ms']:.1f} ms{head} "
+            f"+ the rest {parts['rest_ms']:.1f} ms")
+
+
 @command
 def bench(
     ctx: typer.Context,
@@ -229,6 +237,9 @@ def bench(
         cells = [[name, *(f"{r[phase][size]['tokens_per_s']:.0f}" + (f" ({r[phase][size]['speedup']:.2f}×)" if "speedup" in r[phase][size] else "") for phase, size, _ in columns),
                   f"{r['weight_mib']:.0f}", f"{sum(s for s in r['compile_s'].values() if s):.0f}" if r.get("compiled") else "eager"] for name, r in results.items()]
         table = (title, ["variant", *(c[2] for c in columns), "weights MiB", "compile s"], cells, ("weights MiB", "compile s"))
+        for name, r in results.items():
+            if "decode_step" in r:
+                console.print(decode_step_line(name, r["decode_step"]), highlight=False)
         for note in notes:
             console.print(f"note: {note}")
     document["int8_gemm"] = gemm_report()

@@ -251,7 +251,64 @@ def bench_models(networks: dict, prompt_lengths: list[int], batches: list[int], 
                           {name: decode_call(networks[name], ids, new_tokens, compiled=True) for name in forwards})
         for name, timing in time_interleaved(calls, max(1, repeat // 2), device).items():
             results[name]["decode"][str(batch)] = {"tokens_per_s": round(batch * new_tokens / (timing.median_ms / 1e3), 2), "median_ms": round(timing.median_ms, 2)}
+    if device.type == "cpu":  # (a GPU's calls return before they finish: hooks cannot time them)
+        for name, net in networks.items():
+            if isinstance(net, nn.Module):
+                results[name]["decode_step"] = decode_step_parts(net, vocab, device)
     return results
+
+
+DECODE_PART_STEPS = 16  # one-token steps timed for the decode step's parts
+
+
+@torch.inference_mode()
+def decode_step_parts(model: nn.Module, vocab: int, device: torch.device) -> dict:
+    """Where an eager one-token decode step's time goes (batch 1, dynamic cache, after an 8-token
+    prompt): the Int8Linear calls, the 16-bit nn.Linear calls (the LM head among them) and the rest
+    (attention, norms, rotary, cache, Python), each call timed by hooks around it, as the issue's
+    figures were taken; with the bytes each streams per second (weights over time)."""
+    kinds = {"int8_linears": [m for m in model.modules() if isinstance(m, Int8Linear)],
+             "sixteen_bit_linears": [m for m in model.modules() if type(m) is nn.Linear]}
+    head = model.get_output_embeddings()
+    spent = {kind: 0.0 for kind in kinds} | {"head": 0.0}
+    started: dict[int, float] = {}
+    handles = []
+    for kind, layers in kinds.items():
+        for layer in layers:
+            handles.append(layer.register_forward_pre_hook(lambda module, args: started.__setitem__(id(module), time.perf_counter())))
+            handles.append(layer.register_forward_hook(functools.partial(_stop_clock, started, spent, kind, layer is head)))
+    g = torch.Generator().manual_seed(1)
+    try:
+        out = model(input_ids=torch.randint(3, vocab, (1, DECODE_PROMPT_TOKENS), generator=g).to(device), use_cache=True)
+        cache, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+        for kind in spent:
+            spent[kind] = 0.0  # the prompt's calls are not a step's
+        begun = time.perf_counter()
+        for _ in range(DECODE_PART_STEPS):
+            out = model(input_ids=token, past_key_values=cache, use_cache=True)
+            cache, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+        step = (time.perf_counter() - begun) / DECODE_PART_STEPS
+    finally:
+        for handle in handles:
+            handle.remove()
+    per_step = {kind: seconds / DECODE_PART_STEPS for kind, seconds in spent.items()}
+    int8_bytes = sum(layer.weight.numel() for layer in kinds["int8_linears"])
+    head_bytes = tensor_bytes(head.weight) if type(head) is nn.Linear else 0
+    parts = {"step_ms": round(step * 1e3, 2), "int8_linears_ms": round(per_step["int8_linears"] * 1e3, 2),
+             "int8_linear_calls": len(kinds["int8_linears"]), "sixteen_bit_linears_ms": round(per_step["sixteen_bit_linears"] * 1e3, 2),
+             "rest_ms": round((step - per_step["int8_linears"] - per_step["sixteen_bit_linears"]) * 1e3, 2)}
+    if per_step["int8_linears"]:
+        parts["int8_weights_gb_per_s"] = round(int8_bytes / per_step["int8_linears"] / 1e9, 1)
+    if per_step["head"]:
+        parts["head_gb_per_s"] = round(head_bytes / per_step["head"] / 1e9, 1)
+    return parts
+
+
+def _stop_clock(started: dict, spent: dict, kind: str, is_head: bool, module, args, output) -> None:
+    seconds = time.perf_counter() - started.pop(id(module))
+    spent[kind] += seconds
+    if is_head:
+        spent["head"] += seconds
 
 
 def random_model(config, dtype: torch.dtype, device: torch.device, where: str) -> nn.Module:
