@@ -1,5 +1,5 @@
-"""One decode step of an llmint8 folder, eager against torch.compile (static KV cache, fullgraph),
-and where the compiled step's time goes (torch.profiler, by op).
+"""One decode step of an llmint8 folder, eager against torch.compile (static KV cache, fullgraph,
+llmint8's options: compilation.inductor_options), and where the compiled step's time goes (torch.profiler, by op).
 
     python bench/compiled_decode_step.py out/smollm2-135m-int8 --threads 1
 """
@@ -22,6 +22,7 @@ def main() -> None:
     args = parser.parse_args()
 
     import llmint8_cli
+    from llmint8_cli import compilation
     from llmint8_cli.evaluation.speed import machine
     from transformers import StaticCache
 
@@ -46,7 +47,7 @@ def main() -> None:
             return (time.perf_counter() - started) / args.steps * 1e3
 
         result["eager_step_ms"] = round(timed(model), 2)
-        compiled = torch.compile(model, fullgraph=True, dynamic=False)
+        compiled = compilation.compiled_forward(model)
         started = time.perf_counter()
         step(compiled)
         result["compile_s"] = round(time.perf_counter() - started, 1)

@@ -116,12 +116,23 @@ def inductor_options() -> dict:
     return {"emulate_precision_casts": True}
 
 
+RECOMPILE_LIMIT = 64  # graphs dynamo keeps per code object: bench compiles each model class's forward for 3 models x 4 shapes
+
+
+def allow_recompiles() -> None:
+    """Room for every shape of every model a command compiles: the models share their classes' code
+    objects, and past dynamo's default limit of 8 a fullgraph compile fails."""
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
+    torch._dynamo.config.accumulated_recompile_limit = max(torch._dynamo.config.accumulated_recompile_limit, 4 * RECOMPILE_LIMIT)
+
+
 def generate_options(model: nn.Module) -> dict:
     """generate()'s options for a compiled decode step: transformers' static cache and its automatic
     compilation of the one-token forward (fullgraph: a graph break is an error, not a silent slowdown)."""
     from transformers import CompileConfig
 
     prepare_layers(model)
+    allow_recompiles()
     config = CompileConfig(fullgraph=True, dynamic=False, mode=None, options=inductor_options())
     config._compile_all_devices = True  # transformers compiles on GPUs only unless told
     return {"cache_implementation": "static", "compile_config": config}
@@ -131,6 +142,7 @@ def compiled_forward(model: nn.Module) -> Callable:
     """The model's forward compiled for the shapes it is called with (one graph per shape: eval-ppl's
     windows and bench's prompts repeat theirs)."""
     prepare_layers(model)
+    allow_recompiles()
     return torch.compile(model, fullgraph=True, dynamic=False, options=inductor_options())
 
 

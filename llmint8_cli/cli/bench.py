@@ -10,7 +10,6 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from torch import nn
 
 from llmint8_cli import compilation, models
 from llmint8_cli.backends import gemm_report
@@ -209,16 +208,19 @@ def bench(
                     except ImportError as exc:
                         notes.append(f"{TORCHAO}: not installed ({exc.name}); pip install 'llmint8[peers]'")
             console.print(variants.calibration_line(subject))  # known once every variant is built (a placed one is quantized as it comes)
+            compiling = placed is None and compilation.decide(compile, run_device, compilation.large_enough(next(iter(networks.values()))), notes)
+            if placed is not None and compile == "on":
+                raise InvalidArgumentError("--compile on: a model spread over devices (--device-map) runs eager")
+            with console.status("timing prefill and decode, our models in turn" + (" (compiling each shape first)" if compiling else "")):
+                results = speed.bench_models(networks, lengths, batches, new_tokens, repeat, run_device, compile_choice=compile if compiling else None, notes=notes)
+            # the peers after ours, not in turn with them: their threads may spin on after each call (llama.cpp's pool polls) and slow the next
             with peer_folder(peers and placed is None and run_device.type == "cpu" and baseline in networks) as folder:
                 if folder is not None:
                     with console.status("converting the model for the peer engines"):
-                        networks.update(peer_engines.engines(peer_engines.save_16bit(networks[baseline], folder / "model"), lengths, batches, new_tokens, notes))
-                modules = [net for net in networks.values() if isinstance(net, nn.Module)]
-                compiling = placed is None and compilation.decide(compile, run_device, compilation.large_enough(modules[0]), notes)
-                if placed is not None and compile == "on":
-                    raise InvalidArgumentError("--compile on: a model spread over devices (--device-map) runs eager")
-                with console.status("timing prefill and decode, the models in turn" + (" (compiling each shape first)" if compiling else "")):
-                    results = speed.bench_models(networks, lengths, batches, new_tokens, repeat, run_device, compile_choice=compile if compiling else None, notes=notes)
+                        engines = peer_engines.engines(peer_engines.save_16bit(networks[baseline], folder / "model"), lengths, batches, new_tokens, notes)
+                    if engines:
+                        with console.status("timing prefill and decode, the peers in turn"):
+                            results.update(speed.bench_models(engines, lengths, batches, new_tokens, repeat, run_device, vocab_size=subject.config.get_text_config().vocab_size))
             document.update({
                 "weights": "given", "threshold": subject.threshold_of(method), "calibration": calibrations,
                 "settings": {name: subject.settings_of(name) for name in calibrations if subject.settings_of(name)}, **({"placement": placements} if placements else {}),
