@@ -151,7 +151,7 @@ def int8_linear(x: Tensor, weight: Tensor, weight_scale: Tensor, weight_zero: Te
     gradient to record skips torch's dispatcher, which costs more than a decode step's GEMV."""
     args = (x, weight, weight_scale, weight_zero, outlier_idx, outlier_weight, input_smooth, bias, method, threshold, rotation_block)
     gradient = x.requires_grad and torch.is_grad_enabled()
-    if torch.compiler.is_compiling() and not gradient:
+    if torch.compiler.is_compiling() and not gradient and not torch.compiler.is_exporting():  # an exported program keeps the device-free op
         native = compiled_linear(x, owner, method, threshold, bias)
         if native is not None:
             return native
