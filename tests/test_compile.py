@@ -2,6 +2,7 @@
 graphs, compiled decoding equal to eager decoding through the same static cache, and the fallbacks."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -112,7 +113,7 @@ def test_bench_compiles_both_rows_and_reports_their_compile_seconds(tmp_path):
                                  "--repeat", "1", "--dtype", "bf16", "-q"])
     assert result.exit_code == 0, result.output
     document = json.loads(result.stdout)
-    assert document["compile"] == "on" and document["inductor_cache"]
+    assert document["compile"] == "on" and any(Path(document["inductor_cache"]).iterdir())  # Inductor wrote its cache where the JSON says
     assert set(document["results"]) == {"bf16", "llm.int8"}
     for row in document["results"].values():
         assert row["compiled"] is True and set(row["compile_s"]) == {"prefill 8", "decode 1"} and all(s > 0 for s in row["compile_s"].values())
