@@ -140,8 +140,8 @@ def generate_options(model: nn.Module) -> dict:
 
 
 def compiled_forward(model: nn.Module) -> Callable:
-    """The model's forward compiled for the shapes it is called with (one graph per shape: eval-ppl's
-    windows and bench's prompts repeat theirs)."""
+    """The model's forward compiled for the shapes it is called with (one graph per shape: bench's
+    prompts repeat theirs)."""
     prepare_layers(model)
     allow_recompiles()
     return torch.compile(model, fullgraph=True, dynamic=False, options=inductor_options())
