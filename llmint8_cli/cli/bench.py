@@ -138,6 +138,8 @@ def bench(
     placed, run_device = chosen_placement(ctx, device, device_map, max_memory, offload_folder)
     if model is not None:
         compilation.check_choice(compile, run_device)
+        if placed is not None and compile == "on":
+            raise InvalidArgumentError("--compile on: a model spread over devices (--device-map) runs eager")
     document = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), "device": str(run_device), "machine": speed.machine()}
     if model is None:
         if random_weights:
@@ -209,8 +211,6 @@ def bench(
                         notes.append(f"{TORCHAO}: not installed ({exc.name}); pip install 'llmint8[peers]'")
             console.print(variants.calibration_line(subject))  # known once every variant is built (a placed one is quantized as it comes)
             compiling = placed is None and compilation.decide(compile, run_device, compilation.large_enough(next(iter(networks.values()))), notes)
-            if placed is not None and compile == "on":
-                raise InvalidArgumentError("--compile on: a model spread over devices (--device-map) runs eager")
             with console.status("timing prefill and decode, our models in turn" + (" (compiling each shape first)" if compiling else "")):
                 results = speed.bench_models(networks, lengths, batches, new_tokens, repeat, run_device, compile_choice=compile if compiling else None, notes=notes)
             # the peers after ours, not in turn with them: their threads may spin on after each call (llama.cpp's pool polls) and slow the next

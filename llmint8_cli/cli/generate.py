@@ -83,6 +83,8 @@ def generate(
         raise InvalidArgumentError(f"--temperature must be a finite number of at least 0, got {temperature}")
     placed, run_device = chosen_placement(ctx, device, device_map, max_memory, offload_folder)
     compilation.check_choice(compile, run_device)
+    if placed is not None and compile == "on":
+        raise InvalidArgumentError("--compile on: a model spread over devices (--device-map) runs eager")
     run_dtype = variants.resolve_dtype(dtype, run_device, inference=True)
     with console.status(f"loading {model}"):
         network, tokenizer, ran, threshold = load_for_generation(model, method, threshold, run_dtype, run_device, not no_verify, given_options(ctx), placed)
@@ -93,11 +95,7 @@ def generate(
         raise InvalidArgumentError(f"the prompt's {ids.shape[1]} tokens and --max-new-tokens {max_new_tokens} exceed the model's context ({limit} tokens)")
     sampling = {"do_sample": True, "temperature": temperature} if temperature > 0 else {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
     notes: list[str] = []
-    compiled = compilation.decide(compile, run_device, max_new_tokens >= compilation.AUTO_DECODE_TOKENS, notes)
-    if compiled and placed is not None:
-        if compile == "on":
-            raise InvalidArgumentError("--compile on: a model spread over devices (--device-map) runs eager")
-        compiled = not notes.append("--compile auto: running eager, the model is spread over devices")
+    compiled = placed is None and compilation.decide(compile, run_device, max_new_tokens >= compilation.AUTO_DECODE_TOKENS, notes)
     clock = compilation.StepClock()
 
     def run(compiling: bool):
