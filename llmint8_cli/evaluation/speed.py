@@ -253,7 +253,7 @@ def bench_models(networks: dict, prompt_lengths: list[int], batches: list[int], 
             results[name]["decode"][str(batch)] = {"tokens_per_s": round(batch * new_tokens / (timing.median_ms / 1e3), 2), "median_ms": round(timing.median_ms, 2)}
     if device.type == "cpu":  # (a GPU's calls return before they finish: hooks cannot time them)
         for name, net in networks.items():
-            if isinstance(net, nn.Module):
+            if isinstance(net, nn.Module) and not quantized_by_subclass(net):
                 results[name]["decode_step"] = decode_step_parts(net, vocab, device)
     return results
 
@@ -302,6 +302,14 @@ def decode_step_parts(model: nn.Module, vocab: int, device: torch.device) -> dic
     if per_step["head"]:
         parts["head_gb_per_s"] = round(head_bytes / per_step["head"] / 1e9, 1)
     return parts
+
+
+def quantized_by_subclass(model: nn.Module) -> bool:
+    """Whether the model's nn.Linear layers hold wrapper-subclass weights (torchao's): their int8
+    calls would count as 16-bit ones in decode_step_parts, which leaves such a model out."""
+    from torch.utils._python_dispatch import is_traceable_wrapper_subclass
+
+    return any(type(m) is nn.Linear and is_traceable_wrapper_subclass(m.weight) for m in model.modules())
 
 
 def _stop_clock(started: dict, spent: dict, kind: str, is_head: bool, module, args, output) -> None:
