@@ -26,8 +26,6 @@ CHOICES = ("auto", "on", "off")
 HELP = ("torch.compile the model (Inductor; a static KV cache when decoding): on, off, or auto: on where the run is long enough "
         "to win back the compile time (tens of seconds the first time for a model shape, seconds once Inductor's cache holds it).")
 AUTO_DECODE_TOKENS = 512  # generate compiles under auto from this many new tokens: a SmolLM2 step gains ~15 ms, a cold compile costs ~15-60 s
-
-
 AUTO_PARAMETERS = 50_000_000  # bench compiles under auto from this size: a smaller model's whole run is shorter than its compile
 
 
@@ -70,16 +68,12 @@ def inductor_problem(device: torch.device) -> str | None:
 def decide(choice: str, device: torch.device, long_enough: bool, notes: list[str]) -> bool:
     """Whether to compile: `on` where Inductor works (else a one-line error), `auto` where it works
     and `long_enough` (else a note on why not), never for `off`."""
-    choice = check_choice(choice)
-    if choice == "off" or (choice == "auto" and not long_enough):
+    if check_choice(choice, device) == "off" or (choice == "auto" and not long_enough):  # `on` where Inductor cannot work: refused there
         return False
-    problem = inductor_problem(device)
-    if problem is None:
-        return True
-    if choice == "on":
-        raise InvalidArgumentError(f"--compile on: {problem}")
-    notes.append(f"--compile auto: running eager ({problem})")
-    return False
+    problem = inductor_problem(device) if choice == "auto" else None
+    if problem is not None:
+        notes.append(f"--compile auto: running eager ({problem})")
+    return problem is None
 
 
 def prepare_layers(model: nn.Module) -> None:

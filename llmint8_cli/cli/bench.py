@@ -133,11 +133,10 @@ def bench(
 ) -> None:
     """Time 16-bit versus int8 layers or models; JSON on stdout, a table on stderr."""
     console = stderr_console(quiet)
-    compilation.check_choice(compile)
     model = choose_model(model, console)
     placed, run_device = chosen_placement(ctx, device, device_map, max_memory, offload_folder)
+    compilation.check_choice(compile, run_device if model is not None else None)  # layer mode: the value alone
     if model is not None:
-        compilation.check_choice(compile, run_device)
         if placed is not None and compile == "on":
             raise InvalidArgumentError("--compile on: a model spread over devices (--device-map) runs eager")
     document = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), "device": str(run_device), "machine": speed.machine()}

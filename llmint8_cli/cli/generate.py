@@ -76,7 +76,6 @@ def generate(
     """Greedy or sampled text; the text and tokens/s on stderr, JSON on stdout."""
     console = stderr_console(quiet)
     get_method(method).threshold_or_default(threshold)
-    compilation.check_choice(compile)
     if not prompt.strip():
         raise InvalidArgumentError("PROMPT is empty")
     if not math.isfinite(temperature):
