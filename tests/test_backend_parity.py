@@ -8,6 +8,7 @@ per int8 GEMM path this machine can run (forced in turn), so a path stays tested
 measured choice would not pick it.
 """
 
+import dataclasses
 import sys
 
 import pytest
@@ -296,9 +297,10 @@ LAYER_PATHS = [name for name in CPU_PATHS if cpu_kernels.PATHS[name].finishes_la
 @pytest.mark.parametrize("method_name", ["llm.int8", "llm.int8-rotate", "llm.int8-smooth"])
 @pytest.mark.parametrize("stored_columns", [2, 12])  # the epilogue's own loop, and its GEMM for many columns
 @pytest.mark.parametrize("lead", [(3, 13), (2, 1)])  # 39 rows, which tiles of 16 do not split; a decoded batch of 2
-def test_a_layer_finished_in_blocks_gets_the_bits_of_the_whole_row_epilogue(monkeypatch, path, dtype, method_name, stored_columns, lead):
-    """amx_linear and rowwise_linear finish each block of the product in cache; every element must
-    get the bits dequantize_sequences gives it after another exact path, with tails in m, n and k."""
+def test_a_layer_finished_in_one_call_gets_the_bits_of_the_separate_calls(monkeypatch, path, dtype, method_name, stored_columns, lead):
+    """amx_linear and rowwise_linear (its own tile per strip in cache, or oneDNN's product) finish the
+    layer in one native call; every element must get the bits that quantize_sequences, the same
+    product and dequantize_sequences give it as separate calls, with tails in m, n and k."""
     method, cpu = get_method(method_name), next(b for b in BACKENDS if b.name == "cpu")
     g = torch.Generator().manual_seed(5)
     k, n = 200, 300  # 3 AMX tiles and a half in k; in n 18.75 of them, and a strip of 256 rows of W and a tail
@@ -308,9 +310,8 @@ def test_a_layer_finished_in_blocks_gets_the_bits_of_the_whole_row_epilogue(monk
     x[1, :, 7] *= 20  # a run-time outlier column in one sequence
     qweight = quantized((torch.randn(n, k, generator=g) / k**0.5).to(dtype), method, stored, x)
     bias = torch.randn(n, generator=g).to(dtype)
-    outputs = {}
-    for name in (path, next(p for p in CPU_PATHS if p not in LAYER_PATHS)):
-        monkeypatch.setenv(cpu_kernels.FORCE_ENV, name)
-        outputs[name] = cpu.linear(x.to(dtype), cpu.prepare(qweight, method), method, 6.0, bias)
-    whole, other = outputs.values()
-    assert whole.dtype == dtype and torch.equal(whole, other)
+    monkeypatch.setenv(cpu_kernels.FORCE_ENV, path)
+    one_call = cpu.linear(x.to(dtype), cpu.prepare(qweight, method), method, 6.0, bias)
+    monkeypatch.setitem(cpu_kernels.PATHS, path, dataclasses.replace(cpu_kernels.PATHS[path], finishes_layer=False, whole_layer=False))
+    separate = cpu.linear(x.to(dtype), cpu.prepare(qweight, method), method, 6.0, bias)
+    assert one_call.dtype == dtype and torch.equal(one_call, separate)

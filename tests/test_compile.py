@@ -27,9 +27,11 @@ def quantized_tiny(dtype: torch.dtype = torch.bfloat16):
 @needs_native
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("smoothing", [False, True])
-def test_the_native_linear_op_passes_opcheck(dtype, smoothing):
+@pytest.mark.parametrize("product", ["own tile", "oneDNN on W.t()", "oneDNN on a [k, n] copy"])
+def test_the_native_linear_op_passes_opcheck(dtype, smoothing, product):
     """llmint8_cpu::rowwise_linear: its schema, the fake (meta) shape compilers trace with, and the
-    dispatcher's checks, on a decoded batch of 2 sequences with stored and run-time outliers."""
+    dispatcher's checks, on a decoded batch of 2 sequences with stored and run-time outliers, with
+    each product it runs; its output is the layer's."""
     torch.manual_seed(0)
     linear = torch.nn.Linear(64, 48).to(dtype)
     smooth = {"input_max": torch.rand(64) * 4 + 0.5} if smoothing else {}
@@ -38,8 +40,9 @@ def test_the_native_linear_op_passes_opcheck(dtype, smoothing):
     x[1, 7] = 30.0
     layer(x[:, None])  # prepares the weight
     state = ops.prepared_of(layer)
+    w_kn = {"own tile": None, "oneDNN on W.t()": layer.weight.t(), "oneDNN on a [k, n] copy": layer.weight.t().contiguous()}[product]
     arguments = (x, layer.weight, layer.weight_scale, state.stored_mask, state.stored_rows, state.stored_pos, layer.bias, None,
-                 layer.input_smooth, 6.0, 2)
+                 layer.input_smooth, 6.0, 2, w_kn)
     torch.library.opcheck(torch.ops.llmint8_cpu.rowwise_linear.default, arguments)
     assert torch.equal(torch.ops.llmint8_cpu.rowwise_linear(*arguments), layer(x[:, None])[:, 0])
 
@@ -68,6 +71,29 @@ def test_a_compiled_decode_step_calls_the_native_op_and_gives_the_eager_logits(m
         compiled = model.generate(ids, **compilation.generate_options(model), **settings)
     assert torch.equal(compiled.sequences, eager.sequences)
     assert all(torch.equal(a, b) for a, b in zip(compiled.logits, eager.logits))
+
+
+@needs_native
+@pytest.mark.parametrize("path", ["onednn-nk", "onednn-kn"])
+def test_a_compiled_prompt_runs_each_layer_as_one_native_op_with_onednns_product(monkeypatch, path):
+    """A prompt's rows (more than a decoded batch) through a plan's oneDNN product: each Int8Linear is one
+    llmint8_cpu::rowwise_linear node holding W's [k, n] layout, and the logits are eager's bit for bit."""
+    if not cpu_kernels.PATHS[path].available():
+        pytest.skip(f"{path} is not exact here")
+    monkeypatch.setenv(cpu_kernels.FORCE_ENV, path)
+    model = quantized_tiny()
+    compilation.prepare_layers(model)
+    layers = sum(isinstance(m, Int8Linear) for m in model.modules())
+    ids = torch.randint(4, 100, (2, 24))
+    torch._dynamo.reset()
+    with torch.inference_mode():
+        explanation = torch._dynamo.explain(model)(input_ids=ids, use_cache=False)
+        code = explanation.graphs[0].code
+        assert explanation.graph_break_count == 0 and code.count("llmint8_cpu.rowwise_linear") == layers and "llmint8.int8_linear" not in code
+        eager = model(input_ids=ids, use_cache=False).logits
+        torch._dynamo.reset()
+        compiled = compilation.compiled_forward(model)(input_ids=ids, use_cache=False).logits
+    assert torch.equal(compiled, eager)
 
 
 def test_compiling_where_inductor_cannot_is_one_line_under_on_and_a_note_under_auto(tmp_path):

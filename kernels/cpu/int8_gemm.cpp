@@ -908,6 +908,30 @@ class Epilogue {
   std::vector<int64_t> same_until_;  // per group: the end of the run of following groups with its columns (itself alone if it has WIDE)
 };
 
+// Y from the whole product acc [m, n] (int32, or float32 = float(int32)) through the epilogue.
+template <typename T>
+void finish_product(const Epilogue<T>& epilogue, const torch::Tensor& acc, int64_t m, int64_t n) {
+  // Tiles of up to kRun rows (a run shares each read of W's 16-bit columns). Where there are few
+  // such tiles (decoding) and the 16-bit part is heavy (a calibrated layer that stores many
+  // columns), the columns are split too, or one thread would do it alone; the row tile is the
+  // fast index, so each thread's share holds every row tile. An element's operations do not
+  // depend on its tile.
+  const int64_t row_tiles = (m + kRun - 1) / kRun, threads = at::get_num_threads();
+  const bool split = row_tiles < threads && epilogue.multiply_adds() >= kParallelWork;
+  // as few column tiles as keep every thread busy: each streams longer pieces of W's rows
+  const int64_t wanted = split ? std::max<int64_t>(1, std::min((threads + row_tiles - 1) / row_tiles, n / kEpilogueColumns)) : 1;
+  const int64_t width = ((n + wanted - 1) / wanted + 15) / 16 * 16;  // whole vectors of 16 lanes: no scalar tails inside a row
+  const int64_t column_tiles = (n + width - 1) / width;
+  at::parallel_for(0, row_tiles * column_tiles, 1, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t r0 = t % row_tiles * kRun, r1 = std::min(m, r0 + kRun);
+      const int64_t c0 = t / row_tiles * width, c1 = std::min(n, c0 + width);
+      if (acc.dtype() == torch::kInt32) epilogue.finish(acc.data_ptr<int32_t>() + r0 * n + c0, n, r0, r1, c0, c1);
+      else epilogue.finish(acc.data_ptr<float>() + r0 * n + c0, n, r0, r1, c0, c1);
+    }
+  });
+}
+
 torch::Tensor dequantize_sequences(torch::Tensor acc, torch::Tensor sx, torch::Tensor x, torch::Tensor masks, torch::Tensor w_q,
                                    torch::Tensor w_scale, torch::Tensor stored, torch::Tensor pos, c10::optional<torch::Tensor> bias,
                                    c10::optional<torch::Tensor> stored_bf16, c10::optional<torch::Tensor> smooth) {
@@ -915,26 +939,7 @@ torch::Tensor dequantize_sequences(torch::Tensor acc, torch::Tensor sx, torch::T
   const int64_t m = acc.size(0), n = acc.size(1);
   auto out = torch::empty({m, n}, x.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "dequantize_sequences", [&] {
-    const Epilogue<scalar_t> epilogue(m, n, sx, x, masks, w_q, w_scale, stored, pos, bias, stored_bf16, smooth, out);
-    // Tiles of up to kRun rows (a run shares each read of W's 16-bit columns). Where there are few
-    // such tiles (decoding) and the 16-bit part is heavy (a calibrated layer that stores many
-    // columns), the columns are split too, or one thread would do it alone; the row tile is the
-    // fast index, so each thread's share holds every row tile. An element's operations do not
-    // depend on its tile.
-    const int64_t row_tiles = (m + kRun - 1) / kRun, threads = at::get_num_threads();
-    const bool split = row_tiles < threads && epilogue.multiply_adds() >= kParallelWork;
-    // as few column tiles as keep every thread busy: each streams longer pieces of W's rows
-    const int64_t wanted = split ? std::max<int64_t>(1, std::min((threads + row_tiles - 1) / row_tiles, n / kEpilogueColumns)) : 1;
-    const int64_t width = ((n + wanted - 1) / wanted + 15) / 16 * 16;  // whole vectors of 16 lanes: no scalar tails inside a row
-    const int64_t column_tiles = (n + width - 1) / width;
-    at::parallel_for(0, row_tiles * column_tiles, 1, [&](int64_t t0, int64_t t1) {
-      for (int64_t t = t0; t < t1; ++t) {
-        const int64_t r0 = t % row_tiles * kRun, r1 = std::min(m, r0 + kRun);
-        const int64_t c0 = t / row_tiles * width, c1 = std::min(n, c0 + width);
-        if (acc.dtype() == torch::kInt32) epilogue.finish(acc.data_ptr<int32_t>() + r0 * n + c0, n, r0, r1, c0, c1);
-        else epilogue.finish(acc.data_ptr<float>() + r0 * n + c0, n, r0, r1, c0, c1);
-      }
-    });
+    finish_product(Epilogue<scalar_t>(m, n, sx, x, masks, w_q, w_scale, stored, pos, bias, stored_bf16, smooth, out), acc, m, n);
   });
   return out;
 }
@@ -956,26 +961,32 @@ torch::Tensor amx_linear(torch::Tensor q, torch::Tensor packed, int64_t n, torch
 }
 
 
-// The row-wise linear in one native call (the decode step's layer): quantize_sequences, then per
-// strip of kStrip rows of W the int8 product (this file's kernel) and the epilogue while the strip's
-// sums are in L1, so no Python runs between the three and the int32 product never goes through memory.
+// The row-wise linear in one native call: quantize_sequences, the int8 product and the epilogue, so
+// no Python runs between the three. The product is this file's kernel (decoding), per strip of
+// kStrip rows of W with the epilogue run while the strip's sums are in L1 (the int32 product never
+// goes through memory), or, given w_kn (W as [k, n]: W.t() or a copy laid out so), oneDNN's
+// at::_int_mm over the whole batch (prefill), then the epilogue as dequantize_sequences runs it.
 // The arguments are quantize_sequences' and dequantize_sequences' (the weight as stored, [n, k]);
 // x is [m, k] of `groups` sequences, each finding its own outlier columns; the bits are theirs.
 constexpr int64_t kStrip = 8 * kBlockN;  // rows of W per strip: the epilogue's call costs less than 1 % of the strip's product
 
 torch::Tensor rowwise_linear(torch::Tensor x, torch::Tensor w_q, torch::Tensor w_scale, torch::Tensor stored_mask, torch::Tensor stored,
                              torch::Tensor pos, c10::optional<torch::Tensor> bias, c10::optional<torch::Tensor> stored_bf16,
-                             c10::optional<torch::Tensor> smooth, double threshold, int64_t groups) {
+                             c10::optional<torch::Tensor> smooth, double threshold, int64_t groups, c10::optional<torch::Tensor> w_kn) {
   TORCH_CHECK(w_q.dtype() == torch::kInt8 && w_q.dim() == 2 && w_q.is_contiguous() && w_q.size(1) == x.size(-1), "contiguous int8 [n, k] weight expected");
+  TORCH_CHECK(!w_kn.has_value() || (w_kn->dtype() == torch::kInt8 && w_kn->dim() == 2 && w_kn->size(0) == w_q.size(1) && w_kn->size(1) == w_q.size(0)),
+              "int8 [k, n] weight expected for the oneDNN product");
   const auto quantized = quantize_sequences(x, stored_mask, threshold, groups, smooth);
   const torch::Tensor &q = quantized[0], &sx = quantized[1], &masks = quantized[2];
   const int64_t m = x.size(0), k = x.size(1), n = w_q.size(0);
+  auto out = torch::empty({m, n}, x.options());
+  const torch::Tensor acc = w_kn.has_value() ? at::_int_mm(q, *w_kn) : torch::Tensor();
   // strips of whole kBlockN blocks, at least one per thread where the work is worth splitting
   const int64_t threads = m * k * n >= kParallelWork ? at::get_num_threads() : 1;
   const int64_t strip = std::max<int64_t>(kBlockN, std::min(kStrip, ((n + threads - 1) / threads + kBlockN - 1) / kBlockN * kBlockN));
-  auto out = torch::empty({m, n}, x.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "rowwise_linear", [&] {
     const Epilogue<scalar_t> epilogue(m, n, sx, x, masks, w_q, w_scale, stored, pos, bias, stored_bf16, smooth, out);
+    if (acc.defined()) return finish_product(epilogue, acc, m, n);
     const int8_t* A = q.data_ptr<int8_t>();
     const int8_t* W = w_q.data_ptr<int8_t>();
     at::parallel_for(0, (n + strip - 1) / strip, 1, [&](int64_t s0, int64_t s1) {
@@ -1026,14 +1037,16 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
   module.def("amx_pack", &amx_pack, "an int8 weight [n, k] reordered into AMX tiles, once");
   module.def("amx_gemm", &amx_gemm, "exact int8 x int8 -> int32 GEMM on AMX tiles, C = A W^T");
   module.def("amx_linear", &amx_linear, "amx_gemm and dequantize_sequences in one pass");
-  module.def("rowwise_linear", &rowwise_linear, "quantize_sequences, this file's int8 product and dequantize_sequences in one call");
+  module.def("rowwise_linear", &rowwise_linear, "quantize_sequences, the int8 product (this file's, or oneDNN's on w_kn) and dequantize_sequences in one call",
+             py::arg("x"), py::arg("w_q"), py::arg("w_scale"), py::arg("stored_mask"), py::arg("stored"), py::arg("pos"), py::arg("bias"),
+             py::arg("stored_bf16"), py::arg("smooth"), py::arg("threshold"), py::arg("groups"), py::arg("w_kn") = py::none());
 }
 
 // The same function as a torch op, so that a compiled graph calls it without Python in between
 // (its fake implementation is registered in cpu_kernels.py).
 TORCH_LIBRARY(llmint8_cpu, library) {
   library.def("rowwise_linear(Tensor x, Tensor w_q, Tensor w_scale, Tensor stored_mask, Tensor stored, Tensor pos, Tensor? bias, "
-              "Tensor? stored_bf16, Tensor? smooth, float threshold, int groups) -> Tensor");
+              "Tensor? stored_bf16, Tensor? smooth, float threshold, int groups, Tensor? w_kn=None) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(llmint8_cpu, CPU, library) {

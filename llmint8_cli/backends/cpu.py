@@ -134,32 +134,36 @@ class CpuBackend(Backend):
             return self._rotated_linear(x, x2, prepared, threshold, bias, groups)
         path = prepared.gemm.path_for(x2.shape[0])
         if path.whole_layer:  # one native call, nothing between its three steps
-            out = native.rowwise_linear(*self._one_call_arguments(x, x2, prepared, method, threshold, bias))
+            out = native.rowwise_linear(*self._one_call_arguments(x, x2, prepared, method, threshold, bias, path))
         else:
             q, sx, masks = native.quantize_sequences(x2, prepared.stored_mask, threshold if method.decomposition else math.inf, groups, smooth)
             out = self._finish(x, q, sx, x2, masks, prepared, bias, smooth)
         return out.reshape(*x.shape[:-1], out.shape[-1])
 
     @staticmethod
-    def _one_call_arguments(x, x2, prepared: PreparedWeight, method: Method, threshold: float, bias) -> tuple:
-        """rowwise_linear's arguments: x as [m, k] rows, the prepared weight (W as stored), the threshold and the sequences."""
+    def _one_call_arguments(x, x2, prepared: PreparedWeight, method: Method, threshold: float, bias, path: cpu_kernels.GemmPath | None) -> tuple:
+        """rowwise_linear's arguments: x as [m, k] rows, the prepared weight (W as stored), the threshold, the sequences,
+        and W's layout for oneDNN's product where `path` is one of those (None: llmint8's own tile)."""
         return (x2, prepared.qweight.int8.q, prepared.scale, prepared.stored_mask, prepared.stored_rows, prepared.stored_pos, bias,
                 prepared.stored_rows_bf16 if x.dtype == torch.bfloat16 else None, prepared.qweight.smooth,
-                threshold if method.decomposition else math.inf, reference.sequence_count(x) if method.decomposition else 1)
+                threshold if method.decomposition else math.inf, reference.sequence_count(x) if method.decomposition else 1,
+                path.product_layout(prepared.packed[path.name]) if path is not None else None)
 
-    TRACED_NATIVE_ROWS = 16  # a compiled graph runs up to this many rows (a decoded batch) through rowwise_linear even where the plan picks oneDNN
+    TRACED_NATIVE_ROWS = 16  # a compiled graph runs up to this many rows (a decoded batch) through rowwise_linear's own tile where the plan's path cannot run in it
 
     def traced_linear(self, x: torch.Tensor, prepared: PreparedWeight, method: Method, threshold: float, bias: torch.Tensor | None) -> torch.Tensor | None:
-        """llmint8_cpu::rowwise_linear, where the plan runs this many rows through the native product
-        or there are few of them: the Python op around another path costs more in a graph (~40 µs a
-        call) than the native product loses to it at a decoded batch of 8 (llm.int8 rows x8 decode step)."""
+        """llmint8_cpu::rowwise_linear, where the plan's path for this many rows runs inside it (llmint8's
+        tile, oneDNN's `_int_mm`) or there are few rows: the Python op around another path (oneDNN's
+        prepacked weight, which a graph cannot hold) costs more in a graph (~40 µs a call) than the
+        native product loses to it at a decoded batch of 8 (llm.int8 rows x8 decode step)."""
         if not prepared.one_call:
             return None
         rows = x.numel() // x.shape[-1]
-        if rows > self.TRACED_NATIVE_ROWS and not prepared.gemm.path_for(rows).whole_layer:
+        path = prepared.gemm.path_for(rows)
+        if not path.whole_layer and rows > self.TRACED_NATIVE_ROWS:
             return None
         x2 = x.reshape(-1, x.shape[-1]).contiguous()
-        out = torch.ops.llmint8_cpu.rowwise_linear(*self._one_call_arguments(x, x2, prepared, method, threshold, bias))
+        out = torch.ops.llmint8_cpu.rowwise_linear(*self._one_call_arguments(x, x2, prepared, method, threshold, bias, path if path.whole_layer else None))
         return out.reshape(*x.shape[:-1], out.shape[-1])
 
     @staticmethod

@@ -127,6 +127,10 @@ class GemmPath:
     def run(self, a: torch.Tensor, packed) -> torch.Tensor:
         raise NotImplementedError
 
+    def product_layout(self, packed) -> torch.Tensor | None:
+        """rowwise_linear's `w_kn` for a whole-layer path: W as [k, n] for oneDNN's product, or None for llmint8's own tile."""
+        return None
+
 
 class IntMmNK(GemmPath):
     def runs(self) -> bool:
@@ -135,6 +139,9 @@ class IntMmNK(GemmPath):
     def run(self, a, packed):
         return torch._int_mm(a.contiguous(), packed.t())
 
+    def product_layout(self, packed):
+        return packed.t()
+
 
 class IntMmKN(IntMmNK):
     def pack(self, q):
@@ -142,6 +149,9 @@ class IntMmKN(IntMmNK):
 
     def run(self, a, packed):
         return torch._int_mm(a.contiguous(), packed)
+
+    def product_layout(self, packed):
+        return packed
 
 
 class OneDnnPrepacked(GemmPath):
@@ -208,7 +218,8 @@ def exact_here(name: str) -> bool:
 
 PATHS = {
     p.name: p for p in (
-        OneDnnPrepacked("onednn-prepacked", int32=False, own_layout=True), IntMmNK("onednn-nk"), IntMmKN("onednn-kn", own_layout=True),
+        OneDnnPrepacked("onednn-prepacked", int32=False, own_layout=True), IntMmNK("onednn-nk", whole_layer=True),
+        IntMmKN("onednn-kn", own_layout=True, whole_layer=True),
         NativeAmx("llmint8-amx", own_layout=True, finishes_layer=True), Native("llmint8-avx2", whole_layer=True), Native("llmint8-scalar", whole_layer=True),
     )
 }
