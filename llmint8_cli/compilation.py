@@ -42,9 +42,9 @@ def check_choice(choice: str, device: torch.device | None = None) -> str:
 def cache_folder() -> Path:
     """Inductor's on-disk caches, beside llmint8's own (LLMINT8_CACHE_DIR or ~/.cache/llmint8), unless the user set TORCHINDUCTOR_CACHE_DIR."""
     import llmint8_cli
-    from llmint8_cli.backends.cpu_kernels import cache_file
+    from llmint8_cli import cache
 
-    return Path(llmint8_cli.INDUCTOR_CACHE_GIVEN or cache_file().parent / "inductor")
+    return Path(llmint8_cli.INDUCTOR_CACHE_GIVEN or cache.root() / "inductor")
 
 
 def large_enough(model: nn.Module) -> bool:

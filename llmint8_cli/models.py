@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 import contextvars
 import functools
 import hashlib
@@ -10,6 +11,7 @@ import importlib.util
 import json
 import os
 import re
+import shutil
 import socket
 from urllib.parse import urlparse
 from dataclasses import dataclass
@@ -17,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from llmint8_cli import cache, distributed
 from llmint8_cli.checkpoint.format import QUANT_METHOD, config_block, refuse_lost_block
 from llmint8_cli.errors import ModelLoadError, one_line
 
@@ -77,10 +80,74 @@ class ModelSource:
         return Path(self.location).name if self.kind != "hub" else self.location
 
     def from_pretrained_args(self) -> tuple[str, dict]:
+        """What transformers loads: a GGUF file's expansion where an earlier load kept it (expanded_gguf)."""
         if self.kind == "gguf":
             path = Path(self.location)
-            return str(path.parent), {"gguf_file": path.name}
+            expanded = expanded_gguf(path)
+            return (str(expanded), {}) if expanded is not None else (str(path.parent), {"gguf_file": path.name})
         return self.location, {}
+
+
+# A GGUF file loads through transformers' expansion: its metadata parsed in Python (seconds for a
+# vocabulary of 50k tokens, again for the config and the tokenizer) and every tensor dequantized to
+# float32; SmolLM2-135M's file takes ~20 s a command, a third of `make demo`'s evaluation. The first
+# float32 load keeps that expansion (safetensors, config, tokenizer) in the cache; later loads read it.
+GGUF_STAMP = "llmint8-gguf.json"
+
+
+def gguf_stamp(path: Path) -> dict:
+    """What an expansion depends on: the file (path, size, modification time) and transformers' version."""
+    import transformers
+
+    stat = path.stat()
+    return {"gguf": str(path.resolve()), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "transformers": transformers.__version__}
+
+
+def gguf_expansion_folder(path: Path) -> Path:
+    """One folder per GGUF path: a changed file's expansion replaces the old one."""
+    return cache.root() / "gguf" / f"{path.stem}-{hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:12]}"
+
+
+def expanded_gguf(path: Path) -> Path | None:
+    """The folder holding this GGUF file as transformers expands it, if an earlier load kept it and the file is unchanged."""
+    folder = gguf_expansion_folder(path)
+    try:
+        return folder if json.loads((folder / GGUF_STAMP).read_text()) == gguf_stamp(path) else None
+    except (OSError, ValueError):
+        return None
+
+
+def keep_gguf_expansion(source: ModelSource, model) -> None:
+    """Saves a float32 model just expanded from a GGUF file, with its tokenizer, for the next load.
+    Written aside and renamed into place (os.rename fails where another process was first); a
+    failure (disk full, read-only cache) costs nothing but the next load's expansion."""
+    path = Path(source.location)
+    folder = gguf_expansion_folder(path)
+    if model.dtype != torch.float32 or not distributed.is_main() or expanded_gguf(path) is not None:  # one writer per torchrun
+        return
+    tmp, stale = (folder.with_name(f"{folder.name}.{what}-{os.getpid()}") for what in ("tmp", "stale"))
+    try:
+        import safetensors.torch
+
+        tmp.mkdir(parents=True)
+        safetensors.torch.save_model(model, str(tmp / "model.safetensors"))  # save_pretrained refuses a model from GGUF; tied tensors once
+        config = copy.deepcopy(model.config)
+        if hasattr(config, "quantization_config"):  # GGUF's marker: a plain float32 folder loads without it (and may be offloaded to disk)
+            delattr(config, "quantization_config")
+        config.save_pretrained(tmp)
+        model.generation_config.save_pretrained(tmp)
+        load_tokenizer(source).save_pretrained(tmp)
+        (tmp / GGUF_STAMP).write_text(json.dumps(gguf_stamp(path)))
+        if folder.exists():  # an older file's expansion (a valid one stopped us above)
+            folder.rename(stale)
+        tmp.rename(folder)
+    except Exception:  # noqa: BLE001 - whatever failed, the model in memory is fine
+        return
+    finally:
+        for leftover in (tmp, stale):
+            shutil.rmtree(leftover, ignore_errors=True)
+    size = sum(f.stat().st_size for f in folder.iterdir()) / 2**20
+    cache.note(f"kept {path.name} expanded in {folder} ({size:.0f} MiB); later loads skip its expansion")
 
 
 def fingerprint(source: ModelSource) -> str:
@@ -390,12 +457,15 @@ def load_model(source: ModelSource, dtype: torch.dtype | None = None, placement=
     name, kwargs = source.from_pretrained_args()
     if dtype is not None:
         kwargs["dtype"] = dtype
-    if placement is not None and source.kind != "gguf":
+    from_gguf = "gguf_file" in kwargs
+    if placement is not None and not from_gguf:
         config = load_config(source)
         skeleton = build_skeleton(lambda: causal_lm_from_config(config, dtype), f"{source.location}: config")
         kwargs.update(device_map=placement.device_map(skeleton, dtype or skeleton.dtype, source.label), offload_folder=placement.offload_folder)
     model = _loaded(source, "cannot load as a causal LM", lambda trust: AutoModelForCausalLM.from_pretrained(name, trust_remote_code=trust, **kwargs))
-    if placement is not None and source.kind == "gguf":
+    if from_gguf and placement is None:
+        keep_gguf_expansion(source, model)
+    if placement is not None and from_gguf:
         from accelerate import dispatch_model
         from accelerate.utils import offload_state_dict
 

@@ -279,6 +279,58 @@ def test_gguf_source(tmp_path):
     assert (out / "tokenizer.json").is_file() or (out / "tokenizer_config.json").is_file()
 
 
+@pytest.mark.skipif(not (SHARED / "models" / "stories260K.gguf").is_file(), reason="needs ../shared/models/stories260K.gguf")
+def test_a_gguf_files_expansion_is_kept_and_loads_as_the_file_does(tmp_path, monkeypatch):
+    """The first float32 load of a GGUF file keeps transformers' expansion in the cache; later loads
+    (any dtype, the config, the tokenizer) read it and get what the file gives; a changed file is
+    expanded again; an unwritable cache only costs the next expansion. The file is never touched."""
+    from llmint8_cli import models
+
+    gguf = tmp_path / "stories.gguf"
+    gguf.write_bytes((SHARED / "models" / "stories260K.gguf").read_bytes())
+    monkeypatch.setenv("LLMINT8_CACHE_DIR", str(tmp_path / "cache"))
+    source = models.ModelSource("gguf", str(gguf))
+    assert models.expanded_gguf(gguf) is None
+    from_file = {dtype: models.load_model(source, dtype=dtype) for dtype in (torch.bfloat16, None)}  # bf16 first: only float32 is kept
+    folder = models.expanded_gguf(gguf)
+    assert folder is not None and source.from_pretrained_args() == (str(folder), {})
+    for dtype, expected in from_file.items():
+        kept = models.load_model(source, dtype=dtype)
+        assert kept.dtype == expected.dtype and kept.state_dict().keys() == expected.state_dict().keys()
+        assert all(torch.equal(a, b) for a, b in zip(kept.state_dict().values(), expected.state_dict().values()))
+        ids = torch.tensor([[1, 5, 9, 2]])
+        with torch.no_grad():
+            assert torch.equal(kept(ids).logits, expected(ids).logits)
+    kept_config, file_config = models.load_config(source).to_dict(), from_file[None].config.to_dict()
+    assert {k for k in kept_config.keys() | file_config.keys() if kept_config.get(k) != file_config.get(k)} <= {"_name_or_path", "quantization_config"}
+    from transformers import AutoTokenizer
+
+    text = "Once upon a time there was a little dog named Spot."
+    assert models.load_tokenizer(source)(text).input_ids == AutoTokenizer.from_pretrained(str(tmp_path), gguf_file=gguf.name)(text).input_ids
+    os.utime(gguf, ns=(gguf.stat().st_atime_ns, gguf.stat().st_mtime_ns + 10**9))  # the file changed: its expansion is stale
+    assert models.expanded_gguf(gguf) is None and source.from_pretrained_args()[1] == {"gguf_file": gguf.name}
+    models.load_model(source)
+    assert models.expanded_gguf(gguf) == folder and len(list(folder.parent.iterdir())) == 1  # replaced, nothing left beside it
+    monkeypatch.setenv("LLMINT8_CACHE_DIR", str(gguf))  # a file where the cache should be
+    assert models.load_model(source) is not None and models.expanded_gguf(gguf) is None
+    assert gguf.read_bytes() == (SHARED / "models" / "stories260K.gguf").read_bytes()
+
+
+@pytest.mark.skipif(not (SHARED / "models" / "stories260K.gguf").is_file(), reason="needs ../shared/models/stories260K.gguf")
+@pytest.mark.parametrize("quiet", [False, True])
+def test_keeping_a_gguf_expansion_is_one_line_on_stderr_and_none_under_quiet(tmp_path, monkeypatch, quiet):
+    gguf = tmp_path / "stories.gguf"
+    gguf.write_bytes((SHARED / "models" / "stories260K.gguf").read_bytes())
+    (tmp_path / "text.txt").write_text("Once upon a time there was a little girl who liked to play in the park. " * 20)
+    monkeypatch.setenv("LLMINT8_CACHE_DIR", str(tmp_path / "cache"))
+    arguments = ["eval-ppl", str(gguf), "--dataset", str(tmp_path / "text.txt"), "--seq-len", "64", "--methods", "fp16"]
+    first, second = (RUNNER.invoke(app, arguments + (["-q"] if quiet else [])) for _ in range(2))
+    assert first.exit_code == second.exit_code == 0, first.stderr
+    kept = [line for line in first.stderr.splitlines() if line.startswith("llmint8: kept stories.gguf expanded in ")]
+    assert (not first.stderr if quiet else len(kept) == 1) and "expanded" not in second.stderr
+    assert json.loads(first.stdout)["results"]["fp16"]["ppl"] == json.loads(second.stdout)["results"]["fp16"]["ppl"]
+
+
 @pytest.mark.slow
 def test_smollm2_round_trip_is_bit_exact(tmp_path):
     """quantize smollm2-135m (GGUF) -> load == the GGUF model loaded in fp16 and converted in memory."""

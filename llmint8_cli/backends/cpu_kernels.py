@@ -40,6 +40,7 @@ from pathlib import Path
 
 import torch
 
+from llmint8_cli import cache
 from llmint8_cli.errors import InvalidArgumentError
 
 FORCE_ENV = "LLMINT8_CPU_GEMM"
@@ -77,7 +78,7 @@ def load_extension(what: str, name: str, sources: list[str], **options):
     from torch.utils import cpp_extension
 
     if not (Path(cpp_extension._get_build_directory(name, verbose=False)) / f"{name}.so").is_file():
-        print(f"llmint8: compiling {what} (once per machine and version, about 30-60 s)", file=sys.stderr, flush=True)
+        cache.note(f"compiling {what} (once per machine and version, about 30-60 s)")
     with contextlib.ExitStack() as stack:
         if sys.stdout is None:  # a process started with stdout closed: torch flushes sys.stdout
             stack.enter_context(contextlib.redirect_stdout(stack.enter_context(open(os.devnull, "w"))))
@@ -285,8 +286,7 @@ def machine_key() -> dict:
 
 
 def cache_file() -> Path:
-    root = os.environ.get("LLMINT8_CACHE_DIR") or os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "llmint8")
-    return Path(root) / "cpu_gemm.json"
+    return cache.root() / "cpu_gemm.json"
 
 
 MICRO_TOKENS = (1, 16, 128)

@@ -33,7 +33,7 @@ try:
 except ImportError:
     from click import exceptions as click_errors
 
-from llmint8_cli import distributed, models, placement
+from llmint8_cli import cache, distributed, models, placement
 from llmint8_cli.errors import InvalidArgumentError, LLMInt8Error, one_line
 
 EXIT_BAD_INPUT = 2
@@ -316,7 +316,8 @@ def command(function: Callable) -> Callable:
     def wrapper(*args, **kwargs):
         quiet_libraries()
         try:
-            with (terminate_like_interrupt(), models.trusting_remote_code(kwargs.get("trust_remote_code", False)), contextlib.ExitStack() as cleanup):
+            with (terminate_like_interrupt(), models.trusting_remote_code(kwargs.get("trust_remote_code", False)), cache.quiet(kwargs.get("quiet", False)),
+                  contextlib.ExitStack() as cleanup):
                 token = _AT_END.set(cleanup)
                 try:
                     return function(*args, **kwargs)
