@@ -22,6 +22,7 @@ from llmint8_cli.core.methods import DEFAULT_METHOD, check_rotation_block, get_m
 from llmint8_cli.errors import InvalidArgumentError
 from llmint8_cli.evaluation import peers as peer_engines
 from llmint8_cli.evaluation import speed, variants
+from llmint8_cli.nn.convert import INT8_HEAD_HELP, check_int8_head
 
 
 TORCHAO = "torchao W8A8"
@@ -125,6 +126,8 @@ def bench(
     peers: Annotated[bool, typer.Option("--peers/--no-peers", help="Also time the engines a user would pick instead, on the same weights, each where "
                                         "installed: bitsandbytes and torchao layers in layer mode; torchao W8A8, CTranslate2 int8 and "
                                         "fp32, llama.cpp Q8_0 in model mode on the CPU.")] = True,
+    int8_head: Annotated[bool, typer.Option("--int8-head", help="Model mode: time the int8 model again with its LM head in int8 too (another row, "
+                                             "after the others). " + INT8_HEAD_HELP)] = False,
     compile: Annotated[str, typer.Option("--compile", help="Model mode: " + compilation.HELP + " auto compiles every model of "
                                          f"{compilation.AUTO_PARAMETERS // 10**6}M parameters and more; compile seconds go in the JSON apart.")] = "auto",
     no_verify: NoVerify = False,
@@ -139,8 +142,12 @@ def bench(
     if model is not None:
         if placed is not None and compile == "on":
             raise InvalidArgumentError("--compile on: a model spread over devices (--device-map) runs eager")
+        if placed is not None and int8_head:
+            raise InvalidArgumentError("--int8-head: a model spread over devices (--device-map) keeps its 16-bit head")
     document = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), "device": str(run_device), "machine": speed.machine()}
     if model is None:
+        if int8_head:
+            raise InvalidArgumentError("--int8-head is for model mode: give MODEL")
         if random_weights:
             raise InvalidArgumentError("--random-weights is for model mode: give MODEL (a shape such as llama-3-8b, or a config.json)")
         if compile == "on":
@@ -177,12 +184,14 @@ def bench(
                 raise InvalidArgumentError("--random-weights builds the model on --device; --device-map places a model's own weights")
             config, label = models.shape_config(model)
             check_context(config, lengths, new_tokens)
+            if int8_head:
+                check_int8_head([method])
             notes = [f"random weights in the shape of {label}: speed only; {method} at run-time outlier detection (nothing to calibrate), "
                      "the models timed one after the other"]
             with console.status(f"{label} with random weights: timing the {baseline} model, then {method} (quantized in place), then the peers"), \
                     peer_folder(peers and run_device.type == "cpu") as folder:
                 results = speed.bench_random_weights(config, label, method, threshold, run_dtype, run_device, baseline, lengths, batches, new_tokens, repeat,
-                                                     folder, notes, compile)
+                                                     folder, notes, compile, int8_head)
             document.update({"weights": "random", "shape": label, "threshold": get_method(method).threshold_or_default(threshold), "calibration": {method: None}})
         else:
             # a 16-bit model is calibrated as quantize calibrates it: the speed of the folder a user would get
@@ -192,6 +201,8 @@ def bench(
                 subject = variants.subject(model, [get_method(method)], threshold, run_dtype, run_device, verify=not no_verify, calibration=calibration,
                                            placement=placed)
             check_context(subject.config, lengths, new_tokens)
+            if int8_head:
+                check_int8_head(subject.thresholds)  # the method that runs: a stored folder's own
             label, notes = subject.label, list(subject.notes)
             networks, calibrations, placements = {}, {}, {}
             for name, network in subject.variants:
@@ -212,6 +223,11 @@ def bench(
             compiling = placed is None and compilation.decide(compile, run_device, compilation.large_enough(next(iter(networks.values()))), notes)
             with console.status("timing prefill and decode, our models in turn" + (" (compiling each shape first)" if compiling else "")):
                 results = speed.bench_models(networks, lengths, batches, new_tokens, repeat, run_device, compile_choice=compile if compiling else None, notes=notes)
+            quantized = next((name for name in networks if name in calibrations), None)
+            if int8_head and quantized is not None:
+                with console.status("timing prefill and decode, the int8 model again with an int8 LM head"):
+                    results.update(speed.bench_int8_head(networks[quantized], quantized, lengths, batches, new_tokens, repeat, run_device,
+                                                         compile if compiling else None, notes))
             # the peers after ours, not in turn with them: their threads may spin on after each call (llama.cpp's pool polls) and slow the next
             with peer_folder(peers and placed is None and run_device.type == "cpu" and baseline in networks) as folder:
                 if folder is not None:

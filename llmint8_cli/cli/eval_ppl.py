@@ -14,9 +14,10 @@ from llmint8_cli import models
 from llmint8_cli.checkpoint.quantize import QuantizeOptions
 from llmint8_cli.cli.common import EXIT_NOT_FINITE, METHODS_HELP, CalibDataset, CalibSamples, CalibSeqLen, OutlierRatio, RotationBlock, SmoothAlpha, ComputeDtype, DataDir, Device, DeviceMap, MaxMemory, Model, NoVerify, OffloadFolder, Quiet, TrustRemoteCode, Threshold, choose_model, evaluation_placement, command, emit_json, given_options, fail, report_placement, print_table, progress_bar, stderr_console, warn
 from llmint8_cli.core.methods import DEFAULT_METHOD, parse_methods
-from llmint8_cli.errors import DataError
+from llmint8_cli.errors import DataError, InvalidArgumentError
 from llmint8_cli.evaluation import variants
 from llmint8_cli.evaluation.perplexity import WindowCache, make_windows, perplexity, tokenize
+from llmint8_cli.nn.convert import INT8_HEAD_HELP, check_int8_head, quantize_head
 
 DATASET_HELP = (
     "wikitext2 (raw test, rows joined with blank lines), ptb (test sentences joined with spaces), "
@@ -62,6 +63,7 @@ def eval_ppl(
     offload_folder: OffloadFolder = None,
     dtype: ComputeDtype = "auto",
     data_dir: DataDir = None,
+    int8_head: Annotated[bool, typer.Option("--int8-head", help=INT8_HEAD_HELP)] = False,
     no_verify: NoVerify = False,
     trust_remote_code: TrustRemoteCode = False,
     quiet: Quiet = False,
@@ -76,6 +78,8 @@ def eval_ppl(
     if seq_len < 2:
         raise DataError(f"--seq-len must be at least 2, got {seq_len}")
     placed, run_device = evaluation_placement(ctx, device, device_map, max_memory, offload_folder)
+    if placed is not None and int8_head:
+        raise InvalidArgumentError("--int8-head: a model spread over devices (--device-map) keeps its 16-bit head")
     text = data.load_text(dataset, data_dir)
     run_dtype = variants.resolve_dtype(dtype, run_device)
     with console.status(f"loading {model}"):
@@ -83,6 +87,8 @@ def eval_ppl(
                                       rotation_block=rotation_block, outlier_ratio=outlier_ratio, given=given_options(ctx))
         subject = variants.subject(model, chosen, threshold, run_dtype, run_device, verify=not no_verify, calibration=calibration, held_out=text.source,
                                    placement=placed)
+    if int8_head:
+        check_int8_head(subject.thresholds)  # the int8 methods that run, before any is evaluated
     for line in subject.warnings:
         warn(line)
     limit = models.context_length(subject.config)
@@ -95,10 +101,14 @@ def eval_ppl(
     results, baseline = {}, None
     with progress_bar(console) as bar:
         for name, network in subject.variants:
-            where = report_placement(bar.console, variants.shown_name(name, run_dtype), network)
-            task = bar.add_task(f"{variants.shown_name(name, run_dtype):>14}", total=len(windows.input_ids))
+            head = int8_head and name != variants.BASELINE
+            if head:
+                quantize_head(network)
+            shown = variants.shown_name(name, run_dtype) + (" + int8 head" if head else "")
+            where = report_placement(bar.console, shown, network)
+            task = bar.add_task(f"{shown:>14}", total=len(windows.input_ids))
             started = time.time()
-            cache = WindowCache(variants.cache_folder(cache_dir, subject, name, run_dtype, run_device), windows) if cache_dir else None
+            cache = WindowCache(variants.cache_folder(cache_dir, subject, name, run_dtype, run_device, head), windows) if cache_dir else None
             result = perplexity(network, windows, batch_size, lambda n, t=task: bar.advance(t, n), cache)
             seconds = time.time() - started
             baseline = result.ppl if name == variants.BASELINE else baseline
@@ -106,12 +116,12 @@ def eval_ppl(
                 "ppl": round(result.ppl, 4), "nll": round(result.nll, 4),
                 "delta_pct": None if baseline is None else round(100 * (result.ppl / baseline - 1), 3),
                 "seconds": round(seconds, 2), "tokens_per_s": computed_rate(result, seconds),
-                "calibration": subject.calibration_of(name), **subject.settings_of(name),
+                "calibration": subject.calibration_of(name), **subject.settings_of(name), **({"int8_head": True} if head else {}),
                 **({"reused_windows": result.reused} if cache else {}), **({"placement": where} if where else {}),
                 **({} if math.isfinite(result.ppl) else {"error": NOT_FINITE}),
             }
             bar.remove_task(task)
-            bar.console.print(f"{variants.shown_name(name, run_dtype):>14}: ppl {result.ppl:.3f} in {seconds:.0f} s")  # a line per method: logs of long runs show progress
+            bar.console.print(f"{shown:>14}: ppl {result.ppl:.3f} in {seconds:.0f} s")  # a line per method: logs of long runs show progress
             del network
     document = {
         "dataset": {"name": text.name, "source": text.source, "sample": text.sample, **({"note": text.note} if text.note else {})},
@@ -124,7 +134,7 @@ def eval_ppl(
         "results": results, "notes": subject.notes, "parameters": subject.parameters,
     }
     cells = [[
-        variants.shown_name(name, run_dtype), f"{row['ppl']:.3f}", "" if row["delta_pct"] is None else f"{row['delta_pct']:+.2f} %",
+        variants.shown_name(name, run_dtype) + (" + int8 head" if row.get("int8_head") else ""), f"{row['ppl']:.3f}", "" if row["delta_pct"] is None else f"{row['delta_pct']:+.2f} %",
         f"{row['seconds']:.1f}", "cached" if row["tokens_per_s"] is None else f"{row['tokens_per_s']:.0f}",
     ] for name, row in results.items()]
     document["int8_gemm"] = gemm_report()

@@ -19,7 +19,7 @@ from llmint8_cli.core.methods import DEFAULT_METHOD, get_method
 from llmint8_cli.errors import InvalidArgumentError
 from llmint8_cli.evaluation import variants
 from llmint8_cli.nn.check import CHECK_TOKENS, check_conversion
-from llmint8_cli.nn.convert import quantizable_layers, quantize_model
+from llmint8_cli.nn.convert import INT8_HEAD_HELP, quantizable_layers, quantize_head, quantize_model
 from llmint8_cli.nn.experts import unfuse_experts
 from llmint8_cli.nn.probe import probe_ids
 from llmint8_cli.placement import Placement
@@ -71,6 +71,7 @@ def generate(
     no_verify: NoVerify = False,
     trust_remote_code: TrustRemoteCode = False,
     compile: Annotated[str, typer.Option("--compile", help=compilation.HELP + f" auto compiles from --max-new-tokens {compilation.AUTO_DECODE_TOKENS}.")] = "auto",
+    int8_head: Annotated[bool, typer.Option("--int8-head", help=INT8_HEAD_HELP)] = False,
     quiet: Quiet = False,
 ) -> None:
     """Greedy or sampled text; the text and tokens/s on stderr, JSON on stdout."""
@@ -84,9 +85,13 @@ def generate(
     compilation.check_choice(compile, run_device)
     if placed is not None and compile == "on":
         raise InvalidArgumentError("--compile on: a model spread over devices (--device-map) runs eager")
+    if placed is not None and int8_head:
+        raise InvalidArgumentError("--int8-head: a model spread over devices (--device-map) keeps its 16-bit head")
     run_dtype = variants.resolve_dtype(dtype, run_device, inference=True)
     with console.status(f"loading {model}"):
         network, tokenizer, ran, threshold = load_for_generation(model, method, threshold, run_dtype, run_device, not no_verify, given_options(ctx), placed)
+        if int8_head:
+            quantize_head(network)
     where = report_placement(console, ran, network)
     ids = tokenizer(prompt, return_tensors="pt").input_ids.to(run_device)
     limit = models.context_length(network.config)
@@ -118,10 +123,11 @@ def generate(
         console.print(f"note: {note}", highlight=False)
     steps = clock.figures()
     steady = f"; {steps['steady_tokens_per_s']} tokens/s after the first decode step" if steps.get("steady_tokens_per_s") else ""
-    console.print(f"{new.numel()} tokens in {seconds:.2f} s: {rate:.1f} tokens/s{steady} ({ran}, {str(run_dtype).removeprefix('torch.')}, {run_device}"
+    console.print(f"{new.numel()} tokens in {seconds:.2f} s: {rate:.1f} tokens/s{steady} ({ran}{' + int8 head' if int8_head else ''}, "
+                  f"{str(run_dtype).removeprefix('torch.')}, {run_device}"
                   f"{', compiled' if compiled else ''})")
     emit_json("generate", model, {
-        "method": ran, "threshold": threshold, "dtype": str(run_dtype).removeprefix("torch."), "device": str(run_device),
+        "method": ran, "int8_head": int8_head, "threshold": threshold, "dtype": str(run_dtype).removeprefix("torch."), "device": str(run_device),
         "prompt": prompt, "text": text, "prompt_tokens": ids.shape[1], "new_tokens": new.numel(),
         "sampling": {"temperature": temperature, "seed": seed} if temperature > 0 else "greedy",
         "seconds": round(seconds, 3), "tokens_per_s": round(rate, 1), "compiled": compiled, **steps,

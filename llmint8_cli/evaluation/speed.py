@@ -293,7 +293,7 @@ def decode_step_parts(model: nn.Module, vocab: int, device: torch.device) -> dic
             handle.remove()
     per_step = {kind: seconds / DECODE_PART_STEPS for kind, seconds in spent.items()}
     int8_bytes = sum(layer.weight.numel() for layer in kinds["int8_linears"])
-    head_bytes = tensor_bytes(head.weight) if type(head) is nn.Linear else 0
+    head_bytes = tensor_bytes(head.weight) if type(head) in (nn.Linear, Int8Linear) else 0
     parts = {"step_ms": round(step * 1e3, 2), "int8_linears_ms": round(per_step["int8_linears"] * 1e3, 2),
              "int8_linear_calls": len(kinds["int8_linears"]), "sixteen_bit_linears_ms": round(per_step["sixteen_bit_linears"] * 1e3, 2),
              "rest_ms": round((step - per_step["int8_linears"] - per_step["sixteen_bit_linears"]) * 1e3, 2)}
@@ -338,12 +338,13 @@ def random_model(config, dtype: torch.dtype, device: torch.device, where: str) -
 
 def bench_random_weights(config, where: str, method: str, threshold: float | None, dtype: torch.dtype, device: torch.device, baseline: str,
                          prompt_lengths: list[int], batches: list[int], new_tokens: int, repeat: int, peers_folder: Path | None, notes: list[str],
-                         compile_choice: str | None = None) -> dict:
+                         compile_choice: str | None = None, int8_head: bool = False) -> dict:
     """bench_models for a model of `config` with random weights: the 16-bit model, then the same
     weights quantized in place by `method` (run-time outlier detection: random weights have no
-    features of their own to calibrate), then the peer engines of the same weights (saved into
-    `peers_folder` first; None: no peers), timed one after the other, so that a model is never held
-    twice (an 8B model in bf16 fits 24 GiB once). `compile_choice`: --compile's value."""
+    features of their own to calibrate), with `int8_head` then its LM head too (another row), then
+    the peer engines of the same weights (saved into `peers_folder` first; None: no peers), timed
+    one after the other, so that a model is never held twice (an 8B model in bf16 fits 24 GiB
+    once). `compile_choice`: --compile's value."""
     from llmint8_cli.evaluation import peers
     from llmint8_cli.nn.convert import quantize_model
 
@@ -357,11 +358,28 @@ def bench_random_weights(config, where: str, method: str, threshold: float | Non
     quantize_model(model, method, threshold)
     torch._dynamo.reset()  # the same module, now quantized: compiled afresh
     results.update(bench_models({method: model}, prompt_lengths, batches, new_tokens, repeat, device, compile_choice=compile_choice, notes=notes))
+    if int8_head:
+        results.update(bench_int8_head(model, method, prompt_lengths, batches, new_tokens, repeat, device, compile_choice, notes))
     del model
     engines = peers.engines(saved, prompt_lengths, batches, new_tokens, notes) if saved is not None else {}
     if engines:
         results.update(bench_models(engines, prompt_lengths, batches, new_tokens, repeat, device, vocab_size=vocab))
     return results
+
+
+def int8_head_row(method: str) -> str:
+    return f"{method} + int8 head"
+
+
+def bench_int8_head(model: nn.Module, method: str, prompt_lengths: list[int], batches: list[int], new_tokens: int, repeat: int, device: torch.device,
+                    compile_choice: str | None, notes: list[str]) -> dict:
+    """bench_models of an int8 model (just timed as `method`) again, its LM head quantized in place
+    (nn.convert.quantize_head), as the row `int8_head_row(method)`."""
+    from llmint8_cli.nn.convert import quantize_head
+
+    quantize_head(model)
+    torch._dynamo.reset()  # the same module with another head: compiled afresh
+    return bench_models({int8_head_row(method): model}, prompt_lengths, batches, new_tokens, repeat, device, compile_choice=compile_choice, notes=notes)
 
 
 def add_speedups(results: dict, baseline: str) -> None:

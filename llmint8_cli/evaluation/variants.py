@@ -382,12 +382,12 @@ def _stored(folder: str, dtype: torch.dtype, device: torch.device, verify: bool,
                    rotation_block=stored_rotation_block(block) or ROTATION_BLOCK, thresholds={block["method"]: block["threshold"]}, parameters=parameters)
 
 
-def cache_folder(cache_dir: str, subject: Subject, method: str, dtype: torch.dtype, device: torch.device) -> Path:
+def cache_folder(cache_dir: str, subject: Subject, method: str, dtype: torch.dtype, device: torch.device, int8_head: bool = False) -> Path:
     """The folder (created) where one variant's evaluation results are kept, so that a stopped run resumes.
 
     Everything that changes the model's outputs is in the path: the model's files (fingerprint),
     the method, threshold and rotation block, the calibration and the outlier ratio where it added
-    columns, the compute dtype and the device type. A stored folder's 16-bit
+    columns, an int8 LM head, the compute dtype and the device type. A stored folder's 16-bit
     baseline is keyed by its source, so it is shared with the runs on the 16-bit model.
     """
     setting = method if method == BASELINE else f"{method}-t{subject.threshold_of(method):g}"
@@ -397,6 +397,8 @@ def cache_folder(cache_dir: str, subject: Subject, method: str, dtype: torch.dty
             setting += f"-a{subject.calibration['smoothing_alpha']:g}"
     if get_method(method).rotation and subject.rotation_block != FIRST_ROTATION_BLOCK:  # older caches name no block
         setting += f"-r{subject.rotation_block}"
+    if int8_head:
+        setting += "-int8head"
     source = subject.source_of(method)
     model = "".join(c if c.isalnum() or c in "._-" else "_" for c in Path(source.label).name)
     folder = Path(cache_dir) / f"{model}-{subject.fingerprint_of(source)}" / f"{setting}-{str(dtype).removeprefix('torch.')}-{device.type}"

@@ -9,7 +9,7 @@ from collections.abc import Iterable, Iterator, Mapping
 import torch
 from torch import nn
 
-from llmint8_cli.core.methods import DEFAULT_METHOD, DEFAULT_SMOOTH_ALPHA, check_alpha, check_rotation_block, get_method
+from llmint8_cli.core.methods import DEFAULT_METHOD, Method, DEFAULT_SMOOTH_ALPHA, check_alpha, check_rotation_block, get_method
 from llmint8_cli.core.reference import ROTATION_BLOCK
 from llmint8_cli.errors import InvalidArgumentError
 from llmint8_cli.nn.linear import Int8Linear
@@ -136,4 +136,36 @@ def quantize_model(
     for name, module in layers:
         layer = Int8Linear.from_linear(as_linear(module), method, threshold, outliers.get(name), input_max.get(name), alpha, rotation_block)
         replace_module(model, name, layer)
+    return model
+
+
+INT8_HEAD_HELP = ("Run the LM head in int8 too, with the model's method and threshold (run-time outlier columns only: nothing is calibrated "
+                  "for it). Off by default: the paper keeps it 16-bit, and it costs accuracy (eval-ppl says how much).")
+
+
+def check_int8_head(methods: Iterable[str]) -> Method:
+    """The method an int8 head would run (the first of `methods`, the int8 ones a command runs), or a one-line refusal."""
+    methods = [get_method(name) for name in methods]
+    if not methods or not all(m.quantized for m in methods):
+        raise InvalidArgumentError("--int8-head: no int8 method to run the LM head with (a 16-bit model or method)")
+    smoothing = next((m for m in methods if m.smoothing), None)
+    if smoothing is not None:
+        raise InvalidArgumentError(f"--int8-head: {smoothing.name} smooths each layer's input with calibrated ranges, which the LM head has none of")
+    return methods[0]
+
+
+def quantize_head(model: nn.Module) -> nn.Module:
+    """The LM head as an Int8Linear of the method the model's int8 layers run, in place: an opt-in
+    for speed (the head is a fifth of SmolLM2's weights and most of a decode step's 16-bit reads),
+    never the default. A tied head gets int8 rows of its own; the embeddings stay 16-bit."""
+    layers = [m for m in model.modules() if isinstance(m, Int8Linear)]
+    method = check_int8_head([layers[0].method.name] if layers else [])
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if type(head) is not nn.Linear:
+        raise InvalidArgumentError(f"--int8-head: the model's LM head is {type(head).__name__ if head is not None else 'missing'}, not a linear layer")
+    if head.weight.device.type == "meta":
+        raise InvalidArgumentError("--int8-head: the LM head is offloaded (--device-map); it is quantized on one device only")
+    name = next(n for n, m in model.named_modules() if m is head)
+    replace_module(model, name, Int8Linear.from_linear(head, method.name, layers[0].threshold, rotation_block=layers[0].rotation_block or ROTATION_BLOCK))
+    model.config.get_text_config().tie_word_embeddings = False  # a later tie_weights() must not put the embeddings back in its place
     return model
