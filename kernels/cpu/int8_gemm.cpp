@@ -964,23 +964,25 @@ torch::Tensor amx_linear(torch::Tensor q, torch::Tensor packed, int64_t n, torch
 // The row-wise linear in one native call: quantize_sequences, the int8 product and the epilogue, so
 // no Python runs between the three. The product is this file's kernel (decoding), per strip of
 // kStrip rows of W with the epilogue run while the strip's sums are in L1 (the int32 product never
-// goes through memory), or, given w_kn (W as [k, n]: W.t() or a copy laid out so), oneDNN's
-// at::_int_mm over the whole batch (prefill), then the epilogue as dequantize_sequences runs it.
+// goes through memory), or with `onednn` oneDNN's at::_int_mm over the whole batch (prefill) on
+// W.t() or, given, w_kn (a copy of W laid out [k, n]), then the epilogue as dequantize_sequences
+// runs it. A flag, not a transposed view: a compiled graph would copy a view of its constant W into
+// a buffer of its own at every call.
 // The arguments are quantize_sequences' and dequantize_sequences' (the weight as stored, [n, k]);
 // x is [m, k] of `groups` sequences, each finding its own outlier columns; the bits are theirs.
 constexpr int64_t kStrip = 8 * kBlockN;  // rows of W per strip: the epilogue's call costs less than 1 % of the strip's product
 
 torch::Tensor rowwise_linear(torch::Tensor x, torch::Tensor w_q, torch::Tensor w_scale, torch::Tensor stored_mask, torch::Tensor stored,
                              torch::Tensor pos, c10::optional<torch::Tensor> bias, c10::optional<torch::Tensor> stored_bf16,
-                             c10::optional<torch::Tensor> smooth, double threshold, int64_t groups, c10::optional<torch::Tensor> w_kn) {
+                             c10::optional<torch::Tensor> smooth, double threshold, int64_t groups, c10::optional<torch::Tensor> w_kn, bool onednn) {
   TORCH_CHECK(w_q.dtype() == torch::kInt8 && w_q.dim() == 2 && w_q.is_contiguous() && w_q.size(1) == x.size(-1), "contiguous int8 [n, k] weight expected");
-  TORCH_CHECK(!w_kn.has_value() || (w_kn->dtype() == torch::kInt8 && w_kn->dim() == 2 && w_kn->size(0) == w_q.size(1) && w_kn->size(1) == w_q.size(0)),
-              "int8 [k, n] weight expected for the oneDNN product");
+  TORCH_CHECK(!w_kn.has_value() || (onednn && w_kn->dtype() == torch::kInt8 && w_kn->dim() == 2 && w_kn->size(0) == w_q.size(1) && w_kn->size(1) == w_q.size(0)),
+              "w_kn: an int8 [k, n] weight for the oneDNN product expected");
   const auto quantized = quantize_sequences(x, stored_mask, threshold, groups, smooth);
   const torch::Tensor &q = quantized[0], &sx = quantized[1], &masks = quantized[2];
   const int64_t m = x.size(0), k = x.size(1), n = w_q.size(0);
   auto out = torch::empty({m, n}, x.options());
-  const torch::Tensor acc = w_kn.has_value() ? at::_int_mm(q, *w_kn) : torch::Tensor();
+  const torch::Tensor acc = onednn ? at::_int_mm(q, w_kn.has_value() ? *w_kn : w_q.t()) : torch::Tensor();
   // strips of whole kBlockN blocks, at least one per thread where the work is worth splitting
   const int64_t threads = m * k * n >= kParallelWork ? at::get_num_threads() : 1;
   const int64_t strip = std::max<int64_t>(kBlockN, std::min(kStrip, ((n + threads - 1) / threads + kBlockN - 1) / kBlockN * kBlockN));
@@ -1037,16 +1039,16 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
   module.def("amx_pack", &amx_pack, "an int8 weight [n, k] reordered into AMX tiles, once");
   module.def("amx_gemm", &amx_gemm, "exact int8 x int8 -> int32 GEMM on AMX tiles, C = A W^T");
   module.def("amx_linear", &amx_linear, "amx_gemm and dequantize_sequences in one pass");
-  module.def("rowwise_linear", &rowwise_linear, "quantize_sequences, the int8 product (this file's, or oneDNN's on w_kn) and dequantize_sequences in one call",
+  module.def("rowwise_linear", &rowwise_linear, "quantize_sequences, the int8 product (this file's, or oneDNN's) and dequantize_sequences in one call",
              py::arg("x"), py::arg("w_q"), py::arg("w_scale"), py::arg("stored_mask"), py::arg("stored"), py::arg("pos"), py::arg("bias"),
-             py::arg("stored_bf16"), py::arg("smooth"), py::arg("threshold"), py::arg("groups"), py::arg("w_kn") = py::none());
+             py::arg("stored_bf16"), py::arg("smooth"), py::arg("threshold"), py::arg("groups"), py::arg("w_kn") = py::none(), py::arg("onednn") = false);
 }
 
 // The same function as a torch op, so that a compiled graph calls it without Python in between
 // (its fake implementation is registered in cpu_kernels.py).
 TORCH_LIBRARY(llmint8_cpu, library) {
   library.def("rowwise_linear(Tensor x, Tensor w_q, Tensor w_scale, Tensor stored_mask, Tensor stored, Tensor pos, Tensor? bias, "
-              "Tensor? stored_bf16, Tensor? smooth, float threshold, int groups, Tensor? w_kn=None) -> Tensor");
+              "Tensor? stored_bf16, Tensor? smooth, float threshold, int groups, Tensor? w_kn=None, bool onednn=False) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(llmint8_cpu, CPU, library) {

@@ -143,11 +143,11 @@ class CpuBackend(Backend):
     @staticmethod
     def _one_call_arguments(x, x2, prepared: PreparedWeight, method: Method, threshold: float, bias, path: cpu_kernels.GemmPath | None) -> tuple:
         """rowwise_linear's arguments: x as [m, k] rows, the prepared weight (W as stored), the threshold, the sequences,
-        and W's layout for oneDNN's product where `path` is one of those (None: llmint8's own tile)."""
+        and the product: `path`'s (llmint8's own tile or oneDNN's), or llmint8's own tile where None."""
         return (x2, prepared.qweight.int8.q, prepared.scale, prepared.stored_mask, prepared.stored_rows, prepared.stored_pos, bias,
                 prepared.stored_rows_bf16 if x.dtype == torch.bfloat16 else None, prepared.qweight.smooth,
                 threshold if method.decomposition else math.inf, reference.sequence_count(x) if method.decomposition else 1,
-                path.product_layout(prepared.packed[path.name]) if path is not None else None)
+                *(path.one_call_product(prepared.packed[path.name]) if path is not None else (None, False)))
 
     TRACED_NATIVE_ROWS = 16  # a compiled graph runs up to this many rows (a decoded batch) through rowwise_linear's own tile where the plan's path cannot run in it
 

@@ -128,9 +128,10 @@ class GemmPath:
     def run(self, a: torch.Tensor, packed) -> torch.Tensor:
         raise NotImplementedError
 
-    def product_layout(self, packed) -> torch.Tensor | None:
-        """rowwise_linear's `w_kn` for a whole-layer path: W as [k, n] for oneDNN's product, or None for llmint8's own tile."""
-        return None
+    def one_call_product(self, packed) -> tuple[torch.Tensor | None, bool]:
+        """rowwise_linear's (w_kn, onednn) for a whole-layer path: llmint8's own tile (None, False), or
+        oneDNN's product on W as stored (None, True) or on the path's [k, n] copy (the copy, True)."""
+        return None, False
 
 
 class IntMmNK(GemmPath):
@@ -140,8 +141,8 @@ class IntMmNK(GemmPath):
     def run(self, a, packed):
         return torch._int_mm(a.contiguous(), packed.t())
 
-    def product_layout(self, packed):
-        return packed.t()
+    def one_call_product(self, packed):
+        return None, True
 
 
 class IntMmKN(IntMmNK):
@@ -151,8 +152,8 @@ class IntMmKN(IntMmNK):
     def run(self, a, packed):
         return torch._int_mm(a.contiguous(), packed)
 
-    def product_layout(self, packed):
-        return packed
+    def one_call_product(self, packed):
+        return packed, True
 
 
 class OneDnnPrepacked(GemmPath):
