@@ -9,7 +9,7 @@ from collections.abc import Iterable, Iterator, Mapping
 import torch
 from torch import nn
 
-from llmint8_cli.core.methods import DEFAULT_METHOD, Method, DEFAULT_SMOOTH_ALPHA, check_alpha, check_rotation_block, get_method
+from llmint8_cli.core.methods import DEFAULT_METHOD, DEFAULT_SMOOTH_ALPHA, Method, check_alpha, check_rotation_block, get_method
 from llmint8_cli.core.reference import ROTATION_BLOCK
 from llmint8_cli.errors import InvalidArgumentError
 from llmint8_cli.nn.linear import Int8Linear
@@ -140,7 +140,7 @@ def quantize_model(
 
 
 INT8_HEAD_HELP = ("Run the LM head in int8 too, with the model's method and threshold (run-time outlier columns only: nothing is calibrated "
-                  "for it). Off by default: the paper keeps it 16-bit, and it costs accuracy (eval-ppl says how much).")
+                  "for it). Off by default: the paper keeps it 16-bit; eval-ppl --int8-head measures what it costs a model.")
 
 
 def check_int8_head(methods: Iterable[str]) -> Method:
