@@ -148,6 +148,19 @@ def keep_gguf_expansion(source: ModelSource, model) -> None:
             shutil.rmtree(leftover, ignore_errors=True)
     size = sum(f.stat().st_size for f in folder.iterdir()) / 2**20
     cache.note(f"kept {path.name} expanded in {folder} ({size:.0f} MiB); later loads skip its expansion")
+    forget_orphaned_expansions()
+
+
+def forget_orphaned_expansions() -> None:
+    """Deletes the kept expansions of GGUF files that are gone (a removed virtual environment's
+    packaged model, say): hundreds of MiB each that no load will read again."""
+    for folder in (cache.root() / "gguf").iterdir():
+        try:
+            orphaned = not Path(json.loads((folder / GGUF_STAMP).read_text())["gguf"]).exists()
+        except (OSError, ValueError, KeyError, TypeError):  # not a finished expansion (another process writing it, say): left alone
+            continue
+        if orphaned:
+            shutil.rmtree(folder, ignore_errors=True)
 
 
 def fingerprint(source: ModelSource) -> str:

@@ -311,9 +311,14 @@ def test_a_gguf_files_expansion_is_kept_and_loads_as_the_file_does(tmp_path, mon
     assert models.expanded_gguf(gguf) is None and source.from_pretrained_args()[1] == {"gguf_file": gguf.name}
     models.load_model(source)
     assert models.expanded_gguf(gguf) == folder and len(list(folder.parent.iterdir())) == 1  # replaced, nothing left beside it
-    monkeypatch.setenv("LLMINT8_CACHE_DIR", str(gguf))  # a file where the cache should be
-    assert models.load_model(source) is not None and models.expanded_gguf(gguf) is None
-    assert gguf.read_bytes() == (SHARED / "models" / "stories260K.gguf").read_bytes()
+    other = tmp_path / "other.gguf"  # a second file; the first one's removal orphans its expansion
+    other.write_bytes(gguf.read_bytes())
+    gguf.rename(tmp_path / "kept.gguf")
+    models.load_model(models.ModelSource("gguf", str(other)))
+    assert not folder.exists() and models.expanded_gguf(other) is not None
+    monkeypatch.setenv("LLMINT8_CACHE_DIR", str(other))  # a file where the cache should be
+    assert models.load_model(models.ModelSource("gguf", str(other))) is not None and models.expanded_gguf(other) is None
+    assert (tmp_path / "kept.gguf").read_bytes() == other.read_bytes() == (SHARED / "models" / "stories260K.gguf").read_bytes()
 
 
 @pytest.mark.skipif(not (SHARED / "models" / "stories260K.gguf").is_file(), reason="needs ../shared/models/stories260K.gguf")
