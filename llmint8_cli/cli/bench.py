@@ -22,7 +22,7 @@ from llmint8_cli.core.methods import DEFAULT_METHOD, check_rotation_block, get_m
 from llmint8_cli.errors import InvalidArgumentError
 from llmint8_cli.evaluation import peers as peer_engines
 from llmint8_cli.evaluation import speed, variants
-from llmint8_cli.nn.convert import INT8_HEAD_HELP, check_int8_head
+from llmint8_cli.nn.convert import INT8_HEAD_HELP, INT8_HEAD_PLACED, check_int8_head
 
 
 TORCHAO = "torchao W8A8"
@@ -143,7 +143,7 @@ def bench(
         if placed is not None and compile == "on":
             raise InvalidArgumentError("--compile on: a model spread over devices (--device-map) runs eager")
         if placed is not None and int8_head:
-            raise InvalidArgumentError("--int8-head: a model spread over devices (--device-map) keeps its 16-bit head")
+            raise InvalidArgumentError(INT8_HEAD_PLACED)
     document = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), "device": str(run_device), "machine": speed.machine()}
     if model is None:
         if int8_head:

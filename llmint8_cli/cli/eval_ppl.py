@@ -17,7 +17,7 @@ from llmint8_cli.core.methods import DEFAULT_METHOD, parse_methods
 from llmint8_cli.errors import DataError, InvalidArgumentError
 from llmint8_cli.evaluation import variants
 from llmint8_cli.evaluation.perplexity import WindowCache, make_windows, perplexity, tokenize
-from llmint8_cli.nn.convert import INT8_HEAD_HELP, check_int8_head, quantize_head
+from llmint8_cli.nn.convert import INT8_HEAD_HELP, INT8_HEAD_PLACED, check_int8_head, int8_head_label, quantize_head
 
 DATASET_HELP = (
     "wikitext2 (raw test, rows joined with blank lines), ptb (test sentences joined with spaces), "
@@ -79,7 +79,7 @@ def eval_ppl(
         raise DataError(f"--seq-len must be at least 2, got {seq_len}")
     placed, run_device = evaluation_placement(ctx, device, device_map, max_memory, offload_folder)
     if placed is not None and int8_head:
-        raise InvalidArgumentError("--int8-head: a model spread over devices (--device-map) keeps its 16-bit head")
+        raise InvalidArgumentError(INT8_HEAD_PLACED)
     text = data.load_text(dataset, data_dir)
     run_dtype = variants.resolve_dtype(dtype, run_device)
     with console.status(f"loading {model}"):
@@ -104,7 +104,7 @@ def eval_ppl(
             head = int8_head and name != variants.BASELINE
             if head:
                 quantize_head(network)
-            shown = variants.shown_name(name, run_dtype) + (" + int8 head" if head else "")
+            shown = int8_head_label(variants.shown_name(name, run_dtype)) if head else variants.shown_name(name, run_dtype)
             where = report_placement(bar.console, shown, network)
             task = bar.add_task(f"{shown:>14}", total=len(windows.input_ids))
             started = time.time()
@@ -134,7 +134,7 @@ def eval_ppl(
         "results": results, "notes": subject.notes, "parameters": subject.parameters,
     }
     cells = [[
-        variants.shown_name(name, run_dtype) + (" + int8 head" if row.get("int8_head") else ""), f"{row['ppl']:.3f}", "" if row["delta_pct"] is None else f"{row['delta_pct']:+.2f} %",
+        int8_head_label(variants.shown_name(name, run_dtype)) if row.get("int8_head") else variants.shown_name(name, run_dtype), f"{row['ppl']:.3f}", "" if row["delta_pct"] is None else f"{row['delta_pct']:+.2f} %",
         f"{row['seconds']:.1f}", "cached" if row["tokens_per_s"] is None else f"{row['tokens_per_s']:.0f}",
     ] for name, row in results.items()]
     document["int8_gemm"] = gemm_report()

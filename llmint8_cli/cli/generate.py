@@ -19,7 +19,7 @@ from llmint8_cli.core.methods import DEFAULT_METHOD, get_method
 from llmint8_cli.errors import InvalidArgumentError
 from llmint8_cli.evaluation import variants
 from llmint8_cli.nn.check import CHECK_TOKENS, check_conversion
-from llmint8_cli.nn.convert import INT8_HEAD_HELP, quantizable_layers, quantize_head, quantize_model
+from llmint8_cli.nn.convert import INT8_HEAD_HELP, INT8_HEAD_PLACED, int8_head_label, quantizable_layers, quantize_head, quantize_model
 from llmint8_cli.nn.experts import unfuse_experts
 from llmint8_cli.nn.probe import probe_ids
 from llmint8_cli.placement import Placement
@@ -86,7 +86,7 @@ def generate(
     if placed is not None and compile == "on":
         raise InvalidArgumentError("--compile on: a model spread over devices (--device-map) runs eager")
     if placed is not None and int8_head:
-        raise InvalidArgumentError("--int8-head: a model spread over devices (--device-map) keeps its 16-bit head")
+        raise InvalidArgumentError(INT8_HEAD_PLACED)
     run_dtype = variants.resolve_dtype(dtype, run_device, inference=True)
     with console.status(f"loading {model}"):
         network, tokenizer, ran, threshold = load_for_generation(model, method, threshold, run_dtype, run_device, not no_verify, given_options(ctx), placed)
@@ -123,7 +123,7 @@ def generate(
         console.print(f"note: {note}", highlight=False)
     steps = clock.figures()
     steady = f"; {steps['steady_tokens_per_s']} tokens/s after the first decode step" if steps.get("steady_tokens_per_s") else ""
-    console.print(f"{new.numel()} tokens in {seconds:.2f} s: {rate:.1f} tokens/s{steady} ({ran}{' + int8 head' if int8_head else ''}, "
+    console.print(f"{new.numel()} tokens in {seconds:.2f} s: {rate:.1f} tokens/s{steady} ({int8_head_label(ran) if int8_head else ran}, "
                   f"{str(run_dtype).removeprefix('torch.')}, {run_device}"
                   f"{', compiled' if compiled else ''})")
     emit_json("generate", model, {

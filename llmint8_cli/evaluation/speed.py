@@ -367,19 +367,15 @@ def bench_random_weights(config, where: str, method: str, threshold: float | Non
     return results
 
 
-def int8_head_row(method: str) -> str:
-    return f"{method} + int8 head"
-
-
 def bench_int8_head(model: nn.Module, method: str, prompt_lengths: list[int], batches: list[int], new_tokens: int, repeat: int, device: torch.device,
                     compile_choice: str | None, notes: list[str]) -> dict:
     """bench_models of an int8 model (just timed as `method`) again, its LM head quantized in place
-    (nn.convert.quantize_head), as the row `int8_head_row(method)`."""
-    from llmint8_cli.nn.convert import quantize_head
+    (nn.convert.quantize_head), as the row `int8_head_label(method)`."""
+    from llmint8_cli.nn.convert import int8_head_label, quantize_head
 
     quantize_head(model)
     torch._dynamo.reset()  # the same module with another head: compiled afresh
-    return bench_models({int8_head_row(method): model}, prompt_lengths, batches, new_tokens, repeat, device, compile_choice=compile_choice, notes=notes)
+    return bench_models({int8_head_label(method): model}, prompt_lengths, batches, new_tokens, repeat, device, compile_choice=compile_choice, notes=notes)
 
 
 def add_speedups(results: dict, baseline: str) -> None:

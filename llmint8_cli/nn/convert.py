@@ -143,6 +143,14 @@ INT8_HEAD_HELP = ("Run the LM head in int8 too, with the model's method and thre
                   "for it). Off by default: the paper keeps it 16-bit; eval-ppl --int8-head measures what it costs a model.")
 
 
+INT8_HEAD_PLACED = "--int8-head: a model spread over devices (--device-map) keeps its 16-bit head"
+
+
+def int8_head_label(name: str) -> str:
+    """A method's name in tables and bench rows where its LM head runs in int8 too."""
+    return f"{name} + int8 head"
+
+
 def check_int8_head(methods: Iterable[str]) -> Method:
     """The method an int8 head would run (the first of `methods`, the int8 ones a command runs), or a one-line refusal."""
     methods = [get_method(name) for name in methods]
