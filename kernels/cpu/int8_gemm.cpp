@@ -661,19 +661,21 @@ class Epilogue {
     const torch::Tensor stored_w = stored_bf16.has_value() ? *stored_bf16 : stored;
     torch::Tensor x_stored;
     groups_.resize(masks.size(0));
+    std::vector<int64_t> own_slot(k_, -1);  // the row of own_union_ of each column some group takes as its own
     for (int64_t g = 0; g < masks.size(0); ++g) {
       Group& G = groups_[g];
       G.columns = stored_columns;
       for (int64_t t = 0; t < k_; ++t) {
         TORCH_CHECK(M[g * k_ + t] || POS[t] < 0, "dequantize_sequences: a group's 16-bit columns must include the stored ones");
-        if (M[g * k_ + t] && POS[t] < 0) G.columns.push_back(t);
+        if (M[g * k_ + t] && POS[t] < 0) G.columns.push_back(t), own_slot[t] = 0;
       }
-      // W[:, t]^T of the group's own columns (outliers of this call only), as the reference
-      // dequantizes them: the int8 column times the row scales.
+    }
+    own_union(WQ, own_slot);
+    for (int64_t g = 0; g < masks.size(0); ++g) {
+      Group& G = groups_[g];
       const int64_t own = static_cast<int64_t>(G.columns.size()) - slots_;
-      G.own_rows.resize(own * n);
-      for (int64_t c = 0; c < own; ++c)
-        for (int64_t r = 0; r < n; ++r) G.own_rows[c * n + r] = static_cast<float>(WQ[r * k_ + G.columns[slots_ + c]]) * SW_[r];
+      G.own_slots.resize(own);
+      for (int64_t c = 0; c < own; ++c) G.own_slots[c] = own_slot[G.columns[slots_ + c]];
       if (static_cast<int64_t>(G.columns.size()) <= kLoopColumns || rows_ <= kLoopRows) continue;  // rows_, not m: a sequence takes the same branch alone or in a batch
       const int64_t r0 = g * rows_, r1 = r0 + rows_;
       if (slots_ > 0) {
@@ -682,7 +684,8 @@ class Epilogue {
       }
       if (own > 0) {
         const std::vector<int64_t> own_columns(G.columns.begin() + slots_, G.columns.end());
-        const auto own_w = torch::from_blob(G.own_rows.data(), {own, n}, torch::dtype(torch::kFloat32)).to(compute);
+        const auto slots = torch::from_blob(G.own_slots.data(), {own}, torch::dtype(torch::kInt64));
+        const auto own_w = own_union_.index_select(0, slots).to(compute);
         const auto part = at::mm(gather_columns(r0, r1, own_columns, compute), own_w).to(torch::kFloat32);
         G.wide = G.wide.defined() ? G.wide.add_(part) : part;
       }
@@ -726,14 +729,33 @@ class Epilogue {
 
   struct Group {
     std::vector<int64_t> columns;  // the 16-bit columns: the stored ones in slot order, then the group's own in index order
-    std::vector<float> own_rows;   // W[:, own]^T, float32 [own, n], for the own columns (after the stored ones)
+    std::vector<int64_t> own_slots;  // the row of own_union_ of each own column (after the stored ones)
     torch::Tensor wide;            // float32 [rows, n]: X[:, columns] W[:, columns]^T for many columns and rows
     const float* WIDE = nullptr;   // its data, or none
   };
 
   // W[:, columns[c]]^T in float32: a stored row as it is, or the group's own dequantized row.
   const float* weight_row(const Group& G, int64_t c) const {
-    return c < slots_ ? ST_ + c * n_ : G.own_rows.data() + (c - slots_) * n_;
+    return c < slots_ ? ST_ + c * n_ : own_union_.data_ptr<float>() + G.own_slots[c - slots_] * n_;
+  }
+
+  // own_union_ [u, n] float32: W[:, t]^T for every column t that some group takes as its own
+  // (own_slot[t] >= 0 on entry), as the reference dequantizes them (the int8 column times the row
+  // scales), in ascending t; own_slot[t] becomes its row. One pass over W's rows for all groups:
+  // column by column, each of n rows would be a cache line of its own (the 49152 rows of an int8
+  // LM head: megabytes a column, again for each decoded sequence).
+  void own_union(const int8_t* WQ, std::vector<int64_t>& own_slot) {
+    std::vector<int64_t> columns;
+    for (int64_t t = 0; t < k_; ++t)
+      if (own_slot[t] >= 0) own_slot[t] = static_cast<int64_t>(columns.size()), columns.push_back(t);
+    const int64_t u = static_cast<int64_t>(columns.size()), n = n_, k = k_;
+    own_union_ = torch::empty({u, n}, torch::dtype(torch::kFloat32));
+    if (u == 0) return;
+    float* out = own_union_.data_ptr<float>();
+    at::parallel_for(0, n, std::max<int64_t>(1, kParallelWork / u), [&](int64_t r0, int64_t r1) {
+      for (int64_t r = r0; r < r1; ++r)
+        for (int64_t c = 0; c < u; ++c) out[c * n + r] = static_cast<float>(WQ[r * k + columns[c]]) * SW_[r];
+    });
   }
 
   // X[r0:r1, cols] as the 16-bit product takes it (x_value), a [r1 - r0, cols] tensor of `dtype`.
@@ -905,6 +927,7 @@ class Epilogue {
   T* Y_ = nullptr;
   torch::Tensor bias_;
   std::vector<Group> groups_;
+  torch::Tensor own_union_;  // own_union(): W's dequantized rows of the columns the groups take as their own
   std::vector<int64_t> same_until_;  // per group: the end of the run of following groups with its columns (itself alone if it has WIDE)
 };
 
