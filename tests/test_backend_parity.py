@@ -295,7 +295,7 @@ LAYER_PATHS = [name for name in CPU_PATHS if cpu_kernels.PATHS[name].finishes_la
 @pytest.mark.parametrize("path", LAYER_PATHS)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("method_name", ["llm.int8", "llm.int8-rotate", "llm.int8-smooth"])
-@pytest.mark.parametrize("stored_columns", [2, 12])  # the epilogue's own loop, and its GEMM for many columns
+@pytest.mark.parametrize("stored_columns", [2, 12, 80])  # the epilogue's loop in registers, its loop over many columns, and its GEMM for more
 @pytest.mark.parametrize("lead", [(3, 13), (2, 1)])  # 39 rows, which tiles of 16 do not split; a decoded batch of 2
 def test_a_layer_finished_in_one_call_gets_the_bits_of_the_separate_calls(monkeypatch, path, dtype, method_name, stored_columns, lead):
     """amx_linear and rowwise_linear (its own tile per strip in cache, or oneDNN's product) finish the

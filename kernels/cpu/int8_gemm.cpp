@@ -32,6 +32,7 @@ namespace {
 constexpr int64_t kBlockN = 32;  // rows of W per block: 32 x k bytes stay in L2
 constexpr int64_t kLoopColumns = 8;  // up to this many 16-bit columns the epilogue multiplies them itself
 constexpr int64_t kLoopRows = 4;  // ... and any number of them for sequences this short (decoding): torch's GEMM reorders W at every call
+constexpr int64_t kWideColumns = 64;  // ... or this many on longer ones: a GEMM writes [rows, n] in float32 first (an int8 LM head's 49152 columns: 100 MB at 512 rows)
 constexpr int64_t kParallelRows = 16;  // the activation side splits a sequence of more rows than this over threads
 constexpr int64_t kRun = 8;  // rows the epilogue finishes together: a run shares each read of W's 16-bit columns
 constexpr int64_t kEpilogueColumns = 64;  // the narrowest column tile the epilogue splits a row into
@@ -652,8 +653,8 @@ class Epilogue {
     std::vector<int64_t> stored_columns(slots_);  // the stored columns in slot order: W's stored rows as they are
     for (int64_t t = 0; t < k_; ++t)
       if (POS[t] >= 0) stored_columns[POS[t]] = t;
-    // Many columns (a calibrated checkpoint stores dozens, some layers most of k) on sequences
-    // longer than a few rows: a GEMM per group through torch, in bf16 when the caller passes the
+    // Many columns (more than kWideColumns: a calibrated checkpoint stores most of k in some layers)
+    // on sequences longer than a few rows: a GEMM per group through torch, in bf16 when the caller passes the
     // stored rows in bf16 (x is bf16 already; the weight rows round to bf16, within the bf16
     // output's tolerance, 2-3x faster than float32 on AVX512-BF16/AMX; converted once at load),
     // else float32. X's stored columns are gathered once for every group.
@@ -676,7 +677,7 @@ class Epilogue {
       const int64_t own = static_cast<int64_t>(G.columns.size()) - slots_;
       G.own_slots.resize(own);
       for (int64_t c = 0; c < own; ++c) G.own_slots[c] = own_slot[G.columns[slots_ + c]];
-      if (static_cast<int64_t>(G.columns.size()) <= kLoopColumns || rows_ <= kLoopRows) continue;  // rows_, not m: a sequence takes the same branch alone or in a batch
+      if (static_cast<int64_t>(G.columns.size()) <= kWideColumns || rows_ <= kLoopRows) continue;  // rows_, not m: a sequence takes the same branch alone or in a batch
       const int64_t r0 = g * rows_, r1 = r0 + rows_;
       if (slots_ > 0) {
         if (!x_stored.defined()) x_stored = gather_columns(0, m, stored_columns, compute);
