@@ -315,3 +315,24 @@ def test_a_layer_finished_in_one_call_gets_the_bits_of_the_separate_calls(monkey
     monkeypatch.setitem(cpu_kernels.PATHS, path, dataclasses.replace(cpu_kernels.PATHS[path], finishes_layer=False, whole_layer=False))
     separate = cpu.linear(x.to(dtype), cpu.prepare(qweight, method), method, 6.0, bias)
     assert one_call.dtype == dtype and torch.equal(one_call, separate)
+
+
+@pytest.mark.parametrize("path", [name for name in ("onednn-nk", "onednn-kn") if name in CPU_PATHS])
+def test_a_product_too_large_for_the_cache_is_finished_in_chunks_with_the_bits_of_the_whole(monkeypatch, path):
+    """rowwise_linear splits a oneDNN product whose int32 sums pass 32 MB (an int8 LM head on a long
+    prompt) into chunks of W's rows, each finished while in cache: the output columns of every chunk,
+    and the tail, must get the bits of the separate calls over the whole product."""
+    method, cpu = get_method("llm.int8"), next(b for b in BACKENDS if b.name == "cpu")
+    g = torch.Generator().manual_seed(6)
+    k, n = 64, 16400  # 2 sequences of 260 rows: 520 x 16400 int32 sums are 34 MB, chunks of 960 columns and a tail
+    x = torch.randn(2, 260, k, generator=g)
+    stored = torch.tensor([3, 40])
+    x[..., stored] *= 15
+    x[1, :, 7] *= 20  # a run-time outlier column in one sequence
+    qweight = quantized((torch.randn(n, k, generator=g) / k**0.5).to(torch.bfloat16), method, stored, x)
+    bias = torch.randn(n, generator=g).to(torch.bfloat16)
+    monkeypatch.setenv(cpu_kernels.FORCE_ENV, path)
+    chunked = cpu.linear(x.bfloat16(), cpu.prepare(qweight, method), method, 6.0, bias)
+    monkeypatch.setitem(cpu_kernels.PATHS, path, dataclasses.replace(cpu_kernels.PATHS[path], whole_layer=False))
+    whole = cpu.linear(x.bfloat16(), cpu.prepare(qweight, method), method, 6.0, bias)
+    assert torch.equal(chunked, whole)
