@@ -9,6 +9,7 @@ measured choice would not pick it.
 """
 
 import dataclasses
+import json
 import sys
 
 import pytest
@@ -336,3 +337,24 @@ def test_a_product_too_large_for_the_cache_is_finished_in_chunks_with_the_bits_o
     monkeypatch.setitem(cpu_kernels.PATHS, path, dataclasses.replace(cpu_kernels.PATHS[path], whole_layer=False))
     whole = cpu.linear(x.bfloat16(), cpu.prepare(qweight, method), method, 6.0, bias)
     assert torch.equal(chunked, whole)
+
+
+def test_a_weight_larger_than_its_measured_shape_is_timed_from_a_cold_cache_at_decode_sizes(monkeypatch, tmp_path):
+    """A weight measured on a slice (measured_shape) streams from memory in a decode step: its plan is
+    measured apart, the cache flushed before each call at decode sizes only (a cache-resident slice
+    of SmolLM2's int8 head picked oneDNN's product at one row; from memory llmint8's tile is ~2x as fast)."""
+    monkeypatch.setenv("LLMINT8_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(cpu_kernels, "LARGEST_MEASURED", 64)
+    flushed_at: list[int] = []
+    monkeypatch.setattr(cpu_kernels, "evict_cache", lambda buffer: flushed_at.append(buffer.numel()))
+    cpu_kernels.decision.cache_clear()
+    try:
+        cpu_kernels.choose((64, 64), int32=False)
+        assert flushed_at == []  # measured as it is
+        cpu_kernels.choose((200, 64), int32=False)
+        paths = len([p for p in cpu_kernels.PATHS.values() if p.available()])
+        assert flushed_at == [cpu_kernels.EVICT_BYTES] * (6 * paths)  # each call at one row (5 timed, 1 warm-up), none at 16 or 128
+        shapes = next(iter(json.loads(cpu_kernels.cache_file().read_text()).values()))["shapes"]
+        assert set(shapes) == {"64x64", "64x64 streamed"}
+    finally:
+        cpu_kernels.decision.cache_clear()

@@ -293,25 +293,38 @@ def cache_file() -> Path:
 MICRO_TOKENS = (1, 16, 128)
 LARGEST_MEASURED = 4096  # weights are measured at their shape, each side clamped to this
 BUCKET_TOPS = (4, 45, None)  # a call with m rows goes by the measured token count nearest in log scale
-CACHE_VERSION = 2  # 2: inexact paths (oneDNN u8 x s8 without VNNI) are no longer measured
+CACHE_VERSION = 3  # 2: inexact paths (oneDNN u8 x s8 without VNNI) are no longer measured; 3: streamed weights timed cold
+EVICT_BYTES = 64 << 20  # written before each call timed cold: twice a large L3
 LAYOUT_GAIN = 1.1  # a path with its own copy of W must beat the stored-layout paths by 10 % somewhere
 
 
-def measure(paths: list[GemmPath], shape: tuple[int, int], repeat: int = 5) -> dict[str, dict[int, float]]:
+def evict_cache(buffer: torch.Tensor) -> None:
+    """Write `buffer` (larger than the caches) through them: the next call reads its weight from memory."""
+    buffer.add_(1)
+
+
+def measure(paths: list[GemmPath], shape: tuple[int, int], repeat: int = 5, streamed: bool = False) -> dict[str, dict[int, float]]:
     """Best-of-`repeat` ms of each path on an int8 weight of `shape` at a few token counts.
 
     The paths take turns call by call, so a burst of noise on a shared machine hits them alike.
+    `streamed`: the weight stands for a larger one (measured_shape), which a decode step reads from
+    memory: at decode sizes the cache is flushed before each call. A cache-resident slice of
+    SmolLM2's 49152 x 576 int8 head made oneDNN's product look faster at one row; from memory
+    llmint8's tile reads the whole head ~2x as fast.
     """
     n, k = shape
     g = torch.Generator().manual_seed(0)
     w = torch.randint(-127, 128, (n, k), dtype=torch.int8, generator=g)
     packed = {p.name: p.pack(w) for p in paths}
     timings = {p.name: {} for p in paths}
+    flush = torch.zeros(EVICT_BYTES if streamed else 0, dtype=torch.uint8)
     for m in MICRO_TOKENS:
         a = torch.randint(-127, 128, (m, k), dtype=torch.int8, generator=g)
         samples = {p.name: [] for p in paths}
         for turn in range(repeat + 1):  # the first turn warms up
             for p in paths:
+                if streamed and m <= BUCKET_TOPS[0]:
+                    evict_cache(flush)
                 started = time.perf_counter()
                 p.run(a, packed[p.name])
                 if turn:
@@ -369,15 +382,16 @@ def valid_entry(entry, available: list[GemmPath]) -> bool:
 
 
 @functools.cache
-def decision(shape: tuple[int, int]) -> dict:
-    """This machine's timings and plans for a weight shape, from the cache or measured now.
+def decision(shape: tuple[int, int], streamed: bool = False) -> dict:
+    """This machine's timings and plans for a weight shape (`streamed`: standing for a larger one,
+    see measure), from the cache or measured now.
 
     Per shape, because the fastest path depends on it: on a 2-core Zen 4 the prepacked oneDNN
     weight wins at 4096 x 4096 from 16 tokens on, while `_int_mm` wins at SmolLM2's 576-wide ones.
     """
     key = {**machine_key(), "native_kernels": native_build()[2]}
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
-    label = "x".join(map(str, shape))
+    label = "x".join(map(str, shape)) + (" streamed" if streamed else "")
     path = cache_file()
     try:
         machine_entry = json.loads(path.read_text()).get(digest) or {}
@@ -388,7 +402,7 @@ def decision(shape: tuple[int, int]) -> dict:
     cached = shapes.get(label) if isinstance(shapes, dict) else None
     if valid_entry(cached, available):
         return cached
-    timings = measure(available, shape)
+    timings = measure(available, shape, streamed=streamed)
     entry = {
         "timings_ms": {n: {str(m): round(t, 4) for m, t in ms.items()} for n, ms in timings.items()},
         "fused": plan_for(timings, [p.name for p in available]),
@@ -433,7 +447,8 @@ def choose(shape: tuple[int, int], int32: bool) -> GemmPlan:
     path = forced()
     if path is not None and (path.int32 or not int32):
         return GemmPlan(((None, path.name),))
-    plan = GemmPlan(tuple((top, name) for top, name in decision(measured_shape(*shape))["int32" if int32 else "fused"]))
+    measured = measured_shape(*shape)
+    plan = GemmPlan(tuple((top, name) for top, name in decision(measured, measured != tuple(shape))["int32" if int32 else "fused"]))
     CHOSEN["x".join(map(str, shape))] = plan.name
     return plan
 
