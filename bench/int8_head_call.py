@@ -35,7 +35,7 @@ def main() -> None:
     head_16bit = model.get_output_embeddings().weight
     model = quantize_head(model)
     seen = {}
-    model.lm_head.register_forward_pre_hook(lambda module, a: seen.__setitem__("x", a[0]))
+    model.get_output_embeddings().register_forward_pre_hook(lambda module, a: seen.__setitem__("x", a[0]))
     with torch.inference_mode():
         model(input_ids=torch.randint(5, 10000, (1, max(rows) + 8), generator=torch.Generator().manual_seed(0)))
     hidden = seen["x"][0]

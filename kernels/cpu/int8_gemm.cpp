@@ -753,8 +753,8 @@ class Epilogue {
     for (int64_t t = 0; t < k_; ++t)
       if (own_slot[t] >= 0) own_slot[t] = static_cast<int64_t>(columns.size()), columns.push_back(t);
     const int64_t u = static_cast<int64_t>(columns.size()), n = n_, k = k_;
+    if (u == 0) return;  // (most calls: no allocation)
     own_union_ = torch::empty({u, n}, torch::dtype(torch::kFloat32));
-    if (u == 0) return;
     float* out = own_union_.data_ptr<float>();
     at::parallel_for(0, n, std::max<int64_t>(1, kParallelWork / u), [&](int64_t r0, int64_t r1) {
       for (int64_t r = r0; r < r1; ++r)
