@@ -104,7 +104,7 @@ def eval_ppl(
             head = int8_head and name != variants.BASELINE
             if head:
                 quantize_head(network)
-            shown = int8_head_label(variants.shown_name(name, run_dtype)) if head else variants.shown_name(name, run_dtype)
+            shown = int8_head_label(variants.shown_name(name, run_dtype), head)
             where = report_placement(bar.console, shown, network)
             task = bar.add_task(f"{shown:>14}", total=len(windows.input_ids))
             started = time.time()
@@ -134,7 +134,7 @@ def eval_ppl(
         "results": results, "notes": subject.notes, "parameters": subject.parameters,
     }
     cells = [[
-        int8_head_label(variants.shown_name(name, run_dtype)) if row.get("int8_head") else variants.shown_name(name, run_dtype), f"{row['ppl']:.3f}", "" if row["delta_pct"] is None else f"{row['delta_pct']:+.2f} %",
+        int8_head_label(variants.shown_name(name, run_dtype), bool(row.get("int8_head"))), f"{row['ppl']:.3f}", "" if row["delta_pct"] is None else f"{row['delta_pct']:+.2f} %",
         f"{row['seconds']:.1f}", "cached" if row["tokens_per_s"] is None else f"{row['tokens_per_s']:.0f}",
     ] for name, row in results.items()]
     document["int8_gemm"] = gemm_report()

@@ -123,7 +123,7 @@ def generate(
         console.print(f"note: {note}", highlight=False)
     steps = clock.figures()
     steady = f"; {steps['steady_tokens_per_s']} tokens/s after the first decode step" if steps.get("steady_tokens_per_s") else ""
-    console.print(f"{new.numel()} tokens in {seconds:.2f} s: {rate:.1f} tokens/s{steady} ({int8_head_label(ran) if int8_head else ran}, "
+    console.print(f"{new.numel()} tokens in {seconds:.2f} s: {rate:.1f} tokens/s{steady} ({int8_head_label(ran, int8_head)}, "
                   f"{str(run_dtype).removeprefix('torch.')}, {run_device}"
                   f"{', compiled' if compiled else ''})")
     emit_json("generate", model, {

@@ -146,9 +146,9 @@ INT8_HEAD_HELP = ("Run the LM head in int8 too, with the model's method and thre
 INT8_HEAD_PLACED = "--int8-head: a model spread over devices (--device-map) keeps its 16-bit head"
 
 
-def int8_head_label(name: str) -> str:
-    """A method's name in tables and bench rows where its LM head runs in int8 too."""
-    return f"{name} + int8 head"
+def int8_head_label(name: str, int8_head: bool = True) -> str:
+    """A method's name in tables and bench rows, marked where its LM head runs in int8 too."""
+    return f"{name} + int8 head" if int8_head else name
 
 
 def check_int8_head(methods: Iterable[str]) -> Method:
