@@ -22,6 +22,7 @@ import torch
 from llmint8_cli import cache, distributed
 from llmint8_cli.checkpoint.format import QUANT_METHOD, config_block, refuse_lost_block
 from llmint8_cli.errors import ModelLoadError, one_line
+from llmint8_cli.nn.attention import use_native_attention
 
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "vocab.json", "spiece.model", "vocab.txt")
@@ -489,7 +490,7 @@ def load_model(source: ModelSource, dtype: torch.dtype | None = None, placement=
         model = dispatch_model(model, kwargs["device_map"], offload_dir=placement.offload_folder)
     if placement is not None:
         model.hf_device_map = kwargs["device_map"]  # transformers leaves it unset where the map is one device
-    return model.eval()
+    return use_native_attention(model).eval()
 
 
 def placed_on(device_map: dict, key: str):

@@ -22,6 +22,7 @@
 #include <vector>
 
 #include "amx_gemm.h"
+#include "attention.h"
 
 #if defined(__AVX2__)
 #include <immintrin.h>
@@ -1082,6 +1083,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
   module.def("amx_pack", &amx_pack, "an int8 weight [n, k] reordered into AMX tiles, once");
   module.def("amx_gemm", &amx_gemm, "exact int8 x int8 -> int32 GEMM on AMX tiles, C = A W^T");
   module.def("amx_linear", &amx_linear, "amx_gemm and dequantize_sequences in one pass");
+  module.def("has_bf16_attention", &has_bf16_attention, "whether the CPU runs prompt_attention (AVX512-BF16)");
+  module.def("prompt_attention", &prompt_attention, "a whole prompt's attention, causal or masked, bf16, [b, h, l, d] -> [b, l, h, d]");
   module.def("rowwise_linear", &rowwise_linear, "quantize_sequences, the int8 product (this file's, or oneDNN's) and dequantize_sequences in one call",
              py::arg("x"), py::arg("w_q"), py::arg("w_scale"), py::arg("stored_mask"), py::arg("stored"), py::arg("pos"), py::arg("bias"),
              py::arg("stored_bf16"), py::arg("smooth"), py::arg("threshold"), py::arg("groups"), py::arg("w_kn") = py::none(), py::arg("onednn") = false);
@@ -1092,8 +1095,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
 TORCH_LIBRARY(llmint8_cpu, library) {
   library.def("rowwise_linear(Tensor x, Tensor w_q, Tensor w_scale, Tensor stored_mask, Tensor stored, Tensor pos, Tensor? bias, "
               "Tensor? stored_bf16, Tensor? smooth, float threshold, int groups, Tensor? w_kn=None, bool onednn=False) -> Tensor");
+  library.def("prompt_attention(Tensor q, Tensor k, Tensor v, Tensor? mask, float scale) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(llmint8_cpu, CPU, library) {
   library.impl("rowwise_linear", &rowwise_linear);
+  library.impl("prompt_attention", &prompt_attention);
 }

@@ -55,7 +55,7 @@ def native_build() -> tuple[list[str], list[str], str]:
     build folder's build.ninja names one torch's include path); a new kernel is measured afresh by
     `decision`."""
     folder = resources.files("llmint8_cli.kernels") / "cpu"
-    sources, header = [folder / "int8_gemm.cpp", folder / "amx_gemm.cpp"], folder / "amx_gemm.h"
+    sources, headers = [folder / "int8_gemm.cpp", folder / "amx_gemm.cpp", folder / "attention.cpp"], [folder / "amx_gemm.h", folder / "attention.h"]
     # no FMA contraction: an element gets the same float operations in every epilogue and path
     flags, capability = ["-O3", "-ffp-contract=off"], torch.backends.cpu.get_cpu_capability()
     if capability in ("AVX2", "AVX512"):
@@ -69,7 +69,7 @@ def native_build() -> tuple[list[str], list[str], str]:
     from torch.utils import cpp_extension
 
     toolchain = [os.environ.get("CXX") or shutil.which("c++") or "c++", torch.__version__, *cpp_extension.include_paths()]
-    digest = hashlib.sha256(b"".join(f.read_bytes() for f in [*sources, header]) + "\n".join([*flags, *toolchain]).encode()).hexdigest()[:12]
+    digest = hashlib.sha256(b"".join(f.read_bytes() for f in [*sources, *headers]) + "\n".join([*flags, *toolchain]).encode()).hexdigest()[:12]
     return [str(s) for s in sources], flags, f"llmint8_cpu_kernels_{digest}"
 
 
@@ -94,14 +94,20 @@ def native_kernels():
     except Exception as exc:  # no compiler, no ninja, read-only cache...
         print(f"llmint8: native CPU kernels unavailable ({type(exc).__name__}); using oneDNN and the torch reference", file=sys.stderr)
         return None
-    if not torch._C._dispatch_has_kernel_for_dispatch_key("llmint8_cpu::rowwise_linear", "Meta"):
-        torch.library.register_fake("llmint8_cpu::rowwise_linear")(rowwise_linear_shape)
+    for op, shape in (("rowwise_linear", rowwise_linear_shape), ("prompt_attention", prompt_attention_shape)):
+        if not torch._C._dispatch_has_kernel_for_dispatch_key(f"llmint8_cpu::{op}", "Meta"):
+            torch.library.register_fake(f"llmint8_cpu::{op}")(shape)
     return module
 
 
 def rowwise_linear_shape(x, w_q, *_):
     """llmint8_cpu::rowwise_linear's output as compilers and exporters see it: [m, n] in x's dtype."""
     return x.new_empty(x.shape[0], w_q.shape[0])
+
+
+def prompt_attention_shape(q, k, v, mask, scale):
+    """llmint8_cpu::prompt_attention's output as compilers see it: [batch, length, heads, dim]."""
+    return q.new_empty(q.shape[0], q.shape[2], q.shape[1], q.shape[3])
 
 
 @dataclass(frozen=True)

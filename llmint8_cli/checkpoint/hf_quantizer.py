@@ -23,6 +23,7 @@ from transformers.utils.quantization_config import QuantizationConfigMixin
 from llmint8_cli.checkpoint.format import QUANT_METHOD, check_block, config_block, refuse_lost_block
 from llmint8_cli.checkpoint.manifest import verification_wanted, verify, write_manifest
 from llmint8_cli.errors import CheckpointError
+from llmint8_cli.nn.attention import use_native_attention
 from llmint8_cli.nn.experts import unfuse_experts
 
 
@@ -61,7 +62,7 @@ class LLMInt8HfQuantizer(HfQuantizer):
 
         check_loaded(model, self.folder)
         keep_saving_valid(model)
-        return model
+        return use_native_attention(model)
 
     def is_serializable(self):
         return True

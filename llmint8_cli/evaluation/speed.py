@@ -16,6 +16,7 @@ from torch import nn
 from llmint8_cli import ops
 from llmint8_cli.core.reference import ROTATION_BLOCK
 from llmint8_cli.errors import InvalidArgumentError
+from llmint8_cli.nn.attention import use_native_attention
 from llmint8_cli.nn.linear import Int8Linear
 
 FLOAT_ROWS = ("fp32", "bfloat16", "float16")
@@ -227,6 +228,9 @@ def bench_models(networks: dict, prompt_lengths: list[int], batches: list[int], 
     g = torch.Generator().manual_seed(0)
     results = {name: {"prefill": {}, "decode": {}, "weight_mib": round((weight_bytes(net) if isinstance(net, nn.Module) else net.weight_bytes) / 2**20, 1)}
                for name, net in networks.items()}
+    for name, net in networks.items():
+        if isinstance(net, nn.Module):
+            results[name]["attention"] = net.config._attn_implementation
     forwards = {name: compilation.compiled_forward(net) for name, net in networks.items() if compile_choice and isinstance(net, nn.Module)}
     for name in forwards:
         results[name].update(compiled=True, compile_s={})
@@ -333,7 +337,7 @@ def random_model(config, dtype: torch.dtype, device: torch.device, where: str) -
         raise InvalidArgumentError(f"{where}: {needed / 2**30:.1f} GiB of {str(dtype).removeprefix('torch.')} weights, {free / 2**30:.1f} GiB free on {device}")
     torch.manual_seed(0)
     with torch.device(device):
-        return models.causal_lm_from_config(config, dtype).eval()
+        return use_native_attention(models.causal_lm_from_config(config, dtype)).eval()
 
 
 def bench_random_weights(config, where: str, method: str, threshold: float | None, dtype: torch.dtype, device: torch.device, baseline: str,

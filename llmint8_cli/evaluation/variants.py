@@ -30,6 +30,7 @@ from llmint8_cli.activations import ActivationStats
 from llmint8_cli.core.methods import DEFAULT_SMOOTH_ALPHA, Method, check_outlier_ratio, check_rotation_block, get_method
 from llmint8_cli.core.reference import FIRST_ROTATION_BLOCK, ROTATION_BLOCK
 from llmint8_cli.errors import InvalidArgumentError, LLMInt8Error
+from llmint8_cli.nn import attention
 from llmint8_cli.nn.convert import kept_line, parameter_report, quantizable_layers, quantize_model
 from llmint8_cli.nn.experts import unfuse_experts
 from llmint8_cli.nn.check import check_conversion, originals_in
@@ -387,7 +388,7 @@ def cache_folder(cache_dir: str, subject: Subject, method: str, dtype: torch.dty
 
     Everything that changes the model's outputs is in the path: the model's files (fingerprint),
     the method, threshold and rotation block, the calibration and the outlier ratio where it added
-    columns, an int8 LM head, the compute dtype and the device type. A stored folder's 16-bit
+    columns, an int8 LM head, the native attention (bf16 on the CPU), the compute dtype and the device type. A stored folder's 16-bit
     baseline is keyed by its source, so it is shared with the runs on the 16-bit model.
     """
     setting = method if method == BASELINE else f"{method}-t{subject.threshold_of(method):g}"
@@ -399,6 +400,8 @@ def cache_folder(cache_dir: str, subject: Subject, method: str, dtype: torch.dty
         setting += f"-r{subject.rotation_block}"
     if int8_head:
         setting += "-int8head"
+    if dtype == torch.bfloat16 and device.type == "cpu" and attention.native_attention_here():  # prompts' attention through llmint8's kernel
+        setting += "-native-attention"
     source = subject.source_of(method)
     model = "".join(c if c.isalnum() or c in "._-" else "_" for c in Path(source.label).name)
     folder = Path(cache_dir) / f"{model}-{subject.fingerprint_of(source)}" / f"{setting}-{str(dtype).removeprefix('torch.')}-{device.type}"
