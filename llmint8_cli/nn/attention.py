@@ -20,11 +20,13 @@ def covered(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: to
     tensors it can lay out, causal (SDPA's is_causal case) or under a boolean mask, with nothing SDPA
     would add to the scores."""
     causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
-    masked = attention_mask is not None
-    return (query.shape[2] > 1 and query.device.type == "cpu" and query.dtype == key.dtype == value.dtype == torch.bfloat16
-            and (attention_mask.dtype == torch.bool and attention_mask.dim() == 4 and attention_mask.shape[-2:] == (query.shape[2], key.shape[2]) if masked else causal and key.shape[2] >= query.shape[2])
+    batch, heads, queries = query.shape[:3]
+    mask_fits = attention_mask is not None and attention_mask.dtype == torch.bool and attention_mask.dim() == 4 and (
+        attention_mask.shape[0] in (1, batch) and attention_mask.shape[1] in (1, heads) and attention_mask.shape[2:] == (queries, key.shape[2]))
+    return (queries > 1 and query.device.type == "cpu" and query.dtype == key.dtype == value.dtype == torch.bfloat16
+            and (mask_fits if attention_mask is not None else causal and key.shape[2] >= queries)
             and dropout == 0.0 and query.shape[-1] == key.shape[-1] == value.shape[-1] and query.shape[-1] % 16 == 0
-            and query.shape[1] % key.shape[1] == 0
+            and key.shape[0] == batch and heads % key.shape[1] == 0  # (SDPA broadcasts a batch of 1 queries; the kernel does not)
             and all(extra.get(name) is None for name in ("softcap", "position_bias", "s_aux", "sinks"))
             and not extra.get("output_attentions", False)
             and not (torch.is_grad_enabled() and (query.requires_grad or key.requires_grad or value.requires_grad))  # no backward here
@@ -53,6 +55,8 @@ def native_attention_here() -> bool:
 
 
 def register() -> None:
+    """The attention function under its own name, with SDPA's boolean masks (a name without a mask
+    function would get none: transformers then skips masking altogether)."""
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
