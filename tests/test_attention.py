@@ -123,6 +123,22 @@ def test_calls_it_does_not_cover_go_to_sdpa_unchanged():
 
 
 @needs_kernel
+def test_shapes_the_kernel_cannot_take_go_to_sdpa():
+    """A batch of 1 queries against 2 of keys (SDPA broadcasts it), a 2-d mask, a head dim not a
+    multiple of 16: transformers' SDPA computes them, no error."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    module = torch.nn.Module()
+    module.num_key_value_groups = 2
+    q, k, v = qkv(2, 4, 2, 20, 20, 32)
+    q8, k8, v8 = qkv(1, 4, 2, 20, 20, 8)
+    cases = [(q[:1], k, v, None), (q, k, v, mask_of("random", 1, 20, 20)[0, 0]), (q8, k8, v8, None)]
+    for query, key, value, mask in cases:
+        expected = sdpa_attention_forward(module, query, key, value, mask)[0]
+        assert torch.equal(attention.attention(module, query, key, value, mask)[0], expected)
+
+
+@needs_kernel
 def test_a_compiled_prompt_calls_the_kernel_and_gives_eagers_logits():
     """Compiled, transformers materializes the causal mask (it cannot rule out packed sequences while
     tracing): the graph calls the kernel with it, no SDPA, and the logits are eager's (is_causal) to a
