@@ -1,6 +1,6 @@
-"""The native prompt attention (kernels/cpu/attention.cpp, nn/attention.py): the kernel against a
-float64 reference on every mask shape transformers makes, as a torch op, and inside models (eager,
-compiled, and every call it leaves to SDPA)."""
+"""The native attention (kernels/cpu/attention.cpp, nn/attention.py): the prompt and decode kernels
+against a float64 reference on every mask shape transformers makes, as torch ops, and inside models
+(eager, compiled, and every call they leave to SDPA)."""
 
 import math
 
@@ -67,9 +67,34 @@ def test_the_kernel_is_as_close_to_the_reference_as_torchs_bf16_sdpa(kind, shape
 
 @needs_kernel
 @pytest.mark.parametrize("masked", [False, True])
-def test_the_kernel_passes_opcheck(masked):
+@pytest.mark.parametrize("shape", [(1, 9, 3, 40, 64), (8, 4, 2, 72, 80), (3, 2, 1, 17, 16), (1, 8, 8, 300, 128)])
+def test_the_decode_kernel_is_as_close_to_the_reference_as_torchs_bf16_sdpa(masked, shape):
+    """One query over a cache's keys (every key, or a static cache's boolean mask with a sequence that
+    may attend to nothing): within torch's bf16 SDPA's error, 0 for the empty sequence."""
+    batch, heads, kv_heads, keys, dim = shape
+    q, k, v = qkv(batch, heads, kv_heads, 1, keys, dim)
+    mask = None
+    if masked:
+        mask = torch.rand(batch, 1, 1, keys, generator=torch.Generator().manual_seed(2)) > 0.3
+        mask[-1] = False if batch > 1 else mask[-1]
+    scale = 1 / math.sqrt(dim)
+    group = heads // kv_heads
+    expected = F.scaled_dot_product_attention(q.double(), k.double().repeat_interleave(group, 1), v.double().repeat_interleave(group, 1), attn_mask=mask,
+                                              scale=scale).transpose(1, 2)
+    torch_bf16 = F.scaled_dot_product_attention(q, k.repeat_interleave(group, 1), v.repeat_interleave(group, 1), attn_mask=mask, scale=scale).transpose(1, 2)
+    ours = torch.ops.llmint8_cpu.decode_attention(q, k, v, mask, scale)
+    assert ours.shape == (batch, 1, heads, dim)
+    assert (ours.double() - expected).abs().max() <= 1.25 * (torch_bf16.double() - expected).abs().max() + 1e-3
+    if masked and batch > 1:
+        assert torch.equal(ours[-1], torch.zeros_like(ours[-1]))
+
+
+@needs_kernel
+@pytest.mark.parametrize("masked", [False, True])
+def test_the_kernels_pass_opcheck(masked):
     q, k, v = qkv(2, 4, 2, 40, 40, 32)
     torch.library.opcheck(torch.ops.llmint8_cpu.prompt_attention.default, (q, k, v, mask_of("left padding", 2, 40, 40) if masked else None, 0.125))
+    torch.library.opcheck(torch.ops.llmint8_cpu.decode_attention.default, (q[:, :, :1], k, v, mask_of("left padding", 2, 40, 40)[:, :, -1:] if masked else None, 0.125))
 
 
 def tiny_llama(dtype=torch.bfloat16):
@@ -102,21 +127,40 @@ def test_a_model_switched_to_it_keeps_sdpas_logits_within_bf16_noise_padded_or_n
 
 
 @needs_kernel
+def test_a_decode_step_through_it_keeps_sdpas_logits_within_bf16_noise():
+    """A decoded token over a dynamic cache (no mask: every key) and over a static one (its mask):
+    the kernel runs, and the logits agree with SDPA's on the same cache as two bf16 attentions can."""
+    import copy
+
+    from transformers import DynamicCache, StaticCache
+
+    model = tiny_llama()
+    ids = torch.randint(4, 128, (2, 30), generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        for cache in (DynamicCache(config=model.config), StaticCache(config=model.config, max_cache_len=48)):
+            model.set_attn_implementation("sdpa")
+            model(input_ids=ids[:, :-1], past_key_values=cache, use_cache=True)
+            step = {"input_ids": ids[:, -1:], "use_cache": True, "cache_position": torch.tensor([ids.shape[1] - 1])}
+            sdpa = model(**step, past_key_values=copy.deepcopy(cache)).logits.float()
+            attention.use_native_attention(model)
+            with torch.profiler.profile() as profile:
+                native = model(**step, past_key_values=copy.deepcopy(cache)).logits.float()
+            assert sum(e.count for e in profile.key_averages() if "decode_attention" in e.key) == 2  # 2 layers
+            assert (native - sdpa).norm() / sdpa.norm() < 2e-2
+
+
+@needs_kernel
 def test_calls_it_does_not_cover_go_to_sdpa_unchanged():
-    """Decoding, fp32, and a prompt whose input needs a gradient give SDPA's logits bit for bit; a
-    model set to eager attention stays eager."""
+    """fp32, and a prompt whose input needs a gradient give SDPA's logits bit for bit; a model set to
+    eager attention stays eager."""
     model = tiny_llama()
     ids = torch.randint(4, 128, (1, 40), generator=torch.Generator().manual_seed(0))
     embeds = model.get_input_embeddings()(ids).detach().requires_grad_()
     fp32 = tiny_llama(torch.float32)
     sdpa = [model(inputs_embeds=embeds).logits, fp32(input_ids=ids).logits]
-    with torch.inference_mode():
-        step = model(input_ids=ids[:, :1]).logits
     attention.use_native_attention(model)
     attention.use_native_attention(fp32)
     assert torch.equal(model(inputs_embeds=embeds).logits, sdpa[0]) and torch.equal(fp32(input_ids=ids).logits, sdpa[1])
-    with torch.inference_mode():
-        assert torch.equal(model(input_ids=ids[:, :1]).logits, step)
     eager = tiny_llama()
     eager.set_attn_implementation("eager")
     assert attention.use_native_attention(eager).config._attn_implementation == "eager"
@@ -125,14 +169,14 @@ def test_calls_it_does_not_cover_go_to_sdpa_unchanged():
 @needs_kernel
 def test_shapes_the_kernel_cannot_take_go_to_sdpa():
     """A batch of 1 queries against 2 of keys (SDPA broadcasts it), a 2-d mask, a head dim not a
-    multiple of 16: transformers' SDPA computes them, no error."""
+    multiple of 16, prompt or decoded token: transformers' SDPA computes them, no error."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     module = torch.nn.Module()
     module.num_key_value_groups = 2
     q, k, v = qkv(2, 4, 2, 20, 20, 32)
     q8, k8, v8 = qkv(1, 4, 2, 20, 20, 8)
-    cases = [(q[:1], k, v, None), (q, k, v, mask_of("random", 1, 20, 20)[0, 0]), (q8, k8, v8, None)]
+    cases = [(q[:1], k, v, None), (q, k, v, mask_of("random", 1, 20, 20)[0, 0]), (q8, k8, v8, None), (q[:1, :, :1], k, v, None), (q8[:, :, :1], k8, v8, None)]
     for query, key, value, mask in cases:
         expected = sdpa_attention_forward(module, query, key, value, mask)[0]
         assert torch.equal(attention.attention(module, query, key, value, mask)[0], expected)

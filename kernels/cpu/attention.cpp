@@ -213,31 +213,117 @@ LLMINT8_BF16 void query_block(const uint16_t* q, int64_t q_row, int64_t first, i
   }
 }
 
+// One query of one head against its keys and values read in place (a decode step: packing would
+// cost as much as the attention): float32 scores of the allowed keys (`mask` bytes, or all), their
+// softmax, and the float32 sum of the value rows they weigh; 0 where no key is allowed.
+LLMINT8_BF16 void single_query(const uint16_t* q, const uint16_t* k, int64_t k_row, const uint16_t* v, int64_t v_row, int64_t keys, int64_t dim,
+                               const bool* mask, float scale, uint16_t* out, float* scores, float* sums_out) {
+  const float none = -std::numeric_limits<float>::infinity();
+  float top = none;
+  for (int64_t j = 0; j < keys; ++j) {
+    if (mask != nullptr && !mask[j]) {
+      scores[j] = none;
+      continue;
+    }
+    __m512 acc = _mm512_setzero_ps();
+    for (int64_t d = 0; d < dim; d += 32) {
+      const __mmask32 lanes = dim - d >= 32 ? ~__mmask32(0) : __mmask32(0xFFFF);  // dim is a multiple of 16
+      acc = _mm512_dpbf16_ps(acc, as_pairs(_mm512_maskz_loadu_epi16(lanes, q + d)), as_pairs(_mm512_maskz_loadu_epi16(lanes, k + j * k_row + d)));
+    }
+    scores[j] = _mm512_reduce_add_ps(acc) * scale;
+    top = std::max(top, scores[j]);
+  }
+  std::fill(sums_out, sums_out + dim, 0.0f);
+  float total = 0.0f;
+  if (top != none) {
+    const __m512 shift = _mm512_set1_ps(top);
+    for (int64_t j = 0; j < keys; j += 16) {
+      const __mmask16 lanes = keys - j >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (keys - j)) - 1);
+      const __m512 s = _mm512_maskz_loadu_ps(lanes, scores + j);
+      const __mmask16 allowed = _mm512_mask_cmp_ps_mask(lanes, s, _mm512_set1_ps(none), _CMP_NEQ_OQ);
+      const __m512 p = _mm512_maskz_mov_ps(allowed, exp_ps(_mm512_sub_ps(s, shift)));
+      _mm512_mask_storeu_ps(scores + j, lanes, p);
+      total += _mm512_reduce_add_ps(p);
+    }
+    for (int64_t j = 0; j < keys; ++j) {
+      if (scores[j] == 0.0f) continue;
+      const __m512 p = _mm512_set1_ps(scores[j]);
+      for (int64_t d = 0; d < dim; d += 16) {
+        const __m512 value = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(v + j * v_row + d))), 16));
+        _mm512_storeu_ps(sums_out + d, _mm512_fmadd_ps(p, value, _mm512_loadu_ps(sums_out + d)));
+      }
+    }
+  }
+  const __m512 inverse = _mm512_set1_ps(total > 0.0f ? 1.0f / total : 0.0f);
+  for (int64_t d = 0; d < dim; d += 16) {
+    const __m256bh rounded = _mm512_cvtneps_pbh(_mm512_mul_ps(_mm512_loadu_ps(sums_out + d), inverse));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + d), (__m256i)rounded);
+  }
+}
+
 #endif
 
 }  // namespace
 
 bool has_bf16_attention() { return bf16_here(); }
 
+namespace {
+
+// The checks both ops share; the mask, where given, expanded to [batch, heads, queries, keys] with
+// its last dimension contiguous.
+torch::Tensor checked_mask(const char* op, const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v, const c10::optional<torch::Tensor>& mask) {
+  TORCH_CHECK(bf16_here(), op, " needs a CPU with AVX512-BF16");
+  TORCH_CHECK(q.scalar_type() == at::kBFloat16 && k.scalar_type() == at::kBFloat16 && v.scalar_type() == at::kBFloat16, op, " takes bf16");
+  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4 && k.sizes() == v.sizes(), op, ": q [b, h, l, d], k and v [b, kv, s, d]");
+  const int64_t batch = q.size(0), heads = q.size(1), kv_heads = k.size(1);
+  TORCH_CHECK(k.size(0) == batch && k.size(3) == q.size(3) && kv_heads > 0 && heads % kv_heads == 0,
+              op, ": keys and values of the queries' batch and dim, heads a multiple of their heads");
+  TORCH_CHECK(q.size(3) % 16 == 0 && q.size(3) > 0, op, ": the head dim must be a multiple of 16");
+  if (!mask.has_value()) return torch::Tensor();
+  TORCH_CHECK(mask->scalar_type() == at::kBool && mask->dim() == 4, op, ": the mask is bool [b or 1, h or 1, queries, keys]");
+  auto m = mask->expand({batch, heads, q.size(2), k.size(2)});
+  return m.stride(3) == 1 ? m : m.contiguous();
+}
+
+const uint16_t* bits(const torch::Tensor& t) { return reinterpret_cast<const uint16_t*>(t.data_ptr<at::BFloat16>()); }
+
+}  // namespace
+
+// q [batch, heads, 1, dim], k and v [batch, kv_heads, keys, dim] (a decode step), mask None (every
+// key) or bool broadcastable to [batch, heads, 1, keys] -> [batch, 1, heads, dim]; as prompt_attention
+// for the rest, but keys and values read where they are.
+torch::Tensor decode_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v, const c10::optional<torch::Tensor>& mask, double scale) {
+  auto m = checked_mask("decode_attention", q, k, v, mask);
+  TORCH_CHECK(q.size(2) == 1, "decode_attention takes one query");
+  k = k.stride(3) == 1 ? k : k.contiguous();
+  v = v.stride(3) == 1 ? v : v.contiguous();
+  const int64_t batch = q.size(0), heads = q.size(1), dim = q.size(3), keys = k.size(2), group = heads / k.size(1);
+  auto query = q.reshape({batch, heads, dim}).contiguous();
+  auto out = torch::empty({batch, 1, heads, dim}, q.options());
+#if defined(__GNUC__) && defined(__x86_64__)
+  const uint16_t *qd = bits(query), *kd = bits(k), *vd = bits(v);
+  uint16_t* od = reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>());
+  const bool* md = m.defined() ? m.data_ptr<bool>() : nullptr;
+  at::parallel_for(0, batch * heads, 1, [&](int64_t from, int64_t to) {
+    std::vector<float> scores(keys), sums_out(dim);
+    for (int64_t t = from; t < to; ++t) {
+      const int64_t b = t / heads, h = t % heads, kv = h / group;
+      single_query(qd + t * dim, kd + b * k.stride(0) + kv * k.stride(1), k.stride(2), vd + b * v.stride(0) + kv * v.stride(1), v.stride(2), keys, dim,
+                   md == nullptr ? nullptr : md + b * m.stride(0) + h * m.stride(1), static_cast<float>(scale), od + t * dim, scores.data(), sums_out.data());
+    }
+  });
+#endif
+  return out;
+}
+
 // q [batch, heads, queries, dim], k and v [batch, kv_heads, keys, dim] (bf16, heads a multiple of
 // kv_heads, dim a multiple of 16), mask None (causal, keys == queries) or bool broadcastable to
 // [batch, heads, queries, keys] (true: attend) -> [batch, queries, heads, dim]: SDPA's is_causal or
 // attn_mask.
 torch::Tensor prompt_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v, const c10::optional<torch::Tensor>& mask, double scale) {
-  TORCH_CHECK(bf16_here(), "prompt_attention needs a CPU with AVX512-BF16");
-  TORCH_CHECK(q.scalar_type() == at::kBFloat16 && k.scalar_type() == at::kBFloat16 && v.scalar_type() == at::kBFloat16, "prompt_attention takes bf16");
-  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4 && k.sizes() == v.sizes(), "prompt_attention: q [b, h, l, d], k and v [b, kv, s, d]");
+  auto m = checked_mask("prompt_attention", q, k, v, mask);
   const int64_t batch = q.size(0), heads = q.size(1), length = q.size(2), dim = q.size(3), kv_heads = k.size(1), keys = k.size(2);
-  TORCH_CHECK(k.size(0) == batch && k.size(3) == dim && kv_heads > 0 && heads % kv_heads == 0,
-              "prompt_attention: keys and values of the queries' batch and dim, heads a multiple of their heads");
-  TORCH_CHECK(dim % 16 == 0 && dim > 0, "prompt_attention: the head dim must be a multiple of 16");
   TORCH_CHECK(mask.has_value() || keys == length, "prompt_attention: causal without a mask needs as many keys as queries");
-  torch::Tensor m;
-  if (mask.has_value()) {
-    TORCH_CHECK(mask->scalar_type() == at::kBool && mask->dim() == 4, "prompt_attention: the mask is bool [b or 1, h or 1, queries, keys]");
-    m = mask->expand({batch, heads, length, keys});
-    m = m.stride(3) == 1 ? m : m.contiguous();
-  }
   q = q.stride(3) == 1 ? q : q.contiguous();
   k = k.stride(3) == 1 ? k : k.contiguous();
   v = v.stride(3) == 1 ? v : v.contiguous();
@@ -245,9 +331,8 @@ torch::Tensor prompt_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v
 #if defined(__GNUC__) && defined(__x86_64__)
   const int64_t padded = (keys + kKeyBlock - 1) / kKeyBlock * kKeyBlock;  // zero keys past the end, never attended
   auto k_packed = torch::zeros({batch, kv_heads, padded, dim}, q.options()), v_packed = torch::zeros({batch, kv_heads, padded, dim}, q.options());
-  auto raw = [](const torch::Tensor& t) { return reinterpret_cast<const uint16_t*>(t.data_ptr<at::BFloat16>()); };
   auto raw_out = [](torch::Tensor& t) { return reinterpret_cast<uint16_t*>(t.data_ptr<at::BFloat16>()); };
-  const uint16_t *qd = raw(q), *kd = raw(k), *vd = raw(v);
+  const uint16_t *qd = bits(q), *kd = bits(k), *vd = bits(v);
   uint16_t *kp = raw_out(k_packed), *vp = raw_out(v_packed), *od = raw_out(out);
   const bool* md = mask.has_value() ? m.data_ptr<bool>() : nullptr;
   at::parallel_for(0, batch * kv_heads, 1, [&](int64_t from, int64_t to) {

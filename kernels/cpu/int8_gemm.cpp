@@ -1084,6 +1084,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
   module.def("amx_gemm", &amx_gemm, "exact int8 x int8 -> int32 GEMM on AMX tiles, C = A W^T");
   module.def("amx_linear", &amx_linear, "amx_gemm and dequantize_sequences in one pass");
   module.def("has_bf16_attention", &has_bf16_attention, "whether the CPU runs prompt_attention (AVX512-BF16)");
+  module.def("decode_attention", &decode_attention, "one query's attention over a cache, masked or not, bf16, [b, h, 1, d] -> [b, 1, h, d]");
   module.def("prompt_attention", &prompt_attention, "a whole prompt's attention, causal or masked, bf16, [b, h, l, d] -> [b, l, h, d]");
   module.def("rowwise_linear", &rowwise_linear, "quantize_sequences, the int8 product (this file's, or oneDNN's) and dequantize_sequences in one call",
              py::arg("x"), py::arg("w_q"), py::arg("w_scale"), py::arg("stored_mask"), py::arg("stored"), py::arg("pos"), py::arg("bias"),
@@ -1096,9 +1097,11 @@ TORCH_LIBRARY(llmint8_cpu, library) {
   library.def("rowwise_linear(Tensor x, Tensor w_q, Tensor w_scale, Tensor stored_mask, Tensor stored, Tensor pos, Tensor? bias, "
               "Tensor? stored_bf16, Tensor? smooth, float threshold, int groups, Tensor? w_kn=None, bool onednn=False) -> Tensor");
   library.def("prompt_attention(Tensor q, Tensor k, Tensor v, Tensor? mask, float scale) -> Tensor");
+  library.def("decode_attention(Tensor q, Tensor k, Tensor v, Tensor? mask, float scale) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(llmint8_cpu, CPU, library) {
   library.impl("rowwise_linear", &rowwise_linear);
   library.impl("prompt_attention", &prompt_attention);
+  library.impl("decode_attention", &decode_attention);
 }

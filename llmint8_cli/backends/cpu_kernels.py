@@ -94,7 +94,7 @@ def native_kernels():
     except Exception as exc:  # no compiler, no ninja, read-only cache...
         print(f"llmint8: native CPU kernels unavailable ({type(exc).__name__}); using oneDNN and the torch reference", file=sys.stderr)
         return None
-    for op, shape in (("rowwise_linear", rowwise_linear_shape), ("prompt_attention", prompt_attention_shape)):
+    for op, shape in (("rowwise_linear", rowwise_linear_shape), ("prompt_attention", attention_shape), ("decode_attention", attention_shape)):
         if not torch._C._dispatch_has_kernel_for_dispatch_key(f"llmint8_cpu::{op}", "Meta"):
             torch.library.register_fake(f"llmint8_cpu::{op}")(shape)
     return module
@@ -105,8 +105,8 @@ def rowwise_linear_shape(x, w_q, *_):
     return x.new_empty(x.shape[0], w_q.shape[0])
 
 
-def prompt_attention_shape(q, k, v, mask, scale):
-    """llmint8_cpu::prompt_attention's output as compilers see it: [batch, length, heads, dim]."""
+def attention_shape(q, k, v, mask, scale):
+    """llmint8_cpu::prompt_attention's and decode_attention's output as compilers see it: [batch, length, heads, dim]."""
     return q.new_empty(q.shape[0], q.shape[2], q.shape[1], q.shape[3])
 
 
