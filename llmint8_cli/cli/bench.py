@@ -89,8 +89,8 @@ def check_context(config, lengths: list[int], new_tokens: int) -> None:
 
 def decode_step_line(name: str, parts: dict) -> str:
     """One line on where an eager decode step's time went (speed.decode_step_parts)."""
-    int8 = f"int8 linears {parts['int8_linears_ms']:.1f} ms ({parts['int8_linear_calls']} calls, {parts['int8_weights_gb_per_s']} GB/s) + " if "int8_weights_gb_per_s" in parts else ""
-    head = f", the head at {parts['head_gb_per_s']} GB/s" if "head_gb_per_s" in parts else ""
+    int8 = f"int8 linears {parts['int8_linears_ms']:.1f} ms ({parts['int8_linear_calls']} calls, {parts['int8_weights_gb_per_s']:.1f} GB/s) + " if "int8_weights_gb_per_s" in parts else ""
+    head = f", the head at {parts['head_gb_per_s']:.1f} GB/s" if "head_gb_per_s" in parts else ""
     return (f"{name}: an eager decode step {parts['step_ms']:.1f} ms = {int8}16-bit linears {parts['sixteen_bit_linears_ms']:.1f} ms{head} "
             f"+ the rest {parts['rest_ms']:.1f} ms")
 

@@ -301,10 +301,11 @@ def decode_step_parts(model: nn.Module, vocab: int, device: torch.device) -> dic
     parts = {"step_ms": round(step * 1e3, 2), "int8_linears_ms": round(per_step["int8_linears"] * 1e3, 2),
              "int8_linear_calls": len(kinds["int8_linears"]), "sixteen_bit_linears_ms": round(per_step["sixteen_bit_linears"] * 1e3, 2),
              "rest_ms": round((step - per_step["int8_linears"] - per_step["sixteen_bit_linears"]) * 1e3, 2)}
+    # three decimals: a small model's head (a few KB) streams at well under 0.05 GB/s, which one would round to 0
     if per_step["int8_linears"]:
-        parts["int8_weights_gb_per_s"] = round(int8_bytes / per_step["int8_linears"] / 1e9, 1)
+        parts["int8_weights_gb_per_s"] = round(int8_bytes / per_step["int8_linears"] / 1e9, 3)
     if per_step["head"]:
-        parts["head_gb_per_s"] = round(head_bytes / per_step["head"] / 1e9, 1)
+        parts["head_gb_per_s"] = round(head_bytes / per_step["head"] / 1e9, 3)
     return parts
 
 
