@@ -11,6 +11,11 @@
 // flash attention's running softmax (float32 max, sum and output; the probabilities rounded to
 // bf16 for the second product, as torch's kernel does), so a query block visits only the keys at
 // or before its last query (or, under a mask, the 64-key blocks some of its queries attend).
+//
+// A decoded token (one query) has its own path, decode_attention: packing would cost as much as
+// the attention, so it reads the cache where it is. torch's flash kernel takes 40 us a SmolLM2
+// layer for it at batch 1 and 424 us at batch 8 (compiled, transformers cannot fold grouped heads
+// into one query block as it does eagerly); this path 6 and 23 us.
 
 #include "attention.h"
 
