@@ -160,6 +160,16 @@ LLMINT8_BF16 inline uint64_t allowed_keys(const bool* mask, int64_t mask_row, in
   return _mm512_test_epi8_mask(bytes, bytes);
 }
 
+// A row's output: its weighted sum of values over its softmax total, rounded to bf16; 0 for a row
+// that attended to nothing (total 0), as SDPA gives it.
+LLMINT8_BF16 inline void store_row(const float* sums, float total, int64_t dim, uint16_t* out) {
+  const __m512 inverse = _mm512_set1_ps(total > 0.0f ? 1.0f / total : 0.0f);
+  for (int64_t d = 0; d < dim; d += 16) {
+    const __m256bh rounded = _mm512_cvtneps_pbh(_mm512_mul_ps(_mm512_loadu_ps(sums + d), inverse));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + d), (__m256i)rounded);
+  }
+}
+
 // Keys [length][dim] (row stride `row`) into [chunks of 16][dim / 2][16][2]; values into [pairs][dim][2].
 void pack(const uint16_t* k, const uint16_t* v, int64_t k_row, int64_t v_row, int64_t length, int64_t dim, uint16_t* k_packed, uint16_t* v_packed) {
   for (int64_t j = 0; j < length; ++j)
@@ -208,14 +218,7 @@ LLMINT8_BF16 void query_block(const uint16_t* q, int64_t q_row, int64_t first, i
       }
     }
   }
-  for (int64_t row = 0; row < rows; ++row) {
-    const __m512 inverse = _mm512_set1_ps(row_sum[row] > 0.0f ? 1.0f / row_sum[row] : 0.0f);
-    uint16_t* target = out + (first + row) * out_row;
-    for (int64_t d = 0; d < dim; d += 16) {
-      const __m256bh rounded = _mm512_cvtneps_pbh(_mm512_mul_ps(_mm512_loadu_ps(sums_out + row * dim + d), inverse));
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(target + d), (__m256i)rounded);
-    }
-  }
+  for (int64_t row = 0; row < rows; ++row) store_row(sums_out + row * dim, row_sum[row], dim, out + (first + row) * out_row);
 }
 
 // One query of one head against its keys and values read in place (a decode step: packing would
@@ -259,11 +262,7 @@ LLMINT8_BF16 void single_query(const uint16_t* q, const uint16_t* k, int64_t k_r
       }
     }
   }
-  const __m512 inverse = _mm512_set1_ps(total > 0.0f ? 1.0f / total : 0.0f);
-  for (int64_t d = 0; d < dim; d += 16) {
-    const __m256bh rounded = _mm512_cvtneps_pbh(_mm512_mul_ps(_mm512_loadu_ps(sums_out + d), inverse));
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + d), (__m256i)rounded);
-  }
+  store_row(sums_out, total, dim, out);
 }
 
 #endif
