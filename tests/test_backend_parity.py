@@ -203,15 +203,16 @@ def test_every_cpu_gemm_path_gives_the_int32_sums(name):
 @pytest.mark.parametrize("vnni", [False, True])
 def test_both_native_tiles_give_the_int32_sums(vnni):
     """The AVX2 tile and, where the CPU has it, the AVX512-VNNI one: the extremes, k with tails of
-    every kind (1, 33, 65 bytes past a 64-byte step) and sums beyond 2^24."""
+    every kind (1, 33, 65 bytes past a 64-byte step) and sums beyond 2^24; m from 1 to 16 rows
+    (the VNNI tiles of 8 and 4 rows, then pairs, then one) with n past each tile's columns."""
     native = cpu_kernels.native_kernels()
     if vnni and not native.has_vnni():
         pytest.skip("no AVX512-VNNI on this CPU")
     g = torch.Generator().manual_seed(1)
-    for m, k, n in [(1, 1, 5), (2, 33, 9), (3, 65, 4), (5, 200, 37), (1, 8192, 8)]:
+    for m, k, n in [(1, 1, 5), (2, 33, 9), (3, 65, 4), (5, 200, 37), (1, 8192, 8), (8, 130, 33), (12, 65, 7), (15, 200, 38), (16, 8192, 6)]:
         a = torch.randint(-127, 128, (m, k), dtype=torch.int8, generator=g)
         w = torch.randint(-127, 128, (n, k), dtype=torch.int8, generator=g)
-        a[0], w[0] = 127, -127
+        a[0], a[-1], w[0] = 127, -127, -127
         assert torch.equal(native.int8_gemm(a, w, vnni=vnni), (a.long() @ w.long().t()).int()), (m, k, n)
 
 

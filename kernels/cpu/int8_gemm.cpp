@@ -8,7 +8,8 @@
 // vpmaddwd with ones then widens the pairs to int32. Where the CPU has AVX512-VNNI, a tile of the
 // same shape runs on vpdpbusd instead (64 bytes a step, exact too: see tile_vnni); the AVX2 tile
 // reads W from memory at 6.8 GB/s in a decode step of SmolLM2, the VNNI one at 9.5 (one Zen 4 core).
-// The kernel keeps 2 rows of A x 4 rows of W in registers; W is walked in blocks that stay in L2 while every row of A passes over them, and
+// The kernel keeps 2 rows of A x 4 rows of W in registers (the VNNI one, for a decoded batch, 8 x 2
+// or 4 x 4); W is walked in blocks that stay in L2 while every row of A passes over them, and
 // prefetched in software a tile ahead as one stream (decode sizes wait on memory).
 // Threads split the output columns through at::parallel_for (torch's own thread pool).
 
@@ -99,12 +100,16 @@ inline void tile(const int8_t* a, const int8_t* w, int32_t* c, int64_t k, int64_
 // products to an int32 without saturating, so a feeds in as a + 128 (u8 in [1, 255]) and the sum
 // sheds 128 * sum(w), which the same instruction counts with ones: exact for any k below 2^16.
 // The row tails load through a mask (0 bytes beyond k: products of 0).
+// Every loop over the tile's rows is unrolled: a loop GCC kept would leave acc an array in memory,
+// stored to the stack at every step.
 template <int MR, int NR>
 LLMINT8_VNNI inline void tile_vnni(const int8_t* a, const int8_t* w, int32_t* c, int64_t k, int64_t ldc) {
   const __m512i flip = _mm512_set1_epi8(static_cast<char>(0x80)), ones = _mm512_set1_epi8(1);
   __m512i acc[MR][NR], w_sum[NR];
+  #pragma GCC unroll 8
   for (int j = 0; j < NR; ++j) {
     w_sum[j] = _mm512_setzero_si512();
+    #pragma GCC unroll 8
     for (int r = 0; r < MR; ++r) acc[r][j] = _mm512_setzero_si512();
   }
   for (int64_t t = 0; t < k; t += 64) {
@@ -112,21 +117,91 @@ LLMINT8_VNNI inline void tile_vnni(const int8_t* a, const int8_t* w, int32_t* c,
     const uintptr_t next = reinterpret_cast<uintptr_t>(w) + NR * k + t * NR;  // as in `tile`: the next tile's rows, one stream
     for (int64_t b = 0; b < NR * 64; b += 64) _mm_prefetch(reinterpret_cast<const char*>(next + b), _MM_HINT_T0);
     __m512i au[MR];
+    #pragma GCC unroll 8
     for (int r = 0; r < MR; ++r) au[r] = _mm512_xor_si512(_mm512_maskz_loadu_epi8(mask, a + r * k + t), flip);
+    #pragma GCC unroll 8
     for (int j = 0; j < NR; ++j) {
       const __m512i wv = _mm512_maskz_loadu_epi8(mask, w + j * k + t);
       w_sum[j] = _mm512_dpbusd_epi32(w_sum[j], ones, wv);
+      #pragma GCC unroll 8
       for (int r = 0; r < MR; ++r) acc[r][j] = _mm512_dpbusd_epi32(acc[r][j], au[r], wv);
     }
   }
+  #pragma GCC unroll 8
   for (int j = 0; j < NR; ++j) {
     const int32_t shift = 128 * _mm512_reduce_add_epi32(w_sum[j]);
+    #pragma GCC unroll 8
     for (int r = 0; r < MR; ++r) c[r * ldc + j] = _mm512_reduce_add_epi32(acc[r][j]) - shift;
   }
 }
 
+// Sixteen int32 vectors -> one vector whose lane l is the sum of v[l]'s lanes: 45 instructions for
+// the 16 sums, where one reduction each takes ~8.
+LLMINT8_VNNI __attribute__((always_inline)) inline __m512i sum_lanes16(const __m512i* v) {
+  __m512i pairs[8], quads[4];
+  for (int i = 0; i < 8; ++i)  // each 128-bit block: [v2i, v2i+1, v2i, v2i+1] partial sums
+    pairs[i] = _mm512_add_epi32(_mm512_unpacklo_epi32(v[2 * i], v[2 * i + 1]), _mm512_unpackhi_epi32(v[2 * i], v[2 * i + 1]));
+  for (int i = 0; i < 4; ++i)  // each block: [v4i .. v4i+3] partial sums
+    quads[i] = _mm512_add_epi32(_mm512_unpacklo_epi64(pairs[2 * i], pairs[2 * i + 1]), _mm512_unpackhi_epi64(pairs[2 * i], pairs[2 * i + 1]));
+  const __m512i low = _mm512_add_epi32(_mm512_shuffle_i32x4(quads[0], quads[1], 0x44), _mm512_shuffle_i32x4(quads[0], quads[1], 0xEE));
+  const __m512i high = _mm512_add_epi32(_mm512_shuffle_i32x4(quads[2], quads[3], 0x44), _mm512_shuffle_i32x4(quads[2], quads[3], 0xEE));
+  return _mm512_add_epi32(_mm512_shuffle_i32x4(low, high, 0x88), _mm512_shuffle_i32x4(low, high, 0xDD));  // block b: v4b .. v4b+3
+}
+
+// tile_vnni for a decoded batch: MR x NR = 16 sums, so that each row of W read from memory serves
+// 4 or 8 rows of A (the 2-row tile reads a block of W from L2 once per pair of rows and sums W once
+// per pair: at 8 rows it ran at a third of the 1-row tile's bytes per second), and the 16 sums are
+// reduced together (sum_lanes16).
+template <int MR, int NR>
+LLMINT8_VNNI inline void tile_vnni16(const int8_t* a, const int8_t* w, int32_t* c, int64_t k, int64_t ldc) {
+  static_assert(MR * NR == 16, "one sum per lane of a vector");
+  const __m512i flip = _mm512_set1_epi8(static_cast<char>(0x80)), ones = _mm512_set1_epi8(1);
+  __m512i acc[MR * NR], w_sum[NR];
+  for (int j = 0; j < NR; ++j) w_sum[j] = _mm512_setzero_si512();
+  for (int s = 0; s < MR * NR; ++s) acc[s] = _mm512_setzero_si512();
+  for (int64_t t = 0; t < k; t += 64) {
+    const __mmask64 mask = k - t >= 64 ? ~__mmask64(0) : (__mmask64(1) << (k - t)) - 1;
+    const uintptr_t next = reinterpret_cast<uintptr_t>(w) + NR * k + t * NR;
+    for (int64_t b = 0; b < NR * 64; b += 64) _mm_prefetch(reinterpret_cast<const char*>(next + b), _MM_HINT_T0);
+    __m512i wv[NR];
+    #pragma GCC unroll 4
+    for (int j = 0; j < NR; ++j) {
+      wv[j] = _mm512_maskz_loadu_epi8(mask, w + j * k + t);
+      w_sum[j] = _mm512_dpbusd_epi32(w_sum[j], ones, wv[j]);
+    }
+    #pragma GCC unroll 8
+    for (int r = 0; r < MR; ++r) {
+      const __m512i au = _mm512_xor_si512(_mm512_maskz_loadu_epi8(mask, a + r * k + t), flip);
+      #pragma GCC unroll 4
+      for (int j = 0; j < NR; ++j) acc[r * NR + j] = _mm512_dpbusd_epi32(acc[r * NR + j], au, wv[j]);
+    }
+  }
+  __m512i done[MR * NR], w_done[NR];  // copies: with acc's address taken (sum_lanes16), GCC would store acc to the stack at every step
+  #pragma GCC unroll 16
+  for (int s = 0; s < MR * NR; ++s) done[s] = acc[s];
+  for (int j = 0; j < NR; ++j) w_done[j] = w_sum[j];
+  alignas(64) int32_t sums[16];
+  _mm512_store_si512(sums, sum_lanes16(done));
+  int32_t shift[NR];
+  for (int j = 0; j < NR; ++j) shift[j] = 128 * _mm512_reduce_add_epi32(w_done[j]);
+  for (int r = 0; r < MR; ++r)
+    for (int j = 0; j < NR; ++j) c[r * ldc + j] = sums[r * NR + j] - shift[j];
+}
+
 LLMINT8_VNNI void gemm_block_vnni(const int8_t* A, const int8_t* W, int32_t* C, int64_t m, int64_t k, int64_t n, int64_t j0, int64_t j1) {
   int64_t i = 0;
+  for (; i + 8 <= m; i += 8) {
+    int64_t j = j0;
+    for (; j + 2 <= j1; j += 2) tile_vnni16<8, 2>(A + i * k, W + j * k, C + i * n + j, k, n);
+    for (; j < j1; ++j)
+      for (int64_t r = i; r < i + 8; r += 2) tile_vnni<2, 1>(A + r * k, W + j * k, C + r * n + j, k, n);
+  }
+  for (; i + 4 <= m; i += 4) {
+    int64_t j = j0;
+    for (; j + 4 <= j1; j += 4) tile_vnni16<4, 4>(A + i * k, W + j * k, C + i * n + j, k, n);
+    for (; j < j1; ++j)
+      for (int64_t r = i; r < i + 4; r += 2) tile_vnni<2, 1>(A + r * k, W + j * k, C + r * n + j, k, n);
+  }
   for (; i + 2 <= m; i += 2) {
     int64_t j = j0;
     for (; j + 4 <= j1; j += 4) tile_vnni<2, 4>(A + i * k, W + j * k, C + i * n + j, k, n);
