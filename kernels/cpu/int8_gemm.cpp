@@ -100,16 +100,14 @@ inline void tile(const int8_t* a, const int8_t* w, int32_t* c, int64_t k, int64_
 // products to an int32 without saturating, so a feeds in as a + 128 (u8 in [1, 255]) and the sum
 // sheds 128 * sum(w), which the same instruction counts with ones: exact for any k below 2^16.
 // The row tails load through a mask (0 bytes beyond k: products of 0).
-// Every loop over the tile's rows is unrolled: a loop GCC kept would leave acc an array in memory,
-// stored to the stack at every step.
+// (GCC keeps a copy of acc on the stack here, stored at every step; unrolling every loop over the
+// tile keeps it in registers, and measured 0.8-0.9x at 1-2 rows, which wait on memory anyway.)
 template <int MR, int NR>
 LLMINT8_VNNI inline void tile_vnni(const int8_t* a, const int8_t* w, int32_t* c, int64_t k, int64_t ldc) {
   const __m512i flip = _mm512_set1_epi8(static_cast<char>(0x80)), ones = _mm512_set1_epi8(1);
   __m512i acc[MR][NR], w_sum[NR];
-  #pragma GCC unroll 8
   for (int j = 0; j < NR; ++j) {
     w_sum[j] = _mm512_setzero_si512();
-    #pragma GCC unroll 8
     for (int r = 0; r < MR; ++r) acc[r][j] = _mm512_setzero_si512();
   }
   for (int64_t t = 0; t < k; t += 64) {
@@ -117,20 +115,15 @@ LLMINT8_VNNI inline void tile_vnni(const int8_t* a, const int8_t* w, int32_t* c,
     const uintptr_t next = reinterpret_cast<uintptr_t>(w) + NR * k + t * NR;  // as in `tile`: the next tile's rows, one stream
     for (int64_t b = 0; b < NR * 64; b += 64) _mm_prefetch(reinterpret_cast<const char*>(next + b), _MM_HINT_T0);
     __m512i au[MR];
-    #pragma GCC unroll 8
     for (int r = 0; r < MR; ++r) au[r] = _mm512_xor_si512(_mm512_maskz_loadu_epi8(mask, a + r * k + t), flip);
-    #pragma GCC unroll 8
     for (int j = 0; j < NR; ++j) {
       const __m512i wv = _mm512_maskz_loadu_epi8(mask, w + j * k + t);
       w_sum[j] = _mm512_dpbusd_epi32(w_sum[j], ones, wv);
-      #pragma GCC unroll 8
       for (int r = 0; r < MR; ++r) acc[r][j] = _mm512_dpbusd_epi32(acc[r][j], au[r], wv);
     }
   }
-  #pragma GCC unroll 8
   for (int j = 0; j < NR; ++j) {
     const int32_t shift = 128 * _mm512_reduce_add_epi32(w_sum[j]);
-    #pragma GCC unroll 8
     for (int r = 0; r < MR; ++r) c[r * ldc + j] = _mm512_reduce_add_epi32(acc[r][j]) - shift;
   }
 }

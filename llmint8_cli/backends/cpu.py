@@ -155,7 +155,7 @@ class CpuBackend(Backend):
         """llmint8_cpu::rowwise_linear, where the plan's path for this many rows runs inside it (llmint8's
         tile, oneDNN's `_int_mm`) or there are few rows: the Python op around another path (oneDNN's
         prepacked weight, which a graph cannot hold) costs more in a graph (~40 µs a call) than the
-        native product loses to it at a decoded batch of 8 (llm.int8 rows x8 decode step)."""
+        native tile loses to it, if anything, up to 16 rows (a decoded batch: its 8-row tile)."""
         if not prepared.one_call:
             return None
         rows = x.numel() // x.shape[-1]
